@@ -1,0 +1,8 @@
+"""opsearch: search new neural-network operators (normalization-activation layers first)."""
+from opsearch.errors import InvalidCandidate, OpsearchError, UserError
+from opsearch.graph import LayerGraph, Node
+from opsearch.registry import search_space
+
+__version__ = "0.1.0"
+
+__all__ = ["InvalidCandidate", "OpsearchError", "UserError", "LayerGraph", "Node", "search_space"]

@@ -1,0 +1,5 @@
+import sys
+
+from opsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `opsearch` CLI, one module each (see opsearch/cli.py)."""

@@ -1,0 +1,1 @@
+"""Built-in plugins (imported by the registries on first lookup)."""
