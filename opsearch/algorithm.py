@@ -1,0 +1,233 @@
+"""The search-algorithm interface every plugin implements (an Optuna-sampler-sized class).
+
+An algorithm proposes genomes of a `SearchSpace` and learns from feedback: K objectives (all
+maximised) or None for a candidate that was rejected or failed. Workers are stateless, so an
+algorithm must be rebuilt from the study's history with `recover`, which must be cheap (10,000
+items in well under a second for the built-in evolutionary ones) and must leave the algorithm in
+the state that live feedback would have: proposals are a function of (seed, history), never of
+how many times `propose` was called in some earlier process. To get that, each proposal draws
+from a fresh RNG seeded by (seed, number of feedbacks so far, proposals since the last
+feedback). Consequence for the engine: two workers that recover the same history with the same
+seed propose the same genome; give each worker its own seed (e.g. seed + worker index).
+
+Options come from the CLI / config file (strings or numbers) and are validated against the
+class's `OPTIONS` table: an unknown option or a bad value is a UserError naming the accepted
+ones.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Sequence
+
+from opsearch.errors import UserError
+from opsearch.space import Genome, SearchSpace
+
+Objectives = tuple  # tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One documented, validated algorithm option."""
+
+    default: Any
+    help: str
+    type: type = int
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    allow_none: bool = False
+
+    def coerce(self, algorithm: str, name: str, value: Any) -> Any:
+        def bad(why: str) -> UserError:
+            return UserError(f"algorithm {algorithm!r} option {name}={value!r}: {why}")
+
+        if value is None or (self.allow_none and isinstance(value, str) and value.lower() in ("none", "")):
+            if self.allow_none:
+                return None
+            raise bad("a value is required")
+        if self.type is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                out = value.lower() in ("true", "1", "yes", "on")
+            elif isinstance(value, int) and value in (0, 1):
+                out = bool(value)
+            else:
+                raise bad("expected true or false")
+        elif self.type is int:
+            if isinstance(value, bool):
+                raise bad("expected an integer")
+            try:
+                out = int(value) if not isinstance(value, float) or value.is_integer() else None
+            except (TypeError, ValueError):
+                out = None
+            if out is None:
+                raise bad("expected an integer")
+        elif self.type is float:
+            if isinstance(value, bool):
+                raise bad("expected a number")
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                raise bad("expected a number") from None
+            if math.isnan(out):
+                raise bad("expected a number")
+        else:
+            out = str(value)
+        if self.choices is not None and out not in self.choices:
+            raise bad(f"expected one of {', '.join(map(str, self.choices))}")
+        if self.minimum is not None and out < self.minimum:
+            raise bad(f"must be >= {self.minimum}")
+        if self.maximum is not None and out > self.maximum:
+            raise bad(f"must be <= {self.maximum}")
+        return out
+
+    def describe(self) -> str:
+        kind = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
+        return f"{kind}, default {self.default!r}: {self.help}"
+
+
+class Algorithm:
+    """Base class: subclasses define `name`, `OPTIONS`, `_propose(rng)` and `_feedback`."""
+
+    name: ClassVar[str] = "algorithm"
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: whether the algorithm handles several objectives natively (others scalarise them)
+    multi_objective: ClassVar[bool] = False
+
+    def __init__(self, space: SearchSpace, num_objectives: int, seed: int = 0, **options: Any):
+        if not isinstance(space, SearchSpace):
+            raise TypeError(f"space must be a SearchSpace, got {type(space).__name__}")
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int) or num_objectives < 1:
+            raise UserError(f"algorithm {self.name!r}: num_objectives must be a positive integer, "
+                            f"got {num_objectives!r}")
+        self.space = space
+        self.num_objectives = num_objectives
+        self.seed = int(seed)
+        self.options = self.validate_options(options)
+        self.num_feedbacks = 0
+        self.num_rejected = 0
+        self._pending = 0  # proposals since the last feedback
+
+    # ------------------------------------------------------------------ options
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """All options with defaults filled in; UserError for unknown names or bad values."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            accepted = ", ".join(sorted(cls.OPTIONS)) or "(none)"
+            raise UserError(f"algorithm {cls.name!r} does not accept option(s) {', '.join(unknown)}; "
+                            f"accepted: {accepted}")
+        out = {}
+        for key, spec in cls.OPTIONS.items():
+            out[key] = spec.coerce(cls.name, key, options[key]) if key in options else spec.default
+        return out
+
+    @classmethod
+    def describe_options(cls) -> dict[str, str]:
+        """Option name -> one-line description (type, default, meaning), for `opsearch list`."""
+        return {key: spec.describe() for key, spec in cls.OPTIONS.items()}
+
+    # ------------------------------------------------------------------ interface
+
+    def propose(self) -> Genome:
+        """The next genome to evaluate."""
+        rng = random.Random(f"{self.seed}:{self.num_feedbacks}:{self._pending}")
+        self._pending += 1
+        return self._propose(rng)
+
+    def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None) -> None:
+        """Result of one candidate: K objectives (maximised), or None if rejected/failed.
+
+        A NaN objective counts as a rejection (it cannot be ranked).
+        """
+        genome = tuple(genome)
+        if not self.space.is_valid(genome):
+            self.space.check_genome(genome)  # raises with a clear message
+        if objectives is not None:
+            objectives = tuple(float(v) for v in objectives)
+            if len(objectives) != self.num_objectives:
+                raise UserError(f"algorithm {self.name!r} expects {self.num_objectives} objective(s), "
+                                f"got {len(objectives)}")
+            if any(math.isnan(v) for v in objectives):
+                objectives = None
+        self.num_feedbacks += 1
+        self._pending = 0
+        if objectives is None:
+            self.num_rejected += 1
+        self._feedback(genome, objectives)
+
+    def recover(self, history: Iterable[tuple[Sequence[int], Sequence[float] | None]]) -> None:
+        """Replay finished trials in trial order (same state as live feedback)."""
+        for genome, objectives in history:
+            self.feedback(genome, objectives)
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _propose(self, rng: random.Random) -> Genome:
+        raise NotImplementedError
+
+    def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
+        """Default: the algorithm does not learn (e.g. random search)."""
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({self.space.name!r}, K={self.num_objectives}, seed={self.seed}, {opts})"
+
+
+# ---------------------------------------------------------------------- shared helpers
+
+SCALARIZATIONS = ("mean", "min", "max", "first")
+
+SCALARIZATION_OPTION = Option(
+    "mean", "how K objectives become one fitness: mean, min (worst architecture), max, or first",
+    str, choices=SCALARIZATIONS)
+
+
+def scalarize(objectives: Objectives, how: str) -> float:
+    if how == "mean":
+        return sum(objectives) / len(objectives)
+    if how == "min":
+        return min(objectives)
+    if how == "max":
+        return max(objectives)
+    if how == "first":
+        return objectives[0]
+    raise ValueError(f"unknown scalarization {how!r}")
+
+
+def dominates(a: Objectives, b: Objectives) -> bool:
+    """a Pareto-dominates b (maximisation): no worse everywhere, strictly better somewhere."""
+    better = False
+    for x, y in zip(a, b):
+        if x < y:
+            return False
+        if x > y:
+            better = True
+    return better
+
+
+def pareto_front(points: Sequence[Objectives]) -> list[int]:
+    """Indices of the non-dominated points (maximisation); equal points are all kept."""
+    return [i for i, p in enumerate(points)
+            if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    """The registered algorithm class `name` (UserError listing known names otherwise)."""
+    from opsearch import registry
+
+    return registry.algorithms.get(name)
+
+
+def create_algorithm(name: str, space: SearchSpace, num_objectives: int, seed: int = 0,
+                     **options: Any) -> Algorithm:
+    """Look up `name` in the registry and build it (timm's create_model shape)."""
+    return get_algorithm(name)(space, num_objectives, seed, **options)
+
+
+__all__ = ["Algorithm", "Option", "Objectives", "SCALARIZATIONS", "SCALARIZATION_OPTION", "scalarize",
+           "dominates", "pareto_front", "get_algorithm", "create_algorithm"]

@@ -1,0 +1,84 @@
+"""`opsearch search`: run (or resume) a search and end with a leaderboard and plots."""
+from __future__ import annotations
+
+import os
+import time
+
+from opsearch.config import build_config
+from opsearch.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search", help="evolve layers (resumes the run if it exists)",
+        description="Evolve normalization-activation layers. Flags override the --config file; "
+                    "the same command run again resumes the study and stops at --budget.")
+    p.add_argument("--space", help="search space (default evonorm)")
+    p.add_argument("--algorithm", help="search algorithm (default regularized_evolution)")
+    p.add_argument("--budget", type=int, help="total number of candidates in the study (default 100)")
+    p.add_argument("--dataset", help="proxy dataset (default digits)")
+    p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
+    p.add_argument("--archs", help="comma-separated proxy architectures "
+                                   "(default resnet,mobilenetv2,efficientnet)")
+    p.add_argument("--filters", help="comma-separated rejection filters, cheapest first "
+                                     "(default validity,numerics,equivalence,stability,quality; "
+                                     "'none' for no filter)")
+    p.add_argument("--baselines", help="comma-separated known layers evaluated beside the search "
+                                       "('none' for no baseline)")
+    p.add_argument("--steps", type=int, help="training steps per architecture (evaluator.steps)")
+    p.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    p.add_argument("--accelerator", help="Lightning accelerator: cpu (default), gpu, auto")
+    p.add_argument("--devices", help="Lightning devices (e.g. 1, 2, '0,1', auto)")
+    p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
+    p.add_argument("--precision", help="Lightning precision (32-true, 16-mixed, bf16-mixed)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/NAME/study.db); "
+                                     "postgresql://..., journal:///FILE")
+    p.add_argument("--name", help="run name (default 'default')")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="import a Python file that registers plugins (repeatable)")
+    p.add_argument("--config", help="TOML file whose keys mirror these flags")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set an option: space.*, algorithm.*, evaluator.*, filter.NAME.* "
+                        "(e.g. -O algorithm.population_size=20)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--timeout", dest="timeout_s", type=float,
+                   help="per-candidate time limit in seconds (default 900)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
+                   help="do not write PNG plots at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run(args) -> int:
+    overrides = {
+        "space": args.space, "algorithm": args.algorithm, "budget": args.budget,
+        "dataset": args.dataset, "data_dir": args.data_dir, "archs": _split(args.archs),
+        "filters": _split(args.filters), "baselines": _split(args.baselines),
+        "workers": args.workers, "accelerator": args.accelerator, "devices": args.devices,
+        "strategy": args.strategy, "precision": args.precision, "storage": args.storage,
+        "name": args.name, "seed": args.seed, "timeout_s": args.timeout_s, "plots": args.plots,
+        "plugins": (args.plugin or None),
+    }
+    options = list(args.option)
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise UserError(f"--steps must be positive, got {args.steps}")
+        options.append(f"evaluator.steps={args.steps}")
+    config = build_config(args.config, overrides, options)
+
+    from opsearch.engine import run_search
+    from opsearch.progress import SearchProgress
+
+    progress = SearchProgress(config, quiet=args.quiet)
+    start = time.time()
+    run_ = run_search(config, progress=progress)
+    progress.summary(run_, time.time() - start)
+    return 0

@@ -1,0 +1,163 @@
+"""Search configuration: defaults < config file (TOML) < command-line flags.
+
+The TOML file's keys mirror the flags (`budget = 100`, `archs = ["resnet", ...]`) plus option
+tables for the pluggable parts:
+
+    [space_options]      num_nodes = 8
+    [algorithm_options]  population_size = 20
+    [evaluator]          steps = 300          # trainers.evaluator.EvalConfig fields
+    [filter_options.quality]  min_accuracy = 0.2
+
+`-O section.key=value` on the command line sets one option (value parsed as TOML, else a string).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from opsearch.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
+DEFAULT_BASELINES = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "relu_only",
+                     "identity")
+OPTION_SECTIONS = {"space": "space_options", "algorithm": "algorithm_options",
+                   "evaluator": "evaluator", "filter": "filter_options"}
+
+
+@dataclass
+class SearchConfig:
+    name: str = "default"
+    space: str = "evonorm"
+    space_options: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "regularized_evolution"
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
+    budget: int = 100
+    dataset: str = "digits"
+    data_dir: str | None = None
+    archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
+    filters: list[str] | None = None  # None: the default pipeline
+    filter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluator: dict[str, Any] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    workers: int = 1
+    accelerator: str = "cpu"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str | None = None
+    storage: str | None = None
+    seed: int = 0
+    plugins: list[str] = field(default_factory=list)
+    timeout_s: float = 900.0  # per candidate; past it the candidate is failed:timeout
+    heartbeat_s: float = 10.0
+    grace_s: float = 120.0  # a remote worker silent this long is taken for dead
+    plots: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SearchConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            import difflib
+            close = difflib.get_close_matches(unknown[0], list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{source}: unknown key {unknown[0]!r}{hint}; known keys: "
+                            f"{', '.join(sorted(known))}")
+        config = cls(**{k: v for k, v in data.items()})
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(f"{source}: {message}")
+
+        need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").replace(
+            ".", "").isalnum(), f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        for key in ("space", "algorithm", "dataset", "accelerator", "strategy"):
+            need(isinstance(getattr(self, key), str) and getattr(self, key),
+                 f"{key} must be a non-empty string")
+        need(isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget > 0,
+             f"budget must be a positive integer, got {self.budget!r}")
+        need(isinstance(self.workers, int) and not isinstance(self.workers, bool)
+             and 1 <= self.workers <= 512, f"workers must be an integer in 1..512, got {self.workers!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+             f"seed must be an integer, got {self.seed!r}")
+        need(isinstance(self.archs, list) and self.archs and all(isinstance(a, str) and a for a in self.archs),
+             "archs must be a non-empty list of architecture names")
+        need(len(set(self.archs)) == len(self.archs), f"archs has a repeated name: {self.archs}")
+        need(self.filters is None or (isinstance(self.filters, list)
+                                      and all(isinstance(f, str) for f in self.filters)),
+             "filters must be a list of filter names")
+        need(isinstance(self.baselines, list) and all(isinstance(b, str) for b in self.baselines),
+             "baselines must be a list of layer names")
+        for key in ("space_options", "algorithm_options", "evaluator", "filter_options"):
+            need(isinstance(getattr(self, key), dict), f"{key} must be a table")
+        for fname, opts in self.filter_options.items():
+            need(isinstance(opts, dict), f"filter_options.{fname} must be a table")
+        for key in ("timeout_s", "heartbeat_s", "grace_s"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 f"{key} must be a positive number, got {value!r}")
+        need(self.grace_s > 2 * self.heartbeat_s, "grace_s must exceed twice heartbeat_s")
+        need(isinstance(self.plugins, list) and all(isinstance(p, str) for p in self.plugins),
+             "plugins must be a list of file paths")
+        need(isinstance(self.devices, (str, int, list)), "devices must be a string, int or list")
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {e}") from e
+
+
+def parse_option(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (path, value); value parsed as a TOML value, else kept a string."""
+    if "=" not in text:
+        raise UserError(f"option {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if len(path) < 2 or not all(path) or path[0] not in OPTION_SECTIONS:
+        raise UserError(f"option {text!r}: the key must start with one of "
+                        f"{', '.join(s + '.' for s in OPTION_SECTIONS)} (e.g. algorithm.population_size=20)")
+    if path[0] == "filter" and len(path) != 3:
+        raise UserError(f"option {text!r}: filter options look like filter.<name>.<key>=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def build_config(file: str | None, overrides: dict[str, Any], options: list[str]) -> SearchConfig:
+    """Merge defaults, the config file, flags (`overrides`, None = unset) and -O options."""
+    data: dict[str, Any] = load_toml(file) if file else {}
+    source = f"config file {file}" if file else "options"
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    for text in options:
+        path, value = parse_option(text)
+        table = data.setdefault(OPTION_SECTIONS[path[0]], {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: {OPTION_SECTIONS[path[0]]} must be a table")
+        for part in path[1:-1]:
+            table = table.setdefault(part, {})
+        table[path[-1]] = value
+    return SearchConfig.from_dict(data, source)

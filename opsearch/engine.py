@@ -1,0 +1,491 @@
+"""The search engine: symmetric, stateless workers around one study.
+
+Each worker recovers the algorithm from the study, then repeats: take a requeued candidate or
+propose a new one, record it RUNNING, run the rejection pipeline, train the survivors on the K
+proxy architectures, record the verdict and objectives in one write, feed the result back. N
+workers on one machine (processes) or on many (the same command against one storage URL) share
+the study; a crash loses at most the candidates in flight, and the same command resumes.
+
+Every failure a candidate can cause becomes a verdict and the search goes on: an exception
+(`failed:<type>`), a time limit (`failed:timeout`), running out of memory (`failed:oom`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from optuna.trial import TrialState
+
+from opsearch import registry
+from opsearch.config import SearchConfig
+from opsearch.errors import InvalidCandidate, UserError
+from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, is_url, resolve
+
+COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
+
+
+class CandidateTimeout(Exception):
+    """Raised inside a candidate's evaluation when its time limit passes."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Interrupt the block after `seconds` (SIGALRM; only in a main thread, else no limit)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CandidateTimeout(f"took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# What a worker needs, built from the config (in each process)
+
+
+@dataclass
+class Setup:
+    """The pluggable parts of a search, resolved by name from the registries."""
+
+    config: SearchConfig
+    space: Any
+    algorithm_cls: Any
+    pipeline: Any
+    eval_config: Any
+    url: str
+    study_name: str
+
+    @classmethod
+    def from_config(cls, config: SearchConfig) -> "Setup":
+        for path in config.plugins:
+            registry.load_plugin_file(path)
+        from opsearch.rejection import RejectionPipeline
+        from opsearch.space import SearchSpace
+        from opsearch.trainers.evaluator import EvalConfig
+
+        space = SearchSpace.from_name(config.space, **config.space_options)
+        algorithm_cls = registry.algorithms.get(config.algorithm)
+        for arch in config.archs:
+            registry.architectures.get(arch)
+        registry.datasets.get(config.dataset)
+        for layer in config.baselines:
+            registry.layers.get(layer)
+        pipeline = RejectionPipeline.from_spec(config.filters, config.filter_options)
+        eval_config = make_eval_config(config)
+        if config.storage:
+            url, study_name = config.storage, config.name
+        else:
+            url, study_name = resolve(config.name)
+        return cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
+
+    def new_algorithm(self):
+        return self.algorithm_cls(self.space, len(self.config.archs), self.config.seed,
+                                  **self.config.algorithm_options)
+
+    def study_attrs(self) -> dict[str, Any]:
+        c = self.config
+        return {"space": c.space, "space_options": c.space_options, "algorithm": c.algorithm,
+                "archs": list(c.archs), "dataset": c.dataset, "config": json.dumps(c.to_dict())}
+
+    def open_run(self) -> Run:
+        return Run.create_or_open(self.url, self.study_name, self.study_attrs(), COMPATIBLE_KEYS)
+
+
+def make_eval_config(config: SearchConfig, device_index: int | None = None):
+    """The trainers' EvalConfig for this search (the `[evaluator]` table plus the flags)."""
+    import dataclasses
+
+    from opsearch.trainers.evaluator import EvalConfig
+
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    options = dict(config.evaluator)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise UserError(f"unknown evaluator option {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    values = {"dataset": config.dataset, "archs": tuple(config.archs), "seed": config.seed,
+              "accelerator": config.accelerator}
+    if config.data_dir is not None:
+        values["data_dir"] = config.data_dir
+    if config.precision is not None:
+        values["precision"] = config.precision
+    if device_index is not None:
+        values["devices"] = [device_index]
+    values.update(options)
+    values = {k: v for k, v in values.items() if k in fields}
+    try:
+        return EvalConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"evaluator options: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass
+class Outcome:
+    """A candidate's result, as it will be stored."""
+
+    state: TrialState
+    values: list[float] | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return self.attrs.get("verdict", "")
+
+
+class Worker:
+    """One stateless worker: recover, then propose / filter / evaluate / record until the budget."""
+
+    def __init__(self, setup: Setup, run: Run | None = None, lock: Any = None,
+                 on_result: Callable[[TrialRecord, Outcome], None] | None = None,
+                 device_index: int | None = None):
+        from opsearch.rejection import EquivalenceCache, FilterContext
+
+        self.setup = setup
+        self.config = setup.config
+        self.run = run or setup.open_run()
+        self.lock = lock or contextlib.nullcontext()
+        self.on_result = on_result
+        self.identity = WorkerId.current()
+        self.archs = list(self.config.archs)
+        self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
+                            else setup.eval_config)
+        self.algorithm = setup.new_algorithm()
+        self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
+                                     seed=self.config.seed)
+        self._last_reap = 0.0
+        self._recovered = False
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rebuild the algorithm and the equivalence cache from the finished trials."""
+        from opsearch.rejection import EquivalenceCache
+
+        self.run.sync()
+        finished = [r for r in self.run.trials() if r.state.is_finished()]
+        self.context.equivalence = EquivalenceCache.from_trials(
+            [_AttrView(r) for r in finished if r.kind == "candidate"])
+        history = [(r.genome, self._objectives(r)) for r in finished
+                   if r.kind == "candidate" and r.genome is not None and r.verdict != LOST]
+        self.algorithm.recover(history)
+        self._recovered = True
+        return len(history)
+
+    def _objectives(self, record: TrialRecord) -> tuple[float, ...] | None:
+        return tuple(record.values) if record.state == TrialState.COMPLETE and record.values else None
+
+    def _absorb(self, records: list[TrialRecord]) -> None:
+        """Feed back trials other workers finished since the last sync."""
+        for r in records:
+            if r.kind != "candidate" or r.verdict == LOST:
+                continue
+            if r.genome is not None:
+                self.algorithm.feedback(r.genome, self._objectives(r))
+            self.context.equivalence.add_trial(_AttrView(r)) if hasattr(
+                self.context.equivalence, "add_trial") else None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run_loop(self, max_candidates: int | None = None) -> int:
+        """Work until the budget is reached; returns the number of trials this worker finished."""
+        if not self._recovered:
+            self.recover()
+        done = 0
+        while max_candidates is None or done < max_candidates:
+            self._maybe_reap()
+            record = self.run.pop_waiting(self.identity)
+            if record is None:
+                record = self._new_candidate()
+            if record is None:
+                break
+            outcome = self.process(record)
+            if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
+                continue  # reaped as lost meanwhile; its requeued copy carries on
+            done += 1
+            if record.kind == "candidate" and record.genome is not None:
+                objectives = tuple(outcome.values) if outcome.state == TrialState.COMPLETE else None
+                self.algorithm.feedback(record.genome, objectives)
+                self._record_equivalence(record, outcome)
+            if self.on_result is not None:
+                self.on_result(record, outcome)
+            self._absorb(self.run.sync())
+        return done
+
+    def _maybe_reap(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._last_reap > min(self.config.heartbeat_s, 30.0):
+            self._last_reap = now
+            self.run.sync()
+            self.run.reap_lost(self.config.grace_s)
+
+    def _new_candidate(self) -> TrialRecord | None:
+        from opsearch import graph as graph_mod
+
+        with self.lock:
+            self._absorb(self.run.sync())
+            if self.run.candidates_counted() >= self.config.budget:
+                return None
+            genome = tuple(int(g) for g in self.algorithm.propose())
+            plain = self.setup.space.decode(genome)
+            attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
+            attrs.update(describe_graph(plain))
+            return self.run.start_trial(attrs, self.identity)
+
+    # -- one candidate ----------------------------------------------------------------------
+
+    def process(self, record: TrialRecord) -> Outcome:
+        """Filter and evaluate one candidate; every failure becomes a verdict."""
+        start = time.perf_counter()
+        try:
+            with Heartbeat(self.run.storage, record.trial_id, self.config.heartbeat_s), \
+                    time_limit(self.config.timeout_s):
+                if record.kind == "baseline":
+                    outcome = self._evaluate_baseline(record)
+                else:
+                    outcome = self._evaluate_candidate(record)
+        except CandidateTimeout as e:
+            outcome = Outcome(TrialState.FAIL, None, {"verdict": "failed:timeout", "reason": str(e)})
+        except (MemoryError, _cuda_oom()) as e:
+            _free_memory()
+            outcome = Outcome(TrialState.FAIL, None, {"verdict": "failed:oom", "reason": _short(e)})
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a bad candidate never takes the search down
+            outcome = Outcome(TrialState.FAIL, None, {
+                "verdict": f"failed:{type(e).__name__}", "reason": _short(e),
+                "traceback": traceback.format_exc(limit=6)[-2000:]})
+        outcome.attrs["elapsed_s"] = round(time.perf_counter() - start, 4)
+        return outcome
+
+    def _evaluate_candidate(self, record: TrialRecord) -> Outcome:
+        from opsearch.rejection import Candidate
+
+        genome = record.genome
+        plain = self.setup.space.decode(genome)
+        candidate = Candidate(plain, genome=genome)
+        outcome = self.setup.pipeline.run(candidate, self.context)
+        attrs = outcome.user_attrs(candidate)
+        status = outcome.status
+        if status.startswith("rejected:"):
+            attrs["verdict"] = status
+            return Outcome(TrialState.PRUNED, None, attrs)
+        if status.startswith("duplicate:"):
+            values = [float(v) for v in outcome.objectives]
+            attrs["verdict"] = status
+            attrs.update(self._acc_attrs(values))
+            return Outcome(TrialState.COMPLETE, values, attrs)
+        result = self._train(candidate)
+        attrs.update(result)
+        return Outcome(TrialState.COMPLETE, [result[f"acc/{a}"] for a in self.archs], attrs)
+
+    def _train(self, candidate) -> dict[str, Any]:
+        """Full training on the K architectures (continuing the quality filter's sessions)."""
+        evaluator = self.context.get_evaluator()
+        sessions = getattr(candidate, "sessions", None)
+        if sessions is not None:
+            accuracies = sessions.train_until(self.eval_config.steps)
+            details = getattr(sessions, "details", lambda: {})()
+        else:
+            result = evaluator.evaluate(candidate.plain)
+            accuracies, details = result.accuracies, _details(result)
+        attrs: dict[str, Any] = {"verdict": "evaluated"}
+        attrs.update(self._acc_attrs([float(accuracies[a]) for a in self.archs]))
+        attrs.update(details)
+        return attrs
+
+    def _acc_attrs(self, values: list[float]) -> dict[str, float]:
+        return {f"acc/{a}": round(float(v), 6) for a, v in zip(self.archs, values)}
+
+    def _evaluate_baseline(self, record: TrialRecord) -> Outcome:
+        evaluator = self.context.get_evaluator()
+        result = evaluator.evaluate(record.user_attrs["layer"])
+        values = [float(result.accuracies[a]) for a in self.archs]
+        attrs = {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)}
+        return Outcome(TrialState.COMPLETE, values, attrs)
+
+    def _record_equivalence(self, record: TrialRecord, outcome: Outcome) -> None:
+        eq = self.context.equivalence
+        if hasattr(eq, "add_trial"):
+            view = _AttrView(record)
+            view.user_attrs = {**record.user_attrs, **outcome.attrs}
+            eq.add_trial(view)
+
+
+class _AttrView:
+    """What EquivalenceCache.from_trials reads of a trial (duck-typed like a FrozenTrial)."""
+
+    def __init__(self, record: TrialRecord):
+        self.number = record.number
+        self.state = record.state
+        self.values = list(record.values) if record.values else None
+        self.user_attrs = record.user_attrs
+
+
+def describe_graph(plain) -> dict[str, Any]:
+    """The graph attributes stored with every candidate (contract: graph, formula; plus hash)."""
+    from opsearch import graph as graph_mod
+
+    attrs: dict[str, Any] = {"graph": graph_mod.to_json(plain)}
+    try:
+        attrs["formula"] = graph_mod.formula(plain)
+        attrs["hash"] = graph_mod.canonical_hash(plain)
+    except InvalidCandidate as e:  # still recorded; the validity filter will reject it
+        attrs["formula"] = f"<invalid: {e}>"
+    return attrs
+
+
+def _details(result) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    per_arch = getattr(result, "per_arch", None) or {}
+    items = per_arch.items() if isinstance(per_arch, dict) else ((getattr(r, "arch", str(i)), r)
+                                                                 for i, r in enumerate(per_arch))
+    for arch, r in items:
+        get = (lambda k, r=r: r.get(k)) if isinstance(r, dict) else (lambda k, r=r: getattr(r, k, None))
+        if get("diverged"):
+            out[f"diverged/{arch}"] = True
+        if get("seconds") is not None:
+            out[f"train_s/{arch}"] = round(float(get("seconds")), 3)
+    return out
+
+
+def _cuda_oom():
+    try:
+        import torch
+        return torch.cuda.OutOfMemoryError
+    except (ImportError, AttributeError):  # pragma: no cover
+        return MemoryError
+
+
+def _free_memory() -> None:
+    import gc
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (f"{type(e).__name__}: {text}" if text else type(e).__name__)[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Running a search
+
+
+def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
+    """Queue the known layers not yet in the study; workers evaluate them like candidates."""
+    from opsearch import layers
+
+    run.sync()
+    present = {r.user_attrs.get("layer") for r in run.trials()
+               if r.kind == "baseline" and r.verdict != LOST}
+    queued = []
+    for name in setup.config.baselines:
+        if name in present:
+            continue
+        attrs = {"kind": "baseline", "layer": name}
+        attrs.update(describe_graph(layers.get_graph(name) if hasattr(layers, "get_graph")
+                                    else registry.layers.get(name)))
+        run.enqueue(attrs)
+        queued.append(name)
+    if queued:
+        run.sync()
+    return queued
+
+
+def _worker_process(config_dict: dict, index: int, lock, device_index, threads: int) -> None:
+    """Entry point of a local worker process."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    config = SearchConfig.from_dict(config_dict)
+    setup = Setup.from_config(config)
+    Worker(setup, lock=lock, device_index=device_index).run_loop()
+
+
+def run_search(config: SearchConfig, progress=None) -> Run:
+    """Run (or resume) a search to its budget; returns the run with every trial synced."""
+    setup = Setup.from_config(config)
+    run = setup.open_run()
+    run.sync()
+    run.reap_lost(config.grace_s)
+    enqueue_baselines(run, setup)
+    if progress is not None:
+        progress.start(run)
+    if config.workers == 1:
+        device = _device_for(config, 0)
+        worker = Worker(setup, run=run, device_index=device,
+                        on_result=(progress.on_result if progress is not None else None))
+        worker.run_loop()
+    else:
+        _run_local_workers(config, run, progress)
+    run.sync()
+    if progress is not None:
+        progress.finish(run)
+    return run
+
+
+def _device_for(config: SearchConfig, index: int) -> int | None:
+    if config.accelerator in ("gpu", "cuda"):
+        import torch
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise UserError("accelerator gpu asked for, but torch sees no CUDA device")
+        return index % n
+    return None
+
+
+def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    procs = [ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
+                         args=(config.to_dict(), i, lock, _device_for(config, i), threads))
+             for i in range(config.workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            finished = run.sync()
+            if progress is not None:
+                for record in finished:
+                    progress.on_record(record)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    failed = [p for p in procs if p.exitcode not in (0, None)]
+    if failed and run.candidates_counted() < config.budget:
+        # A worker that died (killed, out of memory) leaves its candidate RUNNING: reap it here
+        # so that a resume, or the workers still alive, hand it out again.
+        run.sync()
+        run.reap_lost(config.grace_s)

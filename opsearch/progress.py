@@ -1,0 +1,125 @@
+"""What a person sees during a search: one line per candidate, running counts, best so far."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+from rich.console import Console
+from rich.markup import escape
+
+from opsearch.config import SearchConfig
+from opsearch.study import Run, TrialRecord
+
+
+class SearchProgress:
+    """Prints each finished trial and, at the end, the leaderboard and where the plots went."""
+
+    def __init__(self, config: SearchConfig, quiet: bool = False, console: Console | None = None):
+        self.config = config
+        self.quiet = quiet
+        self.console = console or Console(stderr=True, highlight=False)
+        self.counts: Counter[str] = Counter()
+        self.best: dict[str, float] = {}
+        self.start_time = time.time()
+        self.candidate_seconds: list[float] = []
+
+    # -- during the search ------------------------------------------------------------------
+
+    def start(self, run: Run) -> None:
+        done = run.candidates_counted()
+        finished = sum(1 for r in run.trials() if r.kind == "candidate" and r.state.is_finished()
+                       and r.counts_toward_budget)
+        for r in run.trials():
+            if r.kind == "candidate" and r.state.is_finished():
+                self._count(r)
+        if self.quiet:
+            return
+        c = self.config
+        where = c.storage or f"runs/{c.name}/study.db"
+        self.console.print(f"[bold]opsearch search[/] run [cyan]{escape(c.name)}[/] "
+                           f"({escape(where)}): space {c.space}, algorithm {c.algorithm}, "
+                           f"dataset {c.dataset}, archs {', '.join(c.archs)}, budget {c.budget}, "
+                           f"workers {c.workers}")
+        if finished:
+            self.console.print(f"resuming: {finished} candidates already finished, "
+                               f"{done - finished} queued or in flight")
+
+    def on_result(self, record: TrialRecord, outcome) -> None:
+        record.user_attrs.update(outcome.attrs)
+        record.values = tuple(outcome.values) if outcome.values else None
+        self.on_record(record)
+
+    def on_record(self, record: TrialRecord) -> None:
+        self._count(record)
+        if self.quiet:
+            return
+        attrs = record.user_attrs
+        verdict = attrs.get("verdict", "?")
+        elapsed = attrs.get("elapsed_s")
+        took = f"{elapsed:6.2f}s" if isinstance(elapsed, (int, float)) else "      "
+        accs = "  ".join(f"{a} {attrs[f'acc/{a}']:.3f}" for a in self.config.archs
+                         if isinstance(attrs.get(f"acc/{a}"), (int, float)))
+        formula = escape(str(attrs.get("formula", ""))[:90])
+        if record.kind == "baseline":
+            self.console.print(f"[blue]baseline[/] {attrs.get('layer', '?'):<12} {took}  {accs}")
+            return
+        n = sum(v for k, v in self.counts.items() if k != "failed:worker_lost")
+        head = f"[{n:>4}/{self.config.budget}] #{record.number:<5}"
+        if verdict == "evaluated":
+            self.console.print(f"{head} [green]evaluated[/]  {took}  {accs}  [dim]{formula}[/]")
+        elif verdict.startswith("duplicate:"):
+            self.console.print(f"{head} [yellow]{verdict}[/] {took}  {accs}  [dim]{formula}[/]")
+        elif verdict.startswith("failed:"):
+            reason = escape(str(attrs.get("reason", ""))[:80])
+            self.console.print(f"{head} [red]{escape(verdict)}[/] {took}  {reason}")
+        else:
+            self.console.print(f"{head} [dim]{escape(verdict):<22} {took}  {formula}[/]")
+
+    def _count(self, record: TrialRecord) -> None:
+        if record.kind != "candidate":
+            return
+        verdict = str(record.user_attrs.get("verdict", "?"))
+        self.counts[verdict.split(":")[0] if not verdict.startswith("failed:worker") else verdict] += 1
+        if isinstance(record.user_attrs.get("elapsed_s"), (int, float)):
+            self.candidate_seconds.append(float(record.user_attrs["elapsed_s"]))
+        for arch in self.config.archs:
+            acc = record.user_attrs.get(f"acc/{arch}")
+            if isinstance(acc, (int, float)) and acc > self.best.get(arch, -1.0):
+                self.best[arch] = float(acc)
+
+    def finish(self, run: Run) -> None:
+        pass
+
+    # -- at the end -------------------------------------------------------------------------
+
+    def summary(self, run: Run, seconds: float) -> None:
+        """Leaderboard beside the known layers, counts, and the PNG plots."""
+        from opsearch import report
+
+        trials = run.trials()
+        plots_dir = None
+        if self.config.plots:
+            try:
+                plots_dir = report.write_plots_for_records(trials, run.archs,
+                                                           os.path.join(_run_dir(self.config), "plots"))
+            except Exception as e:  # plots are a convenience: never lose a finished search
+                self.console.print(f"[yellow]plots not written: {escape(str(e))}[/]")
+        if self.quiet:
+            return
+        report.print_summary_for_records(trials, run.archs, console=Console(highlight=False))
+        per = (sum(self.candidate_seconds) / len(self.candidate_seconds)) if self.candidate_seconds else 0
+        self.console.print(
+            f"done in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+            + f"; mean {per:.2f} s per candidate; best so far: "
+            + ", ".join(f"{a} {v:.3f}" for a, v in self.best.items()))
+        if plots_dir:
+            self.console.print(f"plots: {plots_dir}")
+        self.console.print(f"details: opsearch show {self.config.name}"
+                           + (f" --storage {self.config.storage}" if self.config.storage else "")
+                           + f"   export the best: opsearch export {self.config.name} -o layer.py")
+
+
+def _run_dir(config: SearchConfig) -> str:
+    from opsearch.study import runs_dir
+    return os.path.join(runs_dir(), config.name)

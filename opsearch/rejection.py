@@ -1,0 +1,449 @@
+"""Rejection: cheap tests that stop useless candidates before they cost a full training run.
+
+Most random graphs in the paper's space are useless (NaN, constant, unstable, or untrainable), and
+many are the same function written differently. A `RejectionPipeline` runs registered filters
+(`opsearch.registry.register_filter`) on a `Candidate`, cheapest first, and stops at the first one
+that does not pass. Each filter returns a `Verdict` (passed, filter, reason, metrics, seconds).
+
+The equivalence filter may end the pipeline with a *duplicate* verdict: the candidate computes the
+same function as an earlier trial, so it reuses that trial's objectives instead of training
+(AutoML-Zero's functional-equivalence cache, `EquivalenceCache`).
+
+How the engine uses this module::
+
+    pipeline = RejectionPipeline.from_spec("validity,numerics,equivalence,stability,quality",
+                                           options={"stability": {"threshold": 1e8}})
+    context = FilterContext(eval_config=config, equivalence=EquivalenceCache.from_trials(trials))
+    candidate = Candidate(plain_graph, layer_options={"eps": 1e-5})
+    outcome = pipeline.run(candidate, context)
+    trial.set_user_attrs(outcome.user_attrs())          # filter_s/<f>, reason, hash, equiv_*
+    if outcome.status == "passed":                      # train; candidate.sessions continue
+        ...                                             # the quality filter's 100 steps
+        context.equivalence.record(candidate, trial.number, "evaluated", objectives)
+    elif outcome.status.startswith("duplicate:"):       # objectives = outcome.objectives
+        ...
+    else:                                               # "rejected:<filter>"
+        context.equivalence.record(candidate, trial.number, outcome.status)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from opsearch import registry
+from opsearch.errors import InvalidCandidate, UserError
+
+DEFAULT_FILTERS = ("validity", "numerics", "equivalence", "stability", "quality")
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    """One filter's decision on one candidate.
+
+    ``duplicate_of`` / ``objectives`` are set only by the equivalence filter when the candidate
+    computes the same function as an earlier trial: the pipeline stops and the candidate takes
+    that trial's objectives (verdict ``duplicate:<trial>``) without training.
+    """
+
+    passed: bool
+    filter: str
+    reason: str = ""
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    duplicate_of: int | None = None
+    objectives: tuple[float, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """The trial's `verdict` attribute this decision leads to (when it stops the pipeline)."""
+        if self.duplicate_of is not None:
+            return f"duplicate:{self.duplicate_of}"
+        return "passed" if self.passed else f"rejected:{self.filter}"
+
+
+@dataclass
+class PipelineOutcome:
+    """What the pipeline decided: every verdict in order and the final status."""
+
+    verdicts: list[Verdict]
+
+    @property
+    def last(self) -> Verdict | None:
+        return self.verdicts[-1] if self.verdicts else None
+
+    @property
+    def passed(self) -> bool:
+        """True when every filter passed: the candidate goes on to full training."""
+        return all(v.passed for v in self.verdicts)
+
+    @property
+    def status(self) -> str:
+        """``passed``, ``rejected:<filter>`` or ``duplicate:<trial>``."""
+        for v in self.verdicts:
+            if not v.passed:
+                return v.label
+        return "passed"
+
+    @property
+    def duplicate_of(self) -> int | None:
+        return self.last.duplicate_of if self.last else None
+
+    @property
+    def objectives(self) -> tuple[float, ...] | None:
+        """A duplicate's objectives (those of the trial it equals); None otherwise."""
+        return self.last.objectives if self.last else None
+
+    @property
+    def reason(self) -> str:
+        return "" if self.passed else self.last.reason
+
+    @property
+    def seconds(self) -> float:
+        return sum(v.seconds for v in self.verdicts)
+
+    @property
+    def filter_seconds(self) -> dict[str, float]:
+        return {v.filter: v.seconds for v in self.verdicts}
+
+    def user_attrs(self, candidate: "Candidate | None" = None) -> dict[str, Any]:
+        """Trial user attributes to store (team contract): ``filter_s/<f>``, ``reason``, and, when
+        the candidate went through the equivalence filter, ``hash``, ``equiv_hash``, ``equiv_fp``
+        (so that `EquivalenceCache.from_trials` can rebuild the cache from the study)."""
+        attrs: dict[str, Any] = {f"filter_s/{k}": round(s, 6) for k, s in self.filter_seconds.items()}
+        if not self.passed:
+            attrs["reason"] = self.reason
+        for v in self.verdicts:
+            for key, value in v.metrics.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    value = str(value)  # JSON (and so Optuna attrs) has no NaN/Inf
+                if isinstance(value, (int, float, str, bool)):
+                    attrs[f"metric/{v.filter}/{key}"] = value
+        if candidate is not None:
+            if candidate._canonical_hash is not None:
+                attrs["hash"] = candidate._canonical_hash
+            if candidate.equiv_hash is not None:
+                attrs["equiv_hash"] = candidate.equiv_hash
+                attrs["equiv_fp"] = fingerprint_to_json(candidate.equiv_fp)
+        return attrs
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate and context
+# --------------------------------------------------------------------------------------------
+
+class Candidate:
+    """A graph under test, with what the filters compute about it, computed once, lazily.
+
+    ``plain`` is the plain graph tuple; the symbolic `LayerGraph`, the canonical hash and the
+    formula are built on first use (pyglove objects are slow to build). Filters leave results
+    here for later filters and for the engine: ``equiv_hash`` / ``equiv_fp`` (equivalence) and
+    ``sessions`` (the quality filter's staged training session, which the engine's full
+    evaluation continues instead of starting over).
+    """
+
+    def __init__(self, graph: Any, *, genome: Sequence[int] | None = None,
+                 layer_options: Mapping[str, Any] | None = None):
+        from opsearch import graph as graph_mod
+
+        self.plain = graph_mod.as_plain(graph) if not isinstance(graph, tuple) else graph
+        self.genome = tuple(genome) if genome is not None else None
+        self.layer_options: dict[str, Any] = dict(layer_options or {})
+        self._layer_graph = graph if not isinstance(graph, tuple) else None
+        self._canonical_hash: str | None = None
+        self._formula: str | None = None
+        self.equiv_hash: str | None = None
+        self.equiv_fp: np.ndarray | None = None
+        self.sessions: Any = None  # the quality filter's EvalSession, continued by the engine
+
+    @property
+    def layer_graph(self):
+        if self._layer_graph is None:
+            from opsearch.graph import LayerGraph
+            self._layer_graph = LayerGraph.from_tuple(self.plain)
+        return self._layer_graph
+
+    @property
+    def canonical_hash(self) -> str:
+        if self._canonical_hash is None:
+            from opsearch import graph as graph_mod
+            self._canonical_hash = graph_mod.canonical_hash(self.plain)
+        return self._canonical_hash
+
+    @property
+    def formula(self) -> str:
+        if self._formula is None:
+            from opsearch import graph as graph_mod
+            self._formula = graph_mod.formula(self.plain)
+        return self._formula
+
+    def build(self, num_channels: int) -> Any:
+        """A fresh compiled layer (its own parameters and running statistics)."""
+        from opsearch import layers
+        return layers.build(self.plain, num_channels, **self.layer_options)
+
+    def norm_act(self):
+        """The `norm_act(num_channels, act)` factory the proxy architectures take."""
+        from opsearch import layers
+        return layers.norm_act(self.plain, **self.layer_options)
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.plain!r})"
+
+
+@dataclass
+class FilterContext:
+    """What filters share across candidates: the training setup, the equivalence cache, a seed.
+
+    ``eval_config`` is a `trainers.evaluator.EvalConfig`; the `evaluator` is built from it on first
+    use (only the quality filter trains). ``seed`` fixes every probe so verdicts are reproducible.
+    """
+
+    eval_config: Any = None
+    evaluator: Any = None
+    equivalence: "EquivalenceCache" = field(default_factory=lambda: EquivalenceCache())
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def get_evaluator(self):
+        if self.evaluator is None:
+            from opsearch.trainers.evaluator import EvalConfig, Evaluator
+            self.evaluator = Evaluator(self.eval_config if self.eval_config is not None else EvalConfig())
+        return self.evaluator
+
+
+# --------------------------------------------------------------------------------------------
+# Filters and the pipeline
+# --------------------------------------------------------------------------------------------
+
+class Filter:
+    """Base class of rejection filters. Subclass, set ``name`` and ``cost``, implement `check`.
+
+    ``cost`` is a rough order of the filter's price (seconds per candidate); the pipeline sorts
+    filters by it, so a plugin filter slots in at the right place whatever order a user lists.
+    Options come as keyword arguments (from ``[rejection.<name>]`` in a config file).
+    """
+
+    name: str = "filter"
+    cost: float = 1.0
+
+    def __init__(self, **options: Any):
+        if options:
+            raise UserError(f"rejection filter {self.name!r}: unknown option(s) "
+                            f"{', '.join(sorted(options))}")
+
+    def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
+        raise NotImplementedError
+
+    def accept(self, **metrics: Any) -> Verdict:
+        return Verdict(True, self.name, "", metrics)
+
+    def reject(self, reason: str, **metrics: Any) -> Verdict:
+        return Verdict(False, self.name, reason, metrics)
+
+
+def parse_filter_list(spec: str | Iterable[str] | None) -> list[str]:
+    """``"validity,numerics"`` -> names; None -> the default list; ``""``/``"none"`` -> no filter."""
+    if spec is None:
+        return list(DEFAULT_FILTERS)
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "none"):
+            return []
+        names = [s.strip() for s in spec.split(",")]
+    else:
+        names = [str(s).strip() for s in spec]
+    if any(not n for n in names):
+        raise UserError(f"empty name in filter list {spec!r}")
+    if len(set(names)) != len(names):
+        raise UserError(f"filter listed twice in {spec!r}")
+    return names
+
+
+class RejectionPipeline:
+    """Runs filters cheapest first; stops at the first rejection or duplicate."""
+
+    def __init__(self, filters: Sequence[Filter]):
+        self.filters = sorted(filters, key=lambda f: f.cost)  # stable: ties keep the user's order
+
+    @classmethod
+    def from_spec(cls, spec: str | Iterable[str] | None = None,
+                  options: Mapping[str, Mapping[str, Any]] | None = None) -> "RejectionPipeline":
+        """Filters by registry name with their options (``{"stability": {"threshold": 1e8}}``).
+
+        An unknown filter name, or options for a filter not in the list, raise UserError."""
+        names = parse_filter_list(spec)
+        options = dict(options or {})
+        unused = set(options) - set(names)
+        if unused:
+            known = registry.rejection_filters.names()
+            bad = sorted(n for n in unused if n not in known)
+            if bad:
+                raise UserError(registry.rejection_filters.unknown_message(bad[0]))
+        filters = []
+        for name in names:
+            filter_cls = registry.rejection_filters.get(name)
+            try:
+                filters.append(filter_cls(**dict(options.get(name) or {})))
+            except TypeError as e:
+                raise UserError(f"rejection filter {name!r}: bad options: {e}") from None
+        return cls(filters)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.filters]
+
+    def run(self, candidate: Candidate, context: FilterContext) -> PipelineOutcome:
+        verdicts: list[Verdict] = []
+        for flt in self.filters:
+            start = time.perf_counter()
+            try:
+                verdict = flt.check(candidate, context)
+            except InvalidCandidate as e:
+                verdict = flt.reject(str(e))
+            verdict.seconds = time.perf_counter() - start
+            verdict.filter = flt.name
+            verdicts.append(verdict)
+            if not verdict.passed:
+                break
+        return PipelineOutcome(verdicts)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional-equivalence cache
+# --------------------------------------------------------------------------------------------
+
+def fingerprint_to_json(fp: np.ndarray | None) -> str:
+    """Compact JSON of a fingerprint, 7 significant digits (far below the match tolerance)."""
+    if fp is None:
+        return "null"
+    return "[" + ",".join(f"{float(v):.7g}" for v in fp) + "]"
+
+
+def fingerprint_from_json(text: str) -> np.ndarray | None:
+    try:
+        values = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
+def fingerprint_hash(fp: np.ndarray) -> str:
+    """A short hash of a fingerprint at 3 significant digits, for grouping in reports only.
+
+    Matching never relies on it (rounding puts near-equal values on either side of a boundary);
+    the cache compares fingerprints with a tolerance instead."""
+    text = ",".join(f"{float(v):.3g}" for v in fp)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CacheEntry:
+    trial: int
+    verdict: str  # "evaluated" or "rejected:<filter>"
+    objectives: tuple[float, ...] | None = None
+
+
+class EquivalenceCache:
+    """Maps functions already seen to the trial that first had them.
+
+    Two keys find an earlier equal function: the canonical graph hash (exact: same graph after
+    dropping dead nodes and sorting commutative inputs), then the output fingerprint (values that
+    are relative by construction: log-scales and scale-normalised projections, see
+    plugins/rejection/equivalence.py), compared with an absolute tolerance ``atol`` by one
+    vectorised scan. A tolerance, not rounding to a grid: rounding splits equal functions whose
+    values straddle a grid boundary, however fine or coarse the grid.
+
+    Only final outcomes are cached: evaluated trials (with objectives, so duplicates reuse them)
+    and trials rejected by a filter after equivalence (stability, quality), so an equal function
+    is not trained again to be rejected again. Failures are not cached (they may be transient).
+    """
+
+    def __init__(self, atol: float = 1e-4):
+        self.atol = atol
+        self._by_hash: dict[str, CacheEntry] = {}
+        # fingerprints grouped by length (a run's probes fix it), with a stacked matrix per group
+        self._rows: dict[int, tuple[list[np.ndarray], list[CacheEntry]]] = {}
+        self._matrices: dict[int, np.ndarray | None] = {}
+
+    def __len__(self) -> int:
+        return sum(len(entries) for _, entries in self._rows.values())
+
+    def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry) -> None:
+        if canonical_hash and canonical_hash not in self._by_hash:
+            self._by_hash[canonical_hash] = entry
+        if fp is not None and self.match(fp) is None:
+            fp = np.asarray(fp, dtype=np.float64)
+            fps, entries = self._rows.setdefault(fp.shape[0], ([], []))
+            fps.append(fp)
+            entries.append(entry)
+            self._matrices[fp.shape[0]] = None
+
+    def record(self, candidate: Candidate, trial: int, verdict: str,
+               objectives: Sequence[float] | None = None) -> None:
+        """Remember a finished candidate (call after its trial got its final verdict)."""
+        if verdict == "evaluated" and objectives is not None:
+            entry = CacheEntry(trial, verdict, tuple(float(o) for o in objectives))
+        elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
+            entry = CacheEntry(trial, verdict)
+        else:
+            return
+        if candidate.equiv_fp is None and candidate._canonical_hash is None:
+            return  # never went through the equivalence filter
+        self.add(candidate._canonical_hash, candidate.equiv_fp, entry)
+
+    def lookup_hash(self, canonical_hash: str) -> CacheEntry | None:
+        return self._by_hash.get(canonical_hash)
+
+    def match(self, fp: np.ndarray) -> CacheEntry | None:
+        """The first cached function whose fingerprint equals ``fp`` within ``atol``."""
+        fp = np.asarray(fp, dtype=np.float64)
+        rows = self._rows.get(fp.shape[0])
+        if rows is None:
+            return None
+        fps, entries = rows
+        if self._matrices.get(fp.shape[0]) is None:
+            self._matrices[fp.shape[0]] = np.stack(fps)
+        matrix = self._matrices[fp.shape[0]]
+        hits = np.flatnonzero(np.all(np.abs(matrix - fp[None, :]) <= self.atol, axis=1))
+        return entries[hits[0]] if len(hits) else None
+
+    @classmethod
+    def from_trials(cls, trials: Iterable[Any], atol: float = 1e-4) -> "EquivalenceCache":
+        """Rebuild from stored trials (optuna FrozenTrials) using their ``hash``, ``equiv_fp``,
+        ``verdict`` and values; trials without these attributes are skipped."""
+        cache = cls(atol=atol)
+        for t in trials:
+            attrs = getattr(t, "user_attrs", {}) or {}
+            verdict = attrs.get("verdict", "")
+            if not isinstance(verdict, str):
+                continue
+            if verdict == "evaluated" and getattr(t, "values", None):
+                entry = CacheEntry(t.number, verdict, tuple(float(v) for v in t.values))
+            elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
+                entry = CacheEntry(t.number, verdict)
+            else:
+                continue
+            if attrs.get("kind", "candidate") == "baseline":
+                continue
+            fp = fingerprint_from_json(attrs.get("equiv_fp")) if "equiv_fp" in attrs else None
+            h = attrs.get("hash") if "equiv_fp" in attrs else None
+            if fp is None and h is None:
+                continue
+            cache.add(h if isinstance(h, str) else None, fp, entry)
+        return cache
+
+
+# Rejections decided before (or by) equivalence come from the graph alone and are re-derived
+# cheaply; caching them would only grow the cache.
+_REJECTIONS_NOT_CACHED = frozenset({"rejected:validity", "rejected:numerics", "rejected:equivalence"})

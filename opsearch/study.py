@@ -1,0 +1,543 @@
+"""The study: every candidate of a search as one trial in an Optuna storage.
+
+Why Optuna storages: SQLite for one machine, PostgreSQL (any RDB URL) for many, a journal file
+where no database is at hand, and optuna-dashboard opens all of them. One trial per candidate;
+the stored user attributes are a contract (DESIGN section 6):
+
+  verdict     "evaluated" | "rejected:<filter>" | "duplicate:<trial number>" | "failed:<reason>"
+  formula, graph (our own JSON schema, never pickle), elapsed_s, acc/<arch> per architecture,
+  genome, hash, kind ("candidate" | "baseline"), ...
+
+Trial states: evaluated and duplicate -> COMPLETE with one value per architecture (maximised);
+rejected -> PRUNED; failed -> FAIL. A candidate is written RUNNING (one transaction) before any
+work on it starts, and its result in one transaction when it ends, so a crash loses at most the
+candidates in flight. A RUNNING trial whose worker died is found (a dead local pid at once, a
+silent heartbeat after a grace period), failed with verdict "failed:worker_lost" and its
+candidate enqueued again as a WAITING trial that the next free worker pops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from opsearch.errors import UserError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+RUNS_DIR_ENV = "OPSEARCH_RUNS_DIR"
+WORKER_KEY = "opsearch:worker"
+HEARTBEAT_KEY = "opsearch:heartbeat"
+LOST = "failed:worker_lost"
+STUDY_FORMAT = "opsearch.study/1"
+
+
+def runs_dir() -> str:
+    return os.environ.get(RUNS_DIR_ENV, "runs")
+
+
+def run_url(name: str) -> str:
+    """The default storage of a run: an SQLite file under runs/<name>/."""
+    return f"sqlite:///{os.path.join(runs_dir(), name, 'study.db')}"
+
+
+def is_url(text: str) -> bool:
+    return "://" in text or text.endswith((".log", ".journal"))
+
+
+# --------------------------------------------------------------------------------------------
+# Storages
+
+
+def open_storage(url: str, *, create: bool = True) -> BaseStorage:
+    """An Optuna storage for `url`; a URL that does not open raises UserError (one line).
+
+    sqlite:///path  WAL journal, synchronous=NORMAL and a long busy timeout, so that several
+                    processes share the file safely and a commit costs no fsync.
+    journal:///path (or a path ending in .log / .journal)  Optuna's journal file storage.
+    anything else   an SQLAlchemy URL (postgresql://, mysql://, ...) for RDBStorage.
+    """
+    if url.startswith("journal://") or (url.endswith((".log", ".journal")) and "://" not in url):
+        path = url[len("journal://"):] if url.startswith("journal://") else url
+        path = path[1:] if path.startswith("//") else path
+        if not create and not os.path.exists(path):
+            raise UserError(f"no journal file at {path}")
+        _ensure_parent(path)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        try:
+            return JournalStorage(JournalFileBackend(path))
+        except Exception as e:
+            raise UserError(f"cannot open journal storage {path}: {_one_line(e)}") from e
+    if "://" not in url:
+        raise UserError(f"not a storage URL: {url!r} (expected sqlite:///FILE, postgresql://..., "
+                        "journal:///FILE)")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            if not create and not os.path.exists(path):
+                raise UserError(f"no study database at {path}")
+            _ensure_parent(path)
+            if os.path.exists(path) and not _looks_like_sqlite(path):
+                raise UserError(f"{path} is not an SQLite database")
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as e:
+        raise UserError(f"cannot open storage {_redact(url)}: a database driver is missing "
+                        f"({_one_line(e.__cause__ or e)}); for PostgreSQL: pip install "
+                        "psycopg2-binary") from e
+    except Exception as e:
+        raise UserError(f"cannot open storage {_redact(url)}: {_one_line(e)}") from e
+    if url.startswith("sqlite:"):
+        _tune_sqlite(storage)
+    return storage
+
+
+def _tune_sqlite(storage: RDBStorage) -> None:
+    import sqlalchemy
+
+    def on_connect(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened before the listener get the pragmas too
+
+
+def _looks_like_sqlite(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    return head == b"SQLite format 3\x00" or head == b""
+
+
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create directory {parent}: {e.strerror}") from e
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Opening runs
+
+
+def resolve(run_or_url: str, name: str | None = None) -> tuple[str, str]:
+    """(storage URL, study name) for a run name or a storage URL."""
+    if is_url(run_or_url):
+        return run_or_url, name or "default"
+    if not run_or_url or "/" in run_or_url or run_or_url.startswith("."):
+        raise UserError(f"invalid run name {run_or_url!r}: use letters, digits, '-' and '_'")
+    return run_url(run_or_url), name or run_or_url
+
+
+def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:
+    """Open an existing run (a name under runs/ or a storage URL); UserError if there is none."""
+    url, study_name = resolve(run_or_url, name)
+    storage = open_storage(url, create=False)
+    try:
+        summaries = storage.get_all_studies()
+    except Exception as e:
+        raise UserError(f"cannot read study storage {_redact(url)}: {_one_line(e)}") from e
+    names = [s.study_name for s in summaries]
+    if study_name not in names:
+        if len(names) == 1 and name is None:
+            study_name = names[0]
+        else:
+            raise UserError(f"no run named {study_name!r} in {_redact(url)}"
+                            + (f"; it holds: {', '.join(names)}" if names else " (it is empty)"))
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker identity and liveness
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    host: str
+    pid: int
+    started: str  # the process's start time as the kernel counts it: guards against pid reuse
+
+    @classmethod
+    def current(cls) -> "WorkerId":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "")
+
+    def to_json(self) -> dict:
+        return {"host": self.host, "pid": self.pid, "started": self.started}
+
+    def is_dead_here(self) -> bool:
+        """True when this worker ran on this host and its process is gone."""
+        if self.host != socket.gethostname():
+            return False
+        started = _process_start(self.pid)
+        return started is None or (bool(self.started) and started != self.started)
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return ""
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields and fields[0] == "Z":  # a zombie has finished running
+        return None
+    return fields[19] if len(fields) > 19 else ""
+
+
+class Heartbeat:
+    """Writes a timestamp on a RUNNING trial every `interval` seconds from a daemon thread."""
+
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="opsearch-heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_KEY, time.time())
+            except Exception:  # finished meanwhile, or the database hiccuped: try next beat
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrialRecord:
+    """What the engine needs of a stored trial (a light view of a FrozenTrial)."""
+
+    number: int
+    trial_id: int
+    state: TrialState
+    values: tuple[float, ...] | None
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+    datetime_start: datetime | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.user_attrs.get("kind", "candidate")
+
+    @property
+    def verdict(self) -> str | None:
+        return self.user_attrs.get("verdict")
+
+    @property
+    def genome(self) -> tuple[int, ...] | None:
+        g = self.user_attrs.get("genome")
+        return tuple(int(v) for v in json.loads(g)) if isinstance(g, str) else None
+
+    @property
+    def counts_toward_budget(self) -> bool:
+        return self.kind == "candidate" and self.verdict != LOST
+
+    @classmethod
+    def from_frozen(cls, t: FrozenTrial) -> "TrialRecord":
+        return cls(t.number, t._trial_id, t.state, tuple(t.values) if t.values else None,
+                   dict(t.user_attrs), dict(t.system_attrs), t.datetime_start)
+
+
+class Run:
+    """One search's study: writes candidates and results, keeps an incremental view of trials."""
+
+    def __init__(self, storage: BaseStorage, study_name: str, url: str = ""):
+        self.storage = storage
+        self.url = url
+        self.study_name = study_name
+        try:
+            self.study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            raise UserError(f"no run named {study_name!r} in {_redact(url)}") from None
+        self.attrs = storage.get_study_user_attrs(self.study_id)
+        self.archs: list[str] = list(self.attrs.get("archs", []))
+        self._trials: dict[int, TrialRecord] = {}  # by trial_id
+        self._unfinished: set[int] = set()
+        self._max_id = -1
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def create_or_open(cls, url: str, study_name: str, attrs: dict[str, Any],
+                       compatible_keys: Sequence[str]) -> "Run":
+        """Open the run, creating it if needed; refuse to mix incompatible searches in one study."""
+        storage = open_storage(url)
+        directions = [optuna.study.StudyDirection.MAXIMIZE] * len(attrs["archs"])
+        try:
+            existing = {s.study_name for s in storage.get_all_studies()}
+        except Exception as e:
+            raise UserError(f"cannot read study storage {_redact(url)}: {_one_line(e)}") from e
+        if study_name not in existing:
+            try:
+                study_id = storage.create_new_study(directions, study_name)
+            except optuna.exceptions.DuplicatedStudyError:
+                study_id = storage.get_study_id_from_name(study_name)  # another worker won
+            else:
+                for key, value in {"format": STUDY_FORMAT, **attrs}.items():
+                    storage.set_study_user_attr(study_id, key, value)
+        run = cls(storage, study_name, url)
+        run._wait_for_attrs(attrs)
+        for key in compatible_keys:
+            if key in run.attrs and run.attrs[key] != attrs.get(key):
+                raise UserError(
+                    f"run {study_name!r} was created with {key}={run.attrs[key]!r}, not "
+                    f"{attrs.get(key)!r}; use another --name for a different search")
+        return run
+
+    def _wait_for_attrs(self, attrs: dict[str, Any], timeout: float = 30.0) -> None:
+        """A study just created by another worker may not have its attributes yet."""
+        deadline = time.time() + timeout
+        while "archs" not in self.attrs and time.time() < deadline:
+            time.sleep(0.2)
+            self.attrs = self.storage.get_study_user_attrs(self.study_id)
+        if "archs" not in self.attrs:
+            raise UserError(f"study {self.study_name!r} in {_redact(self.url)} is not an opsearch "
+                            "run (no 'archs' attribute)")
+        self.archs = list(self.attrs["archs"])
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def start_trial(self, user_attrs: dict[str, Any], worker: WorkerId | None = None) -> TrialRecord:
+        """Record a candidate RUNNING, with its attributes, in one write."""
+        system_attrs = {}
+        if worker is not None:
+            system_attrs = {WORKER_KEY: worker.to_json(), HEARTBEAT_KEY: time.time()}
+        template = FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+            datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
+            system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        number = self.storage.get_trial_number_from_id(trial_id)
+        record = TrialRecord(number, trial_id, TrialState.RUNNING, None, dict(user_attrs),
+                             system_attrs, template.datetime_start)
+        self._remember(record)
+        return record
+
+    def enqueue(self, user_attrs: dict[str, Any]) -> int:
+        """A WAITING trial holding a candidate that some worker will pop and evaluate."""
+        template = FrozenTrial(
+            number=-1, state=TrialState.WAITING, value=None, datetime_start=None,
+            datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
+            system_attrs={}, intermediate_values={}, trial_id=-1)
+        return self.storage.create_new_trial(self.study_id, template_trial=template)
+
+    def pop_waiting(self, worker: WorkerId) -> TrialRecord | None:
+        """Take a WAITING trial (a requeued candidate) for this worker, or None."""
+        self.sync()
+        for record in sorted(self._trials.values(), key=lambda r: r.number):
+            if record.state != TrialState.WAITING:
+                continue
+            try:
+                owned = self.storage.set_trial_state_values(record.trial_id, TrialState.RUNNING)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                owned = False
+            except Exception:
+                owned = False  # lost a race on the database lock: another worker has it
+            if not owned:
+                continue
+            self.storage.set_trial_system_attr(record.trial_id, WORKER_KEY, worker.to_json())
+            self.storage.set_trial_system_attr(record.trial_id, HEARTBEAT_KEY, time.time())
+            record.state = TrialState.RUNNING
+            record.datetime_start = datetime.now()
+            return record
+        return None
+
+    def finish_trial(self, record: TrialRecord, state: TrialState,
+                     values: Sequence[float] | None, user_attrs: dict[str, Any]) -> bool:
+        """Write a candidate's result, values and final state in one transaction.
+
+        Returns False when the trial was already finished by someone else (a reaper that took it
+        for lost): the result is then dropped, the requeued copy will produce it again.
+        """
+        values = list(values) if values is not None else None
+        if state == TrialState.COMPLETE and (values is None or any(math.isnan(v) for v in values)):
+            raise ValueError("a COMPLETE trial needs one finite value per architecture")
+        try:
+            _finish(self.storage, record.trial_id, state, values, user_attrs)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        record.state = state
+        record.values = tuple(values) if values is not None else None
+        record.user_attrs.update(user_attrs)
+        self._unfinished.discard(record.trial_id)
+        return True
+
+    def add_finished(self, user_attrs: dict[str, Any], state: TrialState,
+                     values: Sequence[float] | None) -> int:
+        """Record an already finished trial (a baseline) in one write; returns its number."""
+        now = datetime.now()
+        template = FrozenTrial(
+            number=-1, state=state, value=None, values=list(values) if values else None,
+            datetime_start=now, datetime_complete=now, params={}, distributions={},
+            user_attrs=dict(user_attrs), system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        return self.storage.get_trial_number_from_id(trial_id)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def sync(self) -> list[TrialRecord]:
+        """Fetch trials created or finished since the last sync; returns those newly finished."""
+        storage = self.storage
+        if isinstance(storage, RDBStorage) and hasattr(storage, "_get_trials"):
+            fresh = storage._get_trials(self.study_id, None, set(self._unfinished), self._max_id)
+        else:
+            fresh = [t for t in storage.get_all_trials(self.study_id, deepcopy=False)
+                     if t._trial_id > self._max_id or t._trial_id in self._unfinished]
+        newly_finished = []
+        for t in fresh:
+            record = TrialRecord.from_frozen(t)
+            known = self._trials.get(record.trial_id)
+            if record.state.is_finished() and (known is None or not known.state.is_finished()):
+                newly_finished.append(record)
+            self._remember(record)
+        newly_finished.sort(key=lambda r: r.number)
+        return newly_finished
+
+    def _remember(self, record: TrialRecord) -> None:
+        self._trials[record.trial_id] = record
+        self._max_id = max(self._max_id, record.trial_id)
+        if record.state.is_finished():
+            self._unfinished.discard(record.trial_id)
+        else:
+            self._unfinished.add(record.trial_id)
+
+    def trials(self) -> list[TrialRecord]:
+        return sorted(self._trials.values(), key=lambda r: r.number)
+
+    def candidates_counted(self) -> int:
+        return sum(1 for r in self._trials.values() if r.counts_toward_budget)
+
+    def baselines(self) -> dict[str, TrialRecord]:
+        return {r.user_attrs.get("layer"): r for r in self._trials.values()
+                if r.kind == "baseline" and r.state == TrialState.COMPLETE}
+
+    # -- lost workers -----------------------------------------------------------------------
+
+    def reap_lost(self, grace_s: float, now: float | None = None) -> list[int]:
+        """Fail RUNNING trials whose worker is gone and enqueue their candidates again.
+
+        A local worker is lost as soon as its process is gone; any worker is lost when its
+        heartbeat is older than `grace_s`. Returns the numbers of the trials reaped.
+        """
+        now = time.time() if now is None else now
+        reaped = []
+        for record in list(self._trials.values()):
+            if record.state != TrialState.RUNNING:
+                continue
+            fresh = self.storage.get_trial(record.trial_id)
+            if fresh.state != TrialState.RUNNING:
+                self._remember(TrialRecord.from_frozen(fresh))
+                continue
+            worker = fresh.system_attrs.get(WORKER_KEY)
+            beat = fresh.system_attrs.get(HEARTBEAT_KEY)
+            dead = isinstance(worker, dict) and WorkerId(
+                str(worker.get("host")), int(worker.get("pid", -1)),
+                str(worker.get("started", ""))).is_dead_here()
+            silent = isinstance(beat, (int, float)) and now - beat > grace_s
+            if not (dead or silent):
+                continue
+            reason = "its worker process is gone" if dead else f"no heartbeat for {now - beat:.0f} s"
+            try:
+                _finish(self.storage, record.trial_id, TrialState.FAIL, None,
+                        {"verdict": LOST, "reason": reason})
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished meanwhile (by its worker or another reaper)
+            attrs = {k: v for k, v in fresh.user_attrs.items()
+                     if k in ("genome", "graph", "formula", "hash", "kind", "layer")}
+            attrs["retry_of"] = record.number
+            self.enqueue(attrs)
+            reaped.append(record.number)
+        if reaped:
+            self.sync()
+        return reaped
+
+
+def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
+            values: list[float] | None, user_attrs: dict[str, Any]) -> None:
+    """Attributes, values and state of a trial in one transaction where the storage allows it."""
+    if isinstance(storage, RDBStorage) and hasattr(storage, "_set_trial_attr_without_commit"):
+        try:
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+        except ImportError:  # a future Optuna moved its internals: take the portable path
+            pass
+        else:
+            with _create_scoped_session(storage.scoped_session, True) as session:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                storage.check_trial_is_updatable(trial_id, trial.state)
+                for key, value in user_attrs.items():
+                    storage._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, trial_id, key, value)
+                for objective, value in enumerate(values or ()):
+                    storage._set_trial_value_without_commit(session, trial, objective, value)
+                trial.state = state
+                trial.datetime_complete = datetime.now()
+            return
+    # Portable path: the state change is written last, so a reader never sees a finished trial
+    # without its attributes.
+    current = storage.get_trial(trial_id)
+    storage.check_trial_is_updatable(trial_id, current.state)
+    for key, value in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    storage.set_trial_state_values(trial_id, state, values)
+
+
+def frozen_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False)
+
+
+def trial_attrs_json(records: Iterable[TrialRecord]) -> list[dict]:
+    out = []
+    for r in records:
+        out.append({"number": r.number, "state": r.state.name,
+                    "values": list(r.values) if r.values else None, "user_attrs": r.user_attrs})
+    return out

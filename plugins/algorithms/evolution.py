@@ -1,0 +1,73 @@
+"""Aging evolution over a fixed-size population: the shared core of the evolutionary plugins.
+
+The population holds the last `population_size` evaluated candidates (oldest removed first,
+Real et al.'s regularized / aging evolution). Until it is full, proposals are uniform random
+genomes; afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
+selected from it (`select_parent`, which subclasses define), and the graph-aware mutator makes
+the child. Rejected or failed candidates (objectives None) are skipped by default — they never
+enter the population, so the initial random phase lasts until `population_size` candidates
+passed the filters, as in the paper where rejected layers are discarded; `rejected=worst` puts
+them in with -inf objectives instead (they then only age out good members).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+from opsearch.algorithm import Algorithm, Objectives, Option
+from opsearch.errors import UserError
+from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator
+from opsearch.space import Genome
+
+POPULATION_OPTIONS: dict[str, Option] = {
+    "population_size": Option(20, "candidates kept in the aging population (random until full)", int, minimum=2),
+    "tournament_size": Option(5, "population members sampled per tournament", int, minimum=1),
+    "rejected": Option("skip", "rejected/failed candidates: skip (never in the population) or worst "
+                       "(enter with -inf objectives)", str, choices=("skip", "worst")),
+}
+
+
+class AgingEvolution(Algorithm):
+    """Population bookkeeping + mutation; subclasses pick the parent from a tournament."""
+
+    OPTIONS: ClassVar[dict[str, Option]] = {**POPULATION_OPTIONS, **MUTATION_OPTIONS}
+
+    def __init__(self, space, num_objectives: int, seed: int = 0, **options: Any):
+        super().__init__(space, num_objectives, seed, **options)
+        if self.options["tournament_size"] > self.options["population_size"]:
+            raise UserError(f"algorithm {self.name!r}: tournament_size ({self.options['tournament_size']}) "
+                            f"must be <= population_size ({self.options['population_size']})")
+        self.population_size: int = self.options["population_size"]
+        self.tournament_size: int = self.options["tournament_size"]
+        self.mutator = GraphMutator.from_options(space, self.options)
+        # ring buffer of (genome, objectives); _oldest is the next slot to overwrite once full
+        self.population: list[tuple[Genome, Objectives]] = []
+        self._oldest = 0
+        self._worst = (float("-inf"),) * num_objectives
+
+    def _propose(self, rng: random.Random) -> Genome:
+        if len(self.population) < self.population_size:
+            return self.space.random_genome(rng)
+        picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
+        tournament = [self.population[i] for i in picks]
+        parent = self.select_parent(tournament, rng)
+        return self.mutator.mutate(parent, rng)
+
+    def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
+        raise NotImplementedError
+
+    def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
+        if objectives is None:
+            if self.options["rejected"] == "skip":
+                return
+            objectives = self._worst
+        member = (genome, objectives)
+        if len(self.population) < self.population_size:
+            self.population.append(member)
+        else:
+            self.population[self._oldest] = member
+            self._oldest = (self._oldest + 1) % self.population_size
+
+    def members(self) -> list[tuple[Genome, Objectives]]:
+        """The population, oldest first."""
+        return self.population[self._oldest:] + self.population[:self._oldest]

@@ -1,0 +1,152 @@
+"""Graph-aware mutation shared by the evolutionary algorithms.
+
+Most genes of a layer graph are dead: a node the output does not depend on, or the second input
+of a unary op, can change without changing the layer, and a mutation spent there is an
+evaluation wasted on a duplicate. So a mutation picks a *live* node (graph.live_nodes on the
+decoded parent) and applies one of the paper's three kinds (reconstructed): change the node's
+op, change one input the op actually reads, or replace the node (all its genes redrawn). When
+the child's canonical hash equals the parent's (e.g. `add(a, b)` -> `add(b, a)`), it retries a
+few times. Spaces that are not LayerGraphs get a plain one-gene uniform mutation.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from opsearch.algorithm import Option
+from opsearch.space import Genome, SearchSpace
+
+MUTATION_OPTIONS: dict[str, Option] = {
+    "mutate_op": Option(1.0, "relative weight of 'change a live node's op' mutations", float, minimum=0.0),
+    "mutate_input": Option(1.0, "relative weight of 'change one input a live node reads'", float, minimum=0.0),
+    "mutate_node": Option(1.0, "relative weight of 'replace a live node (op and inputs)'", float, minimum=0.0),
+    "live_only": Option(True, "mutate only nodes/inputs the output depends on (false: any gene)", bool),
+    "retries": Option(4, "extra tries when the child is functionally the parent (same canonical hash)",
+                      int, minimum=0, maximum=100),
+}
+
+KINDS = ("op", "input", "node")
+
+
+class GraphMutator:
+    """Child genomes from a parent genome (see module docstring)."""
+
+    def __init__(self, space: SearchSpace, mutate_op: float = 1.0, mutate_input: float = 1.0,
+                 mutate_node: float = 1.0, live_only: bool = True, retries: int = 4):
+        self.space = space
+        self.weights = (float(mutate_op), float(mutate_input), float(mutate_node))
+        if sum(self.weights) <= 0:
+            from opsearch.errors import UserError
+            raise UserError("mutation weights mutate_op + mutate_input + mutate_node must be > 0")
+        self.live_only = live_only
+        self.retries = retries
+        self.graph_aware = space.is_layer_graph and space.num_nodes > 0 and any(
+            n is not None for n in space.node_of_gene)
+        self.mutable_genes = tuple(g for g, n in enumerate(space.gene_sizes) if n > 1)
+        if self.graph_aware:
+            self._op_genes = tuple(tuple(g for g in genes if space.gene_field[g] == "op" and space.gene_sizes[g] > 1)
+                                   for genes in space.genes_of_node)
+            self._input_genes = tuple(
+                tuple(g for g in genes if space.gene_field[g] == "inputs" and space.gene_sizes[g] > 1)
+                for genes in space.genes_of_node)
+            self._node_genes = tuple(tuple(g for g in genes if space.gene_sizes[g] > 1)
+                                     for genes in space.genes_of_node)
+
+    @classmethod
+    def from_options(cls, space: SearchSpace, options: dict[str, Any]) -> "GraphMutator":
+        return cls(space, **{k: options[k] for k in MUTATION_OPTIONS})
+
+    def mutate(self, parent: Genome, rng: random.Random) -> Genome:
+        """A child differing from `parent` (functionally, where the retries find one)."""
+        if not self.mutable_genes:
+            return tuple(parent)
+        if not self.graph_aware:
+            genes = list(parent)
+            self.space.resample_gene(genes, self.mutable_genes[int(rng.random() * len(self.mutable_genes))], rng)
+            return tuple(genes)
+        parent = tuple(parent)
+        plain = self.space.decode(parent)
+        live = self._live(plain)
+        parent_hash = _hash(plain) if self.retries else None
+        best = parent
+        for _ in range(self.retries + 1):
+            child = self._mutate_once(parent, plain, live, rng)
+            if child == parent:
+                continue
+            best = child
+            if parent_hash is None:
+                return child
+            child_hash = _hash(self.space.decode(child))
+            if child_hash is None or child_hash != parent_hash:
+                return child
+        return best
+
+    # ------------------------------------------------------------------ internals
+
+    def _live(self, plain) -> list[int]:
+        nodes = range(self.space.num_nodes)
+        if not self.live_only:
+            return [k for k in nodes if self._node_genes[k]]
+        from opsearch import graph
+
+        try:
+            live = sorted(graph.live_nodes(plain))
+        except (ValueError, KeyError, IndexError, TypeError):
+            live = []
+        live = [k for k in live if 0 <= k < self.space.num_nodes and self._node_genes[k]]
+        return live or [k for k in nodes if self._node_genes[k]]
+
+    def _read_input_genes(self, node: int, op: str) -> tuple[int, ...]:
+        """Input genes of `node` whose input position the op reads (all of them if unknown)."""
+        genes = self._input_genes[node]
+        if not self.live_only:
+            return genes
+        arity = _arity(op)
+        if arity is None:
+            return genes
+        read = tuple(g for g in genes if (p := self.space.input_position[g]) is None or p < arity)
+        return read
+
+    def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
+        space = self.space
+        genes = list(parent)
+        for _ in range(8):  # a chosen (kind, node) may have nothing to change; draw again
+            node = live[int(rng.random() * len(live))]
+            op = plain[node][0]
+            options = (self._op_genes[node], self._read_input_genes(node, op), self._node_genes[node])
+            weights = [w if opts else 0.0 for w, opts in zip(self.weights, options)]
+            total = sum(weights)
+            if total <= 0:
+                continue
+            r = rng.random() * total
+            kind = 0 if r < weights[0] else (1 if r < weights[0] + weights[1] else 2)
+            if kind == 2:
+                for _attempt in range(4):
+                    space.redraw_genes(genes, options[2], rng)
+                    if genes != list(parent):
+                        return tuple(genes)
+                    genes = list(parent)
+                continue
+            choices = options[kind]
+            if space.resample_gene(genes, choices[int(rng.random() * len(choices))], rng):
+                return tuple(genes)
+        return tuple(genes)
+
+
+def _arity(op: str) -> int | None:
+    from opsearch import ops
+
+    spec = ops.OPS.get(op) if isinstance(op, str) else None
+    return getattr(spec, "arity", None) if spec is not None else None
+
+
+def _hash(plain) -> str | None:
+    from opsearch import graph
+
+    try:
+        return graph.canonical_hash(plain)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+__all__ = ["GraphMutator", "MUTATION_OPTIONS", "KINDS"]
