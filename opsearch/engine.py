@@ -24,12 +24,13 @@ from typing import Any, Callable
 
 from optuna.trial import TrialState
 
-from opsearch import registry
+from opsearch import faults, registry
 from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, is_url, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
+MAX_REPROPOSALS = 20
 
 
 class CandidateTimeout(Exception):
@@ -95,8 +96,8 @@ class Setup:
             url, study_name = resolve(config.name)
         return cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
 
-    def new_algorithm(self):
-        return self.algorithm_cls(self.space, len(self.config.archs), self.config.seed,
+    def new_algorithm(self, seed: int):
+        return self.algorithm_cls(self.space, len(self.config.archs), seed,
                                   **self.config.algorithm_options)
 
     def study_attrs(self) -> dict[str, Any]:
@@ -157,7 +158,7 @@ class Worker:
 
     def __init__(self, setup: Setup, run: Run | None = None, lock: Any = None,
                  on_result: Callable[[TrialRecord, Outcome], None] | None = None,
-                 device_index: int | None = None):
+                 device_index: int | None = None, worker_index: int = 0):
         from opsearch.rejection import EquivalenceCache, FilterContext
 
         self.setup = setup
@@ -169,11 +170,22 @@ class Worker:
         self.archs = list(self.config.archs)
         self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
                             else setup.eval_config)
-        self.algorithm = setup.new_algorithm()
+        # Workers that recover the same history with the same seed would propose the same
+        # genomes: local worker i adds i to the seed (worker 0 keeps the user's seed, so a
+        # one-worker search is reproducible); a worker joining a study that other live workers
+        # are filling (another machine) also mixes in its identity.
+        seed = self.config.seed + worker_index
+        if worker_index == 0 and self._others_running():
+            seed += hash((self.identity.host, self.identity.pid)) % 1_000_003
+        self.algorithm = setup.new_algorithm(seed)
         self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
                                      seed=self.config.seed)
         self._last_reap = 0.0
         self._recovered = False
+
+    def _others_running(self) -> bool:
+        self.run.sync()
+        return any(r.state == TrialState.RUNNING for r in self.run.trials())
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -219,6 +231,7 @@ class Worker:
             if record is None:
                 break
             outcome = self.process(record)
+            faults.point("record")
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
             done += 1
@@ -226,6 +239,7 @@ class Worker:
                 objectives = tuple(outcome.values) if outcome.state == TrialState.COMPLETE else None
                 self.algorithm.feedback(record.genome, objectives)
                 self._record_equivalence(record, outcome)
+            faults.point("recorded")
             if self.on_result is not None:
                 self.on_result(record, outcome)
             self._absorb(self.run.sync())
@@ -245,10 +259,15 @@ class Worker:
             self._absorb(self.run.sync())
             if self.run.candidates_counted() >= self.config.budget:
                 return None
-            genome = tuple(int(g) for g in self.algorithm.propose())
-            plain = self.setup.space.decode(genome)
-            attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
-            attrs.update(describe_graph(plain))
+            in_flight = {r.user_attrs.get("hash") for r in self.run.trials()
+                         if not r.state.is_finished()}
+            for _ in range(MAX_REPROPOSALS):  # never evaluate one function twice at once
+                genome = tuple(int(g) for g in self.algorithm.propose())
+                faults.point("propose")
+                attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
+                attrs.update(describe_graph(self.setup.space.decode(genome)))
+                if attrs.get("hash") not in in_flight:
+                    break
             return self.run.start_trial(attrs, self.identity)
 
     # -- one candidate ----------------------------------------------------------------------
@@ -300,11 +319,12 @@ class Worker:
 
     def _train(self, candidate) -> dict[str, Any]:
         """Full training on the K architectures (continuing the quality filter's sessions)."""
+        faults.point("train")
         evaluator = self.context.get_evaluator()
         sessions = getattr(candidate, "sessions", None)
         if sessions is not None:
             accuracies = sessions.train_until(self.eval_config.steps)
-            details = getattr(sessions, "details", lambda: {})()
+            details = _details(sessions.result()) if hasattr(sessions, "result") else {}
         else:
             result = evaluator.evaluate(candidate.plain)
             accuracies, details = result.accuracies, _details(result)
@@ -425,7 +445,7 @@ def _worker_process(config_dict: dict, index: int, lock, device_index, threads: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     config = SearchConfig.from_dict(config_dict)
     setup = Setup.from_config(config)
-    Worker(setup, lock=lock, device_index=device_index).run_loop()
+    Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
 
 
 def run_search(config: SearchConfig, progress=None) -> Run:

@@ -52,6 +52,8 @@ def replace_norm_act(model: nn.Module, layer: Any, *, trace: bool = True, **opti
     call ``.to(device)`` on it afterwards, the new layers are created on the CPU.
     """
     factory = _factory(layer, options)
+    if isinstance(model, nn.BatchNorm2d):  # nothing follows it: the no-activation companion
+        return factory(model.num_features, False)
     if trace:
         try:
             traced = fx.symbolic_trace(model)
@@ -122,8 +124,6 @@ def _replace_by_order(model: nn.Module, factory: NormActFactory) -> nn.Module:
             else:
                 visit(child)
 
-    if isinstance(model, nn.BatchNorm2d):
-        return factory(model.num_features, True)
     visit(model)
     if unfolded:
         warnings.warn(f"replace_norm_act: the model does not trace with torch.fx; {unfolded} "

@@ -92,7 +92,7 @@ _ELEMENTWISE = [
     _binary("mul", "{0}*{1}", PREC_MUL, "{0} * {1}", PREC_MUL, commutative=True),
     _binary("div", "{0} / {1}", PREC_MUL, "{0} / _safe_den({1}, eps)", PREC_MUL,
             fast_code="{0} / {1}", fast_when="den_safe"),
-    _binary("max", "max({0}, {1})", PREC_ATOM, "torch.maximum({0}, {1})", PREC_ATOM, commutative=True),
+    _binary("max", "max({0}, {1})", PREC_ATOM, "_max({0}, {1})", PREC_ATOM, commutative=True),
     _unary("neg", "-{0}", code_prec=PREC_NEG, formula="-{0}", formula_prec=PREC_NEG),
     _unary("sigmoid", "torch.sigmoid({0})"),
     _unary("tanh", "torch.tanh({0})"),

@@ -418,29 +418,34 @@ class EquivalenceCache:
         hits = np.flatnonzero(np.all(np.abs(matrix - fp[None, :]) <= self.atol, axis=1))
         return entries[hits[0]] if len(hits) else None
 
+    def add_trial(self, trial: Any) -> bool:
+        """Remember one finished trial (an optuna FrozenTrial, or anything with ``number``,
+        ``values`` and ``user_attrs``) by its ``hash`` and ``equiv_fp`` attributes, when its
+        verdict is cacheable; returns whether it was added."""
+        attrs = getattr(trial, "user_attrs", None) or {}
+        verdict = attrs.get("verdict")
+        if not isinstance(verdict, str):
+            return False
+        values = getattr(trial, "values", None)
+        if verdict == "evaluated" and values:
+            entry = CacheEntry(trial.number, verdict, tuple(float(v) for v in values))
+        elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
+            entry = CacheEntry(trial.number, verdict)
+        else:
+            return False
+        fp = fingerprint_from_json(attrs["equiv_fp"]) if isinstance(attrs.get("equiv_fp"), str) else None
+        h = attrs.get("hash") if isinstance(attrs.get("hash"), str) and attrs.get("hash") else None
+        if fp is None and h is None:
+            return False
+        self.add(h, fp, entry)
+        return True
+
     @classmethod
     def from_trials(cls, trials: Iterable[Any], atol: float = 1e-4) -> "EquivalenceCache":
-        """Rebuild from stored trials (optuna FrozenTrials) using their ``hash``, ``equiv_fp``,
-        ``verdict`` and values; trials without these attributes are skipped."""
+        """Rebuild from stored trials in trial order (see `add_trial`)."""
         cache = cls(atol=atol)
-        for t in trials:
-            attrs = getattr(t, "user_attrs", {}) or {}
-            verdict = attrs.get("verdict", "")
-            if not isinstance(verdict, str):
-                continue
-            if verdict == "evaluated" and getattr(t, "values", None):
-                entry = CacheEntry(t.number, verdict, tuple(float(v) for v in t.values))
-            elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
-                entry = CacheEntry(t.number, verdict)
-            else:
-                continue
-            if attrs.get("kind", "candidate") == "baseline":
-                continue
-            fp = fingerprint_from_json(attrs.get("equiv_fp")) if "equiv_fp" in attrs else None
-            h = attrs.get("hash") if "equiv_fp" in attrs else None
-            if fp is None and h is None:
-                continue
-            cache.add(h if isinstance(h, str) else None, fp, entry)
+        for t in sorted(trials, key=lambda t: t.number):
+            cache.add_trial(t)
         return cache
 
 

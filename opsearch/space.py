@@ -294,6 +294,8 @@ class SearchSpace:
 
     def repair(self, genome: Sequence[int]) -> Genome:
         """Nearest valid genome for independently drawn genes: clamp, de-duplicate, sort picks."""
+        if len(genome) != self.num_genes:
+            raise ValueError(f"genome has {len(genome)} genes, search space {self.name!r} has {self.num_genes}")
         genes = [min(max(int(v), 0), n - 1) for v, n in zip(genome, self.gene_sizes)]
         for group in self.groups:
             if not group.constrained:
@@ -408,7 +410,14 @@ class SearchSpace:
         return pg.materialize(self.hyper_value, self.to_dna(genome))
 
     def to_dna(self, genome: Sequence[int]) -> pg.DNA:
-        return pg.DNA.from_numbers(list(genome), self.dna_spec)
+        """The pyglove DNA (spec attached) for `genome`: ~10 ms, pyglove's own cost."""
+        genome = [int(v) for v in genome]
+        if len(self.groups) < 2:  # a lone manyof's nested form would be ambiguous
+            return pg.DNA.from_numbers(genome, self.dna_spec)
+        # Nested construction + use_spec is about twice as fast as DNA.from_numbers.
+        nested = [genome[g.start] if g.count == 1 else genome[g.start:g.start + g.count]
+                  for g in self.groups]
+        return pg.DNA(nested).use_spec(self.dna_spec)
 
     def from_dna(self, dna: pg.DNA) -> Genome:
         return self.check_genome(dna.to_numbers())

@@ -98,7 +98,7 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     except ImportError as e:
         raise UserError(f"cannot open storage {_redact(url)}: a database driver is missing "
                         f"({_one_line(e.__cause__ or e)}); for PostgreSQL: pip install "
-                        "psycopg2-binary") from e
+                        "'psycopg[binary]'") from e
     except Exception as e:
         raise UserError(f"cannot open storage {_redact(url)}: {_one_line(e)}") from e
     if url.startswith("sqlite:"):

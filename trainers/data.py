@@ -10,7 +10,8 @@ which is what staged training (the quality filter's 100 steps, then the rest) ne
 
 Built-ins:
 - ``digits``: scikit-learn's bundled 8x8 digits (real, offline; the embedded default), split
-  into stratified train/validation parts with a fixed split seed; optionally upsampled.
+  into stratified train/validation parts (80/20) with a fixed split seed; optionally upsampled
+  (``image_size=16``).
 - ``fashion_mnist``: the standard IDX files (gzipped or raw) from a directory; Debian's
   ``dataset-fashion-mnist`` package is found automatically.
 - ``cifar10``: the standard python batches (``cifar-10-batches-py``) from a directory, read
@@ -226,9 +227,9 @@ def _split_or_test(x_train, y_train, x_test, y_test, validation: str, val_fracti
 # digits
 
 @register_dataset("digits")
-def digits(*, image_size: int | None = 16, val_fraction: float = 0.2, train_size: int | None = None,
+def digits(*, image_size: int | None = None, val_fraction: float = 0.2, train_size: int | None = None,
            data_dir: str | None = None, download: bool = False) -> ArrayData:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline; upsampled to 16x16."""
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline; `image_size` upsamples."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -7,7 +7,9 @@ selected from it (`select_parent`, which subclasses define), and the graph-aware
 the child. Rejected or failed candidates (objectives None) are skipped by default — they never
 enter the population, so the initial random phase lasts until `population_size` candidates
 passed the filters, as in the paper where rejected layers are discarded; `rejected=worst` puts
-them in with -inf objectives instead (they then only age out good members).
+them in with -inf objectives instead (they then only age out good members). With
+`avoid_duplicates` (default) the canonical hashes of every candidate fed back are remembered and
+mutation retries children that would repeat one (see mutation.py).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class AgingEvolution(Algorithm):
         self.population: list[tuple[Genome, Objectives]] = []
         self._oldest = 0
         self._worst = (float("-inf"),) * num_objectives
+        self._seen: set[str] = set()  # canonical hashes of every candidate fed back
+        self._track_seen = self.options["avoid_duplicates"] and self.mutator.graph_aware
 
     def _propose(self, rng: random.Random) -> Genome:
         if len(self.population) < self.population_size:
@@ -51,12 +55,16 @@ class AgingEvolution(Algorithm):
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
-        return self.mutator.mutate(parent, rng)
+        return self.mutator.mutate(parent, rng, self._seen)
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
         raise NotImplementedError
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
+        if self._track_seen:
+            key = self.mutator.hash_of(genome)
+            if key is not None:
+                self._seen.add(key)
         if objectives is None:
             if self.options["rejected"] == "skip":
                 return

@@ -6,7 +6,10 @@ evaluation wasted on a duplicate. So a mutation picks a *live* node (graph.live_
 decoded parent) and applies one of the paper's three kinds (reconstructed): change the node's
 op, change one input the op actually reads, or replace the node (all its genes redrawn). When
 the child's canonical hash equals the parent's (e.g. `add(a, b)` -> `add(b, a)`), it retries a
-few times. Spaces that are not LayerGraphs get a plain one-gene uniform mutation.
+few times; given the set of canonical hashes already evaluated (`seen`), it also retries
+children that would only repeat an earlier candidate (the engine would not train them again,
+but the step would be wasted and the copy would crowd the population). Spaces that are not
+LayerGraphs get a plain one-gene uniform mutation.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ MUTATION_OPTIONS: dict[str, Option] = {
     "mutate_input": Option(1.0, "relative weight of 'change one input a live node reads'", float, minimum=0.0),
     "mutate_node": Option(1.0, "relative weight of 'replace a live node (op and inputs)'", float, minimum=0.0),
     "live_only": Option(True, "mutate only nodes/inputs the output depends on (false: any gene)", bool),
-    "retries": Option(4, "extra tries when the child is functionally the parent (same canonical hash)",
-                      int, minimum=0, maximum=100),
+    "retries": Option(8, "extra tries when the child is structurally the parent or (avoid_duplicates) "
+                      "an already evaluated graph (same canonical hash)", int, minimum=0, maximum=100),
+    "avoid_duplicates": Option(True, "retry mutations that repeat an evaluated graph (canonical hash)", bool),
 }
 
 KINDS = ("op", "input", "node")
@@ -32,7 +36,8 @@ class GraphMutator:
     """Child genomes from a parent genome (see module docstring)."""
 
     def __init__(self, space: SearchSpace, mutate_op: float = 1.0, mutate_input: float = 1.0,
-                 mutate_node: float = 1.0, live_only: bool = True, retries: int = 4):
+                 mutate_node: float = 1.0, live_only: bool = True, retries: int = 8,
+                 avoid_duplicates: bool = True):
         self.space = space
         self.weights = (float(mutate_op), float(mutate_input), float(mutate_node))
         if sum(self.weights) <= 0:
@@ -40,6 +45,7 @@ class GraphMutator:
             raise UserError("mutation weights mutate_op + mutate_input + mutate_node must be > 0")
         self.live_only = live_only
         self.retries = retries
+        self.avoid_duplicates = avoid_duplicates
         self.graph_aware = space.is_layer_graph and space.num_nodes > 0 and any(
             n is not None for n in space.node_of_gene)
         self.mutable_genes = tuple(g for g, n in enumerate(space.gene_sizes) if n > 1)
@@ -56,8 +62,9 @@ class GraphMutator:
     def from_options(cls, space: SearchSpace, options: dict[str, Any]) -> "GraphMutator":
         return cls(space, **{k: options[k] for k in MUTATION_OPTIONS})
 
-    def mutate(self, parent: Genome, rng: random.Random) -> Genome:
-        """A child differing from `parent` (functionally, where the retries find one)."""
+    def mutate(self, parent: Genome, rng: random.Random, seen: set[str] | frozenset = frozenset()) -> Genome:
+        """A child differing from `parent`: functionally, and from the hashes in `seen`, where
+        `retries` extra tries find one (else the last child that differs at all)."""
         if not self.mutable_genes:
             return tuple(parent)
         if not self.graph_aware:
@@ -67,7 +74,7 @@ class GraphMutator:
         parent = tuple(parent)
         plain = self.space.decode(parent)
         live = self._live(plain)
-        parent_hash = _hash(plain) if self.retries else None
+        parent_hash = canonical_hash(plain) if self.retries else None
         best = parent
         for _ in range(self.retries + 1):
             child = self._mutate_once(parent, plain, live, rng)
@@ -76,10 +83,14 @@ class GraphMutator:
             best = child
             if parent_hash is None:
                 return child
-            child_hash = _hash(self.space.decode(child))
-            if child_hash is None or child_hash != parent_hash:
+            child_hash = canonical_hash(self.space.decode(child))
+            if child_hash is None or (child_hash != parent_hash and child_hash not in seen):
                 return child
         return best
+
+    def hash_of(self, genome: Genome) -> str | None:
+        """Canonical hash of a genome's graph (None for non-graph spaces or invalid graphs)."""
+        return canonical_hash(self.space.decode(genome)) if self.graph_aware else None
 
     # ------------------------------------------------------------------ internals
 
@@ -107,6 +118,21 @@ class GraphMutator:
         read = tuple(g for g in genes if (p := self.space.input_position[g]) is None or p < arity)
         return read
 
+    def _keep_unread_inputs(self, genes: list[int], parent: Genome, node: int) -> None:
+        """After replacing `node`, leave inputs its new op ignores as they were (no dead churn)."""
+        if not self.live_only:
+            return
+        arity = _arity(self.space.decode(genes)[node][0])
+        if arity is None:
+            return
+        before = list(genes)
+        for g in self._input_genes[node]:
+            position = self.space.input_position[g]
+            if position is not None and position >= arity:
+                genes[g] = parent[g]
+        if not self.space.is_valid(genes):  # restoring broke a distinct/sorted pick
+            genes[:] = before
+
     def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
         space = self.space
         genes = list(parent)
@@ -123,6 +149,7 @@ class GraphMutator:
             if kind == 2:
                 for _attempt in range(4):
                     space.redraw_genes(genes, options[2], rng)
+                    self._keep_unread_inputs(genes, parent, node)
                     if genes != list(parent):
                         return tuple(genes)
                     genes = list(parent)
@@ -140,7 +167,8 @@ def _arity(op: str) -> int | None:
     return getattr(spec, "arity", None) if spec is not None else None
 
 
-def _hash(plain) -> str | None:
+def canonical_hash(plain) -> str | None:
+    """graph.canonical_hash, or None for a graph it cannot hash (unknown op, bad index)."""
     from opsearch import graph
 
     try:

@@ -1,0 +1,195 @@
+"""Engine overhead: time per candidate for propose + record (no training), and study recovery.
+
+For each algorithm, a study on SQLite is filled with H trials of history (H = 100, 1,000,
+10,000; random genomes of the evonorm space with random objectives, a share of them rejected),
+then the engine's own path is timed for `--candidates` more candidates: propose -> record RUNNING
+-> record the result in one write -> feed back -> sync. Beside it, in the same run and on the
+same storage kind: pyglove's regularized evolution (`pg.evolution.regularized_evolution`, its own
+propose/feedback on pg DNA) and Optuna's NSGAIISampler through `study.ask()`/`tell()` with one
+categorical parameter per gene, each at the same history size. Recovery: opening the study and
+rebuilding the algorithm from H trials (what a restarted worker does).
+
+    python benchmarks/engine_overhead.py                 # H = 100, 1000, 10000
+    python benchmarks/engine_overhead.py --history 100 1000 --candidates 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from opsearch import registry
+from opsearch.space import SearchSpace
+from opsearch.study import Run, WorkerId
+
+ARCHS = ["resnet", "mobilenetv2", "efficientnet"]
+ALGORITHMS = ["regularized_evolution", "pareto_evolution", "random", "nsga2"]
+
+
+def fill_history(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
+    """H finished candidate trials written straight into the storage (bulk, one write each)."""
+    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
+    rng = random.Random(seed)
+    storage = run.storage
+    now = datetime.now()
+    for i in range(n):
+        genome = space.random_genome(rng)
+        rejected = rng.random() < 0.8
+        attrs = {"kind": "candidate", "genome": json.dumps(list(genome)), "formula": "f",
+                 "verdict": "rejected:numerics" if rejected else "evaluated", "elapsed_s": 0.01}
+        values = None if rejected else [rng.random() for _ in ARCHS]
+        template = FrozenTrial(number=-1, state=TrialState.PRUNED if rejected else TrialState.COMPLETE,
+                               value=None, values=values, datetime_start=now, datetime_complete=now,
+                               params={}, distributions={}, user_attrs=attrs, system_attrs={},
+                               intermediate_values={}, trial_id=-1)
+        storage.create_new_trial(run.study_id, template_trial=template)
+    return run
+
+
+def time_engine(url: str, name: str, space: SearchSpace, algorithm: str, candidates: int):
+    """(recovery seconds, median and mean ms per candidate) on the engine's own path."""
+    from opsearch.engine import describe_graph
+
+    t0 = time.perf_counter()
+    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
+    run.sync()
+    algo = registry.algorithms.get(algorithm)(space, len(ARCHS), 0)
+    history = [(r.genome, tuple(r.values) if r.state == TrialState.COMPLETE else None)
+               for r in run.trials() if r.genome is not None]
+    algo.recover(history)
+    recovery = time.perf_counter() - t0
+    me = WorkerId.current()
+    rng = random.Random(1)
+    times = []
+    for _ in range(candidates):
+        t = time.perf_counter()
+        genome = algo.propose()
+        attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
+        attrs.update(describe_graph(space.decode(genome)))
+        record = run.start_trial(attrs, me)
+        values = [rng.random() for _ in ARCHS]
+        run.finish_trial(record, TrialState.COMPLETE, values,
+                         {"verdict": "evaluated", "elapsed_s": 0.0,
+                          **{f"acc/{a}": v for a, v in zip(ARCHS, values)}})
+        algo.feedback(genome, tuple(values))
+        run.sync()
+        times.append(time.perf_counter() - t)
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+
+
+def time_pyglove(url: str, name: str, space: SearchSpace, history: int, candidates: int):
+    """pyglove's regularized evolution: recover from history, then propose + record + feedback."""
+    import pyglove as pg
+
+    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
+    run.sync()
+    gen = pg.evolution.regularized_evolution(population_size=100, tournament_size=10, seed=0)
+    gen.setup(space.dna_spec)
+    hist = [r for r in run.trials() if r.genome is not None]
+    t0 = time.perf_counter()
+    items = []
+    for r in hist:
+        dna = space.to_dna(r.genome)
+        dna.use_spec(space.dna_spec)
+        items.append((dna, float(sum(r.values) / len(r.values)) if r.values else 0.0))
+    gen.recover(items)
+    recovery = time.perf_counter() - t0
+    me = WorkerId.current()
+    times = []
+    rng = random.Random(1)
+    for _ in range(candidates):
+        t = time.perf_counter()
+        dna = gen.propose()
+        genome = space.from_dna(dna)
+        record = run.start_trial({"kind": "candidate", "genome": json.dumps(list(genome))}, me)
+        values = [rng.random() for _ in ARCHS]
+        run.finish_trial(record, TrialState.COMPLETE, values, {"verdict": "evaluated"})
+        gen.feedback(dna, sum(values) / len(values))
+        times.append(time.perf_counter() - t)
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+
+
+def time_optuna_nsga2(url: str, name: str, space: SearchSpace, history: int, candidates: int):
+    """Optuna's NSGAIISampler with its own ask/tell on the same storage, H trials of history."""
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    dists = {f"g{i}": optuna.distributions.CategoricalDistribution(list(range(n)))
+             for i, n in enumerate(space.gene_sizes)}
+    study = optuna.create_study(study_name=name, storage=storage,
+                                directions=["maximize"] * len(ARCHS),
+                                sampler=optuna.samplers.NSGAIISampler(seed=0))
+    rng = random.Random(0)
+    now = datetime.now()
+    for _ in range(history):
+        params = {k: rng.randrange(len(d.choices)) for k, d in dists.items()}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, values=[rng.random() for _ in ARCHS]))
+    t0 = time.perf_counter()
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=optuna.samplers.NSGAIISampler(seed=0))
+    study.trials  # what a restarted worker reads
+    recovery = time.perf_counter() - t0
+    times = []
+    for _ in range(candidates):
+        t = time.perf_counter()
+        trial = study.ask(dists)
+        study.tell(trial, [rng.random() for _ in ARCHS])
+        times.append(time.perf_counter() - t)
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--history", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
+    parser.add_argument("--skip-references", action="store_true")
+    args = parser.parse_args()
+    space = SearchSpace.from_name("evonorm")
+    print(f"evonorm space: {len(space.gene_sizes)} genes; {args.candidates} candidates timed per row; "
+          f"SQLite (WAL) on {tempfile.gettempdir()}")
+    print(f"{'history':>8} {'method':<34} {'recover s':>10} {'median ms':>10} {'mean ms':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for h in args.history:
+            url = f"sqlite:///{tmp}/h{h}.db"
+            fill_history(url, "base", space, h, seed=h)
+            for algorithm in args.algorithms:
+                name = f"e_{algorithm}"
+                _copy_study(url, "base", name)
+                rec, med, mean = time_engine(url, name, space, algorithm, args.candidates)
+                print(f"{h:>8} {'opsearch ' + algorithm:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
+                      flush=True)
+            if args.skip_references:
+                continue
+            name = "pg"
+            _copy_study(url, "base", name)
+            n = args.candidates if h <= 1000 else max(10, args.candidates // 5)
+            rec, med, mean = time_pyglove(url, name, space, h, n)
+            print(f"{h:>8} {'pyglove regularized_evolution':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
+                  flush=True)
+            rec, med, mean = time_optuna_nsga2(f"sqlite:///{tmp}/optuna{h}.db", "optuna", space, h,
+                                               args.candidates)
+            print(f"{h:>8} {'optuna NSGAIISampler ask/tell':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
+                  flush=True)
+
+
+def _copy_study(url: str, source: str, target: str) -> None:
+    """Same history under another study name, so each method starts from identical trials."""
+    storage = optuna.storages.RDBStorage(url)
+    src = optuna.load_study(study_name=source, storage=storage)
+    dst = optuna.create_study(study_name=target, storage=storage, directions=src.directions)
+    for k, v in src.user_attrs.items():
+        dst.set_user_attr(k, v)
+    dst.add_trials(src.get_trials(deepcopy=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

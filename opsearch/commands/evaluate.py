@@ -1,0 +1,154 @@
+"""`opsearch evaluate LAYER`: train a known layer or a graph file on the proxy architectures.
+
+A person sees one line per architecture on stderr as it finishes; ``--json`` prints one JSON
+object on stdout (accuracy per architecture, details, the evaluation config) for scripts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from opsearch.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="train a layer on the proxy architectures",
+        description="Train LAYER (a known layer's name, see `opsearch list`, or a graph JSON file) "
+                    "inside each proxy architecture and report the validation accuracies.")
+    p.add_argument("layer", metavar="LAYER", help="known layer name or graph JSON file")
+    p.add_argument("--archs", help="comma-separated architectures (default resnet,mobilenetv2,efficientnet)")
+    p.add_argument("--dataset", help="proxy dataset (default digits)")
+    p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download the dataset into --data-dir if it is not there")
+    p.add_argument("--steps", type=int, help="training steps per architecture")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="training batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--accelerator", help="Lightning accelerator: auto (default), cpu, gpu, ...")
+    p.add_argument("--devices", help="Lightning devices: 1 (default), 2, '0,1', auto")
+    p.add_argument("--strategy", help="Lightning strategy: auto (default), ddp, ddp_spawn, ...")
+    p.add_argument("--precision", help="Lightning precision: 32-true (default), bf16-mixed, 16-mixed")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any evaluation option, e.g. -O arch_options.width=8 -O dataset_options.image_size=8 "
+                        "-O layer_options.no_act=bn (value parsed as JSON when it can be)")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="import a Python file that registers plugins (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def parse_devices(text: str | None) -> Any:
+    """Lightning's devices from a flag: '2' -> 2, '0,1' -> [0, 1], 'auto' -> 'auto'."""
+    if text is None:
+        return None
+    text = text.strip()
+    if "," in text:
+        try:
+            return [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--devices: expected an integer, a list like 0,1, or auto; got {text!r}") from None
+    try:
+        return int(text)
+    except ValueError:
+        if text == "auto":
+            return text
+        raise UserError(f"--devices: expected an integer, a list like 0,1, or auto; got {text!r}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_options(values: dict, options: list[str]) -> dict:
+    """`key=value` / `table.key=value` settings onto a dict of EvalConfig fields."""
+    from opsearch.trainers.evaluator import EvalConfig
+
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    for item in options:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"-O expects KEY=VALUE, got {item!r}")
+        top, _, sub = key.strip().partition(".")
+        if top not in fields:
+            raise UserError(f"unknown evaluation option {top!r}; known: {', '.join(sorted(fields))}")
+        value = _parse_value(text)
+        if sub:
+            table = dict(values.get(top) or {})
+            parts = sub.split(".")
+            cursor = table
+            for part in parts[:-1]:
+                cursor = cursor.setdefault(part, {})
+                if not isinstance(cursor, dict):
+                    raise UserError(f"-O {key}: {part!r} is not a table")
+            cursor[parts[-1]] = value
+            values[top] = table
+        else:
+            values[top] = value
+    return values
+
+
+def build_eval_config(args):
+    from opsearch.trainers.evaluator import EvalConfig
+
+    values: dict[str, Any] = {}
+    for name in ("dataset", "data_dir", "download", "steps", "seed", "batch_size", "lr",
+                 "accelerator", "strategy", "precision"):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    if args.archs is not None:
+        values["archs"] = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    devices = parse_devices(args.devices)
+    if devices is not None:
+        values["devices"] = devices
+    values = apply_options(values, args.option)
+    try:
+        return EvalConfig(**values)
+    except TypeError as e:
+        raise UserError(f"evaluation options: {e}") from None
+
+
+def run(args) -> int:
+    from opsearch import registry
+
+    for path in args.plugin:
+        registry.load_plugin_file(path)
+    layer = args.layer
+    if not os.path.exists(layer) and layer not in registry.layers:
+        registry.layers.get(layer)  # unknown name: UserError listing the known layers
+    config = build_eval_config(args)
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from opsearch.trainers.evaluator import Evaluator
+
+    # Under an external DDP launch only rank 0 talks.
+    rank0 = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
+    console = Console(stderr=True, highlight=False, quiet=args.quiet or not rank0)
+    evaluator = Evaluator(config)
+    console.print(f"[bold]opsearch evaluate[/] [cyan]{escape(layer)}[/] on {escape(evaluator.data.describe())}; "
+                  f"{config.steps} steps x batch {config.batch_size}, lr {config.lr:g}, seed {config.seed}")
+
+    def progress(arch, r) -> None:
+        status = f"[red]diverged at step {r.steps}[/]" if r.diverged else f"{r.steps} steps"
+        console.print(f"  {arch:<14} accuracy [bold]{r.accuracy:.4f}[/]  {status}  {r.seconds:.1f} s")
+
+    with console.status("training...", spinner="dots"):
+        result = evaluator.evaluate(layer, progress=progress)
+    console.print(f"  {'mean':<14} accuracy [bold]{result.mean_accuracy:.4f}[/]  total {result.seconds:.1f} s")
+    if args.json and rank0:
+        out = result.to_dict()
+        out["layer"] = layer
+        out["config"] = config.to_dict()
+        print(json.dumps(out))
+    return 0

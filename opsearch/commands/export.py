@@ -1,0 +1,111 @@
+"""`opsearch export RUN [--trial N] [-o FILE.py] [--class-name NAME]`: a found layer as code.
+
+Writes standalone PyTorch source (no opsearch import) with one ``nn.Module`` whose constructor
+takes ``num_channels``. Default: the best candidate (best mean accuracy over the architectures,
+evaluated or duplicate). The graph is read back from the study through our own schema
+(`opsearch.graph.from_dict`: known ops, index bounds, sizes) and the code is generated from the
+op table only, so a tampered study cannot inject code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from opsearch import report
+from opsearch.errors import InvalidCandidate, UserError
+
+LAYER_OPTION_KEYS = ("eps", "groups", "momentum")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a found layer as standalone PyTorch code")
+    p.add_argument("run", metavar="RUN", help="run name (runs/RUN/study.db) or storage URL")
+    p.add_argument("--trial", type=int, default=None, metavar="N",
+                   help="trial number (default: the best mean accuracy over the architectures)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.py", help="write here (default: stdout)")
+    p.add_argument("--class-name", default="SearchedLayer", metavar="NAME",
+                   help="name of the nn.Module class (default SearchedLayer)")
+    p.set_defaults(func=run)
+
+
+def select_trial(trials: list[Any], archs: list[str], number: int | None) -> Any:
+    """The trial to export; UserError for one that does not exist or has no result."""
+    if number is None:
+        best = report.best_trial(trials, archs)
+        if best is None:
+            raise UserError("the run has no evaluated candidate to export yet")
+        return best
+    by_number = {t.number: t for t in trials}
+    if number not in by_number:
+        last = max(by_number) if by_number else None
+        raise UserError(f"no trial {number} in this run"
+                        + (f" (trials 0..{last})" if last is not None else " (it has no trials)"))
+    trial = by_number[number]
+    if report.kind(trial) != "baseline" and report.category(trial) not in ("evaluated", "duplicate"):
+        best = report.best_trial(trials, archs)
+        hint = f"; the best is trial {best.number}" if best is not None else ""
+        raise UserError(f"trial {number} was {report.verdict(trial)}, only evaluated or duplicate "
+                        f"trials can be exported{hint}")
+    return trial
+
+
+def layer_options(study_attrs: dict[str, Any]) -> dict[str, Any]:
+    """Compile options the run used (eps, groups, momentum), when its config recorded them."""
+    try:
+        config = json.loads(study_attrs.get("config") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    found = config.get("layer_options") if isinstance(config.get("layer_options"), dict) else config
+    return {k: found[k] for k in LAYER_OPTION_KEYS if isinstance(found.get(k), (int, float))}
+
+
+def trial_graph(trial: Any):
+    """The trial's LayerGraph, through our schema check (never pyglove's from_json)."""
+    from opsearch import graph
+
+    text = trial.user_attrs.get("graph")
+    if not isinstance(text, str):
+        raise UserError(f"trial {trial.number} has no stored graph")
+    try:
+        return graph.from_dict(json.loads(text))
+    except (ValueError, TypeError, InvalidCandidate) as e:
+        raise UserError(f"trial {trial.number}: stored graph is invalid: {e}") from None
+
+
+def run(args) -> int:
+    from opsearch.commands.show import load_run
+    from opsearch.compile import export_source
+
+    if not args.class_name.isidentifier():
+        raise UserError(f"--class-name must be a Python identifier, got {args.class_name!r}")
+    trials, attrs, _ = load_run(args.run)
+    archs = report.archs_of(trials, attrs)
+    trial = select_trial(trials, archs, args.trial)
+    g = trial_graph(trial)
+    source = export_source(g, class_name=args.class_name, **layer_options(attrs))
+    accs = report.accuracies(trial, archs)
+    from opsearch import graph
+
+    # Only validated or generated text goes into the header: stored attrs could hold newlines.
+    run_name = " ".join(str(args.run).split())
+    header = (f"# Exported by `opsearch export` from run {run_name}, trial {trial.number}\n"
+              f"# formula: {' '.join(graph.formula(g).split())}\n")
+    if accs:
+        header += "# accuracy: " + ", ".join(f"{'_'.join(a.split())} {v:.4f}" for a, v in zip(archs, accs)) + "\n"
+    source = header + source
+    if args.output:
+        try:
+            parent = os.path.dirname(os.path.abspath(args.output))
+            os.makedirs(parent, exist_ok=True)
+            with open(args.output, "w") as f:
+                f.write(source)
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+        print(f"wrote {args.output} (trial {trial.number}, class {args.class_name})", file=sys.stderr)
+    else:
+        sys.stdout.write(source)
+    return 0

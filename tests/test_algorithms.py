@@ -1,0 +1,244 @@
+"""Search algorithms: valid proposals, determinism, exact recovery, selection, mutation, options."""
+from __future__ import annotations
+
+import random
+import time
+
+import pyglove as pg
+import pytest
+
+from opsearch import graph, registry
+from opsearch.algorithm import Algorithm, create_algorithm, dominates, pareto_front
+from opsearch.errors import UserError
+from opsearch.graph import LayerGraph, Node
+from opsearch.ops import OPS as OPS_TABLE
+from opsearch.plugins.algorithms.mutation import GraphMutator
+from opsearch.plugins.algorithms.pareto_evolution import ParetoEvolution
+from opsearch.space import SearchSpace
+
+OPS = ["add", "mul", "div", "max", "neg", "sigmoid", "std_i", "abs"]
+BUILTIN = ["random", "regularized_evolution", "pareto_evolution", "nsga2"]
+PYGLOVE = ["pyglove:regularized_evolution", "pyglove:hill_climb", "pyglove:nsga2", "pyglove:random"]
+SMALL = {"regularized_evolution": {"population_size": 8, "tournament_size": 3},
+         "pareto_evolution": {"population_size": 8, "tournament_size": 3},
+         "nsga2": {"population_size": 6},
+         "pyglove:regularized_evolution": {"population_size": 5, "tournament_size": 2},
+         "pyglove:nsga2": {"population_size": 5}}
+
+
+def layer_space(num_nodes: int = 6) -> SearchSpace:
+    return SearchSpace(LayerGraph(nodes=[
+        Node(op=pg.oneof(OPS), inputs=pg.manyof(2, list(range(4 + i)), distinct=False, sorted=False))
+        for i in range(num_nodes)]), name="toy")
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    return layer_space()
+
+
+def toy_objectives(space: SearchSpace, genome) -> tuple[float, float] | None:
+    """A real graph signal: live 'mul' nodes and live nodes; invalid graphs are rejected."""
+    plain = space.decode(genome)
+    if not graph.is_valid(plain):
+        return None
+    live = graph.live_nodes(plain)
+    return float(sum(plain[k][0] == "mul" for k in live)), float(len(live))
+
+
+def run(algorithm: Algorithm, steps: int, history=None):
+    history = [] if history is None else history
+    for _ in range(steps):
+        genome = algorithm.propose()
+        objectives = toy_objectives(algorithm.space, genome)
+        algorithm.feedback(genome, objectives)
+        history.append((genome, objectives))
+    return history
+
+
+def test_every_registered_algorithm_is_covered():
+    assert set(registry.algorithms.names()) >= set(BUILTIN + PYGLOVE)
+
+
+@pytest.mark.parametrize("name", BUILTIN + PYGLOVE)
+def test_proposes_valid_genomes_and_is_deterministic(space, name):
+    steps = 30 if name.startswith("pyglove") else 60
+    options = SMALL.get(name, {})
+    a = create_algorithm(name, space, 2, seed=7, **options)
+    b = create_algorithm(name, space, 2, seed=7, **options)
+    history_a = run(a, steps)
+    history_b = run(b, steps)
+    assert all(space.is_valid(g) for g, _ in history_a)
+    assert history_a == history_b
+    c = create_algorithm(name, space, 2, seed=8, **options)
+    assert run(c, steps) != history_a
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_recover_gives_the_same_next_proposals_as_live_feedback(space, name):
+    live = create_algorithm(name, space, 2, seed=3, **SMALL.get(name, {}))
+    history = run(live, 150)
+    assert any(o is None for _, o in history) and any(o is not None for _, o in history)
+    recovered = create_algorithm(name, space, 2, seed=3, **SMALL.get(name, {}))
+    recovered.recover(history)
+    assert run(recovered, 20) == run(live, 20)
+
+
+@pytest.mark.parametrize("name", PYGLOVE)
+def test_pyglove_adapter_recovers_and_keeps_proposing(space, name):
+    live = create_algorithm(name, space, 2, seed=3, **SMALL.get(name, {}))
+    history = run(live, 12)
+    recovered = create_algorithm(name, space, 2, seed=3, **SMALL.get(name, {}))
+    recovered.recover(history)
+    assert recovered.num_feedbacks == 12
+    assert all(space.is_valid(g) for g, _ in run(recovered, 5))
+
+
+@pytest.mark.parametrize("name", ["regularized_evolution", "pareto_evolution", "nsga2"])
+def test_recover_10k_history_is_fast(space, name):
+    rng = random.Random(0)
+    history = [(space.random_genome(rng), (rng.random(), rng.random()) if rng.random() < 0.6 else None)
+               for _ in range(10_000)]
+    algorithm = create_algorithm(name, space, 2, seed=0)
+    start = time.perf_counter()
+    algorithm.recover(history)
+    assert time.perf_counter() - start < 2.5
+    start = time.perf_counter()
+    for _ in range(10):
+        algorithm.feedback(algorithm.propose(), (0.5, 0.5))
+    assert (time.perf_counter() - start) / 10 < (0.05 if name == "nsga2" else 0.005)
+
+
+@pytest.mark.parametrize("name", ["regularized_evolution", "pareto_evolution", "nsga2"])
+def test_evolution_beats_random_search_on_a_toy_objective(space, name):
+    def best_mul(algorithm_name, seed):
+        a = create_algorithm(algorithm_name, space, 2, seed=seed, **SMALL.get(algorithm_name, {}))
+        return max((o[0] for _, o in run(a, 300) if o is not None), default=0.0)
+
+    evolved = sorted(best_mul(name, seed) for seed in range(3))
+    randomly = sorted(best_mul("random", seed) for seed in range(3))
+    assert evolved[1] > randomly[1]
+
+
+# ---------------------------------------------------------------------- selection
+
+
+def test_pareto_front_and_domination():
+    assert dominates((1, 2), (1, 1)) and not dominates((1, 1), (1, 1)) and not dominates((2, 0), (0, 2))
+    points = [(1, 1), (2, 0), (0, 2), (0.5, 0.5), (2, 0), (1, 0.5)]
+    assert pareto_front(points) == [0, 1, 2, 4]
+    assert pareto_front([(3.0,), (1.0,), (3.0,)]) == [0, 2]
+
+
+def test_pareto_evolution_draws_parents_from_the_tournament_front(space):
+    algorithm = ParetoEvolution(space, 2, seed=0, population_size=4, tournament_size=4)
+    genomes = [space.random_genome(random.Random(i)) for i in range(4)]
+    tournament = list(zip(genomes, [(1.0, 1.0), (2.0, 0.0), (0.5, 0.5), (0.0, 2.0)]))
+    rng = random.Random(0)
+    picked = {algorithm.select_parent(tournament, rng) for _ in range(200)}
+    assert picked == {genomes[0], genomes[1], genomes[3]}
+
+
+def test_regularized_evolution_scalarization_and_rejected_policy(space):
+    genomes = [space.random_genome(random.Random(i)) for i in range(2)]
+    tournament = list(zip(genomes, [(0.9, 0.0), (0.4, 0.4)]))
+    by_mean = create_algorithm("regularized_evolution", space, 2, population_size=2, tournament_size=2)
+    by_min = create_algorithm("regularized_evolution", space, 2, population_size=2, tournament_size=2,
+                              scalarization="min")
+    assert by_mean.select_parent(tournament, random.Random(0)) == genomes[0]
+    assert by_min.select_parent(tournament, random.Random(0)) == genomes[1]
+    skip = create_algorithm("regularized_evolution", space, 1, population_size=2, tournament_size=1)
+    worst = create_algorithm("regularized_evolution", space, 1, population_size=2, tournament_size=1,
+                             rejected="worst")
+    for algorithm in (skip, worst):
+        algorithm.feedback(genomes[0], None)
+    assert skip.population == [] and worst.population == [(genomes[0], (float("-inf"),))]
+
+
+def test_aging_population_drops_the_oldest(space):
+    algorithm = create_algorithm("regularized_evolution", space, 1, population_size=3, tournament_size=2)
+    genomes = [space.random_genome(random.Random(i)) for i in range(5)]
+    for i, genome in enumerate(genomes):
+        algorithm.feedback(genome, (float(i),))
+    assert [g for g, _ in algorithm.members()] == genomes[2:]
+
+
+# ---------------------------------------------------------------------- mutation
+
+
+def test_mutation_only_touches_what_the_output_reads(space):
+    mutator = GraphMutator(space)
+    rng = random.Random(0)
+    functional_changes = 0
+    for _ in range(300):
+        parent = space.random_genome(rng)
+        plain = space.decode(parent)
+        live = graph.live_nodes(plain)
+        child = mutator.mutate(parent, rng)
+        changed = [g for g in range(space.num_genes) if child[g] != parent[g]]
+        assert changed, "a mutation must change the genome"
+        for gene in changed:
+            node = space.node_of_gene[gene]
+            assert node in live
+            position = space.input_position[gene]
+            op_kept = space.decode(child)[node][0] == plain[node][0]
+            if position is not None and op_kept:  # an input change alone: the op must read it
+                assert position < OPS_TABLE[plain[node][0]].arity
+        functional_changes += graph.canonical_hash(space.decode(child)) != graph.canonical_hash(plain)
+    assert functional_changes >= 290  # retries avoid commutative swaps and other no-ops
+
+
+def test_mutation_kinds_follow_their_weights(space):
+    rng = random.Random(1)
+    op_only = GraphMutator(space, mutate_op=1.0, mutate_input=0.0, mutate_node=0.0)
+    input_only = GraphMutator(space, mutate_op=0.0, mutate_input=1.0, mutate_node=0.0)
+    for _ in range(100):
+        parent = space.random_genome(rng)
+        for mutator, field in ((op_only, "op"), (input_only, "inputs")):
+            child = mutator.mutate(parent, rng)
+            assert {space.gene_field[g] for g in range(space.num_genes) if child[g] != parent[g]} == {field}
+
+
+def test_mutation_of_a_plain_space_changes_one_gene():
+    flat = SearchSpace(pg.Dict(a=pg.oneof([1, 2, 3]), b=pg.oneof(["x", "y"])))
+    mutator = GraphMutator(flat)
+    rng = random.Random(0)
+    for _ in range(50):
+        parent = flat.random_genome(rng)
+        child = mutator.mutate(parent, rng)
+        assert sum(x != y for x, y in zip(parent, child)) == 1
+
+
+# ---------------------------------------------------------------------- options and errors
+
+
+def test_unknown_option_lists_the_accepted_ones(space):
+    with pytest.raises(UserError, match=r"does not accept option\(s\) populaton_size; accepted: .*population_size"):
+        create_algorithm("regularized_evolution", space, 2, populaton_size=10)
+    with pytest.raises(UserError, match="accepted: \\(none\\)"):
+        create_algorithm("random", space, 2, population_size=10)
+
+
+def test_options_are_coerced_and_validated(space):
+    a = create_algorithm("regularized_evolution", space, 2, population_size="12", tournament_size=4.0,
+                         live_only="false")
+    assert a.options["population_size"] == 12 and a.options["tournament_size"] == 4
+    assert a.options["live_only"] is False
+    nsga = create_algorithm("nsga2", space, 2, mutation_prob="none", crossover_prob="0.5")
+    assert nsga.options["mutation_prob"] is None and nsga.options["crossover_prob"] == 0.5
+    for bad in ({"population_size": "ten"}, {"population_size": 1}, {"scalarization": "median"},
+                {"population_size": 4, "tournament_size": 5}, {"mutate_op": -1.0}):
+        with pytest.raises(UserError):
+            create_algorithm("regularized_evolution", space, 2, **bad)
+    assert "population_size" in registry.algorithms.get("nsga2").describe_options()
+
+
+def test_feedback_rejects_foreign_genomes_and_wrong_objective_counts(space):
+    a = create_algorithm("regularized_evolution", space, 2)
+    with pytest.raises(UserError, match="does not fit"):
+        a.feedback((0, 1, 2), (1.0, 1.0))
+    with pytest.raises(UserError, match="expects 2 objective"):
+        a.feedback(a.propose(), (1.0,))
+    genome = a.propose()
+    a.feedback(genome, (float("nan"), 1.0))  # unrankable: counts as a rejection
+    assert a.num_rejected == 1 and a.population == []

@@ -1,0 +1,144 @@
+"""Crash safety and many workers: SIGKILL at chosen moments, resume; 4 workers on one study."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from opsearch.study import open_run
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+name = "crash"
+space = "evonorm"
+algorithm = "regularized_evolution"
+budget = {budget}
+dataset = "synthetic"
+archs = ["resnet"]
+filters = ["validity", "numerics", "equivalence"]
+baselines = {baselines}
+storage = "{storage}"
+workers = {workers}
+plots = false
+seed = 1
+
+[space_options]
+num_nodes = 4
+
+[algorithm_options]
+population_size = 4
+tournament_size = 2
+
+[evaluator]
+steps = 3
+batch_size = 16
+val_batch_size = 128
+warmup_steps = 1
+arch_options = {{ width = 4, depth = 1 }}
+"""
+
+
+def write_config(tmp_path, storage, budget=6, workers=1, baselines='["bn_relu"]'):
+    path = tmp_path / "run.toml"
+    path.write_text(CONFIG.format(budget=budget, storage=storage, workers=workers,
+                                  baselines=baselines))
+    return path
+
+
+def search(config_path, fault=None, timeout=300):
+    env = dict(os.environ)
+    env.pop("OPSEARCH_FAULT", None)
+    if fault:
+        env["OPSEARCH_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "opsearch", "search", "--config", str(config_path),
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=config_path.parent)
+
+
+def all_trials(storage):
+    return open_run(storage, "crash").get_trials()
+
+
+@pytest.mark.parametrize("fault", ["propose:3", "train:2", "record:4", "recorded:2"])
+def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = write_config(tmp_path, storage)
+    killed = search(config, fault=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = {t.number: t for t in all_trials(storage)}
+    finished_before = {n: t for n, t in before.items() if t.state.is_finished()}
+
+    resumed = search(config)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = all_trials(storage)
+    numbers = [t.number for t in after]
+    assert numbers == sorted(set(numbers)), "a trial number repeats"
+    by_number = {t.number: t for t in after}
+    for n, t in finished_before.items():  # every trial finished before the kill is intact
+        assert by_number[n].state == t.state and by_number[n].user_attrs == t.user_attrs
+        assert by_number[n].values == t.values
+    assert not [t for t in after if not t.state.is_finished()], "a trial stayed RUNNING/WAITING"
+    counted = [t for t in after if t.user_attrs.get("kind") == "candidate"
+               and t.user_attrs.get("verdict") != "failed:worker_lost"]
+    assert len(counted) == 6
+    lost = [t for t in after if t.user_attrs.get("verdict") == "failed:worker_lost"]
+    if fault.split(":")[0] in ("train", "record"):
+        # the candidate in flight was handed out again, not forgotten
+        assert len(lost) == 1
+        retry = [t for t in after if t.user_attrs.get("retry_of") == lost[0].number]
+        assert len(retry) == 1 and retry[0].user_attrs["genome"] == lost[0].user_attrs.get("genome")
+
+
+def _storages(tmp_path):
+    out = [pytest.param(f"sqlite:///{tmp_path}/study.db", id="sqlite"),
+           pytest.param(f"journal:///{tmp_path}/study.log", id="journal")]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+def test_four_workers_share_one_study(tmp_path, kind):
+    if kind == "sqlite":
+        storage = f"sqlite:///{tmp_path}/study.db"
+    elif kind == "journal":
+        storage = f"journal:///{tmp_path}/study.log"
+    else:
+        storage = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
+        if not storage:
+            pytest.skip("OPSEARCH_TEST_POSTGRES_URL not set (.ci/start-postgres starts a server)")
+        _drop_study(storage, "crash")
+    config = write_config(tmp_path, storage, budget=12, workers=4,
+                          baselines='["bn_relu", "relu_only"]')
+    result = search(config, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = all_trials(storage)
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert all(t.state.is_finished() for t in trials)
+    assert all("verdict" in t.user_attrs for t in trials)
+    candidates = [t for t in trials if t.user_attrs["kind"] == "candidate"]
+    assert len(candidates) == 12
+    assert sorted(t.user_attrs["layer"] for t in trials if t.user_attrs["kind"] == "baseline") == \
+        ["bn_relu", "relu_only"]
+    workers = {t.system_attrs.get("opsearch:worker", {}).get("pid") for t in candidates}
+    assert len(workers) >= 2, "the candidates were not shared among workers"
+    # no function was evaluated twice at the same time
+    spans: dict[str, list] = {}
+    for t in candidates:
+        spans.setdefault(t.user_attrs.get("hash"), []).append((t.datetime_start, t.datetime_complete))
+    for h, intervals in spans.items():
+        intervals.sort()
+        for (s1, e1), (s2, e2) in zip(intervals, intervals[1:]):
+            assert s2 >= e1, f"candidate {h} evaluated twice at once"
+
+
+def _drop_study(url, name):
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass

@@ -1,0 +1,159 @@
+"""The study layer: storages, one-write records, incremental sync, lost workers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from opsearch.errors import UserError
+from opsearch.study import (HEARTBEAT_KEY, LOST, Run, WorkerId, open_run, open_storage, resolve)
+
+ATTRS = {"space": "evonorm", "archs": ["a", "b"], "dataset": "digits"}
+
+
+def storage_urls(tmp_path):
+    urls = [f"sqlite:///{tmp_path}/study.db", f"journal:///{tmp_path}/study.log"]
+    pg = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
+    if pg:
+        urls.append(pg)
+    return urls
+
+
+@pytest.fixture(params=["sqlite", "journal", "postgres"])
+def run(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/study.db"
+    elif request.param == "journal":
+        url = f"journal:///{tmp_path}/study.log"
+    else:
+        url = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("OPSEARCH_TEST_POSTGRES_URL not set (.ci/start-postgres starts a server)")
+    name = f"t{os.getpid()}_{time.time_ns()}"
+    return Run.create_or_open(url, name, ATTRS, ["space", "archs"])
+
+
+def test_start_and_finish_write_the_contract_attributes(run):
+    record = run.start_trial({"kind": "candidate", "genome": "[1, 2]", "formula": "x"},
+                             WorkerId.current())
+    assert record.state == TrialState.RUNNING
+    assert run.finish_trial(record, TrialState.COMPLETE, [0.5, 0.75],
+                            {"verdict": "evaluated", "acc/a": 0.5, "acc/b": 0.75, "elapsed_s": 1.0})
+    study = optuna.load_study(study_name=run.study_name, storage=run.storage)
+    (t,) = study.get_trials()
+    assert t.state == TrialState.COMPLETE and t.values == [0.5, 0.75]
+    assert t.user_attrs["verdict"] == "evaluated" and t.user_attrs["formula"] == "x"
+    assert t.user_attrs["acc/b"] == 0.75
+    # a finished trial cannot be finished again (a reaper and its worker race safely)
+    assert not run.finish_trial(record, TrialState.FAIL, None, {"verdict": "failed:x"})
+    assert study.get_trials()[0].user_attrs["verdict"] == "evaluated"
+
+
+def test_complete_needs_finite_values(run):
+    record = run.start_trial({"kind": "candidate"})
+    with pytest.raises(ValueError):
+        run.finish_trial(record, TrialState.COMPLETE, [float("nan"), 1.0], {})
+
+
+def test_sync_is_incremental_and_sees_other_writers(run):
+    other = Run(open_storage(run.url) if "journal" not in run.url else run.storage,
+                run.study_name, run.url)
+    r1 = run.start_trial({"kind": "candidate", "genome": "[0]"})
+    assert [r.number for r in other.sync()] == []  # nothing finished yet
+    assert other.candidates_counted() == 1
+    run.finish_trial(r1, TrialState.PRUNED, None, {"verdict": "rejected:numerics"})
+    finished = other.sync()
+    assert [(r.number, r.verdict) for r in finished] == [(r1.number, "rejected:numerics")]
+    assert other.sync() == []  # reported once
+
+
+def test_enqueued_trial_is_popped_once(run):
+    run.enqueue({"kind": "baseline", "layer": "bn_relu"})
+    me = WorkerId.current()
+    first = run.pop_waiting(me)
+    assert first is not None and first.user_attrs["layer"] == "bn_relu"
+    assert run.pop_waiting(me) is None
+
+
+def _dead_worker() -> WorkerId:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return WorkerId(WorkerId.current().host, proc.pid, "1")
+
+
+def test_trial_of_a_dead_local_worker_is_requeued(run):
+    record = run.start_trial({"kind": "candidate", "genome": "[3, 1]", "formula": "f"},
+                             _dead_worker())
+    alive = run.start_trial({"kind": "candidate", "genome": "[2, 2]"}, WorkerId.current())
+    assert run.reap_lost(grace_s=3600) == [record.number]
+    trials = {t.number: t for t in optuna.load_study(study_name=run.study_name,
+                                                      storage=run.storage).get_trials()}
+    assert trials[record.number].state == TrialState.FAIL
+    assert trials[record.number].user_attrs["verdict"] == LOST
+    assert trials[alive.number].state == TrialState.RUNNING
+    waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["genome"] == "[3, 1]"
+    assert waiting[0].user_attrs["retry_of"] == record.number
+    # the lost trial no longer counts toward the budget; its requeued copy does
+    assert run.candidates_counted() == 2
+    assert run.reap_lost(grace_s=3600) == []
+
+
+def test_silent_remote_worker_is_requeued_after_grace(run):
+    remote = WorkerId("some-other-host", 1234, "1")
+    record = run.start_trial({"kind": "candidate", "genome": "[5]"}, remote)
+    assert run.reap_lost(grace_s=60) == []
+    assert run.reap_lost(grace_s=60, now=time.time() + 120) == [record.number]
+
+
+def test_incompatible_reopen_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    Run.create_or_open(url, "r", ATTRS, ["space", "archs"])
+    with pytest.raises(UserError, match="archs"):
+        Run.create_or_open(url, "r", {**ATTRS, "archs": ["a"]}, ["space", "archs"])
+    again = Run.create_or_open(url, "r", ATTRS, ["space", "archs"])
+    assert again.archs == ["a", "b"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nosuchdb://x", "cannot open storage"),
+    ("sqlite:////proc/forbidden/dir/x.db", "cannot create directory"),
+    ("not a url", "not a storage URL"),
+])
+def test_bad_storage_urls_are_one_line_user_errors(url, message):
+    with pytest.raises(UserError, match=message) as e:
+        open_storage(url)
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "study.db"
+    path.write_bytes(b"this is not sqlite at all, just text" * 10)
+    with pytest.raises(UserError, match="not an SQLite database"):
+        open_storage(f"sqlite:///{path}")
+    assert path.read_bytes().startswith(b"this is not sqlite")
+
+
+def test_open_run_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPSEARCH_RUNS_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="no study database"):
+        open_run("missing")
+    with pytest.raises(UserError, match="invalid run name"):
+        open_run("../etc")
+    url, name = resolve("myrun")
+    Run.create_or_open(url, name, ATTRS, [])
+    assert open_run("myrun").study_name == "myrun"
+    with pytest.raises(UserError, match="no run named 'other'"):
+        open_run(url, "other")
+
+
+def test_worker_identity_detects_dead_process():
+    assert not WorkerId.current().is_dead_here()
+    assert _dead_worker().is_dead_here()
+    assert not WorkerId("elsewhere", 1, "1").is_dead_here()

@@ -1,0 +1,449 @@
+"""Evaluate a candidate layer: train it inside K proxy architectures, return K validation accuracies.
+
+    result = Evaluator(EvalConfig()).evaluate("evonorm_s0")
+    result.accuracies        # {"resnet": 0.97, "mobilenetv2": 0.96, "efficientnet": 0.95}
+
+Staged (the quality filter's protocol: 100 steps, check, then the rest):
+
+    session = Evaluator(config).start(layer)
+    early = session.train_until(100)          # {arch: accuracy after 100 steps}
+    final = session.train_until(config.steps) # exactly what a straight run gives
+    result = session.result()
+
+Training runs through Lightning (`accelerator`, `devices`, `strategy`, `precision` are Lightning's
+own options). Two ways to use several devices:
+- several candidates at once, one per device or CPU process: `EvaluatorPool` / `evaluate_many`;
+- one evaluation spread over devices with DDP: ``EvalConfig(devices=2, strategy="ddp")``. Unless
+  the process was started by a launcher (torchrun, SLURM), "ddp" forks its ranks from the
+  evaluating process (Lightning's fork launcher: gloo on CPU, NCCL on GPUs) instead of re-running
+  the command line; each rank takes its slice of every global batch, so the ranks together see the
+  batches a single process would.
+
+The default proxy (see BENCHMARKS.md, "Evaluator") is chosen so that normalization matters:
+digits upsampled to 16x16, two blocks per stage, batch 64 and a high learning rate (0.2 with
+momentum 0.9) that normalised networks absorb and unnormalised ones do not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import time
+import warnings
+import zlib
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from opsearch import registry
+from opsearch.errors import UserError
+from opsearch.trainers import data as data_module
+from opsearch.trainers.data import ArrayData
+
+DEFAULT_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
+
+NormActFactory = Callable[[int, bool], nn.Module]
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines a proxy evaluation (stored with a study as JSON)."""
+
+    dataset: str = "digits"
+    archs: tuple[str, ...] = DEFAULT_ARCHS
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_steps: int = 15
+    label_smoothing: float = 0.0
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_nodes: int = 1
+    data_dir: str | None = None
+    download: bool = False
+    dataset_options: dict = field(default_factory=dict)
+    # Options for every architecture ({"width": 8}) and/or per architecture ({"resnet": {...}}).
+    arch_options: dict = field(default_factory=dict)
+    # Options for opsearch.layers.norm_act (eps, groups, no_act, ...).
+    layer_options: dict = field(default_factory=dict)
+    val_batch_size: int = 1024
+    channels_last: bool | None = None  # None: channels-last on CPU (faster there), not on GPU
+    threads: int | None = None  # torch intra-op threads while evaluating (None: leave as is)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.archs, str):
+            self.archs = tuple(a.strip() for a in self.archs.split(",") if a.strip())
+        self.archs = tuple(self.archs)
+        if not self.archs:
+            raise UserError("no architectures given")
+        if len(set(self.archs)) != len(self.archs):
+            raise UserError(f"architectures repeat: {', '.join(self.archs)}")
+        for name, value, low in (("steps", self.steps, 1), ("batch size", self.batch_size, 1),
+                                 ("val batch size", self.val_batch_size, 1),
+                                 ("warmup steps", self.warmup_steps, 0), ("num_nodes", self.num_nodes, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["archs"] = list(self.archs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown evaluation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def options_for(self, arch: str) -> dict:
+        common = {k: v for k, v in self.arch_options.items() if not isinstance(v, dict)}
+        return {**common, **self.arch_options.get(arch, {})}
+
+
+@dataclass
+class ArchResult:
+    """One architecture's outcome: accuracy (0 when diverged), steps trained, wall seconds."""
+
+    accuracy: float
+    diverged: bool
+    steps: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalResult:
+    layer: str
+    accuracies: dict[str, float]
+    per_arch: dict[str, ArchResult]
+    seconds: float
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracies.values()) / max(1, len(self.accuracies))
+
+    @property
+    def diverged(self) -> bool:
+        return any(r.diverged for r in self.per_arch.values())
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "accuracies": dict(self.accuracies),
+                "mean_accuracy": self.mean_accuracy,
+                "per_arch": {a: r.to_dict() for a, r in self.per_arch.items()},
+                "seconds": self.seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+
+_DATA_CACHE: dict[tuple, ArrayData] = {}
+
+
+def load_data(config: EvalConfig) -> ArrayData:
+    """The config's dataset, loaded once per process."""
+    options = dict(config.dataset_options)
+    if config.data_dir is not None:
+        options["data_dir"] = config.data_dir
+    if config.download:
+        options["download"] = True
+    key = (config.dataset, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = data_module.load(config.dataset, **options)
+    return _DATA_CACHE[key]
+
+
+def norm_act_factory(layer: Any, options: dict | None = None) -> tuple[NormActFactory, str]:
+    """A norm_act factory and a label for `layer`: a known layer's name, a LayerGraph, a plain
+    graph tuple, a graph JSON file, or already a factory ``(num_channels, act) -> nn.Module``."""
+    if callable(layer) and not isinstance(layer, (str, tuple, list)) and not hasattr(layer, "as_tuple"):
+        return layer, getattr(layer, "__name__", type(layer).__name__)
+    from opsearch import layers  # the IR's factory: known layers and candidate graphs alike
+
+    factory = layers.norm_act(layer, **(options or {}))
+    if isinstance(layer, (str, os.PathLike)):
+        label = str(layer)
+    else:
+        try:
+            from opsearch import graph
+            label = graph.formula(layer)
+        except Exception:
+            label = "graph"
+    return factory, label
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    """A per-architecture init seed that does not change when other architectures are added."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def _quiet_lightning() -> None:
+    import pytorch_lightning  # noqa: F401  (its import sets its loggers to INFO: override after)
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _launched_externally() -> bool:
+    """True inside torchrun/SLURM-style launches, where Lightning's own "ddp" is right."""
+    return any(v in os.environ for v in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"))
+
+
+class Evaluator:
+    """Trains layers on the proxy architectures of one EvalConfig; reusable for many layers."""
+
+    def __init__(self, config: EvalConfig | None = None, **overrides):
+        config = config or EvalConfig()
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.builders = {arch: registry.architectures.get(arch) for arch in config.archs}
+        _quiet_lightning()
+        self.data = load_data(config)
+        self._check_devices()
+
+    # -- Lightning --------------------------------------------------------------------------
+    def _strategy(self):
+        """Lightning's strategy, except that the DDP family detects unused parameters (a compiled
+        candidate holds v0/v1 even where its formula ignores them) and that plain "ddp", outside
+        a launcher, forks its ranks instead of re-running the command line."""
+        strategy = self.config.strategy
+        start_methods = {"ddp": "fork", "ddp_fork": "fork", "ddp_notebook": "fork", "ddp_spawn": "spawn"}
+        if isinstance(strategy, str) and strategy in start_methods:
+            from pytorch_lightning.strategies import DDPStrategy
+
+            if strategy == "ddp" and _launched_externally():
+                return DDPStrategy(find_unused_parameters=True)
+            return DDPStrategy(start_method=start_methods[strategy], find_unused_parameters=True)
+        return strategy
+
+    def trainer(self, max_steps: int):
+        """A fresh Trainer for one training stage: no logger, checkpoints, progress bar, model
+        summary or sanity validation (construction costs ~5 ms)."""
+        import pytorch_lightning as pl
+
+        c = self.config
+        try:
+            return pl.Trainer(
+                accelerator=c.accelerator, devices=c.devices, strategy=self._strategy(),
+                precision=c.precision, num_nodes=c.num_nodes,
+                max_steps=max_steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=0,
+                benchmark=False, inference_mode=True, default_root_dir=None)
+        except UserError:
+            raise
+        except (ValueError, RuntimeError, TypeError) as e:  # MisconfigurationException is a ValueError
+            raise UserError(f"cannot run on accelerator={c.accelerator!r} devices={c.devices!r} "
+                            f"strategy={c.strategy!r} precision={c.precision!r}: {e}".replace("\n", " ")) from None
+
+    def _check_devices(self) -> None:
+        """Fail now, with one line, if the accelerator/devices/strategy/precision cannot run."""
+        self.trainer(1)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def start(self, layer: Any) -> "EvalSession":
+        factory, label = norm_act_factory(layer, self.config.layer_options)
+        return EvalSession(self, factory, label)
+
+    def evaluate(self, layer: Any, progress: Callable[[str, ArchResult], None] | None = None) -> EvalResult:
+        """Train `layer` for `config.steps` on every architecture; accuracies + timings."""
+        session = self.start(layer)
+        session.train_until(self.config.steps, progress=progress)
+        return session.result()
+
+
+@dataclass
+class _ArchRun:
+    module: Any
+    datamodule: Any
+    seconds: float = 0.0
+
+
+class EvalSession:
+    """One layer's training on every architecture, advanced in stages by `train_until`."""
+
+    def __init__(self, evaluator: Evaluator, factory: NormActFactory, label: str):
+        self.evaluator = evaluator
+        self.factory = factory
+        self.label = label
+        self.runs: dict[str, _ArchRun] = {}
+        self.seconds = 0.0
+
+    def _build(self, arch: str) -> _ArchRun:
+        from opsearch.trainers.lit import ProxyDataModule, ProxyModule
+
+        c, data = self.evaluator.config, self.evaluator.data
+        created: list[nn.Module] = []
+
+        def recording(num_channels: int, act: bool) -> nn.Module:
+            m = self.factory(num_channels, act)
+            created.append(m)
+            return m
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_stable_seed(c.seed, arch))
+            model = self.evaluator.builders[arch](recording, data.num_classes, data.in_channels,
+                                                  **c.options_for(arch))
+        module = ProxyModule(model, created, data, total_steps=c.steps, lr=c.lr, momentum=c.momentum,
+                             weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                             label_smoothing=c.label_smoothing, val_batch_size=c.val_batch_size,
+                             nesterov=c.nesterov, channels_last=c.channels_last)
+        return _ArchRun(module, ProxyDataModule(data, c.batch_size, c.seed))
+
+    def train_until(self, step: int, progress: Callable[[str, ArchResult], None] | None = None
+                    ) -> dict[str, float]:
+        """Train every architecture up to `step` (at most config.steps); validation accuracy of
+        each (0 for a diverged run)."""
+        c = self.evaluator.config
+        step = min(int(step), c.steps)
+        accuracies = {}
+        threads = torch.get_num_threads()
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
+        try:
+            for arch in c.archs:
+                t0 = time.perf_counter()
+                run = self.runs.get(arch)
+                if run is None:
+                    run = self.runs[arch] = self._build(arch)
+                m = run.module
+                if not m.diverged and m.step < step:
+                    run.datamodule.start_step, run.datamodule.stop_step = m.step, step
+                    trainer = self.evaluator.trainer(step - m.step)
+                    with warnings.catch_warnings():
+                        _quiet_lightning()
+                        trainer.fit(m, datamodule=run.datamodule)
+                elif m.val_step != m.step:
+                    m.val_acc = 0.0 if m.diverged else m.validate()
+                    m.val_step = m.step
+                run.seconds += time.perf_counter() - t0
+                accuracies[arch] = float(m.val_acc or 0.0)
+                if progress is not None:
+                    progress(arch, self._arch_result(arch))
+        finally:
+            if c.threads is not None:
+                torch.set_num_threads(threads)
+        self.seconds = sum(r.seconds for r in self.runs.values())
+        return accuracies
+
+    def _arch_result(self, arch: str) -> ArchResult:
+        run = self.runs[arch]
+        m = run.module
+        return ArchResult(accuracy=0.0 if m.diverged else float(m.val_acc or 0.0), diverged=m.diverged,
+                          steps=m.step, seconds=run.seconds)
+
+    def result(self) -> EvalResult:
+        per_arch = {arch: self._arch_result(arch) for arch in self.evaluator.config.archs if arch in self.runs}
+        return EvalResult(self.label, {a: r.accuracy for a, r in per_arch.items()}, per_arch,
+                          sum(r.seconds for r in per_arch.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several candidates at once, one per process / device.
+
+_worker_evaluator: Evaluator | None = None
+
+
+def _worker_init(config_dict: dict, slots, threads: int | None, gpu_ids: Sequence[int] | None) -> None:
+    """Give this worker process its share of the CPU cores or one GPU, and its Evaluator."""
+    global _worker_evaluator
+    slot = slots.get()
+    config = EvalConfig.from_dict(config_dict)
+    if gpu_ids:
+        config = dataclasses.replace(config, devices=[gpu_ids[slot % len(gpu_ids)]])
+    if threads:
+        torch.set_num_threads(threads)
+        config = dataclasses.replace(config, threads=threads)
+    _worker_evaluator = Evaluator(config)
+
+
+def _worker_evaluate(layer: Any) -> EvalResult:
+    assert _worker_evaluator is not None
+    return _worker_evaluator.evaluate(layer)
+
+
+def _gpu_ids(config: EvalConfig) -> list[int] | None:
+    if config.accelerator not in ("gpu", "cuda", "auto"):
+        return None
+    from lightning_fabric.accelerators.cuda import num_cuda_devices  # no CUDA init (fork-safe)
+
+    n = num_cuda_devices()
+    if n == 0:
+        return None
+    if isinstance(config.devices, (list, tuple)):
+        return [int(d) for d in config.devices]
+    return list(range(n))
+
+
+class EvaluatorPool:
+    """Evaluate many layers at once: `workers` processes, each with its own Evaluator; on GPUs
+    worker i uses device i (mod the devices listed), on CPU each gets cores // workers threads.
+
+        with EvaluatorPool(config, workers=2) as pool:
+            futures = [pool.submit(layer) for layer in layers]
+    """
+
+    def __init__(self, config: EvalConfig, workers: int, start_method: str = "spawn"):
+        if workers < 1:
+            raise UserError(f"workers must be >= 1, got {workers}")
+        Evaluator(config)  # fail fast here (bad names, devices) rather than in every worker
+        self.workers = workers
+        gpu_ids = _gpu_ids(config)
+        threads = None if gpu_ids else max(1, (os.cpu_count() or 1) // workers)
+        ctx = multiprocessing.get_context(start_method)
+        slots = ctx.Queue()
+        for i in range(workers):
+            slots.put(i)
+        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                             initargs=(config.to_dict(), slots, threads, gpu_ids))
+
+    def submit(self, layer: Any) -> "Future[EvalResult]":
+        return self._executor.submit(_worker_evaluate, layer)
+
+    def map(self, layers: Iterable[Any]) -> list[EvalResult]:
+        return [f.result() for f in [self.submit(layer) for layer in layers]]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "EvaluatorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def evaluate_many(layers: Iterable[Any], config: EvalConfig | None = None, workers: int = 1
+                  ) -> list[EvalResult]:
+    """Evaluate several layers, `workers` at a time (1: in this process), results in order."""
+    config = config or EvalConfig()
+    layers = list(layers)
+    if workers <= 1 or len(layers) <= 1:
+        evaluator = Evaluator(config)
+        return [evaluator.evaluate(layer) for layer in layers]
+    with EvaluatorPool(config, min(workers, len(layers))) as pool:
+        return pool.map(layers)
