@@ -4,11 +4,13 @@
     python benchmarks/layer_speed.py --device cuda    # GPU
 
 For each shape it times, interleaved (one step of every variant per round, median over rounds):
-the compiled known layers `evonorm_b0`, `evonorm_s0`, `bn_relu` (opsearch.layers.build), the same
-formulas written by hand as ordinary nn.Modules (batch statistics, running-estimate update,
-per-channel affine: the same computation, checked equal before timing), and nn.BatchNorm2d+ReLU
-as the native baseline.  A step is ``y = layer(x); y.backward(grad)`` in training mode with
-``x.requires_grad`` (as inside a network).
+the compiled known layers `evonorm_b0`, `evonorm_s0`, `bn_relu` (opsearch.layers.build); the same
+formulas written by hand as ordinary nn.Modules in plain eager PyTorch (torch.var/var_mean,
+torch.maximum; batch statistics, running-estimate update, per-channel affine: the same
+computation, checked equal before timing); the hand-written modules again with the compiler's
+`_moments`/`_max` helpers swapped in (isolates the generated code's own overhead); and
+nn.BatchNorm2d+ReLU as the native baseline.  A step is ``y = layer(x); y.backward(grad)`` in
+training mode with ``x.requires_grad`` (as inside a network).
 """
 from __future__ import annotations
 
@@ -182,10 +184,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="32,64,16,16;64,128,32,32",
                    help="semicolon-separated N,C,H,W shapes")
     p.add_argument("--layers", default="evonorm_b0,evonorm_s0,bn_relu")
-    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--rounds", type=int, default=None, help="default: 25 on CPU, 200 on GPU (cheap there, and noisier)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave default)")
     args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 25 if args.device == "cpu" else 200
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]

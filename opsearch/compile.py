@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from opsearch import graph as _graph
-from opsearch.errors import InvalidCandidate, UserError
+from opsearch.errors import UserError
 from opsearch.graph import NUM_INITIAL, GraphLike, PlainGraph
-from opsearch.ops import AXES, OPS, PREC_ADD, PREC_ATOM, PREC_MUL, PREC_NEG, STATS, Op
+from opsearch.ops import AXES, OPS, PREC_ADD, PREC_ATOM, PREC_MUL, STATS, Op
 
 DEFAULT_EPS = 1e-5
 DEFAULT_GROUPS = 32
@@ -65,9 +65,9 @@ class _Moments(torch.autograd.Function):
 
 
 def _moments(a, dims):
-    """(biased variance, mean) over dims: the two-pass Function on CPU, torch.var_mean elsewhere
-    (one fused kernel on GPUs, where the extra passes and launches would cost more)."""
-    if a.device.type == "cpu":
+    """(biased variance, mean) over dims: the two-pass Function for large CPU tensors, else
+    torch.var_mean (one fused kernel on GPUs; less Python overhead on tiny tensors)."""
+    if a.is_cpu and a.numel() >= 4096:
         return _Moments.apply(a, dims)
     return torch.var_mean(a, dim=dims, correction=0, keepdim=True)
 
@@ -90,13 +90,16 @@ class _Max(torch.autograd.Function):
 
 
 def _max(a, b):
-    return _Max.apply(a, b)
+    if max(a.numel(), b.numel()) >= 4096:
+        return _Max.apply(a, b)
+    return torch.maximum(a, b)  # tiny tensors: the Python Function would cost more than it saves
 
 
-def _update(running, batch_value, momentum):
-    """running <- (1 - momentum) * running + momentum * batch value (PyTorch's convention)."""
+def _update(momentum, *pairs):
+    """running <- (1 - momentum) * running + momentum * batch value, for each (running, value)."""
     with torch.no_grad():
-        running.lerp_(batch_value.reshape(-1).to(running.dtype), momentum)
+        for running, batch_value in pairs:
+            running.lerp_(batch_value.reshape(-1).to(running.dtype), momentum)
 
 
 def _safe_den(b, eps):
@@ -267,7 +270,7 @@ def _elementwise_facts(op: str, spec: Op, read: tuple[int, ...], vals: list[_Val
         lo = max(a.lo, b.lo)
         hi = min(a.hi, b.hi)
     elif op == "neg":
-        lo, hi = a.hi, a.lo
+        lo, hi, big = a.hi, a.lo, a.big
     elif op in ("sigmoid", "exp"):
         lo = 1
     elif op == "tanh":
@@ -463,8 +466,7 @@ def _emit_aggregate(em: _Emitter, j: int, v: _Value, moments, shared, grouped) -
         em.lines += [
             "if self.training:",
             f"    {var}, {mean} = _moments({src}, {dims})",
-            f"    _update(self.{vbuf}, {var}, momentum)",
-            f"    _update(self.{mbuf}, {mean}, momentum)",
+            f"    _update(momentum, (self.{vbuf}, {var}), (self.{mbuf}, {mean}))",
         ]
         if expand:
             em.lines.append(f"    {var}, {mean} = {var}{expand}, {mean}{expand}")
@@ -484,7 +486,7 @@ def _emit_aggregate(em: _Emitter, j: int, v: _Value, moments, shared, grouped) -
     em.lines += [
         "if self.training:",
         f"    {s} = {batch_stat}",
-        f"    _update(self.{buf}, {s}, momentum)",
+        f"    _update(momentum, (self.{buf}, {s}))",
     ]
     if expand:
         em.lines.append(f"    {s} = {s}{expand}")
@@ -510,7 +512,7 @@ def _class_source(plain: PlainGraph, class_name: str, eps: float, groups: int, m
     body, buffers, formula = _generate_forward(plain)
     graph_json = json.dumps(_graph.to_dict(plain), separators=(",", ":"))
     used = "\n".join(body)
-    prelude = ["_check_input(self, x)", "C = self.num_channels"]
+    prelude = ["C = self.num_channels", "if x.dim() != 4 or x.shape[1] != C:", "    _bad_input(self, x)"]
     if "eps" in used:
         prelude.append("eps = self.eps")
     if "groups" in used:
@@ -553,7 +555,7 @@ class {class_name}(torch.nn.Module):
 
 
 _CHECK_INPUT = '''
-def _check_input(layer, x):
+def _bad_input(layer, x):
     if x.dim() != 4:
         raise ValueError(f"{type(layer).__name__} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != layer.num_channels:

@@ -47,7 +47,7 @@ class SearchConfig:
     filter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluator: dict[str, Any] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
-    workers: int = 1
+    workers: int | None = None  # None: 1 on CPU, one per device on GPUs
     accelerator: str = "cpu"
     devices: str = "auto"
     strategy: str = "auto"
@@ -89,8 +89,8 @@ class SearchConfig:
                  f"{key} must be a non-empty string")
         need(isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget > 0,
              f"budget must be a positive integer, got {self.budget!r}")
-        need(isinstance(self.workers, int) and not isinstance(self.workers, bool)
-             and 1 <= self.workers <= 512, f"workers must be an integer in 1..512, got {self.workers!r}")
+        need(self.workers is None or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+             and 1 <= self.workers <= 512), f"workers must be an integer in 1..512, got {self.workers!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool),
              f"seed must be an integer, got {self.seed!r}")
         need(isinstance(self.archs, list) and self.archs and all(isinstance(a, str) and a for a in self.archs),

@@ -75,11 +75,12 @@ class Setup:
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
+        """Resolve and check every part before anything is written: bad input loses nothing."""
         for path in config.plugins:
             registry.load_plugin_file(path)
         from opsearch.rejection import RejectionPipeline
         from opsearch.space import SearchSpace
-        from opsearch.trainers.evaluator import EvalConfig
+        from opsearch.trainers.evaluator import load_data
 
         space = SearchSpace.from_name(config.space, **config.space_options)
         algorithm_cls = registry.algorithms.get(config.algorithm)
@@ -90,11 +91,15 @@ class Setup:
             registry.layers.get(layer)
         pipeline = RejectionPipeline.from_spec(config.filters, config.filter_options)
         eval_config = make_eval_config(config)
+        _device_for(config, 0)  # no such device: say so now
+        load_data(eval_config)  # a missing or unreadable data directory: say so now
         if config.storage:
             url, study_name = config.storage, config.name
         else:
             url, study_name = resolve(config.name)
-        return cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
+        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
+        setup.new_algorithm(config.seed)  # unknown or bad algorithm options: say so now
+        return setup
 
     def new_algorithm(self, seed: int):
         return self.algorithm_cls(self.space, len(self.config.archs), seed,
@@ -457,7 +462,7 @@ def run_search(config: SearchConfig, progress=None) -> Run:
     enqueue_baselines(run, setup)
     if progress is not None:
         progress.start(run)
-    if config.workers == 1:
+    if resolved_workers(config) == 1:
         device = _device_for(config, 0)
         worker = Worker(setup, run=run, device_index=device,
                         on_result=(progress.on_result if progress is not None else None))
@@ -470,23 +475,58 @@ def run_search(config: SearchConfig, progress=None) -> Run:
     return run
 
 
+def device_ids(config: SearchConfig) -> list[int] | None:
+    """The GPUs a search may use (None on CPU); devices that do not exist are a UserError."""
+    if config.accelerator not in ("gpu", "cuda", "auto"):
+        return None
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        if config.accelerator == "auto":
+            return None
+        raise UserError(f"accelerator {config.accelerator!r} asked for, but torch sees no CUDA "
+                        "device (torch.cuda.is_available() is False)")
+    devices = config.devices
+    if devices in ("auto", -1, "-1", None):
+        return list(range(n))
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
+        count = int(devices)
+        if not 1 <= count <= n:
+            raise UserError(f"--devices {devices}: this machine has {n} CUDA device(s)")
+        return list(range(count))
+    items = devices if isinstance(devices, list) else [d for d in str(devices).split(",") if d.strip()]
+    try:
+        ids = [int(d) for d in items]
+    except ValueError:
+        raise UserError(f"--devices {devices!r}: expected a count, a list like '0,1', or auto") from None
+    bad = [i for i in ids if not 0 <= i < n]
+    if bad:
+        raise UserError(f"--devices {devices}: no CUDA device {bad[0]} (this machine has {n})")
+    return ids
+
+
 def _device_for(config: SearchConfig, index: int) -> int | None:
-    if config.accelerator in ("gpu", "cuda"):
-        import torch
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise UserError("accelerator gpu asked for, but torch sees no CUDA device")
-        return index % n
-    return None
+    ids = device_ids(config)
+    return None if ids is None else ids[index % len(ids)]
+
+
+def resolved_workers(config: SearchConfig) -> int:
+    """--workers, or one worker per device on GPUs."""
+    if config.workers is not None:
+        return config.workers
+    ids = device_ids(config)
+    return len(ids) if ids else 1
 
 
 def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
-    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    workers = resolved_workers(config)
+    threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
                          args=(config.to_dict(), i, lock, _device_for(config, i), threads))
-             for i in range(config.workers)]
+             for i in range(workers)]
     for p in procs:
         p.start()
     try:

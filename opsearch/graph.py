@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import pyglove as pg
 
 from opsearch.errors import InvalidCandidate
-from opsearch.ops import OPS, PREC_ADD, PREC_ATOM, PREC_MUL
+from opsearch.ops import OPS, PREC_ADD, PREC_ATOM
 
 INITIAL_VALUES = ("x", "zero", "v0", "v1")
 NUM_INITIAL = len(INITIAL_VALUES)

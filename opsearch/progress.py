@@ -40,7 +40,7 @@ class SearchProgress:
         self.console.print(f"[bold]opsearch search[/] run [cyan]{escape(c.name)}[/] "
                            f"({escape(where)}): space {c.space}, algorithm {c.algorithm}, "
                            f"dataset {c.dataset}, archs {', '.join(c.archs)}, budget {c.budget}, "
-                           f"workers {c.workers}")
+                           f"workers {c.workers or 1}")
         if finished:
             self.console.print(f"resuming: {finished} candidates already finished, "
                                f"{done - finished} queued or in flight")
@@ -96,28 +96,27 @@ class SearchProgress:
     def summary(self, run: Run, seconds: float) -> None:
         """Leaderboard beside the known layers, counts, and the PNG plots."""
         from opsearch import report
+        from opsearch.commands.plot import write_plots
+        from opsearch.commands.show import print_summary
 
-        trials = run.trials()
-        plots_dir = None
+        trials = run.storage.get_all_trials(run.study_id, deepcopy=False)
+        paths: list[str] = []
         if self.config.plots:
             try:
-                plots_dir = report.write_plots_for_records(trials, run.archs,
-                                                           os.path.join(_run_dir(self.config), "plots"))
+                paths = write_plots(trials, run.attrs, os.path.join(_run_dir(self.config), "plots"))
             except Exception as e:  # plots are a convenience: never lose a finished search
                 self.console.print(f"[yellow]plots not written: {escape(str(e))}[/]")
         if self.quiet:
             return
-        report.print_summary_for_records(trials, run.archs, console=Console(highlight=False))
+        print_summary(report.summary(trials, run.attrs), title=f"run {self.config.name}")
         per = (sum(self.candidate_seconds) / len(self.candidate_seconds)) if self.candidate_seconds else 0
         self.console.print(
             f"done in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-            + f"; mean {per:.2f} s per candidate; best so far: "
-            + ", ".join(f"{a} {v:.3f}" for a, v in self.best.items()))
-        if plots_dir:
-            self.console.print(f"plots: {plots_dir}")
-        self.console.print(f"details: opsearch show {self.config.name}"
-                           + (f" --storage {self.config.storage}" if self.config.storage else "")
-                           + f"   export the best: opsearch export {self.config.name} -o layer.py")
+            + f"; mean {per:.2f} s per candidate")
+        if paths:
+            self.console.print(f"plots: {', '.join(paths)}")
+        target = self.config.storage or self.config.name
+        self.console.print(f"next: opsearch show {target}   |   opsearch export {target} -o layer.py")
 
 
 def _run_dir(config: SearchConfig) -> str:

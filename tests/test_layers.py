@@ -98,8 +98,9 @@ def test_required_known_layers_exist():
         assert isinstance(registry.layers.get(name), graph.LayerGraph)
 
 
+@pytest.mark.parametrize("batch", [6, 64])  # 64: >= 4096 elements, the helpers' custom autograd paths
 @pytest.mark.parametrize("name", sorted(registry.layers.names()))
-def test_known_layer_equals_its_formula_in_training_and_eval(name):
+def test_known_layer_equals_its_formula_in_training_and_eval(name, batch):
     torch.manual_seed(0)
     layer = layers.build(name, C, groups=GROUPS).double()
     with torch.no_grad():  # non-trivial parameters, so every term matters
@@ -110,12 +111,12 @@ def test_known_layer_equals_its_formula_in_training_and_eval(name):
     formula = Formula(name)
     p = dict(layer.named_parameters())
     for step in range(4):  # training steps update the running statistics
-        x = torch.randn(6, C, 5, 4, dtype=torch.float64) * 2 + 0.7
+        x = torch.randn(batch, C, 5, 4, dtype=torch.float64) * 2 + 0.7
         with torch.no_grad():
             torch.testing.assert_close(layer(x), formula(x, p, training=True), rtol=1e-5, atol=1e-12)
     layer.eval()
     for _ in range(2):
-        x = torch.randn(5, C, 5, 4, dtype=torch.float64) * 2 + 0.7
+        x = torch.randn(batch - 1, C, 5, 4, dtype=torch.float64) * 2 + 0.7
         with torch.no_grad():
             torch.testing.assert_close(layer(x), formula(x, p, training=False), rtol=1e-5, atol=1e-12)
 

@@ -244,6 +244,7 @@ class Evaluator:
         """A fresh Trainer for one training stage: no logger, checkpoints, progress bar, model
         summary or sanity validation (construction costs ~5 ms)."""
         import pytorch_lightning as pl
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
 
         c = self.config
         try:
@@ -256,7 +257,7 @@ class Evaluator:
                 benchmark=False, inference_mode=True, default_root_dir=None)
         except UserError:
             raise
-        except (ValueError, RuntimeError, TypeError) as e:  # MisconfigurationException is a ValueError
+        except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
             raise UserError(f"cannot run on accelerator={c.accelerator!r} devices={c.devices!r} "
                             f"strategy={c.strategy!r} precision={c.precision!r}: {e}".replace("\n", " ")) from None
 

@@ -1,0 +1,57 @@
+"""`opsearch evaluate`: JSON for scripts, one-line errors with exit status 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opsearch import graph, layers
+from opsearch.cli import main
+
+TINY = ["--dataset", "synthetic", "--archs", "resnet,mobilenetv2", "--steps", "4", "--batch-size", "32",
+        "--accelerator", "cpu", "-O", "arch_options.width=4", "-O", "warmup_steps=1"]
+
+
+def test_json_output_has_accuracy_per_architecture(capsys):
+    assert main(["evaluate", "bn_relu", *TINY, "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # stdout holds the JSON object and nothing else
+    assert set(out["accuracies"]) == {"resnet", "mobilenetv2"}
+    assert all(0.0 <= v <= 1.0 for v in out["accuracies"].values())
+    assert out["per_arch"]["resnet"]["steps"] == 4 and out["per_arch"]["resnet"]["diverged"] is False
+    assert out["layer"] == "bn_relu" and out["config"]["steps"] == 4
+    assert "resnet" in captured.err  # progress for a person goes to stderr
+
+
+def test_graph_file_as_layer(tmp_path, capsys):
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps(graph.to_dict(layers.get_graph("evonorm_s0"))))
+    assert main(["evaluate", str(path), *TINY, "--archs", "resnet", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)["accuracies"]) == {"resnet"} and captured.err == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "bn_rleu"], "known: .*bn_relu"),
+    (["evaluate", "bn_relu", "--archs", "resnet,vgg"], "known: .*mobilenetv2"),
+    (["evaluate", "bn_relu", "--dataset", "mnist"], "known: .*digits"),
+    (["evaluate", "bn_relu", "--devices", "two"], "--devices"),
+    (["evaluate", "bn_relu", "--steps", "0"], "steps"),
+    (["evaluate", "bn_relu", "-O", "colour=1"], "unknown evaluation option"),
+    (["evaluate", "bn_relu", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "data_batch_1"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+
+
+def test_devices_that_do_not_exist_exit_2(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    assert main(["evaluate", "bn_relu", *TINY, "--accelerator", "gpu"]) == 2
+    assert "cannot run on accelerator='gpu'" in capsys.readouterr().err
