@@ -189,7 +189,8 @@ class Candidate:
     def build(self, num_channels: int) -> Any:
         """A fresh compiled layer (its own parameters and running statistics)."""
         from opsearch import layers
-        return layers.build(self.plain, num_channels, **self.layer_options)
+        options = {k: v for k, v in self.layer_options.items() if k in layers.OPTIONS}
+        return layers.build(self.plain, num_channels, **options)
 
     def norm_act(self):
         """The `norm_act(num_channels, act)` factory the proxy architectures take."""
@@ -213,6 +214,11 @@ class FilterContext:
     equivalence: "EquivalenceCache" = field(default_factory=lambda: EquivalenceCache())
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def layer_options(self) -> dict[str, Any]:
+        """The run's layer options (eps, groups, momentum, no_act) from the eval config."""
+        options = getattr(self.eval_config, "layer_options", None)
+        return dict(options) if isinstance(options, dict) else {}
 
     def get_evaluator(self):
         if self.evaluator is None:
@@ -291,9 +297,13 @@ class RejectionPipeline:
         filters = []
         for name in names:
             filter_cls = registry.rejection_filters.get(name)
+            opts = dict(options.get(name) or {})
+            _check_options(name, filter_cls, opts)
             try:
-                filters.append(filter_cls(**dict(options.get(name) or {})))
-            except TypeError as e:
+                filters.append(filter_cls(**opts))
+            except (TypeError, ValueError) as e:
+                if isinstance(e, UserError):
+                    raise
                 raise UserError(f"rejection filter {name!r}: bad options: {e}") from None
         return cls(filters)
 
@@ -302,6 +312,8 @@ class RejectionPipeline:
         return [f.name for f in self.filters]
 
     def run(self, candidate: Candidate, context: FilterContext) -> PipelineOutcome:
+        if not candidate.layer_options:
+            candidate.layer_options = context.layer_options()
         verdicts: list[Verdict] = []
         for flt in self.filters:
             start = time.perf_counter()
@@ -315,6 +327,26 @@ class RejectionPipeline:
             if not verdict.passed:
                 break
         return PipelineOutcome(verdicts)
+
+
+def _check_options(name: str, filter_cls: Any, options: dict) -> None:
+    """Unknown option names fail with the known ones and the closest match."""
+    import difflib
+    import inspect
+
+    try:
+        params = inspect.signature(filter_cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and filter_cls.__init__ is not Filter.__init__:
+        return
+    known = [p for p, v in params.items() if p != "self" and v.kind is not v.VAR_KEYWORD]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"rejection filter {name!r}: unknown option {key!r}{hint}; "
+                            f"known: {', '.join(known) or '(none)'}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -427,14 +427,15 @@ class Run:
     def sync(self) -> list[TrialRecord]:
         """Fetch trials created or finished since the last sync; returns those newly finished."""
         storage = self.storage
-        if isinstance(storage, RDBStorage) and hasattr(storage, "_get_trials"):
-            fresh = storage._get_trials(self.study_id, None, set(self._unfinished), self._max_id)
-        else:
-            fresh = [t for t in storage.get_all_trials(self.study_id, deepcopy=False)
+        fresh: list[TrialRecord] | None = None
+        if isinstance(storage, RDBStorage):
+            fresh = _read_rdb_trials(storage, self.study_id, self._max_id, self._unfinished)
+        if fresh is None:
+            fresh = [TrialRecord.from_frozen(t)
+                     for t in storage.get_all_trials(self.study_id, deepcopy=False)
                      if t._trial_id > self._max_id or t._trial_id in self._unfinished]
         newly_finished = []
-        for t in fresh:
-            record = TrialRecord.from_frozen(t)
+        for record in fresh:
             known = self._trials.get(record.trial_id)
             if record.state.is_finished() and (known is None or not known.state.is_finished()):
                 newly_finished.append(record)
@@ -529,6 +530,70 @@ def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
     for key, value in user_attrs.items():
         storage.set_trial_user_attr(trial_id, key, value)
     storage.set_trial_state_values(trial_id, state, values)
+
+
+_RDB_FAST_READ = True
+
+
+def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
+                     also: set[int]) -> list[TrialRecord] | None:
+    """Trials with id > after_id or in `also`, read with four plain SELECTs.
+
+    Optuna's own reader builds ORM objects for every attribute row: about 3 s for a
+    10,000-trial study here, against a few hundred ms for this. It reads Optuna's documented
+    table layout; on any surprise (a future schema) it returns None and the caller takes
+    Optuna's public API instead.
+    """
+    global _RDB_FAST_READ
+    if not _RDB_FAST_READ:
+        return None
+    import sqlalchemy
+
+    ids_filter = "t.trial_id > :after"
+    params: dict[str, Any] = {"study": study_id, "after": after_id}
+    if also:
+        ids_filter += " OR t.trial_id IN (" + ",".join(str(int(i)) for i in sorted(also)) + ")"
+    where = f"t.study_id = :study AND ({ids_filter})"
+    try:
+        with storage.engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(
+                f"SELECT t.trial_id, t.number, t.state, t.datetime_start FROM trials t WHERE {where}"),
+                params).all()
+            records: dict[int, TrialRecord] = {}
+            for trial_id, number, state, start in rows:
+                state_name = state.name if hasattr(state, "name") else str(state)
+                records[trial_id] = TrialRecord(int(number), int(trial_id), TrialState[state_name],
+                                                None, {}, {}, _as_datetime(start))
+            if not records:
+                return []
+            for table, target in (("trial_user_attributes", "user_attrs"),
+                                  ("trial_system_attributes", "system_attrs")):
+                for trial_id, key, value_json in conn.execute(sqlalchemy.text(
+                        f"SELECT a.trial_id, a.key, a.value_json FROM {table} a "
+                        f"JOIN trials t ON t.trial_id = a.trial_id WHERE {where}"), params):
+                    getattr(records[trial_id], target)[key] = json.loads(value_json)
+            values: dict[int, dict[int, float]] = {}
+            for trial_id, objective, value, value_type in conn.execute(sqlalchemy.text(
+                    "SELECT v.trial_id, v.objective, v.value, v.value_type FROM trial_values v "
+                    f"JOIN trials t ON t.trial_id = v.trial_id WHERE {where}"), params):
+                kind = value_type.name if hasattr(value_type, "name") else str(value_type)
+                number = {"INF_POS": math.inf, "INF_NEG": -math.inf}.get(kind, value)
+                values.setdefault(trial_id, {})[int(objective)] = float(number)
+    except Exception:
+        _RDB_FAST_READ = False  # not the layout we know: use Optuna's reader from now on
+        return None
+    for trial_id, by_objective in values.items():
+        records[trial_id].values = tuple(by_objective[k] for k in sorted(by_objective))
+    return sorted(records.values(), key=lambda r: r.trial_id)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
 
 
 def frozen_trials(study: optuna.Study) -> list[FrozenTrial]:

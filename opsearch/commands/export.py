@@ -52,15 +52,20 @@ def select_trial(trials: list[Any], archs: list[str], number: int | None) -> Any
 
 
 def layer_options(study_attrs: dict[str, Any]) -> dict[str, Any]:
-    """Compile options the run used (eps, groups, momentum), when its config recorded them."""
+    """Compile options the run used (eps, groups, momentum), where its stored config has them:
+    ``config.evaluator.layer_options`` (the search config) or ``config.layer_options``."""
     try:
         config = json.loads(study_attrs.get("config") or "{}")
     except (TypeError, ValueError):
         return {}
     if not isinstance(config, dict):
         return {}
-    found = config.get("layer_options") if isinstance(config.get("layer_options"), dict) else config
-    return {k: found[k] for k in LAYER_OPTION_KEYS if isinstance(found.get(k), (int, float))}
+    evaluator = config.get("evaluator") if isinstance(config.get("evaluator"), dict) else {}
+    for found in (evaluator.get("layer_options"), config.get("layer_options")):
+        if isinstance(found, dict):
+            return {k: found[k] for k in LAYER_OPTION_KEYS
+                    if isinstance(found.get(k), (int, float)) and not isinstance(found.get(k), bool)}
+    return {}
 
 
 def trial_graph(trial: Any):
