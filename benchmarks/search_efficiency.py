@@ -159,6 +159,19 @@ def search(name: str, options: dict, seed: int, space: SearchSpace, proxy: Proxy
     return Result(name, seed, reached, evaluations, proposals, best, time.perf_counter() - start)
 
 
+def _run_task(task) -> Result:
+    """One (algorithm, seed) run; a top-level function so that worker processes can run it."""
+    name, options, seed, space_name, space_options, target, k, thresholds, max_evals = task
+    torch.set_num_threads(1)
+    space = SearchSpace.from_name(space_name, **space_options)
+    r = search(name, options, seed, space, Proxy(target, k), k, thresholds, max_evals)
+    reached = ", ".join(f"{t}: {v[0] if v else '-'}" for t, v in r.thresholds.items())
+    print(f"{name:24s} seed {seed}: evaluations to reach {{{reached}}}; stopped after "
+          f"{r.evaluations} evaluations / {r.proposals} proposals (best {r.best:.4f}, "
+          f"{r.seconds:.0f}s)", file=sys.stderr, flush=True)
+    return r
+
+
 def parse_options(text: str) -> dict:
     """'nsga2:population_size=20;regularized_evolution:tournament_size=4' -> per-algorithm dict."""
     out: dict[str, dict] = {}
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--space", default="evonorm")
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-evals", type=int, default=10000, help="give up after this many evaluations")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (results identical)")
     p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON")
     args = p.parse_args(argv)
 
@@ -188,19 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
     space_options = {} if args.num_nodes is None else {"num_nodes": args.num_nodes}
     space = SearchSpace.from_name(args.space, **space_options)
-    proxy = Proxy(args.target, args.objectives)
     options = parse_options(args.options)
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
-    results: list[Result] = []
-    for name in names:
-        for seed in range(args.seeds):
-            r = search(name, options.get(name, {}), seed, space, proxy, args.objectives,
-                       thresholds, args.max_evals)
-            results.append(r)
-            reached = ", ".join(f"{t}: {v[0] if v else '-'}" for t, v in r.thresholds.items())
-            print(f"{name:24s} seed {seed}: evaluations to reach {{{reached}}}; stopped after "
-                  f"{r.evaluations} evaluations / {r.proposals} proposals (best {r.best:.4f}, "
-                  f"{r.seconds:.0f}s)", file=sys.stderr, flush=True)
+    tasks = [(name, options.get(name, {}), seed, args.space, space_options, args.target, args.objectives,
+              thresholds, args.max_evals) for name in names for seed in range(args.seeds)]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = list(pool.imap(_run_task, tasks))
+    else:
+        results = [_run_task(task) for task in tasks]
 
     print(f"\nTarget layer {args.target}; score = min over {args.objectives} probe batches of the "
           f"per-channel affine R^2; space {space.name} ({space.num_nodes} nodes); {args.seeds} seeds; "

@@ -392,6 +392,8 @@ def _generate_forward(plain: PlainGraph) -> tuple[list[str], list[tuple[str, flo
     grouped: dict[int, str] = {}
     for j in live:
         v = vals[j]
+        if v.zero:  # a folded constant zero: operands read it as `_zero`, nothing to emit
+            continue
         if v.agg is not None:
             _emit_aggregate(em, j, v, moments, shared, grouped)
             continue

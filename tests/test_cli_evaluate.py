@@ -9,7 +9,7 @@ from opsearch import graph, layers
 from opsearch.cli import main
 
 TINY = ["--dataset", "synthetic", "--archs", "resnet,mobilenetv2", "--steps", "4", "--batch-size", "32",
-        "--accelerator", "cpu", "-O", "arch_options.width=4", "-O", "warmup_steps=1"]
+        "--accelerator", "cpu", "-O", "arch_options.width=4", "-O", "warmup_steps=1", "-O", "threads=1"]
 
 
 def test_json_output_has_accuracy_per_architecture(capsys):

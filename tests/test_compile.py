@@ -363,3 +363,19 @@ def test_custom_autograd_helpers_have_correct_first_and_second_derivatives():
     assert torch.autograd.gradcheck(h["_Max"].apply, (b, a))
     assert torch.autograd.gradgradcheck(h["_Max"].apply, (b, a))
     torch.testing.assert_close(h["_Max"].apply(b, a), torch.maximum(b, a))
+
+
+def test_folded_zero_used_twice_compiles():
+    """Regression: abs(zero) feeds two nodes; the folded zero must not be emitted as `t4 = `."""
+    import torch
+
+    from opsearch.compile import compile_graph
+
+    g = (("abs", (1,)), ("sqrt", (4,)), ("log", (4,)), ("max", (5, 0)), ("sigmoid", (7,)),
+         ("add", (8, 6)))
+    x = torch.randn(2, 4, 3, 3)
+    y = compile_graph(g, 4)(x)
+    eps = 1e-5
+    expected = torch.sigmoid(torch.maximum(torch.full_like(x, eps ** 0.5), x)) + torch.log(
+        torch.tensor(eps))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)

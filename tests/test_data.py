@@ -71,6 +71,15 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not all(torch.equal(a, b) for a, b in zip(straight, other_seed))
 
 
+def test_grouped_batches_are_the_same_batches_stacked():
+    straight = [y for _, y in _stream(start_step=3, num_steps=9)]
+    grouped = list(_stream(start_step=3, num_steps=9).grouped(4))
+    assert len(grouped) == len(_stream(num_steps=9).grouped(4)) == 3  # 4 + 4 + 1 steps
+    assert [ys.shape[0] for _, ys in grouped] == [4, 4, 1]
+    assert all(xs.shape[1:] == (16, 1, 1, 1) for xs, _ in grouped)
+    assert all(torch.equal(a, b) for a, b in zip(straight, [y for _, ys in grouped for y in ys]))
+
+
 def test_an_epoch_has_no_repeats():
     first_epoch = torch.cat([y for _, y in _stream(num_steps=6)])  # 100 // 16 = 6 batches
     assert len(first_epoch.unique()) == 96

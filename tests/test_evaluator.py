@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from opsearch.errors import UserError
 from opsearch.trainers.evaluator import (EvalConfig, Evaluator, EvaluatorPool, evaluate_many)
 from opsearch.trainers.lit import learning_rate
 
+# One torch thread: as fast for these tiny nets, and immune to OpenMP spinning on a busy machine.
 TINY = dict(dataset="synthetic", steps=30, batch_size=32, warmup_steps=2, lr=0.2,
-            arch_options={"width": 4}, accelerator="cpu")
+            arch_options={"width": 4}, accelerator="cpu", threads=1)
 
 
 def tiny(**kw) -> EvalConfig:
@@ -29,6 +29,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert lrs[0] == pytest.approx(0.02) and lrs[9] == pytest.approx(0.2) and lrs[10] == pytest.approx(0.2)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.001 and learning_rate(100, 100, 0.2, 10) == 0.0
+    assert learning_rate(0, 10, 1.0, 0) == 1.0  # no warmup: full rate at once
 
 
 def test_evaluate_learns_on_every_architecture_and_is_deterministic():
@@ -44,8 +45,10 @@ def test_evaluate_learns_on_every_architecture_and_is_deterministic():
 
 
 def test_staged_training_equals_straight_training():
+    # The straight run takes one step per Lightning call, the staged one 10 (stages of 7 and 23
+    # steps cut the groups unevenly): the arithmetic must be the same either way.
     config = tiny(archs=("resnet", "mobilenetv2"))
-    straight = Evaluator(config).start("bn_relu")
+    straight = Evaluator(tiny(archs=("resnet", "mobilenetv2"), steps_per_call=1)).start("bn_relu")
     final = straight.train_until(30)
     staged = Evaluator(config).start("bn_relu")
     early = staged.train_until(7)
@@ -157,4 +160,12 @@ def test_evaluate_many_in_worker_processes_equals_one_process():
 def test_pool_rejects_bad_config_before_starting_workers():
     with pytest.raises(UserError):
         EvaluatorPool(tiny(archs=("nope",)), workers=2)
-    assert math.isclose(learning_rate(0, 10, 1.0, 0), 1.0)
+
+
+def test_several_devices_mean_ddp_forked_from_this_process():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    for config in (tiny(devices=2), tiny(devices="2", strategy="ddp"), tiny(devices=2, strategy="ddp_spawn")):
+        strategy = Evaluator(config)._strategy()
+        assert isinstance(strategy, DDPStrategy) and strategy._start_method in ("fork", "spawn")
+    assert Evaluator(tiny())._strategy() == "auto"

@@ -222,9 +222,3 @@ def build(name: str, norm_act: NormAct, num_classes: int, in_channels: int, **op
     from opsearch import registry
 
     return registry.architectures.get(name)(norm_act, num_classes, in_channels, **options)
-
-
-def bn_relu_factory(num_channels: int, act: bool) -> nn.Module:
-    """A hand-written BatchNorm(+ReLU) norm_act factory: a reference independent of the IR."""
-    bn = nn.BatchNorm2d(num_channels)
-    return nn.Sequential(bn, nn.ReLU()) if act else bn

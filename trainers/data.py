@@ -156,6 +156,36 @@ class BatchStream:
         for step in range(self.start_step, self.start_step + self.num_steps):
             yield self.batch(step)
 
+    def grouped(self, steps_per_item: int) -> "GroupedBatches":
+        """The same batches, `steps_per_item` at a time, stacked: (k, B, C, H, W), (k, B)."""
+        return GroupedBatches(self, steps_per_item)
+
+
+class GroupedBatches:
+    """Consecutive batches of a BatchStream stacked along a new first dimension, so that a
+    training loop with per-item overhead (Lightning's hooks) pays it once per k steps."""
+
+    def __init__(self, stream: BatchStream, steps_per_item: int):
+        if steps_per_item < 1:
+            raise UserError(f"steps per item must be >= 1, got {steps_per_item}")
+        self.stream = stream
+        self.k = steps_per_item
+
+    def __len__(self) -> int:
+        return -(-self.stream.num_steps // self.k)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.stream
+        stop = s.start_step + s.num_steps
+        for first in range(s.start_step, stop, self.k):
+            steps = range(first, min(first + self.k, stop))
+            idx = torch.cat([s.indices(step) for step in steps])
+            if idx.device != s.x.device:
+                idx = idx.to(s.x.device, non_blocking=True)
+            n = len(steps)
+            x = s.x.index_select(0, idx)
+            yield x.view(n, -1, *x.shape[1:]), s.y.index_select(0, idx).view(n, -1)
+
 
 def shard(n: int, rank: int, world_size: int) -> slice:
     """The contiguous part of n items that rank `rank` of `world_size` evaluates."""
@@ -329,8 +359,10 @@ def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
                   validation: str = "holdout", val_fraction: float = 1 / 12,
                   train_size: int | None = None, val_size: int | None = None,
                   download: bool = False) -> ArrayData:
-    """Fashion-MNIST from the standard IDX files (28x28 grey, 10 classes); Debian's
-    dataset-fashion-mnist is found automatically."""
+    """Fashion-MNIST from the standard IDX files (28x28 grey, 10 classes), Debian's found by itself.
+
+    Looks in `data_dir` (and its fashion-mnist/, FashionMNIST/raw/), else $OPSEARCH_DATA_DIR,
+    else where Debian's dataset-fashion-mnist package puts the files."""
     dirs = _candidate_dirs(data_dir, ("fashion-mnist", "FashionMNIST/raw"), FASHION_MNIST_SEARCH_PATH)
     files = _find_files(FASHION_MNIST_FILES, dirs)
     if files is None and download:
@@ -477,5 +509,5 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(payload)
 
 
-__all__ = ["ArrayData", "BatchStream", "load", "read_idx", "read_cifar_batch", "write_idx",
+__all__ = ["ArrayData", "BatchStream", "GroupedBatches", "load", "read_idx", "read_cifar_batch", "write_idx",
            "download_cifar10", "shard", "digits", "synthetic", "fashion_mnist", "cifar10"]

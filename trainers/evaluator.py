@@ -79,6 +79,9 @@ class EvalConfig:
     # Options for opsearch.layers.norm_act (eps, groups, no_act, ...).
     layer_options: dict = field(default_factory=dict)
     val_batch_size: int = 1024
+    # Optimizer steps per Lightning training_step call (amortises Lightning's per-call overhead;
+    # results do not depend on it; 1 under multi-process DDP).
+    steps_per_call: int = 10
     channels_last: bool | None = None  # None: channels-last on CPU (faster there), not on GPU
     threads: int | None = None  # torch intra-op threads while evaluating (None: leave as is)
 
@@ -92,6 +95,7 @@ class EvalConfig:
             raise UserError(f"architectures repeat: {', '.join(self.archs)}")
         for name, value, low in (("steps", self.steps, 1), ("batch size", self.batch_size, 1),
                                  ("val batch size", self.val_batch_size, 1),
+                                 ("steps_per_call", self.steps_per_call, 1),
                                  ("warmup steps", self.warmup_steps, 0), ("num_nodes", self.num_nodes, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -208,6 +212,15 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+def _several(devices: Any) -> bool:
+    """Whether Lightning's `devices` asks for more than one device (an int, "N", or a list)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    return isinstance(devices, int) and not isinstance(devices, bool) and devices > 1
+
+
 def _launched_externally() -> bool:
     """True inside torchrun/SLURM-style launches, where Lightning's own "ddp" is right."""
     return any(v in os.environ for v in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"))
@@ -228,17 +241,20 @@ class Evaluator:
 
     # -- Lightning --------------------------------------------------------------------------
     def _strategy(self):
-        """Lightning's strategy, except that the DDP family detects unused parameters (a compiled
-        candidate holds v0/v1 even where its formula ignores them) and that plain "ddp", outside
-        a launcher, forks its ranks instead of re-running the command line."""
+        """Lightning's strategy, except that the DDP family runs with a static graph (DDP then
+        accepts parameters that never get a gradient: a compiled candidate holds v0/v1 even where
+        its formula ignores them) and that plain "ddp", outside a launcher, forks its ranks from
+        this process instead of re-running the command line."""
         strategy = self.config.strategy
+        if strategy == "auto" and _several(self.config.devices):
+            strategy = "ddp"  # what Lightning's auto picks for several devices, launched our way
         start_methods = {"ddp": "fork", "ddp_fork": "fork", "ddp_notebook": "fork", "ddp_spawn": "spawn"}
         if isinstance(strategy, str) and strategy in start_methods:
             from pytorch_lightning.strategies import DDPStrategy
 
             if strategy == "ddp" and _launched_externally():
-                return DDPStrategy(find_unused_parameters=True)
-            return DDPStrategy(start_method=start_methods[strategy], find_unused_parameters=True)
+                return DDPStrategy(static_graph=True)
+            return DDPStrategy(start_method=start_methods[strategy], static_graph=True)
         return strategy
 
     def trainer(self, max_steps: int):
@@ -314,7 +330,7 @@ class EvalSession:
                              weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                              label_smoothing=c.label_smoothing, val_batch_size=c.val_batch_size,
                              nesterov=c.nesterov, channels_last=c.channels_last)
-        return _ArchRun(module, ProxyDataModule(data, c.batch_size, c.seed))
+        return _ArchRun(module, ProxyDataModule(data, c.batch_size, c.seed, c.steps_per_call))
 
     def train_until(self, step: int, progress: Callable[[str, ArchResult], None] | None = None
                     ) -> dict[str, float]:

@@ -125,6 +125,10 @@ def run(args) -> int:
     layer = args.layer
     if not os.path.exists(layer) and layer not in registry.layers:
         registry.layers.get(layer)  # unknown name: UserError listing the known layers
+    if os.path.exists(layer):
+        from opsearch import layers
+
+        layers.load(layer)  # a malformed graph file: one line now, before any output
     config = build_eval_config(args)
 
     from rich.console import Console

@@ -16,7 +16,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from opsearch import graph, ops
 from opsearch.algorithm import Option
+from opsearch.errors import UserError
 from opsearch.space import Genome, SearchSpace
 
 MUTATION_OPTIONS: dict[str, Option] = {
@@ -41,7 +43,6 @@ class GraphMutator:
         self.space = space
         self.weights = (float(mutate_op), float(mutate_input), float(mutate_node))
         if sum(self.weights) <= 0:
-            from opsearch.errors import UserError
             raise UserError("mutation weights mutate_op + mutate_input + mutate_node must be > 0")
         self.live_only = live_only
         self.retries = retries
@@ -98,8 +99,6 @@ class GraphMutator:
         nodes = range(self.space.num_nodes)
         if not self.live_only:
             return [k for k in nodes if self._node_genes[k]]
-        from opsearch import graph
-
         try:
             live = sorted(graph.live_nodes(plain))
         except (ValueError, KeyError, IndexError, TypeError):
@@ -161,16 +160,12 @@ class GraphMutator:
 
 
 def _arity(op: str) -> int | None:
-    from opsearch import ops
-
     spec = ops.OPS.get(op) if isinstance(op, str) else None
     return getattr(spec, "arity", None) if spec is not None else None
 
 
 def canonical_hash(plain) -> str | None:
     """graph.canonical_hash, or None for a graph it cannot hash (unknown op, bad index)."""
-    from opsearch import graph
-
     try:
         return graph.canonical_hash(plain)
     except (ValueError, KeyError, IndexError, TypeError):
