@@ -339,7 +339,7 @@ class Worker:
         return attrs
 
     def _acc_attrs(self, values: list[float]) -> dict[str, float]:
-        return {f"acc/{a}": round(float(v), 6) for a, v in zip(self.archs, values)}
+        return {f"acc/{a}": float(v) for a, v in zip(self.archs, values)}
 
     def _evaluate_baseline(self, record: TrialRecord) -> Outcome:
         evaluator = self.context.get_evaluator()

@@ -16,14 +16,17 @@ How the engine uses this module::
     context = FilterContext(eval_config=config, equivalence=EquivalenceCache.from_trials(trials))
     candidate = Candidate(plain_graph, layer_options={"eps": 1e-5})
     outcome = pipeline.run(candidate, context)
-    trial.set_user_attrs(outcome.user_attrs())          # filter_s/<f>, reason, hash, equiv_*
-    if outcome.status == "passed":                      # train; candidate.sessions continue
-        ...                                             # the quality filter's 100 steps
+    attrs = outcome.user_attrs(candidate)               # filter_s/<f>, reason, hash, equiv_*
+    if outcome.status == "passed":                      # train: candidate.sessions (when the
+        candidate.sessions.train_until(steps)           # quality filter ran) continue its
+        ...                                             # first 100 steps
         context.equivalence.record(candidate, trial.number, "evaluated", objectives)
     elif outcome.status.startswith("duplicate:"):       # objectives = outcome.objectives
         ...
     else:                                               # "rejected:<filter>"
         context.equivalence.record(candidate, trial.number, outcome.status)
+
+Workers that share a study feed each other's finished trials with `EquivalenceCache.add_trial`.
 """
 from __future__ import annotations
 
@@ -163,7 +166,7 @@ class Candidate:
         self._formula: str | None = None
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
-        self.sessions: Any = None  # the quality filter's EvalSession, continued by the engine
+        self.sessions: Any = None  # the quality filter's sessions, continued by the engine
 
     @property
     def layer_graph(self):
