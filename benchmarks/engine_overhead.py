@@ -37,7 +37,7 @@ ALGORITHMS = ["regularized_evolution", "pareto_evolution", "random", "nsga2"]
 
 def fill_history(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
     """H finished candidate trials written straight into the storage (bulk, one write each)."""
-    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
+    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
     rng = random.Random(seed)
     storage = run.storage
     now = datetime.now()
@@ -56,33 +56,40 @@ def fill_history(url: str, name: str, space: SearchSpace, n: int, seed: int) -> 
 
 
 def time_engine(url: str, name: str, space: SearchSpace, algorithm: str, candidates: int):
-    """(recovery seconds, median and mean ms per candidate) on the engine's own path."""
-    from opsearch.engine import describe_graph
+    """(recovery seconds, median and mean ms per candidate) on the engine's own worker loop.
 
+    A real `Worker` (recover, pop/propose, record RUNNING, result in one write, feedback, sync)
+    whose `process` returns a made-up result instead of filtering and training.
+    """
+    from opsearch.config import SearchConfig
+    from opsearch.engine import Outcome, Setup, Worker
+
+    config = SearchConfig(name=name, storage=url, algorithm=algorithm, archs=list(ARCHS),
+                          baselines=[], budget=10**9, dataset="synthetic")
+    setup = Setup.from_config(config)
     t0 = time.perf_counter()
-    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
-    run.sync()
-    algo = registry.algorithms.get(algorithm)(space, len(ARCHS), 0)
-    history = [(r.genome, tuple(r.values) if r.state == TrialState.COMPLETE else None)
-               for r in run.trials() if r.genome is not None]
-    algo.recover(history)
+    run = Run(setup.open_run().storage, name, url)
+    worker = Worker(setup, run=run)
+    worker.recover()
     recovery = time.perf_counter() - t0
-    me = WorkerId.current()
     rng = random.Random(1)
-    times = []
-    for _ in range(candidates):
-        t = time.perf_counter()
-        genome = algo.propose()
-        attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
-        attrs.update(describe_graph(space.decode(genome)))
-        record = run.start_trial(attrs, me)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def fake_process(record):
         values = [rng.random() for _ in ARCHS]
-        run.finish_trial(record, TrialState.COMPLETE, values,
-                         {"verdict": "evaluated", "elapsed_s": 0.0,
-                          **{f"acc/{a}": v for a, v in zip(ARCHS, values)}})
-        algo.feedback(genome, tuple(values))
-        run.sync()
-        times.append(time.perf_counter() - t)
+        return Outcome(TrialState.COMPLETE, values, {
+            "verdict": "evaluated", "elapsed_s": 0.0, **{f"acc/{a}": v for a, v in zip(ARCHS, values)}})
+
+    def on_result(record, outcome):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    worker.process = fake_process
+    worker.on_result = on_result
+    last[0] = time.perf_counter()
+    worker.run_loop(max_candidates=candidates)
     return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
@@ -90,16 +97,19 @@ def time_pyglove(url: str, name: str, space: SearchSpace, history: int, candidat
     """pyglove's regularized evolution: recover from history, then propose + record + feedback."""
     import pyglove as pg
 
-    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "x"}, [])
+    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
     run.sync()
     gen = pg.evolution.regularized_evolution(population_size=100, tournament_size=10, seed=0)
     gen.setup(space.dna_spec)
     hist = [r for r in run.trials() if r.genome is not None]
     t0 = time.perf_counter()
     items = []
-    for r in hist:
+    for position, r in enumerate(hist):
         dna = space.to_dna(r.genome)
         dna.use_spec(space.dna_spec)
+        dna.set_metadata("initial_population", False)  # what pyglove's recover expects
+        dna.set_metadata("generation_id", position)
+        dna.set_metadata("proposal_id", position)
         items.append((dna, float(sum(r.values) / len(r.values)) if r.values else 0.0))
     gen.recover(items)
     recovery = time.perf_counter() - t0

@@ -230,9 +230,10 @@ class Worker:
         done = 0
         while max_candidates is None or done < max_candidates:
             self._maybe_reap()
-            record = self.run.pop_waiting(self.identity)
-            if record is None:
-                record = self._new_candidate()
+            # a requeued candidate first; else a new one (which syncs with the study under the
+            # lock); at the budget, one more look for candidates that sync just revealed
+            record = (self.run.pop_waiting(self.identity) or self._new_candidate()
+                      or self.run.pop_waiting(self.identity))
             if record is None:
                 break
             outcome = self.process(record)
@@ -247,7 +248,6 @@ class Worker:
             faults.point("recorded")
             if self.on_result is not None:
                 self.on_result(record, outcome)
-            self._absorb(self.run.sync())
         return done
 
     def _maybe_reap(self, force: bool = False) -> None:
@@ -264,8 +264,7 @@ class Worker:
             self._absorb(self.run.sync())
             if self.run.candidates_counted() >= self.config.budget:
                 return None
-            in_flight = {r.user_attrs.get("hash") for r in self.run.trials()
-                         if not r.state.is_finished()}
+            in_flight = {r.user_attrs.get("hash") for r in self.run.unfinished()}
             for _ in range(MAX_REPROPOSALS):  # never evaluate one function twice at once
                 genome = tuple(int(g) for g in self.algorithm.propose())
                 faults.point("propose")

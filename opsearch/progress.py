@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 
@@ -18,7 +19,9 @@ class SearchProgress:
     def __init__(self, config: SearchConfig, quiet: bool = False, console: Console | None = None):
         self.config = config
         self.quiet = quiet
-        self.console = console or Console(stderr=True, highlight=False)
+        # A log file or CI gets long lines, not rich's 80-column wrap.
+        self.console = console or Console(stderr=True, highlight=False,
+                                          width=None if sys.stderr.isatty() else 200)
         self.counts: Counter[str] = Counter()
         self.best: dict[str, float] = {}
         self.start_time = time.time()

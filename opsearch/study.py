@@ -302,6 +302,8 @@ class Run:
         self.archs: list[str] = list(self.attrs.get("archs", []))
         self._trials: dict[int, TrialRecord] = {}  # by trial_id
         self._unfinished: set[int] = set()
+        self._waiting: set[int] = set()
+        self._counted: set[int] = set()  # trials that count toward the budget
         self._max_id = -1
 
     # -- creation ---------------------------------------------------------------------------
@@ -355,8 +357,7 @@ class Run:
             number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
             datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
             system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-        number = self.storage.get_trial_number_from_id(trial_id)
+        trial_id, number = _create_running(self.storage, self.study_id, template)
         record = TrialRecord(number, trial_id, TrialState.RUNNING, None, dict(user_attrs),
                              system_attrs, template.datetime_start)
         self._remember(record)
@@ -368,14 +369,15 @@ class Run:
             number=-1, state=TrialState.WAITING, value=None, datetime_start=None,
             datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
             system_attrs={}, intermediate_values={}, trial_id=-1)
-        return self.storage.create_new_trial(self.study_id, template_trial=template)
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        number = self.storage.get_trial_number_from_id(trial_id)
+        self._remember(TrialRecord(number, trial_id, TrialState.WAITING, None, dict(user_attrs), {}))
+        return trial_id
 
     def pop_waiting(self, worker: WorkerId) -> TrialRecord | None:
-        """Take a WAITING trial (a requeued candidate) for this worker, or None."""
-        self.sync()
-        for record in sorted(self._trials.values(), key=lambda r: r.number):
-            if record.state != TrialState.WAITING:
-                continue
+        """Take a WAITING trial (a requeued candidate, a baseline) known since the last sync."""
+        for trial_id in sorted(self._waiting):
+            record = self._trials[trial_id]
             try:
                 owned = self.storage.set_trial_state_values(record.trial_id, TrialState.RUNNING)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -383,7 +385,9 @@ class Run:
             except Exception:
                 owned = False  # lost a race on the database lock: another worker has it
             if not owned:
+                self._waiting.discard(trial_id)  # another worker took it
                 continue
+            self._waiting.discard(trial_id)
             self.storage.set_trial_system_attr(record.trial_id, WORKER_KEY, worker.to_json())
             self.storage.set_trial_system_attr(record.trial_id, HEARTBEAT_KEY, time.time())
             record.state = TrialState.RUNNING
@@ -408,7 +412,7 @@ class Run:
         record.state = state
         record.values = tuple(values) if values is not None else None
         record.user_attrs.update(user_attrs)
-        self._unfinished.discard(record.trial_id)
+        self._remember(record)
         return True
 
     def add_finished(self, user_attrs: dict[str, Any], state: TrialState,
@@ -450,12 +454,23 @@ class Run:
             self._unfinished.discard(record.trial_id)
         else:
             self._unfinished.add(record.trial_id)
+        if record.counts_toward_budget:
+            self._counted.add(record.trial_id)
+        else:
+            self._counted.discard(record.trial_id)
+        if record.state == TrialState.WAITING:
+            self._waiting.add(record.trial_id)
+        else:
+            self._waiting.discard(record.trial_id)
 
     def trials(self) -> list[TrialRecord]:
         return sorted(self._trials.values(), key=lambda r: r.number)
 
     def candidates_counted(self) -> int:
-        return sum(1 for r in self._trials.values() if r.counts_toward_budget)
+        return len(self._counted)
+
+    def unfinished(self) -> list[TrialRecord]:
+        return [self._trials[i] for i in self._unfinished]
 
     def baselines(self) -> dict[str, TrialRecord]:
         return {r.user_attrs.get("layer"): r for r in self._trials.values()
@@ -502,6 +517,56 @@ class Run:
         return reaped
 
 
+def _upsert_attrs(storage: RDBStorage, session, model_cls, trial_id: int,
+                  attrs: dict[str, Any]) -> None:
+    """All attributes of a trial in one multi-row upsert (Optuna writes one row per statement,
+    with a SELECT before each: about 1 ms per attribute here)."""
+    if not attrs:
+        return
+    dialect = storage.engine.name
+    rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        stmt = insert(model_cls).values(rows)
+        stmt = stmt.on_conflict_do_update(index_elements=[model_cls.trial_id, model_cls.key],
+                                          set_={"value_json": stmt.excluded.value_json})
+        session.execute(stmt)
+        return
+    for key, value in attrs.items():
+        storage._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
+
+
+def _create_running(storage: BaseStorage, study_id: int, template: FrozenTrial) -> tuple[int, int]:
+    """(trial id, number) of a new trial written with its attributes in one transaction."""
+    if isinstance(storage, RDBStorage):
+        try:
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+        except ImportError:
+            pass
+        else:
+            with _create_scoped_session(storage.scoped_session) as session:
+                # the study row lock serialises trial numbering, as Optuna's own create does
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                trial = models.TrialModel(study_id=study_id, number=None, state=template.state,
+                                          datetime_start=template.datetime_start)
+                session.add(trial)
+                session.flush()
+                _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial.trial_id,
+                              template.user_attrs)
+                _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial.trial_id,
+                              template.system_attrs)
+                trial.number = trial.count_past_trials(session)
+                session.add(trial)
+                session.flush()
+                return trial.trial_id, trial.number
+    trial_id = storage.create_new_trial(study_id, template_trial=template)
+    return trial_id, storage.get_trial_number_from_id(trial_id)
+
+
 def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
             values: list[float] | None, user_attrs: dict[str, Any]) -> None:
     """Attributes, values and state of a trial in one transaction where the storage allows it."""
@@ -515,9 +580,7 @@ def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
             with _create_scoped_session(storage.scoped_session, True) as session:
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
                 storage.check_trial_is_updatable(trial_id, trial.state)
-                for key, value in user_attrs.items():
-                    storage._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, trial_id, key, value)
+                _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial_id, user_attrs)
                 for objective, value in enumerate(values or ()):
                     storage._set_trial_value_without_commit(session, trial, objective, value)
                 trial.state = state
