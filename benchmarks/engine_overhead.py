@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--skip-references", action="store_true")
+    parser.add_argument("--reference-max-history", type=int, default=1000,
+                        help="run pyglove / Optuna only up to this history (filling Optuna with "
+                             "10,000 trials of 30 parameters takes many minutes)")
     args = parser.parse_args()
     space = SearchSpace.from_name("evonorm")
     print(f"evonorm space: {len(space.gene_sizes)} genes; {args.candidates} candidates timed per row; "
@@ -169,36 +173,30 @@ def main() -> None:
     print(f"{'history':>8} {'method':<34} {'recover s':>10} {'median ms':>10} {'mean ms':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for h in args.history:
-            url = f"sqlite:///{tmp}/h{h}.db"
-            fill_history(url, "base", space, h, seed=h)
+            base = os.path.join(tmp, f"h{h}.db")
+            fill_history(f"sqlite:///{base}", "base", space, h, seed=h)
+
+            def fresh_copy(label: str) -> str:
+                """The same history in a file of its own: each method starts from identical trials."""
+                path = os.path.join(tmp, f"h{h}_{label}.db")
+                shutil.copyfile(base, path)
+                return f"sqlite:///{path}"
+
             for algorithm in args.algorithms:
-                name = f"e_{algorithm}"
-                _copy_study(url, "base", name)
-                rec, med, mean = time_engine(url, name, space, algorithm, args.candidates)
+                rec, med, mean = time_engine(fresh_copy(algorithm.replace(":", "_")), "base", space,
+                                             algorithm, args.candidates)
                 print(f"{h:>8} {'opsearch ' + algorithm:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
                       flush=True)
-            if args.skip_references:
+            if args.skip_references or h > args.reference_max_history:
                 continue
-            name = "pg"
-            _copy_study(url, "base", name)
             n = args.candidates if h <= 1000 else max(10, args.candidates // 5)
-            rec, med, mean = time_pyglove(url, name, space, h, n)
+            rec, med, mean = time_pyglove(fresh_copy("pg"), "base", space, h, n)
             print(f"{h:>8} {'pyglove regularized_evolution':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
                   flush=True)
             rec, med, mean = time_optuna_nsga2(f"sqlite:///{tmp}/optuna{h}.db", "optuna", space, h,
                                                args.candidates)
             print(f"{h:>8} {'optuna NSGAIISampler ask/tell':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
                   flush=True)
-
-
-def _copy_study(url: str, source: str, target: str) -> None:
-    """Same history under another study name, so each method starts from identical trials."""
-    storage = optuna.storages.RDBStorage(url)
-    src = optuna.load_study(study_name=source, storage=storage)
-    dst = optuna.create_study(study_name=target, storage=storage, directions=src.directions)
-    for k, v in src.user_attrs.items():
-        dst.set_user_attr(k, v)
-    dst.add_trials(src.get_trials(deepcopy=False))
 
 
 if __name__ == "__main__":

@@ -46,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--references", default="bn_relu,evonorm_s0,evonorm_b0")
     parser.add_argument("--reference-every", type=int, default=40)
     parser.add_argument("--denormals", choices=("flush", "keep"), default="flush")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 makes CPU seconds robust to other load)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.denormals == "flush":
         torch.set_flush_denormal(True)
     import logging
@@ -104,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     records, references = [], []
 
     def reference():
+        # references use a cache of their own: they must neither be found as duplicates of
+        # each other nor make random candidates duplicates of them
         name = reference_names[len(references) % len(reference_names)]
-        rec = process(layers.resolve(name), 10_000 + len(references))
+        random_cache, context.equivalence = context.equivalence, type(context.equivalence)()
+        try:
+            rec = process(layers.resolve(name), 10_000 + len(references))
+        finally:
+            context.equivalence = random_cache
         rec["layer"] = name
         references.append(rec)
         print(f"[reference] {name:<12} {rec['status']:<22} {rec['elapsed_s']:7.2f} s "
@@ -178,6 +188,9 @@ def summarize(records, references) -> dict:
         "share_by_filter": {f: c / n for f, c in by_filter.items()},
         "duplicates": len(duplicates),
         "mean_s_rejected": mean_rejected,
+        "median_s_rejected_by_quality": statistics.median([r["elapsed_s"] for r in rejected
+                                                           if r["status"] == "rejected:quality"] or [0.0]),
+        "median_s_fully_evaluated": statistics.median([r["elapsed_s"] for r in evaluated + ref_eval] or [0.0]),
         "mean_s_rejected_or_duplicate": mean_not_trained,
         "mean_s_rejected_by_filter": {f: mean([r["elapsed_s"] for r in rejected
                                                if r["status"] == f"rejected:{f}"]) for f in by_filter},
@@ -212,6 +225,8 @@ def print_summary(s: dict) -> None:
           f"{s['mean_s_rejected_or_duplicate']:.3f}; fully evaluated: random {s['mean_s_fully_evaluated_random']:.1f} "
           f"(n={len(s['evaluated_random'])}), reference layers {s['mean_s_fully_evaluated_reference']:.1f}, "
           f"all {s['mean_s_fully_evaluated']:.1f}")
+    print(f"medians: quality rejection {s['median_s_rejected_by_quality']:.2f} s, "
+          f"full evaluation {s['median_s_fully_evaluated']:.1f} s")
     print(f"rejected / fully evaluated: {100 * s['ratio_rejected_to_full']:.2f}% of wall time; "
           f"{100 * s['ratio_rejected_to_full_cpu']:.2f}% of CPU time (rejected {s['cpu_s_rejected']:.3f} "
           f"cpu s, fully evaluated {s['cpu_s_fully_evaluated']:.1f} cpu s)")

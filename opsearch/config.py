@@ -47,6 +47,10 @@ class SearchConfig:
     filter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluator: dict[str, Any] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    # Feed the evaluated baselines that the space can express to the algorithm as its first
+    # history: evolution then starts from known layers. Our choice for small budgets (the
+    # paper's initial population is not documented); false starts from random graphs only.
+    seed_with_baselines: bool = True
     workers: int | None = None  # None: 1 on CPU, one per device on GPUs
     accelerator: str = "cpu"
     devices: str = "auto"
@@ -99,6 +103,7 @@ class SearchConfig:
         need(self.filters is None or (isinstance(self.filters, list)
                                       and all(isinstance(f, str) for f in self.filters)),
              "filters must be a list of filter names")
+        need(isinstance(self.seed_with_baselines, bool), "seed_with_baselines must be true or false")
         need(isinstance(self.baselines, list) and all(isinstance(b, str) for b in self.baselines),
              "baselines must be a list of layer names")
         for key in ("space_options", "algorithm_options", "evaluator", "filter_options"):

@@ -187,6 +187,7 @@ class Worker:
                                      seed=self.config.seed)
         self._last_reap = 0.0
         self._recovered = False
+        self._encoded: dict[str, tuple[int, ...] | None] = {}
 
     def _others_running(self) -> bool:
         self.run.sync()
@@ -202,11 +203,31 @@ class Worker:
         finished = [r for r in self.run.trials() if r.state.is_finished()]
         self.context.equivalence = EquivalenceCache.from_trials(
             [_AttrView(r) for r in finished if r.kind == "candidate"])
-        history = [(r.genome, self._objectives(r)) for r in finished
-                   if r.kind == "candidate" and r.genome is not None and r.verdict != LOST]
+        history = [(g, self._objectives(r)) for r in finished
+                   if (g := self._history_genome(r)) is not None]
         self.algorithm.recover(history)
         self._recovered = True
         return len(history)
+
+    def _history_genome(self, record: TrialRecord) -> tuple[int, ...] | None:
+        """The genome a finished trial feeds back: a candidate's own; with seed_with_baselines,
+        an evaluated baseline's layer written in the space (so evolution starts from the known
+        layers instead of waiting for random graphs to survive the filters)."""
+        if record.verdict == LOST or not record.state.is_finished():
+            return None
+        if record.kind == "candidate":
+            return record.genome
+        if record.kind != "baseline" or not self.config.seed_with_baselines \
+                or record.state != TrialState.COMPLETE:
+            return None
+        key = record.user_attrs.get("graph")
+        if key not in self._encoded:
+            from opsearch import graph as graph_mod
+            try:
+                self._encoded[key] = self.setup.space.encode(graph_mod.from_json(key))
+            except Exception:
+                self._encoded[key] = None
+        return self._encoded[key]
 
     def _objectives(self, record: TrialRecord) -> tuple[float, ...] | None:
         return tuple(record.values) if record.state == TrialState.COMPLETE and record.values else None
@@ -214,10 +235,11 @@ class Worker:
     def _absorb(self, records: list[TrialRecord]) -> None:
         """Feed back trials other workers finished since the last sync."""
         for r in records:
+            genome = self._history_genome(r)
+            if genome is not None:
+                self.algorithm.feedback(genome, self._objectives(r))
             if r.kind != "candidate" or r.verdict == LOST:
                 continue
-            if r.genome is not None:
-                self.algorithm.feedback(r.genome, self._objectives(r))
             self.context.equivalence.add_trial(_AttrView(r)) if hasattr(
                 self.context.equivalence, "add_trial") else None
 
@@ -241,9 +263,10 @@ class Worker:
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
             done += 1
-            if record.kind == "candidate" and record.genome is not None:
-                objectives = tuple(outcome.values) if outcome.state == TrialState.COMPLETE else None
-                self.algorithm.feedback(record.genome, objectives)
+            genome = self._history_genome(record)
+            if genome is not None:
+                self.algorithm.feedback(genome, self._objectives(record))
+            if record.kind == "candidate":
                 self._record_equivalence(record, outcome)
             faults.point("recorded")
             if self.on_result is not None:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import pyglove as pg
 
 from opsearch.errors import UserError
+from opsearch.graph import NUM_INITIAL as NUM_INITIAL_VALUES
 from opsearch.graph import LayerGraph, Node
 
 Genome = tuple  # tuple[int, ...]
@@ -389,6 +390,57 @@ class SearchSpace:
             return self._decode_plan(genome)
         value = pg.materialize(self.hyper_value, self.to_dna(genome))
         return value.as_tuple() if isinstance(value, LayerGraph) else value
+
+    def encode(self, graph: Any) -> Genome | None:
+        """A genome that decodes to a graph computing `graph` (same canonical hash), or None.
+
+        Lets known layers seed a search (their evaluated baselines become the first members of
+        an evolving population). The graph's live nodes go to the last positions, the positions
+        before them get the first choice of every gene (dead: the output does not read them).
+        None when the space cannot express the graph (an op it lacks, too few nodes, inputs a
+        gene cannot take, constrained picks).
+        """
+        from opsearch import graph as graph_mod
+
+        if self._plan is None or any(g.constrained for g in self.groups):
+            return None
+        try:
+            target = graph_mod.prune(graph)
+            want = graph_mod.canonical_hash(target)
+        except Exception:
+            return None
+        n, k = len(self._plan), len(target)
+        if k > n:
+            return None
+        shift = n - k
+        genes = [0] * self.num_genes
+        for offset, (op, inputs) in enumerate(target):
+            (op_gene, op_values), in_slots = self._plan[shift + offset]
+            if op_gene < 0:
+                if op_values != op:
+                    return None
+            elif op in op_values:
+                genes[op_gene] = op_values.index(op)
+            else:
+                return None
+            wanted = [i if i < NUM_INITIAL_VALUES else i + shift for i in inputs]
+            for position, (kind, ref, values) in enumerate(in_slots):
+                value = wanted[position] if position < len(wanted) else None
+                if kind == "c":
+                    if value is not None and ref != value:
+                        return None
+                elif kind == "g":
+                    if value is not None:
+                        if value not in values:
+                            return None
+                        genes[ref] = values.index(value)
+                else:
+                    return None
+        genome = tuple(genes)
+        try:
+            return genome if graph_mod.canonical_hash(self.decode(genome)) == want else None
+        except Exception:
+            return None
 
     def _decode_plan(self, genome: Sequence[int]) -> tuple:
         out = []

@@ -173,3 +173,12 @@ def test_a_slow_candidate_times_out(tmp_path, monkeypatch):
     assert verdicts <= {"failed:timeout", "rejected:validity"}
     assert "failed:timeout" in verdicts
     assert all(t.user_attrs["elapsed_s"] < 3 for t in candidates(config))
+
+
+@pytest.mark.parametrize("seed_with_baselines, expected", [(True, 4), (False, 2)])
+def test_baselines_seed_the_algorithm(tmp_path, seed_with_baselines, expected):
+    # both fit a 5-node space: relu_only = max(x, 0), evonorm_s0 = x * sigmoid(v0*x) / std_g(x)
+    config = tiny(tmp_path, budget=2, baselines=["relu_only", "evonorm_s0"],
+                  space_options={"num_nodes": 5}, seed_with_baselines=seed_with_baselines)
+    run_search(config)
+    assert Worker(Setup.from_config(config)).recover() == expected

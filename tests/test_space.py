@@ -165,3 +165,20 @@ def test_builtin_evonorm_space_decodes_like_pyglove():
     for _ in range(5):
         genome = s.random_genome(rng)
         assert s.decode(genome) == s.materialize(genome).as_tuple()
+
+
+def test_encode_writes_known_layers_in_the_space():
+    """encode(graph) decodes to the same function (canonical hash); None where it cannot."""
+    from opsearch import graph as graph_mod
+    from opsearch import layers
+
+    space = SearchSpace.from_name("evonorm")
+    for name in ("bn_relu", "evonorm_b0", "evonorm_s0", "gn_relu", "identity"):
+        g = layers.get_graph(name)
+        genome = space.encode(g)
+        assert genome is not None, name
+        assert graph_mod.canonical_hash(space.decode(genome)) == graph_mod.canonical_hash(g)
+    no_batch = SearchSpace.from_name("evonorm", batch_independent=True)
+    assert no_batch.encode(layers.get_graph("evonorm_b0")) is None  # needs std_b
+    small = SearchSpace.from_name("evonorm", num_nodes=2)
+    assert small.encode(layers.get_graph("bn_relu")) is None  # too many nodes
