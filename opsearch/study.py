@@ -633,12 +633,14 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
                                   ("trial_system_attributes", "system_attrs")):
                 for trial_id, key, value_json in conn.execute(sqlalchemy.text(
                         f"SELECT a.trial_id, a.key, a.value_json FROM {table} a "
-                        f"JOIN trials t ON t.trial_id = a.trial_id WHERE {where}"), params):
+                        f"WHERE a.trial_id IN (SELECT t.trial_id FROM trials t WHERE {where})"),
+                        params):
                     getattr(records[trial_id], target)[key] = json.loads(value_json)
             values: dict[int, dict[int, float]] = {}
             for trial_id, objective, value, value_type in conn.execute(sqlalchemy.text(
                     "SELECT v.trial_id, v.objective, v.value, v.value_type FROM trial_values v "
-                    f"JOIN trials t ON t.trial_id = v.trial_id WHERE {where}"), params):
+                    f"WHERE v.trial_id IN (SELECT t.trial_id FROM trials t WHERE {where})"),
+                    params):
                 kind = value_type.name if hasattr(value_type, "name") else str(value_type)
                 number = {"INF_POS": math.inf, "INF_NEG": -math.inf}.get(kind, value)
                 values.setdefault(trial_id, {})[int(objective)] = float(number)

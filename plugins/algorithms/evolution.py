@@ -1,12 +1,15 @@
 """Aging evolution over a fixed-size population: the shared core of the evolutionary plugins.
 
 The population holds the last `population_size` evaluated candidates (oldest removed first,
-Real et al.'s regularized / aging evolution). Until it is full, proposals are uniform random
-genomes; afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
+Real et al.'s regularized / aging evolution). Until it holds `min_population` members, proposals
+are uniform random genomes; afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
 selected from it (`select_parent`, which subclasses define), and the graph-aware mutator makes
 the child. Rejected or failed candidates (objectives None) are skipped by default — they never
-enter the population, so the initial random phase lasts until `population_size` candidates
-passed the filters, as in the paper where rejected layers are discarded; `rejected=worst` puts
+enter the population, as in the paper where rejected layers are discarded. `min_population`
+defaults to `tournament_size`, not `population_size`: in a space where ~1 random graph in 25
+survives the filters, waiting for a full population of random survivors would spend hundreds of
+proposals before any evolution, and members fed back first (the engine's seed layers) would sit
+idle; `min_population=<population_size>` restores the classic all-random start; `rejected=worst` puts
 them in with -inf objectives instead (they then only age out good members). With
 `avoid_duplicates` (default) the canonical hashes of every candidate fed back are remembered and
 mutation retries children that would repeat one (see mutation.py).
@@ -24,6 +27,9 @@ from opsearch.space import Genome
 POPULATION_OPTIONS: dict[str, Option] = {
     "population_size": Option(20, "candidates kept in the aging population (random until full)", int, minimum=2),
     "tournament_size": Option(5, "population members sampled per tournament", int, minimum=1),
+    "min_population": Option(None, "members needed before tournaments start (default: "
+                             "tournament_size; population_size for an all-random start)", int,
+                             minimum=1, allow_none=True),
     "rejected": Option("skip", "rejected/failed candidates: skip (never in the population) or worst "
                        "(enter with -inf objectives)", str, choices=("skip", "worst")),
 }
@@ -41,6 +47,8 @@ class AgingEvolution(Algorithm):
                             f"must be <= population_size ({self.options['population_size']})")
         self.population_size: int = self.options["population_size"]
         self.tournament_size: int = self.options["tournament_size"]
+        self.min_population: int = min(self.population_size,
+                                       self.options["min_population"] or self.tournament_size)
         self.mutator = GraphMutator.from_options(space, self.options)
         # ring buffer of (genome, objectives); _oldest is the next slot to overwrite once full
         self.population: list[tuple[Genome, Objectives]] = []
@@ -50,7 +58,7 @@ class AgingEvolution(Algorithm):
         self._track_seen = self.options["avoid_duplicates"] and self.mutator.graph_aware
 
     def _propose(self, rng: random.Random) -> Genome:
-        if len(self.population) < self.population_size:
+        if len(self.population) < self.min_population:
             return self.space.random_genome(rng)
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
