@@ -407,22 +407,29 @@ class EquivalenceCache:
     def __init__(self, atol: float = 1e-4):
         self.atol = atol
         self._by_hash: dict[str, CacheEntry] = {}
-        # fingerprints grouped by length (a run's probes fix it), with a stacked matrix per group
-        self._rows: dict[int, tuple[list[np.ndarray], list[CacheEntry]]] = {}
-        self._matrices: dict[int, np.ndarray | None] = {}
+        # fingerprints grouped by length (a run's probes fix it): a row-growing matrix per group
+        # (capacity doubles, so adding n entries costs O(n) copies) and the entries of its rows
+        self._rows: dict[int, tuple[np.ndarray, list[CacheEntry]]] = {}
 
     def __len__(self) -> int:
         return sum(len(entries) for _, entries in self._rows.values())
 
     def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry) -> None:
+        """Remember a function; an earlier entry for the same function keeps precedence."""
         if canonical_hash and canonical_hash not in self._by_hash:
             self._by_hash[canonical_hash] = entry
-        if fp is not None and self.match(fp) is None:
-            fp = np.asarray(fp, dtype=np.float64)
-            fps, entries = self._rows.setdefault(fp.shape[0], ([], []))
-            fps.append(fp)
-            entries.append(entry)
-            self._matrices[fp.shape[0]] = None
+        if fp is None:
+            return
+        fp = np.asarray(fp, dtype=np.float64)
+        width = fp.shape[0]
+        matrix, entries = self._rows.get(width, (np.empty((16, width)), []))
+        if len(entries) == len(matrix):
+            grown = np.empty((2 * len(matrix), width))
+            grown[:len(matrix)] = matrix
+            matrix = grown
+        matrix[len(entries)] = fp
+        entries.append(entry)
+        self._rows[width] = (matrix, entries)
 
     def record(self, candidate: Candidate, trial: int, verdict: str,
                objectives: Sequence[float] | None = None) -> None:
@@ -441,16 +448,14 @@ class EquivalenceCache:
         return self._by_hash.get(canonical_hash)
 
     def match(self, fp: np.ndarray) -> CacheEntry | None:
-        """The first cached function whose fingerprint equals ``fp`` within ``atol``."""
+        """The earliest cached function whose fingerprint equals ``fp`` within ``atol``."""
         fp = np.asarray(fp, dtype=np.float64)
         rows = self._rows.get(fp.shape[0])
         if rows is None:
             return None
-        fps, entries = rows
-        if self._matrices.get(fp.shape[0]) is None:
-            self._matrices[fp.shape[0]] = np.stack(fps)
-        matrix = self._matrices[fp.shape[0]]
-        hits = np.flatnonzero(np.all(np.abs(matrix - fp[None, :]) <= self.atol, axis=1))
+        matrix, entries = rows
+        close = np.abs(matrix[:len(entries)] - fp[None, :]) <= self.atol
+        hits = np.flatnonzero(close.all(axis=1))
         return entries[hits[0]] if len(hits) else None
 
     def add_trial(self, trial: Any) -> bool:

@@ -139,11 +139,11 @@ def _pareto(plt, trials, archs):
         ax.scatter([get_x(r) for r in off], [r.accuracies[aj] for r in off], s=18, c="0.6",
                    alpha=0.7, label="candidates")
         ax.scatter([get_x(r) for r in on], [r.accuracies[aj] for r in on], s=40, c="tab:red",
-                   edgecolors="k", linewidths=0.5, label="Pareto front (all K)", zorder=3)
-        for r in bases:
-            ax.scatter([get_x(r)], [r.accuracies[aj]], marker="*", s=140, c="tab:blue",
-                       edgecolors="k", linewidths=0.5, zorder=4,
-                       label="baselines" if r is bases[0] else None)
+                   edgecolors="k", linewidths=0.5, label="candidates on the Pareto front", zorder=3)
+        for r in bases:  # a baseline on the front gets a red edge
+            ax.scatter([get_x(r)], [r.accuracies[aj]], marker="*", s=160, c="tab:blue",
+                       edgecolors="tab:red" if r.pareto else "k", linewidths=1.5 if r.pareto else 0.5,
+                       zorder=4, label="baselines (red edge: on the front)" if r is bases[0] else None)
             ax.annotate(r.name, (get_x(r), r.accuracies[aj]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
         ax.grid(alpha=0.3)
@@ -152,7 +152,7 @@ def _pareto(plt, trials, archs):
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][0].legend(handles, labels, fontsize=8, loc="lower right")
-    fig.suptitle("Accuracy per architecture: candidates, Pareto front over all K objectives, baselines")
+    fig.suptitle("Accuracy per architecture; Pareto front over all K objectives, candidates and baselines together")
     fig.tight_layout()
     return fig
 
