@@ -39,7 +39,7 @@ class SearchConfig:
     space_options: dict[str, Any] = field(default_factory=dict)
     algorithm: str = "regularized_evolution"
     algorithm_options: dict[str, Any] = field(default_factory=dict)
-    budget: int = 100
+    budget: int = 60
     dataset: str = "digits"
     data_dir: str | None = None
     archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))

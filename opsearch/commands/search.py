@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
                     "the same command run again resumes the study and stops at --budget.")
     p.add_argument("--space", help="search space (default evonorm)")
     p.add_argument("--algorithm", help="search algorithm (default regularized_evolution)")
-    p.add_argument("--budget", type=int, help="total number of candidates in the study (default 100)")
+    p.add_argument("--budget", type=int, help="total number of candidates in the study (default 60)")
     p.add_argument("--dataset", help="proxy dataset (default digits)")
     p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
     p.add_argument("--archs", help="comma-separated proxy architectures "
