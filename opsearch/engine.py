@@ -125,8 +125,11 @@ def make_eval_config(config: SearchConfig, device_index: int | None = None):
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UserError(f"unknown evaluator option {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    # One torch thread per worker: the proxies are too small to gain from more (bn_relu on the
+    # three architectures, quiet 2-core box: 11.7 s with 1 or 2 threads), and spinning OpenMP
+    # threads make a busy machine 5-25x slower. More cores: more --workers.
     values = {"dataset": config.dataset, "archs": tuple(config.archs), "seed": config.seed,
-              "accelerator": config.accelerator}
+              "accelerator": config.accelerator, "threads": 1}
     if config.data_dir is not None:
         values["data_dir"] = config.data_dir
     if config.precision is not None:
@@ -183,6 +186,9 @@ class Worker:
         if worker_index == 0 and self._others_running():
             seed += hash((self.identity.host, self.identity.pid)) % 1_000_003
         self.algorithm = setup.new_algorithm(seed)
+        if getattr(self.eval_config, "threads", None):
+            import torch
+            torch.set_num_threads(self.eval_config.threads)  # the filters train too
         self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
                                      seed=self.config.seed)
         self._last_reap = 0.0
