@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from opsearch import faults, registry
 from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
-from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, is_url, resolve
+from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
 MAX_REPROPOSALS = 20
@@ -244,10 +244,8 @@ class Worker:
             genome = self._history_genome(r)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r))
-            if r.kind != "candidate" or r.verdict == LOST:
-                continue
-            self.context.equivalence.add_trial(_AttrView(r)) if hasattr(
-                self.context.equivalence, "add_trial") else None
+            if r.kind == "candidate" and r.verdict != LOST:
+                self.context.equivalence.add_trial(_AttrView(r))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -273,7 +271,7 @@ class Worker:
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(record))
             if record.kind == "candidate":
-                self._record_equivalence(record, outcome)
+                self._record_equivalence(record)
             faults.point("recorded")
             if self.on_result is not None:
                 self.on_result(record, outcome)
@@ -287,8 +285,6 @@ class Worker:
             self.run.reap_lost(self.config.grace_s)
 
     def _new_candidate(self) -> TrialRecord | None:
-        from opsearch import graph as graph_mod
-
         with self.lock:
             self._absorb(self.run.sync())
             if self.run.candidates_counted() >= self.config.budget:
@@ -361,7 +357,7 @@ class Worker:
         sessions = getattr(candidate, "sessions", None)
         if sessions is not None:
             accuracies = sessions.train_until(self.eval_config.steps)
-            details = _details(sessions.result()) if hasattr(sessions, "result") else {}
+            details = _details(sessions.result())
         else:
             result = evaluator.evaluate(candidate.plain)
             accuracies, details = result.accuracies, _details(result)
@@ -380,12 +376,9 @@ class Worker:
         attrs = {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)}
         return Outcome(TrialState.COMPLETE, values, attrs)
 
-    def _record_equivalence(self, record: TrialRecord, outcome: Outcome) -> None:
-        eq = self.context.equivalence
-        if hasattr(eq, "add_trial"):
-            view = _AttrView(record)
-            view.user_attrs = {**record.user_attrs, **outcome.attrs}
-            eq.add_trial(view)
+    def _record_equivalence(self, record: TrialRecord) -> None:
+        """After finish_trial, the record carries its verdict, values and equivalence attrs."""
+        self.context.equivalence.add_trial(_AttrView(record))
 
 
 class _AttrView:
@@ -465,8 +458,7 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
         if name in present:
             continue
         attrs = {"kind": "baseline", "layer": name}
-        attrs.update(describe_graph(layers.get_graph(name) if hasattr(layers, "get_graph")
-                                    else registry.layers.get(name)))
+        attrs.update(describe_graph(layers.get_graph(name)))
         run.enqueue(attrs)
         queued.append(name)
     if queued:
@@ -502,8 +494,6 @@ def run_search(config: SearchConfig, progress=None) -> Run:
     else:
         _run_local_workers(config, run, progress)
     run.sync()
-    if progress is not None:
-        progress.finish(run)
     return run
 
 

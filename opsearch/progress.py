@@ -91,9 +91,6 @@ class SearchProgress:
             if isinstance(acc, (int, float)) and acc > self.best.get(arch, -1.0):
                 self.best[arch] = float(acc)
 
-    def finish(self, run: Run) -> None:
-        pass
-
     # -- at the end -------------------------------------------------------------------------
 
     def summary(self, run: Run, seconds: float) -> None:

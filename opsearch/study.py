@@ -23,9 +23,9 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -659,15 +659,3 @@ def _as_datetime(value: Any) -> datetime | None:
         return datetime.fromisoformat(str(value))
     except ValueError:
         return None
-
-
-def frozen_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False)
-
-
-def trial_attrs_json(records: Iterable[TrialRecord]) -> list[dict]:
-    out = []
-    for r in records:
-        out.append({"number": r.number, "state": r.state.name,
-                    "values": list(r.values) if r.values else None, "user_attrs": r.user_attrs})
-    return out

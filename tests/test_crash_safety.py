@@ -4,11 +4,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 
 from opsearch.study import open_run
 
@@ -93,12 +91,6 @@ def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
         assert len(lost) == 1
         retry = [t for t in after if t.user_attrs.get("retry_of") == lost[0].number]
         assert len(retry) == 1 and retry[0].user_attrs["genome"] == lost[0].user_attrs.get("genome")
-
-
-def _storages(tmp_path):
-    out = [pytest.param(f"sqlite:///{tmp_path}/study.db", id="sqlite"),
-           pytest.param(f"journal:///{tmp_path}/study.log", id="journal")]
-    return out
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])

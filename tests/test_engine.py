@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 

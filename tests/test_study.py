@@ -1,7 +1,6 @@
 """The study layer: storages, one-write records, incremental sync, lost workers."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.errors import UserError
-from opsearch.study import (HEARTBEAT_KEY, LOST, Run, WorkerId, open_run, open_storage, resolve)
+from opsearch.study import (LOST, Run, WorkerId, open_run, open_storage, resolve)
 
 ATTRS = {"space": "evonorm", "archs": ["a", "b"], "dataset": "digits"}
 
