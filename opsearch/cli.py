@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"opsearch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `opsearch list | head`: the reader left, which is no error
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(result or 0)
 
 
