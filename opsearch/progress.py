@@ -103,7 +103,7 @@ class SearchProgress:
         paths: list[str] = []
         if self.config.plots:
             try:
-                paths = write_plots(trials, run.attrs, os.path.join(_run_dir(self.config), "plots"))
+                paths = write_plots(trials, run.attrs, os.path.join(_run_dir(self.config, run), "plots"))
             except Exception as e:  # plots are a convenience: never lose a finished search
                 self.console.print(f"[yellow]plots not written: {escape(str(e))}[/]")
         if self.quiet:
@@ -115,10 +115,23 @@ class SearchProgress:
             + f"; mean {per:.2f} s per candidate")
         if paths:
             self.console.print(f"plots: {', '.join(paths)}")
-        target = self.config.storage or self.config.name
-        self.console.print(f"next: opsearch show {target}   |   opsearch export {target} -o layer.py")
+        target = escape(_hint(self.config, run))
+        self.console.print(f"next: opsearch show {target}   |   opsearch export {target} -o layer.py"
+                           f"   |   opsearch plot {target}", soft_wrap=True)
 
 
-def _run_dir(config: SearchConfig) -> str:
-    from opsearch.study import runs_dir
-    return os.path.join(runs_dir(), config.name)
+def _hint(config: SearchConfig, run: Run) -> str:
+    """The RUN arguments that select this search's study again (they work when copied, also in
+    a storage that holds several studies)."""
+    from opsearch.commands.common import run_hint
+    from opsearch.study import run_url
+
+    return run_hint(run.url or run_url(config.name), run.study_name, default_url=run_url(config.name))
+
+
+def _run_dir(config: SearchConfig, run: Run) -> str:
+    """Where the search's plots go: beside its study (runs/<name> for the default storage)."""
+    from opsearch.commands.common import run_dir
+    from opsearch.study import run_url
+
+    return run_dir(run.url or run_url(config.name), run.study_name)

@@ -595,7 +595,37 @@ def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
     storage.set_trial_state_values(trial_id, state, values)
 
 
-_RDB_FAST_READ = True
+_RDB_FAST_READ = True  # False once a storage showed a table layout we do not know
+
+# The tables and columns the fast reader selects (Optuna's documented RDB layout).
+_FAST_READ_LAYOUT = {
+    "trials": {"trial_id", "number", "study_id", "state", "datetime_start"},
+    "trial_user_attributes": {"trial_id", "key", "value_json"},
+    "trial_system_attributes": {"trial_id", "key", "value_json"},
+    "trial_values": {"trial_id", "objective", "value", "value_type"},
+}
+
+
+class _UnknownLayout(Exception):
+    """The fast reader met rows it does not understand (a newer Optuna schema)."""
+
+
+def _layout_differs(storage: RDBStorage) -> bool:
+    """Whether the database lacks a table or column the fast reader selects. False when that
+    cannot be told now (the inspection itself failed: a lock, a lost connection)."""
+    import sqlalchemy
+
+    try:
+        inspector = sqlalchemy.inspect(storage.engine)
+        tables = set(inspector.get_table_names())
+        for table, columns in _FAST_READ_LAYOUT.items():
+            if table not in tables:
+                return True
+            if not columns <= {c["name"] for c in inspector.get_columns(table)}:
+                return True
+    except Exception:
+        return False
+    return False
 
 
 def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
@@ -605,7 +635,8 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
     Optuna's own reader builds ORM objects for every attribute row: about 3 s for a
     10,000-trial study here, against a few hundred ms for this. It reads Optuna's documented
     table layout; on any surprise (a future schema) it returns None and the caller takes
-    Optuna's public API instead.
+    Optuna's public API instead. A transient error (a lock, a dropped connection) falls back
+    for this call only; only a table layout we do not know turns the fast reader off for good.
     """
     global _RDB_FAST_READ
     if not _RDB_FAST_READ:
@@ -625,6 +656,8 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
             records: dict[int, TrialRecord] = {}
             for trial_id, number, state, start in rows:
                 state_name = state.name if hasattr(state, "name") else str(state)
+                if state_name not in TrialState.__members__:
+                    raise _UnknownLayout(f"trial state {state_name!r}")
                 records[trial_id] = TrialRecord(int(number), int(trial_id), TrialState[state_name],
                                                 None, {}, {}, _as_datetime(start))
             if not records:
@@ -635,7 +668,8 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
                         f"SELECT a.trial_id, a.key, a.value_json FROM {table} a "
                         f"WHERE a.trial_id IN (SELECT t.trial_id FROM trials t WHERE {where})"),
                         params):
-                    getattr(records[trial_id], target)[key] = json.loads(value_json)
+                    if trial_id in records:  # else created after the first SELECT: next sync
+                        getattr(records[trial_id], target)[key] = json.loads(value_json)
             values: dict[int, dict[int, float]] = {}
             for trial_id, objective, value, value_type in conn.execute(sqlalchemy.text(
                     "SELECT v.trial_id, v.objective, v.value, v.value_type FROM trial_values v "
@@ -643,9 +677,14 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
                     params):
                 kind = value_type.name if hasattr(value_type, "name") else str(value_type)
                 number = {"INF_POS": math.inf, "INF_NEG": -math.inf}.get(kind, value)
-                values.setdefault(trial_id, {})[int(objective)] = float(number)
+                if trial_id in records:
+                    values.setdefault(trial_id, {})[int(objective)] = float(number)
+    except _UnknownLayout:
+        _RDB_FAST_READ = False  # rows we cannot read (a trial state Optuna did not have)
+        return None
     except Exception:
-        _RDB_FAST_READ = False  # not the layout we know: use Optuna's reader from now on
+        if _layout_differs(storage):
+            _RDB_FAST_READ = False  # not the layout we know: use Optuna's reader from now on
         return None
     for trial_id, by_objective in values.items():
         records[trial_id].values = tuple(by_objective[k] for k in sorted(by_objective))

@@ -20,8 +20,10 @@ LAYER_OPTION_KEYS = ("eps", "groups", "momentum")
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write a found layer as standalone PyTorch code")
-    p.add_argument("run", metavar="RUN", help="run name (runs/RUN/study.db) or storage URL")
+    from opsearch.commands.common import run_parent
+
+    p = subparsers.add_parser("export", parents=[run_parent()],
+                              help="write a found layer as standalone PyTorch code")
     p.add_argument("--trial", type=int, default=None, metavar="N",
                    help="trial number (default: the best mean accuracy over the architectures)")
     p.add_argument("-o", "--output", default=None, metavar="FILE.py", help="write here (default: stdout)")
@@ -82,12 +84,13 @@ def trial_graph(trial: Any):
 
 
 def run(args) -> int:
+    from opsearch.commands.common import run_target
     from opsearch.commands.show import load_run
     from opsearch.compile import export_source
 
     if not args.class_name.isidentifier():
         raise UserError(f"--class-name must be a Python identifier, got {args.class_name!r}")
-    trials, attrs, _ = load_run(args.run)
+    trials, attrs, _ = load_run(*run_target(args))
     archs = report.archs_of(trials, attrs)
     trial = select_trial(trials, archs, args.trial)
     g = trial_graph(trial)

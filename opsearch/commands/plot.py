@@ -16,30 +16,36 @@ from opsearch.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="write PNG plots of a run")
-    p.add_argument("run", metavar="RUN", help="run name (runs/RUN/study.db) or storage URL")
-    p.add_argument("-o", "--output-dir", default=None, metavar="DIR",
-                   help="where to write the PNGs (default: runs/RUN/plots, or ./plots for a URL)")
+    from opsearch.commands.common import run_parent
+
+    p = subparsers.add_parser("plot", parents=[run_parent()], help="write PNG plots of a run")
+    p.add_argument("-o", "--out", "--output-dir", dest="output_dir", default=None, metavar="DIR",
+                   help="where to write the PNGs (default: a plots folder beside the study: "
+                        "runs/RUN/plots, or <folder of the SQLite/journal file>/<study>/plots)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from opsearch.commands.common import run_target
     from opsearch.commands.show import load_run
 
-    trials, attrs, _ = load_run(args.run)
-    out_dir = args.output_dir or _default_dir(args.run)
+    run_or_url, name = run_target(args)
+    trials, attrs, study_name = load_run(run_or_url, name)
+    out_dir = args.output_dir or default_dir(run_or_url, study_name)
     paths = write_plots(trials, attrs, out_dir)
     for path in paths:
         print(path)
     return 0
 
 
-def _default_dir(run_or_url: str) -> str:
-    from opsearch.study import is_url, runs_dir
+def default_dir(run_or_url: str, study_name: str) -> str:
+    """The plots folder of a run: beside its study (`commands.common.run_dir`), never the
+    current directory's runs/ for a study that lives elsewhere."""
+    from opsearch.commands.common import run_dir
+    from opsearch.study import resolve
 
-    if is_url(run_or_url):
-        return "plots"
-    return os.path.join(runs_dir(), run_or_url, "plots")
+    url, _ = resolve(run_or_url, study_name)
+    return os.path.join(run_dir(url, study_name), "plots")
 
 
 def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str) -> list[str]:

@@ -10,8 +10,10 @@ from opsearch import report
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("show", help="leaderboard, Pareto front and rejection statistics of a run")
-    p.add_argument("run", metavar="RUN", help="run name (runs/RUN/study.db) or storage URL")
+    from opsearch.commands.common import run_parent
+
+    p = subparsers.add_parser("show", parents=[run_parent()],
+                              help="leaderboard, Pareto front and rejection statistics of a run")
     p.add_argument("--json", action="store_true",
                    help="one JSON object on stdout: the summary and every trial with its user attributes")
     p.add_argument("--top", type=int, default=10, metavar="N",
@@ -19,20 +21,23 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_run(run_or_url: str) -> tuple[list[Any], dict[str, Any], str]:
-    """(trials, study user attrs, study name) of an existing run; UserError if there is none."""
+def load_run(run_or_url: str, name: str | None = None) -> tuple[list[Any], dict[str, Any], str]:
+    """(trials, study user attrs, study name) of an existing run; UserError if there is none.
+
+    `name` picks the study inside a storage URL (``--storage URL`` with RUN as the name)."""
     from opsearch.study import open_run
 
-    study = open_run(run_or_url)
+    study = open_run(run_or_url, name)
     return study.get_trials(deepcopy=False), dict(study.user_attrs), study.study_name
 
 
 def run(args) -> int:
+    from opsearch.commands.common import run_target
     from opsearch.errors import UserError
 
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
-    trials, attrs, study_name = load_run(args.run)
+    trials, attrs, study_name = load_run(*run_target(args))
     summary = report.summary(trials, attrs, top=args.top)
     if args.json:
         out = {"run": args.run, "study": study_name, "study_attrs": attrs, "summary": summary,
