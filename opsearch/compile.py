@@ -6,8 +6,9 @@ what `opsearch export` hands out (standalone, `import torch` only), and is what 
 executes, so the two cannot drift apart.
 
 Before emitting, a small static pass over the pruned graph
-  * folds the constant zero (x + 0 -> x, a * 0 -> 0, max(a, 0) -> relu(a), ...), with the same
-    rules as `graph.value_facts`, so validation and compilation agree on what depends on x;
+  * folds the constant zero (x + 0 -> x, a * 0 -> 0, ...) with `graph.fold_zero`, the one fold
+    that validation, the formula and the canonical hash use too, so they agree on what the layer
+    computes; and writes max(a, 0) as relu(a);
   * merges duplicate nodes (same op on the same inputs, commutative inputs in any order);
   * tracks the sign of every value (>= 0, >= sqrt(eps), ...) so that a division by a value that
     is provably |b| >= sqrt(eps) >= eps (std_*, rms_*, max with one, ...) skips the safe-division
@@ -183,6 +184,7 @@ def _analyse(plain: PlainGraph) -> list[_Value]:
     """Facts, folding and the chosen code template for every value of a pruned graph."""
     vals = _facts_initial()
     seen: dict[tuple, int] = {}
+    folded = _graph.fold_zero(plain)  # the constant zero, as validation and the formula see it
 
     def rep(j: int) -> int:
         while vals[j].alias is not None:
@@ -192,6 +194,12 @@ def _analyse(plain: PlainGraph) -> list[_Value]:
     for k, (op, inputs) in enumerate(plain):
         index = NUM_INITIAL + k
         spec = OPS[op]
+        if folded[index] == _graph.ZERO:
+            vals.append(_Value(zero=True, lo=1, hi=1))
+            continue
+        if folded[index] != index:  # a + 0
+            vals.append(_Value(alias=rep(folded[index])))
+            continue
         read = tuple(rep(j) for j in inputs[:spec.arity])
         key = (op, tuple(sorted(read)) if spec.commutative else read)
         if key in seen:  # duplicate node: reuse the first
@@ -208,19 +216,8 @@ def _fold_or_facts(op: str, spec: Op, read: tuple[int, ...], vals: list[_Value])
     a = vals[read[0]]
     b = vals[read[1]] if spec.arity == 2 else None
     zeros = [vals[j].zero for j in read]
-    # -- constant-zero folding (same rules as graph.value_facts)
-    if op == "mul" and any(zeros):
-        return _Value(zero=True, lo=1, hi=1)
-    if op == "div" and a.zero:
-        return _Value(zero=True, lo=1, hi=1)
-    if op in ("add", "max") and all(zeros):
-        return _Value(zero=True, lo=1, hi=1)
-    if op == "add" and any(zeros):
-        return _Value(alias=read[1] if zeros[0] else read[0])
-    if op in ("neg", "abs", "square", "tanh") and a.zero:
-        return _Value(zero=True, lo=1, hi=1)
-    if spec.stat == "mean" and a.zero:
-        return _Value(zero=True, lo=1, hi=1)
+    # values that are always 0 or equal to an operand were folded by `graph.fold_zero`; what is
+    # left of the zero here is a cheaper code template
     if op == "max" and any(zeros):
         j = read[1] if zeros[0] else read[0]
         v = vals[j]

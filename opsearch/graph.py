@@ -126,12 +126,53 @@ def _plain_checked(g: GraphLike) -> PlainGraph:
 # --------------------------------------------------------------------------------------------
 # Value facts: which values are the constant zero, which depend on x
 
-# zero -> zero: the op of an all-zero input is zero (mean of zeros, |0|, tanh 0, ...)
+# zero -> zero: the op of an all-zero input is zero (mean of zeros, |0|, tanh 0, ...).
+# Not here, because 0 is not preserved: exp 0 = 1, sigmoid 0 = 0.5, std/rms/sqrt 0 = sqrt(eps),
+# log 0 = ln(eps).
 _ZERO_IF_ALL_ZERO = {"add", "max", "neg", "abs", "square", "tanh"} | {n for n, o in OPS.items() if o.stat == "mean"}
 
 
+def fold_zero(g: GraphLike) -> list[int]:
+    """The constant-zero folding shared by validation, the formula, the canonical hash and the
+    compiler: ``rep[j]`` is the value that value j always equals.
+
+    ``ZERO`` (1) for a value that is always 0: a*0, 0/b (the guarded denominator is never 0),
+    and unary ops and means of 0, sums and maxima of zeros (the batch mean of 0 is 0 in
+    training and its running estimate stays 0 in eval); the other operand for a + 0 (and so
+    a - mean_b(0)); j itself otherwise. Only exact identities of the compiled function: ops
+    that turn 0 into another constant (exp, sigmoid, std, ...) are left alone.
+    """
+    return _fold_zero(_plain_checked(g))
+
+
+def _fold_zero(plain: PlainGraph) -> list[int]:
+    rep = list(range(NUM_INITIAL))
+    for k, (op, inputs) in enumerate(plain):
+        read = [rep[j] for j in _read_inputs(op, inputs)]
+        zeros = [j == ZERO for j in read]
+        if (op == "mul" and any(zeros)) or (op == "div" and zeros[0]) \
+                or (op in _ZERO_IF_ALL_ZERO and all(zeros)):
+            rep.append(ZERO)
+        elif op == "add" and any(zeros):
+            rep.append(read[1] if zeros[0] else read[0])
+        else:
+            rep.append(NUM_INITIAL + k)
+    return rep
+
+
+def _folded(plain: PlainGraph) -> tuple[PlainGraph, int]:
+    """(graph with every input replaced by the value it always equals, cut after the output's
+    representative; that representative). When the output folds to an initial value (x + 0),
+    the graph is empty and the index names that value."""
+    rep = _fold_zero(plain)
+    out = rep[-1]
+    nodes = tuple((op, tuple(rep[j] for j in _read_inputs(op, inputs)))
+                  for op, inputs in plain[:max(out - NUM_INITIAL + 1, 0)])
+    return nodes, out
+
+
 def value_facts(g: GraphLike) -> tuple[list[bool], list[bool]]:
-    """(is_zero, depends_on_x) per value index, folding the constant zero.
+    """(is_zero, depends_on_x) per value index, folding the constant zero (`fold_zero`).
 
     mul(a, zero) and div(zero, b) are zero whatever a and b are (the guarded denominator is never
     0), so a value reached only through them does not depend on x.  The compiler folds the same
@@ -142,20 +183,15 @@ def value_facts(g: GraphLike) -> tuple[list[bool], list[bool]]:
 
 
 def _value_facts(plain: PlainGraph) -> tuple[list[bool], list[bool]]:
-    zero = [False, True, False, False]
+    rep = _fold_zero(plain)
+    zero = [j == ZERO for j in rep]
     dep = [True, False, False, False]
-    for op, inputs in plain:
-        read = _read_inputs(op, inputs)
-        if op == "mul":
-            z = zero[read[0]] or zero[read[1]]
-        elif op == "div":
-            z = zero[read[0]]
-        elif op in _ZERO_IF_ALL_ZERO:
-            z = all(zero[j] for j in read)
+    for k, (op, inputs) in enumerate(plain):
+        j = NUM_INITIAL + k
+        if rep[j] != j:
+            dep.append(dep[rep[j]])
         else:
-            z = False
-        zero.append(z)
-        dep.append(not z and any(dep[j] for j in read))
+            dep.append(any(dep[rep[i]] for i in _read_inputs(op, inputs)))
     return zero, dep
 
 
@@ -187,7 +223,7 @@ def validate(g: GraphLike) -> None:
     zero, dep = _value_facts(plain)
     if not dep[-1]:
         what = "is the constant 0" if zero[-1] else "depends only on constants and v0, v1"
-        raise InvalidCandidate(f"output does not depend on x: {_formula(plain)} {what}")
+        raise InvalidCandidate(f"output does not depend on x: {_formula(plain, fold=False)} {what}")
 
 
 def is_valid(g: GraphLike) -> bool:
@@ -235,9 +271,12 @@ def prune(g: GraphLike) -> PlainGraph:
 
 
 def canonical_hash(g: GraphLike) -> str:
-    """Hex digest equal for graphs that differ only in dead nodes, node order, duplicated nodes
-    or the order of a commutative op's inputs (a structural, not a functional, identity)."""
-    plain = _plain_checked(g)
+    """Hex digest equal for graphs that differ only in dead nodes, node order, duplicated nodes,
+    the order of a commutative op's inputs, or constant-zero subexpressions (`fold_zero`:
+    ``x - mean_b(0)`` is ``x``): a structural identity after exact folding, not a functional one."""
+    plain, out = _folded(_plain_checked(g))
+    if out < NUM_INITIAL:  # the output is an initial value itself (x + 0)
+        return hashlib.blake2b(f"value({INITIAL_VALUES[out]})".encode(), digest_size=12).hexdigest()
     keys = list(INITIAL_VALUES)
     for op, inputs in plain:
         child = [keys[j] for j in _read_inputs(op, inputs)]
@@ -265,13 +304,18 @@ _FORMULA_INLINE_LIMIT = 300
 def formula(g: GraphLike) -> str:
     """A human-readable formula, e.g. ``x / max(std_b(x), v0*x + std_i(x))``.
 
-    Shared subexpressions are repeated inline; when that makes the text long, values used more
-    than once are named instead (``t5 = ...; t7 = ...; x / t7``).
+    Constant-zero subexpressions are folded (`fold_zero`: ``(x - mean_b(0)) / std_b(x)`` reads
+    ``x / std_b(x)``). Shared subexpressions are repeated inline; when that makes the text long,
+    values used more than once are named instead (``t5 = ...; t7 = ...; x / t7``).
     """
     return _formula(_plain_checked(g))
 
 
-def _formula(plain: PlainGraph) -> str:
+def _formula(plain: PlainGraph, fold: bool = True) -> str:
+    if fold:
+        plain, out = _folded(plain)
+        if out < NUM_INITIAL:
+            return _INITIAL_TEXT[out]
     live = _live(plain)
     text = _formula_texts(plain, live, names=None)
     if len(text) <= _FORMULA_INLINE_LIMIT:

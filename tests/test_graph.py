@@ -127,11 +127,22 @@ def test_hash_is_invariant_to_dead_nodes_and_commutative_order(seed):
     assert graph.canonical_hash(_insert_dead_node(g, rng)) == h
 
 
+# ops whose value at 0 (all inputs 0) is exactly 0; exp, sigmoid, std, rms, sqrt, log are not
+_ZERO_OF_ZERO = {"add", "max", "neg", "abs", "square", "tanh", "mean_b", "mean_i", "mean_l", "mean_g"}
+
+
 def _tree(g: tuple) -> str:
+    """The expression tree after folding the constant zero (written independently of graph.py)."""
     texts = ["x", "0", "v0", "v1"]
     for op, inputs in g:
         args = [texts[j] for j in inputs[:OPS[op].arity]]
-        texts.append(f"{op}({','.join(sorted(args) if OPS[op].commutative else args)})")
+        if (op == "mul" and "0" in args) or (op == "div" and args[0] == "0") \
+                or (op in _ZERO_OF_ZERO and all(a == "0" for a in args)):
+            texts.append("0")
+        elif op == "add" and "0" in args:
+            texts.append(args[1] if args[0] == "0" else args[0])
+        else:
+            texts.append(f"{op}({','.join(sorted(args) if OPS[op].commutative else args)})")
     return texts[-1]
 
 
@@ -139,7 +150,8 @@ def test_hash_separates_different_graphs():
     assert graph.canonical_hash((("div", (0, 2)),)) != graph.canonical_hash((("div", (2, 0)),))
     assert graph.canonical_hash((("add", (0, 2)),)) != graph.canonical_hash((("mul", (0, 2)),))
     assert graph.canonical_hash((("std_b", (0,)),)) != graph.canonical_hash((("std_i", (0,)),))
-    # over random graphs, equal hashes <=> equal expression trees (commutative inputs sorted)
+    # over random graphs, equal hashes <=> equal expression trees (commutative inputs sorted,
+    # constant zero folded)
     rng = random.Random(1)
     pairs = {(graph.canonical_hash(g), _tree(g)) for g in (random_plain(rng) for _ in range(1000))}
     assert len({h for h, _ in pairs}) == len({t for _, t in pairs}) == len(pairs) > 500
@@ -158,6 +170,67 @@ def test_formulas_read_like_the_paper():
     b = GraphBuilder()
     b.max(b.add(b.mul(b.div(b.add(b.x, b.neg(b.mean_b(b.x))), b.std_b(b.x)), b.v0), b.v1), b.zero)
     assert graph.formula(b.plain()) == "max((x - mean_b(x)) / std_b(x) * v0 + v1, 0)"
+
+
+def test_formula_and_hash_fold_constant_zero_subexpressions():
+    b = GraphBuilder()  # BN-ReLU whose mean was replaced by mean_b(0), which is 0
+    b.max(b.add(b.mul(b.div(b.add(b.x, b.neg(b.mean_b(b.zero))), b.std_b(b.x)), b.v0), b.v1), b.zero)
+    assert graph.formula(b.plain()) == "max(x / std_b(x) * v0 + v1, 0)"
+    direct = GraphBuilder()
+    direct.max(direct.add(direct.mul(direct.div(direct.x, direct.std_b(direct.x)), direct.v0), direct.v1),
+               direct.zero)
+    assert graph.canonical_hash(b.plain()) == graph.canonical_hash(direct.plain())
+    assert graph.formula((("add", (0, 1)),)) == "x"  # x + 0
+    assert graph.formula((("mul", (2, 1)), ("abs", (4,)), ("add", (5, 0)), ("tanh", (6,)))) == "tanh(x)"
+    assert graph.canonical_hash((("add", (0, 1)),)) != graph.canonical_hash((("abs", (0,)),))
+    # 0 is not preserved by these: they stay as written
+    for op, text in (("exp", "exp(0)"), ("sigmoid", "sigmoid(0)"), ("std_b", "std_b(0)"),
+                     ("sqrt", "sqrt(0)"), ("rms_i", "rms_i(0)"), ("log", "log(0)")):
+        assert text in graph.formula(((op, (1,)), ("mul", (0, 4))))
+    assert graph.formula((("div", (0, 1)),)) == "x / 0"  # the guarded division by 0 is x / eps
+
+
+# zero-valued expressions written as nodes appended to a graph: (nodes, index of their value)
+def _zero_expression(rng: random.Random, start: int) -> tuple[tuple, int]:
+    kind = rng.randrange(5)
+    any_value = rng.randrange(start)
+    if kind == 0:
+        return (("mean_b", (1, 1)),), start
+    if kind == 1:
+        return (("mul", (any_value, 1)),), start
+    if kind == 2:
+        return (("abs", (1, 0)), ("neg", (start, 0))), start + 1
+    if kind == 3:
+        return (("div", (1, any_value)),), start
+    return (("square", (1, 1)), ("mean_g", (start, 0)), ("max", (start + 1, 1))), start + 2
+
+
+def _with_zero_added(g: tuple, rng: random.Random) -> tuple:
+    """g with one input reference j replaced by j + (an expression that is always 0)."""
+    pos = rng.randrange(len(g))
+    op, inputs = g[pos]
+    slot = rng.randrange(OPS[op].arity)
+    start = 4 + pos
+    zero_nodes, z = _zero_expression(rng, start)
+    plus = (("add", (inputs[slot], z)) if rng.random() < 0.5 else ("add", (z, inputs[slot])),)
+    added = zero_nodes + plus
+    shift = len(added)
+    moved = tuple((o, tuple(j + shift if j >= start else j for j in ins)) for o, ins in g[pos:])
+    first_op, first_inputs = moved[0]
+    first_inputs = list(first_inputs)
+    first_inputs[slot] = start + shift - 1
+    return g[:pos] + added + ((first_op, tuple(first_inputs)),) + moved[1:]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_adding_a_constant_zero_changes_neither_formula_nor_hash(seed):
+    rng = random.Random(seed)
+    g = random_plain(rng, rng.randint(1, 10))
+    h = _with_zero_added(g, rng)
+    assert graph.canonical_hash(h) == graph.canonical_hash(g)
+    assert graph.formula(h) == graph.formula(g)
+    assert graph.is_valid(h) == graph.is_valid(g)
 
 
 def test_formula_parenthesises_by_precedence():
