@@ -208,7 +208,7 @@ class Worker:
         self.run.sync()
         finished = [r for r in self.run.trials() if r.state.is_finished()]
         self.context.equivalence = EquivalenceCache.from_trials(
-            [_AttrView(r) for r in finished if r.kind == "candidate"])
+            [_AttrView(r) for r in finished if r.kind in _CACHED_KINDS])
         history = [(g, self._objectives(r)) for r in finished
                    if (g := self._history_genome(r)) is not None]
         self.algorithm.recover(history)
@@ -244,7 +244,7 @@ class Worker:
             genome = self._history_genome(r)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r))
-            if r.kind == "candidate" and r.verdict != LOST:
+            if r.kind in _CACHED_KINDS and r.verdict != LOST:
                 self.context.equivalence.add_trial(_AttrView(r))
 
     # -- the loop ---------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class Worker:
             genome = self._history_genome(record)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(record))
-            if record.kind == "candidate":
+            if record.kind in _CACHED_KINDS:
                 self._record_equivalence(record)
             faults.point("recorded")
             if self.on_result is not None:
@@ -374,11 +374,29 @@ class Worker:
         result = evaluator.evaluate(record.user_attrs["layer"])
         values = [float(result.accuracies[a]) for a in self.archs]
         attrs = {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)}
+        attrs.update(self._known_layer_keys(record))
         return Outcome(TrialState.COMPLETE, values, attrs)
+
+    def _known_layer_keys(self, record: TrialRecord) -> dict[str, Any]:
+        """A baseline's equivalence keys (hash, output fingerprint with the equivalence filter's
+        probes), stored with it so that every worker's cache, recovered ones too, holds it."""
+        from opsearch import layers
+        from opsearch.rejection import Candidate
+
+        try:
+            candidate = Candidate(layers.resolve(record.user_attrs["layer"]))
+            return self.setup.pipeline.known_layer_attrs(candidate, self.context)
+        except (InvalidCandidate, ValueError, RuntimeError):  # still a fine baseline
+            return {}
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""
         self.context.equivalence.add_trial(_AttrView(record))
+
+
+# Trials whose function enters the equivalence cache: candidates, and the known layers, so that
+# a candidate that rediscovers one is `duplicate:<baseline trial>` instead of trained again.
+_CACHED_KINDS = ("candidate", "baseline")
 
 
 class _AttrView:

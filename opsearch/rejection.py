@@ -253,6 +253,10 @@ class Filter:
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         raise NotImplementedError
 
+    def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
+        """Leave on `candidate` what this filter would remember about it, for a layer that
+        skips the filters (a baseline), so that later candidates can match it. Default: nothing."""
+
     def accept(self, **metrics: Any) -> Verdict:
         return Verdict(True, self.name, "", metrics)
 
@@ -330,6 +334,16 @@ class RejectionPipeline:
             if not verdict.passed:
                 break
         return PipelineOutcome(verdicts)
+
+    def known_layer_attrs(self, candidate: Candidate, context: FilterContext) -> dict[str, Any]:
+        """The attributes (``hash``, ``equiv_hash``, ``equiv_fp``) that put a layer evaluated
+        without the filters, a baseline, into the equivalence cache the way a candidate gets
+        there, so that a rediscovered known layer is a duplicate of its baseline trial."""
+        if not candidate.layer_options:
+            candidate.layer_options = context.layer_options()
+        for flt in self.filters:
+            flt.describe_known(candidate, context)
+        return PipelineOutcome([]).user_attrs(candidate)
 
 
 def _check_options(name: str, filter_cls: Any, options: dict) -> None:

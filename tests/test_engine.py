@@ -181,3 +181,54 @@ def test_baselines_seed_the_algorithm(tmp_path, seed_with_baselines, expected):
                   space_options={"num_nodes": 5}, seed_with_baselines=seed_with_baselines)
     run_search(config)
     assert Worker(Setup.from_config(config)).recover() == expected
+
+
+def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
+    """BN-ReLU written two other ways (an exact copy, and (x - mean)/std as x/std - mean/std,
+    which only the output fingerprint can match) is `duplicate:<the bn_relu baseline trial>`."""
+    plugin = tmp_path / "rewritten.py"
+    plugin.write_text(textwrap.dedent("""
+        import pyglove as pg
+        from opsearch import search_space, LayerGraph, Node
+
+        @search_space("bn_relu_rewritten")
+        def bn_relu_rewritten():
+            # 4: mean_b(x)  5: std_b(x)  6: x / std  7: mean / std  8: -(mean / std)
+            # 9: x - mean   10: (x - mean) / std, or x / std - mean / std (chosen)
+            return LayerGraph(nodes=[
+                Node(op="mean_b", inputs=[0, 0]), Node(op="std_b", inputs=[0, 0]),
+                Node(op="div", inputs=[0, 5]), Node(op="div", inputs=[4, 5]),
+                Node(op="neg", inputs=[7, 7]), Node(op="add", inputs=[0, 4]),
+                Node(op="neg", inputs=[4, 4]), Node(op="add", inputs=[0, 10]),
+                Node(op=pg.oneof(["div", "add"]), inputs=pg.oneof([[11, 5], [6, 8]])),
+                Node(op="mul", inputs=[12, 2]), Node(op="add", inputs=[13, 3]),
+                Node(op="max", inputs=[14, 1]),
+            ])
+    """))
+    config = tiny(tmp_path, space="bn_relu_rewritten", space_options={}, plugins=[str(plugin)],
+                  budget=6, algorithm="random", baselines=["bn_relu"])
+    run_search(config)
+    baseline = [t for t in trials(config) if t.user_attrs["kind"] == "baseline"][0]
+    assert baseline.user_attrs["verdict"] == "evaluated"
+    from opsearch import graph, layers
+    expected = {"div(11,5)": "(x - mean_b(x)) / std_b(x)", "add(6,8)": "x / std_b(x) - mean_b(x) / std_b(x)"}
+    seen = set()
+    for t in candidates(config):
+        plain = graph.from_json(t.user_attrs["graph"]).as_tuple()
+        op, inputs = plain[8]
+        key = f"{op}({','.join(map(str, inputs))})"
+        if key in expected:  # the other genomes are not BN-ReLU: they must not match it
+            seen.add(key)
+            assert t.user_attrs["verdict"] == f"duplicate:{baseline.number}", t.user_attrs
+            assert t.values == baseline.values
+    assert seen == set(expected), f"the random search proposed only {seen} of BN-ReLU's forms"
+    # a worker that recovers from the study has the baseline in its cache, by hash and outputs
+    assert "equiv_fp" in baseline.user_attrs
+    worker = Worker(Setup.from_config(config))
+    worker.recover()
+    bn_hash = graph.canonical_hash(layers.resolve("bn_relu"))
+    assert worker.context.equivalence.lookup_hash(bn_hash).trial == baseline.number
+    from opsearch.rejection import fingerprint_from_json
+    fp = fingerprint_from_json(baseline.user_attrs["equiv_fp"])
+    assert worker.context.equivalence.match(fp).trial == baseline.number
+    check_contract(config)

@@ -64,6 +64,13 @@ class EquivalenceFilter(Filter):
         return self.accept()
 
 
+    def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
+        """A known layer's hash and fingerprint, computed with this filter's probes."""
+        candidate.canonical_hash  # computed and kept on the candidate
+        candidate.equiv_fp = fingerprint(candidate, self.shapes, context.seed)
+        candidate.equiv_hash = fingerprint_hash(candidate.equiv_fp)
+
+
 def _same_as(flt: Filter, entry: CacheEntry, how: str) -> Verdict:
     if entry.objectives is not None:
         return Verdict(False, flt.name, f"same function as trial {entry.trial} ({how})",
