@@ -116,8 +116,11 @@ class SearchProgress:
         if paths:
             self.console.print(f"plots: {', '.join(paths)}")
         target = escape(_hint(self.config, run))
-        self.console.print(f"next: opsearch show {target}   |   opsearch export {target} -o layer.py"
-                           f"   |   opsearch plot {target}", soft_wrap=True)
+        commands = [f"opsearch show {target}"]
+        if report.best_trial(trials, report.archs_of(trials, run.attrs)) is not None:
+            commands.append(f"opsearch export {target} -o layer.py")  # only what can work
+        commands.append(f"opsearch plot {target}")
+        self.console.print("next: " + "   |   ".join(commands), soft_wrap=True)
 
 
 def _hint(config: SearchConfig, run: Run) -> str:

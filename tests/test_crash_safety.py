@@ -10,6 +10,9 @@ import pytest
 
 from opsearch.study import open_run
 
+import contract
+import resources
+
 pytestmark = pytest.mark.slow
 
 CONFIG = """
@@ -40,6 +43,10 @@ val_batch_size = 128
 warmup_steps = 1
 arch_options = {{ width = 4, depth = 1 }}
 """
+
+
+ARCHS = ["resnet"]
+FILTERS = ["validity", "numerics", "equivalence"]
 
 
 def write_config(tmp_path, storage, budget=6, workers=1, baselines='["bn_relu"]'):
@@ -85,6 +92,8 @@ def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
     counted = [t for t in after if t.user_attrs.get("kind") == "candidate"
                and t.user_attrs.get("verdict") != "failed:worker_lost"]
     assert len(counted) == 6
+    # and the resumed search did its job: trained candidates, the baseline, no other failure
+    contract.check_contract(after, ARCHS, FILTERS, allowed_failures={"failed:worker_lost"})
     lost = [t for t in after if t.user_attrs.get("verdict") == "failed:worker_lost"]
     if fault.split(":")[0] in ("train", "record"):
         # the candidate in flight was handed out again, not forgotten
@@ -100,9 +109,7 @@ def test_four_workers_share_one_study(tmp_path, kind):
     elif kind == "journal":
         storage = f"journal:///{tmp_path}/study.log"
     else:
-        storage = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
-        if not storage:
-            pytest.skip("OPSEARCH_TEST_POSTGRES_URL not set (.ci/start-postgres starts a server)")
+        storage = resources.postgres_url()
         _drop_study(storage, "crash")
     config = write_config(tmp_path, storage, budget=12, workers=4,
                           baselines='["bn_relu", "relu_only"]')
@@ -111,9 +118,9 @@ def test_four_workers_share_one_study(tmp_path, kind):
     trials = all_trials(storage)
     assert [t.number for t in trials] == list(range(len(trials)))
     assert all(t.state.is_finished() for t in trials)
-    assert all("verdict" in t.user_attrs for t in trials)
+    counts = contract.check_contract(trials, ARCHS, FILTERS, min_evaluated=2)
     candidates = [t for t in trials if t.user_attrs["kind"] == "candidate"]
-    assert len(candidates) == 12
+    assert len(candidates) == 12 and sum(v for k, v in counts.items() if k.startswith("candidate")) == 12
     assert sorted(t.user_attrs["layer"] for t in trials if t.user_attrs["kind"] == "baseline") == \
         ["bn_relu", "relu_only"]
     workers = {t.system_attrs.get("opsearch:worker", {}).get("pid") for t in candidates}

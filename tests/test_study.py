@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from opsearch.errors import UserError
 from opsearch.study import (LOST, Run, WorkerId, open_run, open_storage, resolve)
 
+import resources
+
 ATTRS = {"space": "evonorm", "archs": ["a", "b"], "dataset": "digits"}
 
 
@@ -31,9 +33,7 @@ def run(request, tmp_path):
     elif request.param == "journal":
         url = f"journal:///{tmp_path}/study.log"
     else:
-        url = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
-        if not url:
-            pytest.skip("OPSEARCH_TEST_POSTGRES_URL not set (.ci/start-postgres starts a server)")
+        url = resources.postgres_url()
     name = f"t{os.getpid()}_{time.time_ns()}"
     return Run.create_or_open(url, name, ATTRS, ["space", "archs"])
 
