@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pyglove as pg
 import pytest
@@ -95,18 +94,18 @@ def test_pyglove_adapter_recovers_and_keeps_proposing(space, name):
 
 
 @pytest.mark.parametrize("name", ["regularized_evolution", "pareto_evolution", "nsga2"])
-def test_recover_10k_history_is_fast(space, name):
+def test_recover_a_long_history_then_keep_proposing(space, name):
+    """Correctness only; the speed (10,000 trials) is measured by benchmarks/hot_paths.py."""
     rng = random.Random(0)
     history = [(space.random_genome(rng), (rng.random(), rng.random()) if rng.random() < 0.6 else None)
-               for _ in range(10_000)]
+               for _ in range(2_000)]
     algorithm = create_algorithm(name, space, 2, seed=0)
-    start = time.perf_counter()
     algorithm.recover(history)
-    assert time.perf_counter() - start < 2.5
-    start = time.perf_counter()
+    assert algorithm.num_feedbacks == len(history)
     for _ in range(10):
-        algorithm.feedback(algorithm.propose(), (0.5, 0.5))
-    assert (time.perf_counter() - start) / 10 < (0.05 if name == "nsga2" else 0.005)
+        genome = algorithm.propose()
+        assert space.is_valid(genome)
+        algorithm.feedback(genome, (0.5, 0.5))
 
 
 @pytest.mark.parametrize("name", ["regularized_evolution", "pareto_evolution", "nsga2"])

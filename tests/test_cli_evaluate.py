@@ -12,6 +12,7 @@ TINY = ["--dataset", "synthetic", "--archs", "resnet,mobilenetv2", "--steps", "4
         "--accelerator", "cpu", "-O", "arch_options.width=4", "-O", "warmup_steps=1", "-O", "threads=1"]
 
 
+@pytest.mark.slow
 def test_json_output_has_accuracy_per_architecture(capsys):
     assert main(["evaluate", "bn_relu", *TINY, "--json"]) == 0
     captured = capsys.readouterr()
@@ -23,6 +24,7 @@ def test_json_output_has_accuracy_per_architecture(capsys):
     assert "resnet" in captured.err  # progress for a person goes to stderr
 
 
+@pytest.mark.slow
 def test_graph_file_as_layer(tmp_path, capsys):
     path = tmp_path / "layer.json"
     path.write_text(json.dumps(graph.to_dict(layers.get_graph("evonorm_s0"))))

@@ -105,7 +105,7 @@ def _randomise(layer: torch.nn.Module, gen: torch.Generator) -> None:
 # ------------------------------------------------------------------ property tests
 
 
-@pytest.mark.parametrize("shape, trials", [(SHAPE, 3000), ((8, 8, 8, 8), 300)])  # tiny / >= 4096 elements
+@pytest.mark.parametrize("shape, trials", [(SHAPE, 1200), ((8, 8, 8, 8), 200)])  # tiny / >= 4096 elements
 def test_random_graphs_compile_or_raise_invalid_candidate_and_match_reference_and_export(shape, trials):
     """Thousands of evonorm-space graphs: compile or InvalidCandidate; compiled == reference
     interpreter (training, then eval after two steps); compiled == exported source exactly.
@@ -149,7 +149,7 @@ def test_random_graphs_compile_or_raise_invalid_candidate_and_match_reference_an
 def test_random_graphs_never_raise_anything_but_invalid_candidate():
     rng = random.Random(99)
     x = torch.randn(2, 4, 2, 2)
-    for _ in range(3000):
+    for _ in range(1500):
         plain = random_plain(rng, rng.randint(1, 10))
         try:
             layer = compile_graph(plain, 4, groups=2)
@@ -389,7 +389,7 @@ def test_adding_a_constant_zero_does_not_change_the_compiled_output():
 
     rng = random.Random(7)
     checked = 0
-    for _ in range(300):
+    for _ in range(150):
         g = random_plain(rng, rng.randint(1, 8))
         if not graph.is_valid(g):
             continue
@@ -401,4 +401,4 @@ def test_adding_a_constant_zero_does_not_change_the_compiled_output():
         x = torch.randn(*SHAPE, generator=gen)
         torch.testing.assert_close(b.train()(x), a.train()(x), equal_nan=True)
         checked += 1
-    assert checked > 50
+    assert checked > 25

@@ -168,7 +168,7 @@ def test_a_slow_candidate_times_out(tmp_path, monkeypatch):
     verdicts = {t.user_attrs["verdict"] for t in candidates(config)}
     assert verdicts <= {"failed:timeout", "rejected:validity"}
     assert "failed:timeout" in verdicts
-    assert all(t.user_attrs["elapsed_s"] < 3 for t in candidates(config))
+    assert all(t.user_attrs["elapsed_s"] < 4.5 for t in candidates(config))  # the limit, not the 5 s
     check_contract(config, min_evaluated=0, allowed_failures={"failed:timeout"})
 
 

@@ -32,6 +32,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(0, 10, 1.0, 0) == 1.0  # no warmup: full rate at once
 
 
+@pytest.mark.slow
 def test_evaluate_learns_on_every_architecture_and_is_deterministic():
     evaluator = Evaluator(tiny())
     result = evaluator.evaluate("bn_relu")
@@ -44,6 +45,7 @@ def test_evaluate_learns_on_every_architecture_and_is_deterministic():
     json.dumps(result.to_dict())  # plain data for --json and the study
 
 
+@pytest.mark.slow
 def test_staged_training_equals_straight_training():
     # The straight run takes one step per Lightning call, the staged one 10 (stages of 7 and 23
     # steps cut the groups unevenly): the arithmetic must be the same either way.
@@ -78,6 +80,7 @@ class _NaNAfter(nn.Module):
         return y * float("nan") if self.calls > self.after else y
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_once_and_scores_zero():
     evaluator = Evaluator(tiny(archs=("resnet",)))
     result = evaluator.evaluate(lambda c, act: _NaNAfter(3))
@@ -87,6 +90,7 @@ def test_divergence_stops_at_once_and_scores_zero():
     assert result.diverged
 
 
+@pytest.mark.slow
 def test_no_weight_decay_on_the_layers_own_parameters():
     session = Evaluator(tiny(archs=("resnet",), weight_decay=0.01)).start("evonorm_b0")
     session.train_until(1)
@@ -133,6 +137,7 @@ def test_config_round_trips_through_json():
     assert per_arch.options_for("efficientnet") == {"width": 4}
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes_matches_one_process():
     # A batch-independent layer: two ranks averaging gradients of half batches take the same step
     # as one process on the whole batch.

@@ -117,7 +117,7 @@ def _insert_dead_node(g: tuple, rng: random.Random) -> tuple:
     return g[:pos] + (dead,) + shifted
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_hash_is_invariant_to_dead_nodes_and_commutative_order(seed):
     rng = random.Random(seed)
@@ -222,7 +222,7 @@ def _with_zero_added(g: tuple, rng: random.Random) -> tuple:
     return g[:pos] + added + ((first_op, tuple(first_inputs)),) + moved[1:]
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_adding_a_constant_zero_changes_neither_formula_nor_hash(seed):
     rng = random.Random(seed)

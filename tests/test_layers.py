@@ -208,7 +208,7 @@ def test_norm_act_known_companions():
     assert _formula_of(layers.norm_act("gn_relu")(C, act=False)) == graph.formula(registry.layers.get("gn"))
     assert _formula_of(layers.norm_act("ln_relu")(C, act=False)) == graph.formula(registry.layers.get("ln"))
     for name in ("evonorm_b0", "evonorm_s0", "relu_only"):
-        assert _formula_of(layers.norm_act(name)(C, act=False)) == "x + 0"  # the affine alone
+        assert _formula_of(layers.norm_act(name)(C, act=False)) == "x"  # x + 0: the affine alone
     assert _formula_of(layers.norm_act("evonorm_b0")(C, act=True)) == "x / max(std_b(x), v0*x + std_i(x))"
     # the companion wins over no_act for known layers
     assert _formula_of(layers.norm_act("bn_relu", no_act="same")(C, act=False)) == graph.formula(
@@ -217,7 +217,7 @@ def test_norm_act_known_companions():
 
 def test_norm_act_candidate_no_act_modes():
     cand = (("tanh", (0,)), ("mul", (4, 2)))
-    assert _formula_of(layers.norm_act(cand)(C, act=False)) == "x + 0"
+    assert _formula_of(layers.norm_act(cand)(C, act=False)) == "x"  # x + 0, folded
     assert _formula_of(layers.norm_act(cand, no_act="bn")(C, act=False)) == graph.formula(registry.layers.get("bn"))
     assert _formula_of(layers.norm_act(cand, no_act="same")(C, act=False)) == "tanh(x)*v0"
     assert _formula_of(layers.norm_act(cand)(C)) == "tanh(x)*v0"

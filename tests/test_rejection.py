@@ -201,6 +201,7 @@ def test_equivalence_cache_rebuilds_from_stored_trials():
 # stability
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GOOD)
 def test_stability_passes_good_layers(name):
     outcome = run_filter("stability", plain(name))
@@ -208,6 +209,7 @@ def test_stability_passes_good_layers(name):
     assert outcome.verdicts[0].metrics["grad_norm"] < 1e6  # far below the 1e8 threshold
 
 
+@pytest.mark.slow
 def test_stability_rejects_an_exploding_layer():
     outcome = run_filter("stability", (("exp", (X, X)),))  # finite on probes, explodes when pushed
     assert outcome.status == "rejected:stability" and "gradient norm" in outcome.reason

@@ -175,3 +175,33 @@ def test_plot_of_a_run_with_no_evaluation(tmp_path, capsys):
     assert cli.main(["plot", url, "-o", str(tmp_path / "p")]) == 0
     assert cli.main(["show", url]) == 0
     assert "1 candidates" in capsys.readouterr().out
+
+
+def test_show_export_plot_pick_a_study_with_storage(tmp_path, capsys, monkeypatch):
+    """Two studies in one storage: RUN --storage URL names one; plots go beside the study."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / "db")
+    url = make_study(str(tmp_path / "db" / "two.db"), study_name="first")
+    make_study(str(tmp_path / "db" / "two.db"), study_name="second")
+    assert cli.main(["show", url]) == 2  # ambiguous: says which studies it holds
+    assert "it holds: first, second" in capsys.readouterr().err
+    for name in ("first", "second"):
+        assert cli.main(["show", name, "--storage", url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["study"] == name
+        assert cli.main(["export", name, "--storage", url, "-o", str(tmp_path / f"{name}.py")]) == 0
+        assert "class SearchedLayer" in (tmp_path / f"{name}.py").read_text()
+        assert cli.main(["plot", name, "--storage", url]) == 0
+        printed = capsys.readouterr().out.split()
+        assert [os.path.dirname(p) for p in printed] == [str(tmp_path / "db" / name / "plots")] * 3
+    assert not os.path.exists(tmp_path / "plots") and not os.path.exists(tmp_path / "runs")
+    assert cli.main(["show", "third", "--storage", url]) == 2
+    assert "no run named 'third'" in capsys.readouterr().err
+
+
+def test_plot_of_a_named_run_goes_to_its_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPSEARCH_RUNS_DIR", str(tmp_path / "runs"))
+    os.makedirs(tmp_path / "runs" / "myrun")
+    make_study(str(tmp_path / "runs" / "myrun" / "study.db"), study_name="myrun")
+    assert cli.main(["plot", "myrun"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert {os.path.dirname(p) for p in printed} == {str(tmp_path / "runs" / "myrun" / "plots")}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pyglove as pg
 import pytest
@@ -93,13 +92,12 @@ def test_non_layer_graph_space_uses_pyglove_fallback():
     assert s.decode((2, 1, 0)) == pg.Dict(width=32, acts=["gelu", "relu"])
 
 
-def test_fast_path_is_fast(space):
+def test_layer_spaces_take_the_fast_path(space):
+    """Correctness only; the speed is measured by benchmarks/hot_paths.py."""
+    assert space.has_fast_decode
     rng = random.Random(0)
-    start = time.perf_counter()
-    for _ in range(2000):
-        space.decode(space.random_genome(rng))
-    per_item = (time.perf_counter() - start) / 2000
-    assert per_item < 100e-6, f"random_genome + decode took {per_item * 1e6:.0f} us"
+    genome = space.random_genome(rng)  # (decode == materialize: test_decode_equals_pyglove_materialize)
+    assert space.decode(genome) == space.materialize(genome).as_tuple()
 
 
 @pytest.mark.parametrize("hyper, message", [
