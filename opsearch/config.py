@@ -5,7 +5,8 @@ tables for the pluggable parts:
 
     [space_options]      num_nodes = 8
     [algorithm_options]  population_size = 20
-    [evaluator]          steps = 300          # trainers.evaluator.EvalConfig fields
+    evaluator_plugin = "lightning"            # registry `evaluators` (the default)
+    [evaluator]          steps = 300          # its options (lightning: EvalConfig fields)
     [filter_options.quality]  min_accuracy = 0.2
 
 `-O section.key=value` on the command line sets one option (value parsed as TOML, else a string).
@@ -26,6 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
+DEFAULT_EVALUATOR = "lightning"  # registry `evaluators`; trainers/plugin.py
 DEFAULT_BASELINES = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "relu_only",
                      "identity")
 OPTION_SECTIONS = {"space": "space_options", "algorithm": "algorithm_options",
@@ -45,7 +47,8 @@ class SearchConfig:
     archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
     filters: list[str] | None = None  # None: the default pipeline
     filter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluator: dict[str, Any] = field(default_factory=dict)
+    evaluator: dict[str, Any] = field(default_factory=dict)  # the evaluator plugin's options
+    evaluator_plugin: str = DEFAULT_EVALUATOR
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     # Feed the evaluated baselines that the space can express to the algorithm as its first
     # history: evolution then starts from known layers. Our choice for small budgets (the
@@ -88,7 +91,7 @@ class SearchConfig:
 
         need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").replace(
             ".", "").isalnum(), f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-        for key in ("space", "algorithm", "dataset", "accelerator", "strategy"):
+        for key in ("space", "algorithm", "dataset", "accelerator", "strategy", "evaluator_plugin"):
             need(isinstance(getattr(self, key), str) and getattr(self, key),
                  f"{key} must be a non-empty string")
         need(isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget > 0,
