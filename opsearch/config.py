@@ -9,7 +9,9 @@ tables for the pluggable parts:
     [evaluator]          steps = 300          # its options (lightning: EvalConfig fields)
     [filter_options.quality]  min_accuracy = 0.2
 
-`-O section.key=value` on the command line sets one option (value parsed as TOML, else a string).
+`-O section.key=value` on the command line sets one option. Every command reads ``-O`` with
+`parse_assignment` (the value is a TOML value, as in the config file: ``3``, ``0.1``, ``true``,
+``[1, 2]``, ``"text"``; anything else is kept as a string) and `set_option`.
 """
 from __future__ import annotations
 
@@ -135,21 +137,38 @@ def load_toml(path: str) -> dict[str, Any]:
         raise UserError(f"cannot read config file {path}: {e}") from e
 
 
-def parse_option(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (path, value); value parsed as a TOML value, else kept a string."""
-    if "=" not in text:
-        raise UserError(f"option {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if len(path) < 2 or not all(path) or path[0] not in OPTION_SECTIONS:
-        raise UserError(f"option {text!r}: the key must start with one of "
-                        f"{', '.join(s + '.' for s in OPTION_SECTIONS)} (e.g. algorithm.population_size=20)")
-    if path[0] == "filter" and len(path) != 3:
-        raise UserError(f"option {text!r}: filter options look like filter.<name>.<key>=value")
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value): the value as a TOML value (what the same
+    setting would be in a config file), else the raw text as a string."""
+    key, sep, raw = text.partition("=")
+    path = [p.strip() for p in key.split(".")]
+    if not sep or not all(path):
+        raise UserError(f"option {text!r} must look like key=value or table.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    return path, value
+
+
+def set_option(data: dict[str, Any], path: list[str], value: Any, source: str = "options") -> None:
+    """``data[path[0]][path[1]]... = value``, creating tables on the way."""
+    table = data
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: {'.'.join(path[:-1])} must be a table")
+    table[path[-1]] = value
+
+
+def parse_option(text: str) -> tuple[list[str], Any]:
+    """A search's ``section.key=value`` -> (path, value), the section one of OPTION_SECTIONS."""
+    path, value = parse_assignment(text)
+    if len(path) < 2 or path[0] not in OPTION_SECTIONS:
+        raise UserError(f"option {text!r}: the key must start with one of "
+                        f"{', '.join(s + '.' for s in OPTION_SECTIONS)} (e.g. algorithm.population_size=20)")
+    if path[0] == "filter" and len(path) != 3:
+        raise UserError(f"option {text!r}: filter options look like filter.<name>.<key>=value")
     return path, value
 
 
@@ -162,10 +181,5 @@ def build_config(file: str | None, overrides: dict[str, Any], options: list[str]
             data[key] = value
     for text in options:
         path, value = parse_option(text)
-        table = data.setdefault(OPTION_SECTIONS[path[0]], {})
-        if not isinstance(table, dict):
-            raise UserError(f"{source}: {OPTION_SECTIONS[path[0]]} must be a table")
-        for part in path[1:-1]:
-            table = table.setdefault(part, {})
-        table[path[-1]] = value
+        set_option(data, [OPTION_SECTIONS[path[0]]] + path[1:], value, source)
     return SearchConfig.from_dict(data, source)
