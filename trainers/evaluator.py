@@ -187,10 +187,10 @@ def load_data(config: EvalConfig) -> ArrayData:
 def norm_act_factory(layer: Any, options: dict | None = None) -> tuple[NormActFactory, str]:
     """A norm_act factory and a label for `layer`: a known layer's name, a LayerGraph, a plain
     graph tuple, a graph JSON file, or already a factory ``(num_channels, act) -> nn.Module``."""
-    if callable(layer) and not isinstance(layer, (str, tuple, list)) and not hasattr(layer, "as_tuple"):
-        return layer, getattr(layer, "__name__", type(layer).__name__)
     from opsearch import layers  # the IR's factory: known layers and candidate graphs alike
 
+    if layers.is_factory(layer):
+        return layer, getattr(layer, "__name__", type(layer).__name__)
     factory = layers.norm_act(layer, **(options or {}))
     if isinstance(layer, (str, os.PathLike)):
         label = str(layer)

@@ -9,16 +9,18 @@ import json
 import os
 from typing import Any
 
+from opsearch.commands.common import load_plugins, plugin_parent
+from opsearch.config import DEFAULT_ARCHS
 from opsearch.errors import UserError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="train a layer on the proxy architectures",
+        "evaluate", help="train a layer on the proxy architectures", parents=[plugin_parent()],
         description="Train LAYER (a known layer's name, see `opsearch list`, or a graph JSON file) "
                     "inside each proxy architecture and report the validation accuracies.")
     p.add_argument("layer", metavar="LAYER", help="known layer name or graph JSON file")
-    p.add_argument("--archs", help="comma-separated architectures (default resnet,mobilenetv2,efficientnet)")
+    p.add_argument("--archs", help=f"comma-separated architectures (default {','.join(DEFAULT_ARCHS)})")
     p.add_argument("--dataset", help="proxy dataset (default digits)")
     p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
     p.add_argument("--download", action="store_true", default=None,
@@ -35,8 +37,6 @@ def add_parser(subparsers) -> None:
                    help="any evaluation option, e.g. -O arch_options.width=8 -O dataset_options.image_size=8 "
                         "-O layer_options.no_act=bn (the value as in a config file: a TOML value, "
                         "else a string)")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="import a Python file that registers plugins (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -97,8 +97,7 @@ def build_eval_config(args):
 def run(args) -> int:
     from opsearch import registry
 
-    for path in args.plugin:
-        registry.load_plugin_file(path)
+    load_plugins(args)
     layer = args.layer
     if not os.path.exists(layer) and layer not in registry.layers:
         registry.layers.get(layer)  # unknown name: UserError listing the known layers

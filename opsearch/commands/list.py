@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 from opsearch import registry
+from opsearch.commands.common import load_plugins, plugin_parent
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list every registered plugin with its options")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="import a Python file that registers plugins (repeatable)")
+    p = subparsers.add_parser("list", help="list every registered plugin with its options",
+                              parents=[plugin_parent()])
     p.add_argument("--json", action="store_true",
                    help="one JSON object on stdout: {registry: {name: {doc, options | formula}}}")
     p.set_defaults(func=run)
@@ -34,8 +34,7 @@ def listing() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def run(args) -> int:
-    for path in args.plugin:
-        registry.load_plugin_file(path)
+    load_plugins(args)
     everything = listing()
     if args.json:
         print(json.dumps(everything, default=repr))
