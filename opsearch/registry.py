@@ -2,10 +2,12 @@
 
 A plugin registers itself with a decorator when its module is imported; the name given to the
 decorator is its name (the registry sets a registered class's ``name`` attribute to it).
-Which modules hold plugins is not written here: every module named in the entry-point group
-``opsearch.plugins`` is imported on the first lookup in any registry. opsearch declares its own
-built-in modules there (pyproject.toml), exactly as a third-party package declares its plugins,
-so the core names none of them. A user's file comes in through :func:`load_plugin_file`
+Which modules hold plugins is not written here: the modules named in the entry-point group
+``opsearch.plugins`` are imported on the first lookup. opsearch declares its own built-in
+modules there (pyproject.toml), exactly as a third-party package declares its plugins, so the
+core names none of them. An entry point named after a registry (``algorithms``, ``layers``...)
+is imported on the first lookup in that registry only (so that finding a search space does not
+import the trainers); any other name on the first lookup in any registry. A user's file comes in through :func:`load_plugin_file`
 (``--plugin FILE`` on the command line).
 
 Options are checked in one place, `Registry.check_options`: against the plugin's ``OPTIONS``
@@ -47,8 +49,9 @@ def check_option_names(owner: str, given: Mapping[str, Any], known: Mapping[str,
 class Registry:
     """A named collection of plugins of one kind."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, entry_point: str | None = None):
         self.kind = kind
+        self.entry_point = entry_point  # the name of the entry points that fill this registry
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str | None = None, *, replace: bool = False) -> Callable[[T], T]:
@@ -101,8 +104,8 @@ class Registry:
         return name in self._entries
 
     def load_builtins(self) -> None:
-        """Import the plugin modules of every installed package (once they all imported)."""
-        load_entry_points()
+        """Import the plugin modules this registry may find entries in (each until it imported)."""
+        _loader.load(self.entry_point)
 
     # -- options ----------------------------------------------------------------------------
 
@@ -161,13 +164,13 @@ def _origin(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-search_spaces = Registry("search space")
-layers = Registry("layer")
-algorithms = Registry("algorithm")
-rejection_filters = Registry("rejection filter")
-architectures = Registry("architecture")
-datasets = Registry("dataset")
-evaluators = Registry("evaluator")
+search_spaces = Registry("search space", "search_spaces")
+layers = Registry("layer", "layers")
+algorithms = Registry("algorithm", "algorithms")
+rejection_filters = Registry("rejection filter", "rejection_filters")
+architectures = Registry("architecture", "architectures")
+datasets = Registry("dataset", "datasets")
+evaluators = Registry("evaluator", "evaluators")
 
 ALL = {
     "search_spaces": search_spaces,
@@ -206,7 +209,7 @@ class EntryPointLoader:
     def __init__(self, group: str = ENTRY_POINT_GROUP, entry_points: list | None = None):
         self.group = group
         self._pending = list(entry_points) if entry_points is not None else None
-        self._loading = False
+        self._importing: set[str] = set()
 
     def _discover(self) -> list:
         found = sorted(metadata.entry_points(group=self.group),
@@ -217,24 +220,25 @@ class EntryPointLoader:
                             "in the repository")
         return found
 
-    def load(self) -> None:
-        if self._loading:  # a plugin module that looks something up while being imported
-            return
+    def load(self, registry: str | None = None) -> None:
+        """Import the pending modules for one registry (named after it, or after none), or all."""
         if self._pending is None:
             self._pending = self._discover()
-        self._loading = True
-        try:
-            while self._pending:
-                ep = self._pending[0]
-                try:
-                    ep.load()
-                except Exception as e:
-                    owner = _dist_name(ep) or "an installed package"
-                    raise UserError(f"plugin module {ep.value} (entry point {ep.name!r} of {owner}) "
-                                    f"failed to import: {type(e).__name__}: {e}") from e
-                self._pending.pop(0)
-        finally:
-            self._loading = False
+        for ep in list(self._pending):
+            if ep.value in self._importing:  # it looks something up while being imported
+                continue
+            if registry is not None and ep.name != registry and ep.name in ALL:
+                continue
+            self._importing.add(ep.value)
+            try:
+                ep.load()
+            except Exception as e:
+                owner = _dist_name(ep) or "an installed package"
+                raise UserError(f"plugin module {ep.value} (entry point {ep.name!r} of {owner}) "
+                                f"failed to import: {type(e).__name__}: {e}") from e
+            finally:
+                self._importing.discard(ep.value)
+            self._pending.remove(ep)
 
 
 def _dist_name(ep: Any) -> str | None:

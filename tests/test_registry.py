@@ -86,3 +86,18 @@ def test_public_registration_api():
     for name in ("search_space", "register_algorithm", "register_filter", "register_evaluator",
                  "register_dataset", "register_architecture", "register_layer"):
         assert name in opsearch.__all__ and callable(getattr(opsearch, name))
+
+
+def test_a_lookup_imports_the_modules_of_its_registry_and_the_unnamed_ones(plugin_dir, monkeypatch):
+    for name in ("t12_algos", "t12_layers", "t12_thirdparty"):
+        (plugin_dir / f"{name}.py").write_text("")
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    group = "opsearch.test_plugins"
+    eps = [EntryPoint("algorithms", "t12_algos", group), EntryPoint("layers", "t12_layers", group),
+           EntryPoint("my_package", "t12_thirdparty", group)]
+    monkeypatch.setattr(registry, "_loader", registry.EntryPointLoader(group, eps))
+    registry.Registry("algorithm", "algorithms").names()
+    assert "t12_algos" in sys.modules and "t12_thirdparty" in sys.modules
+    assert "t12_layers" not in sys.modules
+    registry.Registry("layer", "layers").names()
+    assert "t12_layers" in sys.modules
