@@ -29,10 +29,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from opsearch import registry
+from opsearch.config import DEFAULT_ARCHS
 from opsearch.space import SearchSpace
 from opsearch.study import Run, WorkerId
 
-ARCHS = ["resnet", "mobilenetv2", "efficientnet"]
+ARCHS = list(DEFAULT_ARCHS)
 ALGORITHMS = ["regularized_evolution", "pareto_evolution", "random", "nsga2"]
 
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         status = outcome.status
         objectives = None
         if status == "passed":
-            accs = candidate.sessions.train_until(config.steps)
+            accs = context.get_evaluator().resume(outcome.warm_start).accuracies
             objectives = tuple(accs[a] for a in config.archs)
             status = "evaluated"
         elif outcome.duplicate_of is not None:

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opsearch import graph, layers
-from opsearch.algorithm import create_algorithm
+from opsearch import graph, layers, registry
 from opsearch.compile import compile_graph
 from opsearch.errors import InvalidCandidate
 from opsearch.space import SearchSpace
@@ -118,7 +117,7 @@ class Result:
 def search(name: str, options: dict, seed: int, space: SearchSpace, proxy: Proxy, k: int,
            thresholds: list[float], max_evals: int) -> Result:
     """Run one search until the highest threshold is reached or `max_evals` evaluations."""
-    algorithm = create_algorithm(name, space, k, seed, **options)
+    algorithm = registry.algorithms.create(name, space, k, seed, **options)
     by_hash: dict[str, tuple | None] = {}
     by_outputs: dict[str, tuple] = {}
     reached: dict[float, tuple[int, int] | None] = {t: None for t in thresholds}

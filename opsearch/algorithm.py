@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Sequence
 
 from opsearch.errors import UserError
+from opsearch.pareto import dominates, pareto_front  # noqa: F401  (the algorithms' front)
 from opsearch.space import Genome, SearchSpace
 
 Objectives = tuple  # tuple[float, ...]
@@ -84,18 +85,12 @@ class Option:
             raise bad(f"must be <= {self.maximum}")
         return out
 
-    def describe(self) -> str:
-        kind = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
-        return f"{kind}, default {self.default!r}: {self.help}"
-
 
 class Algorithm:
     """Base class: subclasses define `name`, `OPTIONS`, `_propose(rng)` and `_feedback`."""
 
-    name: ClassVar[str] = "algorithm"
+    name: ClassVar[str] = "algorithm"  # set by the registry to the name it is registered under
     OPTIONS: ClassVar[dict[str, Option]] = {}
-    #: whether the algorithm handles several objectives natively (others scalarise them)
-    multi_objective: ClassVar[bool] = False
 
     def __init__(self, space: SearchSpace, num_objectives: int, seed: int = 0, **options: Any):
         if not isinstance(space, SearchSpace):
@@ -116,20 +111,13 @@ class Algorithm:
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """All options with defaults filled in; UserError for unknown names or bad values."""
-        unknown = sorted(set(options) - set(cls.OPTIONS))
-        if unknown:
-            accepted = ", ".join(sorted(cls.OPTIONS)) or "(none)"
-            raise UserError(f"algorithm {cls.name!r} does not accept option(s) {', '.join(unknown)}; "
-                            f"accepted: {accepted}")
+        from opsearch.registry import check_option_names
+
+        check_option_names(f"algorithm {cls.name!r}", options, cls.OPTIONS)
         out = {}
         for key, spec in cls.OPTIONS.items():
             out[key] = spec.coerce(cls.name, key, options[key]) if key in options else spec.default
         return out
-
-    @classmethod
-    def describe_options(cls) -> dict[str, str]:
-        """Option name -> one-line description (type, default, meaning), for `opsearch list`."""
-        return {key: spec.describe() for key, spec in cls.OPTIONS.items()}
 
     # ------------------------------------------------------------------ interface
 
@@ -147,18 +135,23 @@ class Algorithm:
         genome = tuple(genome)
         if not self.space.is_valid(genome):
             self.space.check_genome(genome)  # raises with a clear message
-        if objectives is not None:
-            objectives = tuple(float(v) for v in objectives)
-            if len(objectives) != self.num_objectives:
-                raise UserError(f"algorithm {self.name!r} expects {self.num_objectives} objective(s), "
-                                f"got {len(objectives)}")
-            if any(math.isnan(v) for v in objectives):
-                objectives = None
+        objectives = self.checked_objectives(objectives)
         self.num_feedbacks += 1
         self._pending = 0
         if objectives is None:
             self.num_rejected += 1
         self._feedback(genome, objectives)
+
+    def checked_objectives(self, objectives: Sequence[float] | None) -> Objectives | None:
+        """K floats, or None for a rejection (a NaN objective cannot be ranked: a rejection too);
+        the wrong number of objectives is a UserError."""
+        if objectives is None:
+            return None
+        objectives = tuple(float(v) for v in objectives)
+        if len(objectives) != self.num_objectives:
+            raise UserError(f"algorithm {self.name!r} expects {self.num_objectives} objective(s), "
+                            f"got {len(objectives)}")
+        return None if any(math.isnan(v) for v in objectives) else objectives
 
     def recover(self, history: Iterable[tuple[Sequence[int], Sequence[float] | None]]) -> None:
         """Replay finished trials in trial order (same state as live feedback)."""
@@ -199,35 +192,5 @@ def scalarize(objectives: Objectives, how: str) -> float:
     raise ValueError(f"unknown scalarization {how!r}")
 
 
-def dominates(a: Objectives, b: Objectives) -> bool:
-    """a Pareto-dominates b (maximisation): no worse everywhere, strictly better somewhere."""
-    better = False
-    for x, y in zip(a, b):
-        if x < y:
-            return False
-        if x > y:
-            better = True
-    return better
-
-
-def pareto_front(points: Sequence[Objectives]) -> list[int]:
-    """Indices of the non-dominated points (maximisation); equal points are all kept."""
-    return [i for i, p in enumerate(points)
-            if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
-
-
-def get_algorithm(name: str) -> type[Algorithm]:
-    """The registered algorithm class `name` (UserError listing known names otherwise)."""
-    from opsearch import registry
-
-    return registry.algorithms.get(name)
-
-
-def create_algorithm(name: str, space: SearchSpace, num_objectives: int, seed: int = 0,
-                     **options: Any) -> Algorithm:
-    """Look up `name` in the registry and build it (timm's create_model shape)."""
-    return get_algorithm(name)(space, num_objectives, seed, **options)
-
-
 __all__ = ["Algorithm", "Option", "Objectives", "SCALARIZATIONS", "SCALARIZATION_OPTION", "scalarize",
-           "dominates", "pareto_front", "get_algorithm", "create_algorithm"]
+           "dominates", "pareto_front"]

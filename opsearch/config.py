@@ -5,10 +5,13 @@ tables for the pluggable parts:
 
     [space_options]      num_nodes = 8
     [algorithm_options]  population_size = 20
-    [evaluator]          steps = 300          # trainers.evaluator.EvalConfig fields
+    evaluator_plugin = "lightning"            # registry `evaluators` (the default)
+    [evaluator]          steps = 300          # its options (lightning: EvalConfig fields)
     [filter_options.quality]  min_accuracy = 0.2
 
-`-O section.key=value` on the command line sets one option (value parsed as TOML, else a string).
+`-O section.key=value` on the command line sets one option. Every command reads ``-O`` with
+`parse_assignment` (the value is a TOML value, as in the config file: ``3``, ``0.1``, ``true``,
+``[1, 2]``, ``"text"``; anything else is kept as a string) and `set_option`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
+DEFAULT_EVALUATOR = "lightning"  # registry `evaluators`; trainers/plugin.py
 DEFAULT_BASELINES = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "relu_only",
                      "identity")
 OPTION_SECTIONS = {"space": "space_options", "algorithm": "algorithm_options",
@@ -45,7 +49,8 @@ class SearchConfig:
     archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
     filters: list[str] | None = None  # None: the default pipeline
     filter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluator: dict[str, Any] = field(default_factory=dict)
+    evaluator: dict[str, Any] = field(default_factory=dict)  # the evaluator plugin's options
+    evaluator_plugin: str = DEFAULT_EVALUATOR
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     # Feed the evaluated baselines that the space can express to the algorithm as its first
     # history: evolution then starts from known layers. Our choice for small budgets (the
@@ -88,7 +93,7 @@ class SearchConfig:
 
         need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").replace(
             ".", "").isalnum(), f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-        for key in ("space", "algorithm", "dataset", "accelerator", "strategy"):
+        for key in ("space", "algorithm", "dataset", "accelerator", "strategy", "evaluator_plugin"):
             need(isinstance(getattr(self, key), str) and getattr(self, key),
                  f"{key} must be a non-empty string")
         need(isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget > 0,
@@ -132,21 +137,38 @@ def load_toml(path: str) -> dict[str, Any]:
         raise UserError(f"cannot read config file {path}: {e}") from e
 
 
-def parse_option(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (path, value); value parsed as a TOML value, else kept a string."""
-    if "=" not in text:
-        raise UserError(f"option {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if len(path) < 2 or not all(path) or path[0] not in OPTION_SECTIONS:
-        raise UserError(f"option {text!r}: the key must start with one of "
-                        f"{', '.join(s + '.' for s in OPTION_SECTIONS)} (e.g. algorithm.population_size=20)")
-    if path[0] == "filter" and len(path) != 3:
-        raise UserError(f"option {text!r}: filter options look like filter.<name>.<key>=value")
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value): the value as a TOML value (what the same
+    setting would be in a config file), else the raw text as a string."""
+    key, sep, raw = text.partition("=")
+    path = [p.strip() for p in key.split(".")]
+    if not sep or not all(path):
+        raise UserError(f"option {text!r} must look like key=value or table.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    return path, value
+
+
+def set_option(data: dict[str, Any], path: list[str], value: Any, source: str = "options") -> None:
+    """``data[path[0]][path[1]]... = value``, creating tables on the way."""
+    table = data
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: {'.'.join(path[:-1])} must be a table")
+    table[path[-1]] = value
+
+
+def parse_option(text: str) -> tuple[list[str], Any]:
+    """A search's ``section.key=value`` -> (path, value), the section one of OPTION_SECTIONS."""
+    path, value = parse_assignment(text)
+    if len(path) < 2 or path[0] not in OPTION_SECTIONS:
+        raise UserError(f"option {text!r}: the key must start with one of "
+                        f"{', '.join(s + '.' for s in OPTION_SECTIONS)} (e.g. algorithm.population_size=20)")
+    if path[0] == "filter" and len(path) != 3:
+        raise UserError(f"option {text!r}: filter options look like filter.<name>.<key>=value")
     return path, value
 
 
@@ -159,10 +181,5 @@ def build_config(file: str | None, overrides: dict[str, Any], options: list[str]
             data[key] = value
     for text in options:
         path, value = parse_option(text)
-        table = data.setdefault(OPTION_SECTIONS[path[0]], {})
-        if not isinstance(table, dict):
-            raise UserError(f"{source}: {OPTION_SECTIONS[path[0]]} must be a table")
-        for part in path[1:-1]:
-            table = table.setdefault(part, {})
-        table[path[-1]] = value
+        set_option(data, [OPTION_SECTIONS[path[0]]] + path[1:], value, source)
     return SearchConfig.from_dict(data, source)

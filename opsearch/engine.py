@@ -72,6 +72,7 @@ class Setup:
     eval_config: Any
     url: str
     study_name: str
+    evaluator_cls: Any = None  # the evaluator plugin (opsearch.evaluation.Evaluator subclass)
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
@@ -80,7 +81,6 @@ class Setup:
             registry.load_plugin_file(path)
         from opsearch.rejection import RejectionPipeline
         from opsearch.space import SearchSpace
-        from opsearch.trainers.evaluator import load_data
 
         space = SearchSpace.from_name(config.space, **config.space_options)
         algorithm_cls = registry.algorithms.get(config.algorithm)
@@ -90,20 +90,21 @@ class Setup:
         for layer in config.baselines:
             registry.layers.get(layer)
         pipeline = RejectionPipeline.from_spec(config.filters, config.filter_options)
+        evaluator_cls = registry.evaluators.get(config.evaluator_plugin)
         eval_config = make_eval_config(config)
         _device_for(config, 0)  # no such device: say so now
-        load_data(eval_config)  # a missing or unreadable data directory: say so now
+        evaluator_cls.check(eval_config)  # e.g. a missing or unreadable data directory
         if config.storage:
             url, study_name = config.storage, config.name
         else:
             url, study_name = resolve(config.name)
-        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
+        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name, evaluator_cls)
         setup.new_algorithm(config.seed)  # unknown or bad algorithm options: say so now
         return setup
 
     def new_algorithm(self, seed: int):
-        return self.algorithm_cls(self.space, len(self.config.archs), seed,
-                                  **self.config.algorithm_options)
+        return registry.algorithms.create(self.config.algorithm, self.space, len(self.config.archs),
+                                          seed, **self.config.algorithm_options)
 
     def study_attrs(self) -> dict[str, Any]:
         c = self.config
@@ -115,33 +116,10 @@ class Setup:
 
 
 def make_eval_config(config: SearchConfig, device_index: int | None = None):
-    """The trainers' EvalConfig for this search (the `[evaluator]` table plus the flags)."""
-    import dataclasses
-
-    from opsearch.trainers.evaluator import EvalConfig
-
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    options = dict(config.evaluator)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise UserError(f"unknown evaluator option {unknown[0]!r}; known: {', '.join(sorted(fields))}")
-    # One torch thread per worker: the proxies are too small to gain from more (bn_relu on the
-    # three architectures, quiet 2-core box: 11.7 s with 1 or 2 threads), and spinning OpenMP
-    # threads make a busy machine 5-25x slower. More cores: more --workers.
-    values = {"dataset": config.dataset, "archs": tuple(config.archs), "seed": config.seed,
-              "accelerator": config.accelerator, "threads": 1}
-    if config.data_dir is not None:
-        values["data_dir"] = config.data_dir
-    if config.precision is not None:
-        values["precision"] = config.precision
-    if device_index is not None:
-        values["devices"] = [device_index]
-    values.update(options)
-    values = {k: v for k, v in values.items() if k in fields}
-    try:
-        return EvalConfig(**values)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"evaluator options: {e}") from None
+    """The evaluator plugin's config for this search (the `[evaluator]` table plus the flags);
+    unknown or bad options are a UserError."""
+    registry.evaluators.check_options(config.evaluator_plugin, config.evaluator)
+    return registry.evaluators.get(config.evaluator_plugin).configure(config, device_index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +168,7 @@ class Worker:
             import torch
             torch.set_num_threads(self.eval_config.threads)  # the filters train too
         self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
-                                     seed=self.config.seed)
+                                     seed=self.config.seed, evaluator_plugin=self.config.evaluator_plugin)
         self._last_reap = 0.0
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
@@ -208,7 +186,7 @@ class Worker:
         self.run.sync()
         finished = [r for r in self.run.trials() if r.state.is_finished()]
         self.context.equivalence = EquivalenceCache.from_trials(
-            [_AttrView(r) for r in finished if r.kind in _CACHED_KINDS])
+            [r for r in finished if r.kind in _CACHED_KINDS])
         history = [(g, self._objectives(r)) for r in finished
                    if (g := self._history_genome(r)) is not None]
         self.algorithm.recover(history)
@@ -245,7 +223,7 @@ class Worker:
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r))
             if r.kind in _CACHED_KINDS and r.verdict != LOST:
-                self.context.equivalence.add_trial(_AttrView(r))
+                self.context.equivalence.add_trial(r)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -303,12 +281,12 @@ class Worker:
 
     def process(self, record: TrialRecord) -> Outcome:
         """Filter and evaluate one candidate; every failure becomes a verdict."""
-        from opsearch.plugins.rejection._probes import flush_denormals
+        from opsearch.denormals import flush_denormals
 
         start = time.perf_counter()
         try:
             # bad candidates drive values into denormal floats, which the CPU handles up to
-            # 25x slower; flushing them to zero changes no decision (see _probes)
+            # 25x slower; flushing them to zero changes no decision (see opsearch/denormals.py)
             with Heartbeat(self.run.storage, record.trial_id, self.config.heartbeat_s), \
                     time_limit(self.config.timeout_s), flush_denormals():
                 if record.kind == "baseline":
@@ -346,24 +324,21 @@ class Worker:
             attrs["verdict"] = status
             attrs.update(self._acc_attrs(values))
             return Outcome(TrialState.COMPLETE, values, attrs)
-        result = self._train(candidate)
+        result = self._train(candidate, outcome.warm_start)
         attrs.update(result)
         return Outcome(TrialState.COMPLETE, [result[f"acc/{a}"] for a in self.archs], attrs)
 
-    def _train(self, candidate) -> dict[str, Any]:
-        """Full training on the K architectures (continuing the quality filter's sessions)."""
+    def _train(self, candidate, warm_start=None) -> dict[str, Any]:
+        """Full evaluation on the K architectures, resuming what a filter (quality) handed back."""
         faults.point("train")
         evaluator = self.context.get_evaluator()
-        sessions = getattr(candidate, "sessions", None)
-        if sessions is not None:
-            accuracies = sessions.train_until(self.eval_config.steps)
-            details = _details(sessions.result())
+        if warm_start is not None:
+            result = evaluator.resume(warm_start)
         else:
             result = evaluator.evaluate(candidate.plain)
-            accuracies, details = result.accuracies, _details(result)
         attrs: dict[str, Any] = {"verdict": "evaluated"}
-        attrs.update(self._acc_attrs([float(accuracies[a]) for a in self.archs]))
-        attrs.update(details)
+        attrs.update(self._acc_attrs([float(result.accuracies[a]) for a in self.archs]))
+        attrs.update(result.trial_attrs())
         return attrs
 
     def _acc_attrs(self, values: list[float]) -> dict[str, float]:
@@ -373,7 +348,7 @@ class Worker:
         evaluator = self.context.get_evaluator()
         result = evaluator.evaluate(record.user_attrs["layer"])
         values = [float(result.accuracies[a]) for a in self.archs]
-        attrs = {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)}
+        attrs = {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()}
         attrs.update(self._known_layer_keys(record))
         return Outcome(TrialState.COMPLETE, values, attrs)
 
@@ -391,22 +366,12 @@ class Worker:
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""
-        self.context.equivalence.add_trial(_AttrView(record))
+        self.context.equivalence.add_trial(record)
 
 
 # Trials whose function enters the equivalence cache: candidates, and the known layers, so that
 # a candidate that rediscovers one is `duplicate:<baseline trial>` instead of trained again.
 _CACHED_KINDS = ("candidate", "baseline")
-
-
-class _AttrView:
-    """What EquivalenceCache.from_trials reads of a trial (duck-typed like a FrozenTrial)."""
-
-    def __init__(self, record: TrialRecord):
-        self.number = record.number
-        self.state = record.state
-        self.values = list(record.values) if record.values else None
-        self.user_attrs = record.user_attrs
 
 
 def describe_graph(plain) -> dict[str, Any]:
@@ -420,20 +385,6 @@ def describe_graph(plain) -> dict[str, Any]:
     except InvalidCandidate as e:  # still recorded; the validity filter will reject it
         attrs["formula"] = f"<invalid: {e}>"
     return attrs
-
-
-def _details(result) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    per_arch = getattr(result, "per_arch", None) or {}
-    items = per_arch.items() if isinstance(per_arch, dict) else ((getattr(r, "arch", str(i)), r)
-                                                                 for i, r in enumerate(per_arch))
-    for arch, r in items:
-        get = (lambda k, r=r: r.get(k)) if isinstance(r, dict) else (lambda k, r=r: getattr(r, k, None))
-        if get("diverged"):
-            out[f"diverged/{arch}"] = True
-        if get("seconds") is not None:
-            out[f"train_s/{arch}"] = round(float(get("seconds")), 3)
-    return out
 
 
 def _cuda_oom():

@@ -131,6 +131,17 @@ class NormActFactory:
         return f"NormActFactory({self.name!r}, no_act={_graph.formula(self.no_act_graph)!r})"
 
 
+def is_factory(layer: Any) -> bool:
+    """Whether `layer` is already a ``norm_act(num_channels, act)`` factory rather than something
+    that names or holds a graph (a name, a path, a LayerGraph, a plain graph)."""
+    return callable(layer) and not isinstance(layer, (str, os.PathLike, tuple, list, LayerGraph, nn.Module))
+
+
+def as_factory(layer: Any, **options) -> Any:
+    """`layer` as a norm_act factory: a factory as it is, anything else through `norm_act`."""
+    return layer if is_factory(layer) else norm_act(layer, **options)
+
+
 def norm_act(name_or_graph: Any, *, no_act: str = "affine", **options) -> NormActFactory:
     """The factory proxy architectures take.
 

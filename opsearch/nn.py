@@ -36,13 +36,6 @@ _ACT_FUNCTIONS = {F.relu, torch.relu, F.silu, torch.relu_}
 _ACT_METHODS = {"relu", "relu_"}
 
 
-def _factory(layer: Any, options: dict) -> NormActFactory:
-    if callable(layer) and not isinstance(layer, (str, tuple, nn.Module)) and not hasattr(layer, "nodes"):
-        return layer  # already a norm_act(num_channels, act) factory
-    from opsearch import layers
-    return layers.norm_act(layer, **options)
-
-
 def replace_norm_act(model: nn.Module, layer: Any, *, trace: bool = True, **options: Any) -> nn.Module:
     """Swap every BatchNorm2d (+ the ReLU/SiLU right after it) in ``model`` for ``layer``.
 
@@ -51,7 +44,9 @@ def replace_norm_act(model: nn.Module, layer: Any, *, trace: bool = True, **opti
     (eps, groups, no_act, ...). Returns the new model (see the module docstring for the rule);
     call ``.to(device)`` on it afterwards, the new layers are created on the CPU.
     """
-    factory = _factory(layer, options)
+    from opsearch import layers
+
+    factory = layers.as_factory(layer, **options)
     if isinstance(model, nn.BatchNorm2d):  # nothing follows it: the no-activation companion
         return factory(model.num_features, False)
     if trace:

@@ -1,4 +1,4 @@
-"""The primitive op table of the layer IR (DESIGN section 2, the paper's Table 1 as reconstructed).
+"""The primitive op table of the layer IR (the paper's Table 1 as reconstructed).
 
 Every op a graph may use is one `Op` row here: its arity, whether it reads the batch, whether its
 inputs commute, how it prints in a formula and how it is written in generated PyTorch code.  The

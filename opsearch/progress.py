@@ -1,10 +1,15 @@
-"""What a person sees during a search: one line per candidate, running counts, best so far."""
+"""What a person sees during a search: one line per candidate, running counts, best so far.
+
+The end-of-search summary draws with the functions the command passes in (the leaderboard
+tables of `opsearch show`, the plots of `opsearch plot`), so that this module needs no command.
+"""
 from __future__ import annotations
 
 import os
 import sys
 import time
 from collections import Counter
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -93,11 +98,12 @@ class SearchProgress:
 
     # -- at the end -------------------------------------------------------------------------
 
-    def summary(self, run: Run, seconds: float) -> None:
-        """Leaderboard beside the known layers, counts, and the PNG plots."""
+    def summary(self, run: Run, seconds: float, *,
+                print_summary: Callable[..., None],
+                write_plots: Callable[[Sequence[Any], dict, str], list[str]]) -> None:
+        """Leaderboard beside the known layers, counts, and the PNG plots: `print_summary(summary,
+        title=...)` prints `report.summary`, `write_plots(trials, study_attrs, out_dir)` draws."""
         from opsearch import report
-        from opsearch.commands.plot import write_plots
-        from opsearch.commands.show import print_summary
 
         trials = run.storage.get_all_trials(run.study_id, deepcopy=False)
         paths: list[str] = []

@@ -17,9 +17,10 @@ How the engine uses this module::
     candidate = Candidate(plain_graph, layer_options={"eps": 1e-5})
     outcome = pipeline.run(candidate, context)
     attrs = outcome.user_attrs(candidate)               # filter_s/<f>, reason, hash, equiv_*
-    if outcome.status == "passed":                      # train: candidate.sessions (when the
-        candidate.sessions.train_until(steps)           # quality filter ran) continue its
-        ...                                             # first 100 steps
+    if outcome.status == "passed":                      # evaluate, resuming what the quality
+        evaluator = context.get_evaluator()             # filter trained (its verdict hands
+        result = (evaluator.resume(outcome.warm_start)  # the session back)
+                  if outcome.warm_start is not None else evaluator.evaluate(candidate.plain))
         context.equivalence.record(candidate, trial.number, "evaluated", objectives)
     elif outcome.status.startswith("duplicate:"):       # objectives = outcome.objectives
         ...
@@ -35,11 +36,12 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from opsearch import registry
+from opsearch.config import DEFAULT_EVALUATOR, SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
 
 DEFAULT_FILTERS = ("validity", "numerics", "equivalence", "stability", "quality")
@@ -55,7 +57,9 @@ class Verdict:
 
     ``duplicate_of`` / ``objectives`` are set only by the equivalence filter when the candidate
     computes the same function as an earlier trial: the pipeline stops and the candidate takes
-    that trial's objectives (verdict ``duplicate:<trial>``) without training.
+    that trial's objectives (verdict ``duplicate:<trial>``) without training. ``warm_start`` is
+    what a passing filter hands to the evaluation that follows (the quality filter's staged
+    session, which `Evaluator.resume` finishes instead of starting over).
     """
 
     passed: bool
@@ -65,6 +69,7 @@ class Verdict:
     seconds: float = 0.0
     duplicate_of: int | None = None
     objectives: tuple[float, ...] | None = None
+    warm_start: Any = None
 
     @property
     def label(self) -> str:
@@ -111,6 +116,13 @@ class PipelineOutcome:
         return "" if self.passed else self.last.reason
 
     @property
+    def warm_start(self) -> Any:
+        """What the last filter that trained the candidate hands on (None unless it passed)."""
+        if not self.passed:
+            return None
+        return next((v.warm_start for v in reversed(self.verdicts) if v.warm_start is not None), None)
+
+    @property
     def seconds(self) -> float:
         return sum(v.seconds for v in self.verdicts)
 
@@ -147,11 +159,9 @@ class PipelineOutcome:
 class Candidate:
     """A graph under test, with what the filters compute about it, computed once, lazily.
 
-    ``plain`` is the plain graph tuple; the symbolic `LayerGraph`, the canonical hash and the
-    formula are built on first use (pyglove objects are slow to build). Filters leave results
-    here for later filters and for the engine: ``equiv_hash`` / ``equiv_fp`` (equivalence) and
-    ``sessions`` (the quality filter's staged training session, which the engine's full
-    evaluation continues instead of starting over).
+    ``plain`` is the plain graph tuple; the canonical hash and the formula are computed on
+    first use. Filters leave results here for later filters and for the stored attributes:
+    ``equiv_hash`` / ``equiv_fp`` (equivalence).
     """
 
     def __init__(self, graph: Any, *, genome: Sequence[int] | None = None,
@@ -161,19 +171,10 @@ class Candidate:
         self.plain = graph_mod.as_plain(graph) if not isinstance(graph, tuple) else graph
         self.genome = tuple(genome) if genome is not None else None
         self.layer_options: dict[str, Any] = dict(layer_options or {})
-        self._layer_graph = graph if not isinstance(graph, tuple) else None
         self._canonical_hash: str | None = None
         self._formula: str | None = None
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
-        self.sessions: Any = None  # the quality filter's sessions, continued by the engine
-
-    @property
-    def layer_graph(self):
-        if self._layer_graph is None:
-            from opsearch.graph import LayerGraph
-            self._layer_graph = LayerGraph.from_tuple(self.plain)
-        return self._layer_graph
 
     @property
     def canonical_hash(self) -> str:
@@ -206,9 +207,10 @@ class Candidate:
 
 @dataclass
 class FilterContext:
-    """What filters share across candidates: the training setup, the equivalence cache, a seed.
+    """What filters share across candidates: the evaluation setup, the equivalence cache, a seed.
 
-    ``eval_config`` is a `trainers.evaluator.EvalConfig`; the `evaluator` is built from it on first
+    ``eval_config`` is the config of the evaluator plugin ``evaluator_plugin`` (for the built-in
+    ``lightning``, a `trainers.evaluator.EvalConfig`); the `evaluator` is built from it on first
     use (only the quality filter trains). ``seed`` fixes every probe so verdicts are reproducible.
     """
 
@@ -217,6 +219,7 @@ class FilterContext:
     equivalence: "EquivalenceCache" = field(default_factory=lambda: EquivalenceCache())
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    evaluator_plugin: str = DEFAULT_EVALUATOR
 
     def layer_options(self) -> dict[str, Any]:
         """The run's layer options (eps, groups, momentum, no_act) from the eval config."""
@@ -224,9 +227,11 @@ class FilterContext:
         return dict(options) if isinstance(options, dict) else {}
 
     def get_evaluator(self):
+        """The evaluator plugin built from ``eval_config`` (its default config when None)."""
         if self.evaluator is None:
-            from opsearch.trainers.evaluator import EvalConfig, Evaluator
-            self.evaluator = Evaluator(self.eval_config if self.eval_config is not None else EvalConfig())
+            cls = registry.evaluators.get(self.evaluator_plugin)
+            config = self.eval_config if self.eval_config is not None else cls.configure(SearchConfig())
+            self.evaluator = cls(config)
         return self.evaluator
 
 
@@ -235,20 +240,17 @@ class FilterContext:
 # --------------------------------------------------------------------------------------------
 
 class Filter:
-    """Base class of rejection filters. Subclass, set ``name`` and ``cost``, implement `check`.
+    """Base class of rejection filters. Subclass, set ``cost``, implement `check`; the registry
+    sets ``name`` to the name given to `register_filter`.
 
     ``cost`` is a rough order of the filter's price (seconds per candidate); the pipeline sorts
     filters by it, so a plugin filter slots in at the right place whatever order a user lists.
-    Options come as keyword arguments (from ``[rejection.<name>]`` in a config file).
+    Options are the constructor's keyword arguments (from ``[filter_options.<name>]`` in a
+    config file), checked by the registry.
     """
 
     name: str = "filter"
     cost: float = 1.0
-
-    def __init__(self, **options: Any):
-        if options:
-            raise UserError(f"rejection filter {self.name!r}: unknown option(s) "
-                            f"{', '.join(sorted(options))}")
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         raise NotImplementedError
@@ -301,18 +303,8 @@ class RejectionPipeline:
             bad = sorted(n for n in unused if n not in known)
             if bad:
                 raise UserError(registry.rejection_filters.unknown_message(bad[0]))
-        filters = []
-        for name in names:
-            filter_cls = registry.rejection_filters.get(name)
-            opts = dict(options.get(name) or {})
-            _check_options(name, filter_cls, opts)
-            try:
-                filters.append(filter_cls(**opts))
-            except (TypeError, ValueError) as e:
-                if isinstance(e, UserError):
-                    raise
-                raise UserError(f"rejection filter {name!r}: bad options: {e}") from None
-        return cls(filters)
+        return cls([registry.rejection_filters.create(name, **dict(options.get(name) or {}))
+                    for name in names])
 
     @property
     def names(self) -> list[str]:
@@ -346,26 +338,6 @@ class RejectionPipeline:
         return PipelineOutcome([]).user_attrs(candidate)
 
 
-def _check_options(name: str, filter_cls: Any, options: dict) -> None:
-    """Unknown option names fail with the known ones and the closest match."""
-    import difflib
-    import inspect
-
-    try:
-        params = inspect.signature(filter_cls.__init__).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and filter_cls.__init__ is not Filter.__init__:
-        return
-    known = [p for p, v in params.items() if p != "self" and v.kind is not v.VAR_KEYWORD]
-    for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"rejection filter {name!r}: unknown option {key!r}{hint}; "
-                            f"known: {', '.join(known) or '(none)'}")
-
-
 # --------------------------------------------------------------------------------------------
 # Functional-equivalence cache
 # --------------------------------------------------------------------------------------------
@@ -394,6 +366,14 @@ def fingerprint_hash(fp: np.ndarray) -> str:
     the cache compares fingerprints with a tolerance instead."""
     text = ",".join(f"{float(v):.3g}" for v in fp)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class StoredTrial(Protocol):
+    """What the cache reads of a stored trial: an optuna FrozenTrial or a study.TrialRecord."""
+
+    number: int
+    values: Sequence[float] | None
+    user_attrs: Mapping[str, Any]
 
 
 @dataclass
@@ -472,15 +452,14 @@ class EquivalenceCache:
         hits = np.flatnonzero(close.all(axis=1))
         return entries[hits[0]] if len(hits) else None
 
-    def add_trial(self, trial: Any) -> bool:
-        """Remember one finished trial (an optuna FrozenTrial, or anything with ``number``,
-        ``values`` and ``user_attrs``) by its ``hash`` and ``equiv_fp`` attributes, when its
+    def add_trial(self, trial: StoredTrial) -> bool:
+        """Remember one finished trial by its ``hash`` and ``equiv_fp`` attributes, when its
         verdict is cacheable; returns whether it was added."""
-        attrs = getattr(trial, "user_attrs", None) or {}
+        attrs = trial.user_attrs or {}
         verdict = attrs.get("verdict")
         if not isinstance(verdict, str):
             return False
-        values = getattr(trial, "values", None)
+        values = trial.values
         if verdict == "evaluated" and values:
             entry = CacheEntry(trial.number, verdict, tuple(float(v) for v in values))
         elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
@@ -495,7 +474,7 @@ class EquivalenceCache:
         return True
 
     @classmethod
-    def from_trials(cls, trials: Iterable[Any], atol: float = 1e-4) -> "EquivalenceCache":
+    def from_trials(cls, trials: Iterable[StoredTrial], atol: float = 1e-4) -> "EquivalenceCache":
         """Rebuild from stored trials in trial order (see `add_trial`)."""
         cache = cls(atol=atol)
         for t in sorted(trials, key=lambda t: t.number):

@@ -2,7 +2,7 @@
 
 Pure functions over a list of Optuna `FrozenTrial`s and the study's user attributes, so that
 `opsearch show`, `opsearch plot`, `opsearch export` and the end of `opsearch search` share one
-reading of the stored contract (DESIGN section 6):
+reading of the stored contract (README, "Stored results"):
 
 - trial user attrs: ``verdict`` (``evaluated`` | ``rejected:<filter>`` | ``duplicate:<trial>`` |
   ``failed:<reason>``), ``formula``, ``graph``, ``elapsed_s``, ``acc/<arch>``, ``kind``
@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from opsearch.pareto import pareto_mask
 
 ACC_PREFIX = "acc/"
 FILTER_PREFIX = "filter_s/"
@@ -77,37 +79,6 @@ def name_of(trial: Any) -> str:
     if kind(trial) == "baseline":
         return str(trial.user_attrs.get("layer") or trial.user_attrs.get("formula") or "?")
     return str(trial.user_attrs.get("formula") or "?")
-
-
-# --------------------------------------------------------------------------------------------
-# Pareto front
-
-
-def pareto_mask(points: Sequence[Sequence[float]]) -> list[bool]:
-    """True for points no other point dominates (>= in every objective, > in one; maximised).
-
-    Sorting descending lexicographically puts every dominator before what it dominates, and a
-    point dominated by anyone is dominated by a front member seen earlier, so each point is
-    compared with the current front only: O(n * front) instead of O(n^2)."""
-    pts = np.asarray(points, dtype=float)
-    n = len(pts)
-    if n == 0:
-        return []
-    if pts.ndim == 1:
-        pts = pts[:, None]
-    order = np.lexsort(tuple(-pts[:, k] for k in reversed(range(pts.shape[1]))))
-    mask = np.zeros(n, dtype=bool)
-    front: list[np.ndarray] = []
-    for i in order:
-        p = pts[i]
-        if front:
-            f = np.asarray(front)
-            dominated = np.any(np.all(f >= p, axis=1) & np.any(f > p, axis=1))
-            if dominated:
-                continue
-        mask[i] = True
-        front.append(p)
-    return mask.tolist()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ candidates are plain values. Float decisions and conditional (nested) spaces rai
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import random
 import re
@@ -114,27 +112,7 @@ class SearchSpace:
         """Build the registered search space `name` with its options (e.g. num_nodes=8)."""
         from opsearch import registry
 
-        factory = registry.search_spaces.get(name)
-        try:
-            signature = inspect.signature(factory)
-        except (TypeError, ValueError):
-            signature = None
-        if signature is not None:
-            try:
-                signature.bind(**options)
-            except TypeError:
-                accepted = [p for p, v in signature.parameters.items()
-                            if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
-                unknown = sorted(set(options) - set(accepted))
-                raise UserError(f"search space {name!r} does not accept option(s) "
-                                f"{', '.join(unknown) or '(missing required ones)'}; "
-                                f"accepted: {', '.join(accepted) or '(none)'}") from None
-        try:
-            hyper_value = factory(**options)
-        except UserError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise UserError(f"search space {name!r} with options {options}: {e}") from e
+        hyper_value = registry.search_spaces.create(name, **options)
         return cls(hyper_value, name=name, require_layer_graph=True)
 
     def _compile_groups(self, label: str) -> tuple[GeneGroup, ...]:
@@ -241,14 +219,6 @@ class SearchSpace:
     def size(self) -> int:
         """Number of distinct genomes (pyglove's space_size)."""
         return self.dna_spec.space_size
-
-    @property
-    def fingerprint(self) -> str:
-        """Short hash of the decisions and their candidates: a stored genome fits iff equal."""
-        payload = json.dumps([[g.location, g.count, g.distinct, g.sorted,
-                               [str(v) for v in self.dna_spec.elements[i].literal_values]]
-                              for i, g in enumerate(self.groups)])
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def random_genome(self, rng: random.Random) -> Genome:
         """A uniform random genome (honouring distinct/sorted picks)."""

@@ -2,7 +2,7 @@
 
 Why Optuna storages: SQLite for one machine, PostgreSQL (any RDB URL) for many, a journal file
 where no database is at hand, and optuna-dashboard opens all of them. One trial per candidate;
-the stored user attributes are a contract (DESIGN section 6):
+the stored user attributes are a contract (README, "Stored results"):
 
   verdict     "evaluated" | "rejected:<filter>" | "duplicate:<trial number>" | "failed:<reason>"
   formula, graph (our own JSON schema, never pickle), elapsed_s, acc/<arch> per architecture,
@@ -414,17 +414,6 @@ class Run:
         record.user_attrs.update(user_attrs)
         self._remember(record)
         return True
-
-    def add_finished(self, user_attrs: dict[str, Any], state: TrialState,
-                     values: Sequence[float] | None) -> int:
-        """Record an already finished trial (a baseline) in one write; returns its number."""
-        now = datetime.now()
-        template = FrozenTrial(
-            number=-1, state=state, value=None, values=list(values) if values else None,
-            datetime_start=now, datetime_complete=now, params={}, distributions={},
-            user_attrs=dict(user_attrs), system_attrs={}, intermediate_values={}, trial_id=-1)
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-        return self.storage.get_trial_number_from_id(trial_id)
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -17,5 +17,6 @@ DEFAULT_NUM_NODES = 4
 
 @search_space("activation")
 def activation(num_nodes: int = DEFAULT_NUM_NODES, trainable: bool = True) -> LayerGraph:
+    """Element-wise ops only (Swish-style activation search); trainable=False drops v0, v1."""
     initial = [0, 1, 2, 3] if trainable else [0, 1]
     return graph_space(op_names(elementwise_only=True), num_nodes, initial=initial)

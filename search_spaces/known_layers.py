@@ -3,7 +3,7 @@
 Writing the baselines as graphs (not hand-written modules) means a search compares candidates
 with baselines built by the same compiler, with the same parameters and the same final affine
 `y * weight + bias`.  Each layer may declare a no-activation companion for the architecture
-slots that want none (DESIGN section 2; the EvoNorm reference uses the affine alone there).
+slots that want none (see `opsearch.layers.norm_act`; the EvoNorm reference uses the affine alone there).
 """
 from __future__ import annotations
 

@@ -3,14 +3,24 @@ and nothing in an existing study changed."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from opsearch.cli import main
 from opsearch.study import Run, open_run
 
 ARCHS = ["resnet", "mobilenetv2"]
+
+
+def add_finished(run, user_attrs, state, values) -> None:
+    """A finished trial written in one go, as a worker's last write leaves it."""
+    now = datetime.now()
+    run.storage.create_new_trial(run.study_id, template_trial=FrozenTrial(
+        number=-1, state=state, value=None, values=values, datetime_start=now, datetime_complete=now,
+        params={}, distributions={}, user_attrs=user_attrs, system_attrs={}, intermediate_values={},
+        trial_id=-1))
 
 
 @pytest.fixture
@@ -21,10 +31,10 @@ def study(tmp_path):
                                         "dataset": "synthetic"}, [])
     graph = json.dumps({"schema": "opsearch.graph/1",
                         "nodes": [{"op": "sigmoid", "inputs": [0]}, {"op": "mul", "inputs": [0, 4]}]})
-    run.add_finished({"kind": "candidate", "verdict": "evaluated", "graph": graph,
+    add_finished(run, {"kind": "candidate", "verdict": "evaluated", "graph": graph,
                       "formula": "x * sigmoid(x)", "genome": "[0]", "elapsed_s": 1.0,
                       "acc/resnet": 0.5, "acc/mobilenetv2": 0.6}, TrialState.COMPLETE, [0.5, 0.6])
-    run.add_finished({"kind": "candidate", "verdict": "rejected:numerics", "graph": graph,
+    add_finished(run, {"kind": "candidate", "verdict": "rejected:numerics", "graph": graph,
                       "formula": "x", "genome": "[1]", "elapsed_s": 0.1}, TrialState.PRUNED, None)
     return url
 

@@ -39,7 +39,7 @@ def test_graph_file_as_layer(tmp_path, capsys):
     (["evaluate", "bn_relu", "--dataset", "mnist"], "known: .*digits"),
     (["evaluate", "bn_relu", "--devices", "two"], "--devices"),
     (["evaluate", "bn_relu", "--steps", "0"], "steps"),
-    (["evaluate", "bn_relu", "-O", "colour=1"], "unknown evaluation option"),
+    (["evaluate", "bn_relu", "-O", "colour=1"], "evaluator .lightning.: unknown option .colour."),
     (["evaluate", "bn_relu", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "data_batch_1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

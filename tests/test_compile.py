@@ -30,7 +30,7 @@ def random_plain(rng: random.Random, num_nodes: int = 10, ops: list[str] | None 
 
 
 class Reference:
-    """Evaluates a graph node by node, straight from DESIGN section 2 (slow and obvious)."""
+    """Evaluates a graph node by node, straight from the op table in opsearch/ops.py (slow and obvious)."""
 
     def __init__(self, plain: tuple, c: int, momentum: float = 0.1):
         self.plain, self.c, self.momentum = plain, c, momentum

@@ -45,7 +45,7 @@ def test_unknown_dataset_lists_known_ones():
 
 
 def test_bad_dataset_option_is_a_user_error():
-    with pytest.raises(UserError, match="bad option"):
+    with pytest.raises(UserError, match="unknown option 'colour'; known: .*image_size"):
         data.load("digits", colour=True)
 
 

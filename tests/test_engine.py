@@ -141,11 +141,11 @@ def test_a_failing_candidate_becomes_a_verdict(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = engine.Worker._train
 
-    def flaky(self, candidate):
+    def flaky(self, candidate, warm_start=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated crash inside training")
-        return original(self, candidate)
+        return original(self, candidate, warm_start)
 
     monkeypatch.setattr(engine.Worker, "_train", flaky)
     run_search(config)
@@ -163,7 +163,7 @@ def test_a_slow_candidate_times_out(tmp_path, monkeypatch):
     from opsearch import engine
 
     config = tiny(tmp_path, budget=2, baselines=[], filters=["validity"], timeout_s=0.5)
-    monkeypatch.setattr(engine.Worker, "_train", lambda self, c: time_mod.sleep(5))
+    monkeypatch.setattr(engine.Worker, "_train", lambda self, c, warm_start=None: time_mod.sleep(5))
     run_search(config)
     verdicts = {t.user_attrs["verdict"] for t in candidates(config)}
     assert verdicts <= {"failed:timeout", "rejected:validity"}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from opsearch.errors import UserError
-from opsearch.trainers.evaluator import (EvalConfig, Evaluator, EvaluatorPool, evaluate_many)
+from opsearch.trainers.evaluator import EvalConfig, Evaluator
 from opsearch.trainers.lit import learning_rate
 
 # One torch thread: as fast for these tiny nets, and immune to OpenMP spinning on a busy machine.
@@ -151,20 +151,6 @@ def test_ddp_on_cpu_with_two_processes_matches_one_process():
     a, b = _state(single, "resnet"), _state(ddp, "resnet")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert accuracies == single.train_until(6)
-
-
-@pytest.mark.slow
-def test_evaluate_many_in_worker_processes_equals_one_process():
-    config = tiny(archs=("resnet",), steps=8, threads=1)
-    layers = ["bn_relu", "evonorm_s0", "identity"]
-    sequential = [r.accuracies for r in evaluate_many(layers, config, workers=1)]
-    parallel = [r.accuracies for r in evaluate_many(layers, config, workers=2)]
-    assert parallel == sequential
-
-
-def test_pool_rejects_bad_config_before_starting_workers():
-    with pytest.raises(UserError):
-        EvaluatorPool(tiny(archs=("nope",)), workers=2)
 
 
 def test_several_devices_mean_ddp_forked_from_this_process():

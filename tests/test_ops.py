@@ -1,4 +1,4 @@
-"""The primitive op table and the safe forms of DESIGN section 2, checked through compiled one-op layers."""
+"""The primitive op table and the safe forms documented in opsearch/ops.py, checked through compiled one-op layers."""
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ import pytest
 
 from opsearch import cli, layers
 from opsearch.errors import InvalidCandidate, UserError
+from opsearch.evaluation import Evaluator
 from opsearch.rejection import (Candidate, EquivalenceCache, Filter, FilterContext, RejectionPipeline,
                                 Verdict)
 
@@ -228,10 +229,11 @@ class FakeSession:
         return dict(self.accuracies)
 
 
-class FakeEvaluator:
+class FakeEvaluator(Evaluator):
     """Accuracies by formula: the filter's decision logic without training."""
 
-    def __init__(self, table):
+    def __init__(self, table, archs=("resnet", "mobilenetv2")):
+        super().__init__({"archs": archs})
         self.table, self.sessions = table, []
 
     def start(self, layer):
@@ -251,11 +253,11 @@ def test_quality_rejects_below_min_accuracy_on_any_architecture_and_keeps_the_se
         c = Candidate(plain(name))
         outcome = RejectionPipeline.from_spec("quality").run(c, context)
         assert outcome.status == "passed"
-        assert c.sessions is context.evaluator.sessions[-1] and c.sessions.steps == [100]
+        assert outcome.warm_start is context.evaluator.sessions[-1] and outcome.warm_start.steps == [100]
     c = Candidate(bad)
     outcome = RejectionPipeline.from_spec("quality", {"quality": {"steps": 50}}).run(c, context)
     assert outcome.status == "rejected:quality" and "mobilenetv2" in outcome.reason
-    assert c.sessions is None and context.evaluator.sessions[-1].steps == [50]
+    assert outcome.warm_start is None and context.evaluator.sessions[-1].steps == [50]
 
 
 def test_quality_stops_at_the_first_architecture_below_the_bar():
@@ -271,7 +273,7 @@ def test_quality_stops_at_the_first_architecture_below_the_bar():
     outcome = RejectionPipeline.from_spec("quality").run(c, context)
     assert outcome.status == "passed"
     assert outcome.verdicts[0].metrics == {"acc/resnet": 0.5, "acc/mobilenetv2": 0.6}
-    assert c.sessions.train_until(300) == {"resnet": 0.5, "mobilenetv2": 0.6}
+    assert outcome.warm_start.train_until(300) == {"resnet": 0.5, "mobilenetv2": 0.6}
     assert first.sessions[-1].steps == [100, 300] and second.sessions[-1].steps == [100, 300]
 
 
@@ -287,9 +289,11 @@ def test_quality_with_real_training_passes_good_layers_and_continues_the_session
         good = Candidate(plain(name))
         outcome = pipeline.run(good, context)
         assert outcome.status == "passed", outcome.reason
-    full = good.sessions.train_until(40)  # continues from step 30
-    straight = context.get_evaluator().evaluate(plain(GOOD[-1])).accuracies
-    assert full == pytest.approx(straight)
+    evaluator = context.get_evaluator()
+    full = evaluator.resume(outcome.warm_start)  # continues from step 30
+    straight = evaluator.evaluate(plain(GOOD[-1]))
+    assert full.accuracies == pytest.approx(straight.accuracies)
+    assert set(full.trial_attrs()) == set(straight.trial_attrs()) == {"train_s/resnet"}
     bad = Candidate((("std_l", (X, X)), ("sigmoid", (4, 4))))  # one number per sample
     assert pipeline.run(bad, context).status == "rejected:quality"
 

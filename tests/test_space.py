@@ -119,8 +119,6 @@ def test_genome_checks_and_json(space):
         space.check_genome((99,) + genome[1:])
     with pytest.raises(UserError, match="not JSON"):
         space.genome_from_json("[1, 2")
-    assert space.fingerprint == SearchSpace(evonorm_like()).fingerprint
-    assert space.fingerprint != SearchSpace(evonorm_like(4)).fingerprint
 
 
 @pytest.fixture
@@ -147,7 +145,7 @@ def test_from_name_rejects_bad_spaces_and_options(registered):
     registered("_test_small", lambda num_nodes=3: evonorm_like(num_nodes))
     registered("_test_int", lambda: 7)
     registered("_test_dict", lambda: pg.Dict(a=pg.oneof([1, 2])))
-    with pytest.raises(UserError, match="does not accept option.*width.*accepted: num_nodes"):
+    with pytest.raises(UserError, match="unknown option .width.; known: num_nodes"):
         SearchSpace.from_name("_test_small", width=3)
     with pytest.raises(UserError, match="not a pyglove symbolic value"):
         SearchSpace.from_name("_test_int")

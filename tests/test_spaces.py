@@ -1,4 +1,4 @@
-"""Built-in search spaces: registered, shaped as DESIGN section 3 says, materialise to LayerGraphs
+"""Built-in search spaces: registered, shaped as the README ("Your own search space, algorithm or filter") says, materialise to LayerGraphs
 that contain the paper's layers."""
 from __future__ import annotations
 

@@ -221,4 +221,4 @@ def build(name: str, norm_act: NormAct, num_classes: int, in_channels: int, **op
     """The registered architecture `name` (unknown names raise UserError listing the known ones)."""
     from opsearch import registry
 
-    return registry.architectures.get(name)(norm_act, num_classes, in_channels, **options)
+    return registry.architectures.create(name, norm_act, num_classes, in_channels, **options)

@@ -96,11 +96,7 @@ def load(name: str, **options) -> ArrayData:
     """The dataset registered as `name` (unknown names raise UserError listing the known ones)."""
     from opsearch import registry
 
-    loader = registry.datasets.get(name)
-    try:
-        return loader(**options)
-    except TypeError as e:
-        raise UserError(f"dataset {name!r}: bad option: {e}") from None
+    return registry.datasets.create(name, **options)
 
 
 # ---------------------------------------------------------------------------------------------

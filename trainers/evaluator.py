@@ -12,7 +12,8 @@ Staged (the quality filter's protocol: 100 steps, check, then the rest):
 
 Training runs through Lightning (`accelerator`, `devices`, `strategy`, `precision` are Lightning's
 own options). Two ways to use several devices:
-- several candidates at once, one per device or CPU process: `EvaluatorPool` / `evaluate_many`;
+- several candidates at once, one per device or CPU process: the search's workers
+  (`opsearch search --workers N`, opsearch/engine.py), each with its own evaluator;
 - one evaluation spread over devices with DDP: ``EvalConfig(devices=2, strategy="ddp")``. Unless
   the process was started by a launcher (torchrun, SLURM), "ddp" forks its ranks from the
   evaluating process (Lightning's fork launcher: gloo on CPU, NCCL on GPUs) instead of re-running
@@ -29,24 +30,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import multiprocessing
 import os
 import time
 import warnings
 import zlib
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from opsearch import registry
+from opsearch.config import DEFAULT_ARCHS
 from opsearch.errors import UserError
 from opsearch.trainers import data as data_module
 from opsearch.trainers.data import ArrayData
 
-DEFAULT_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
 
 NormActFactory = Callable[[int, bool], nn.Module]
 
@@ -150,6 +149,16 @@ class EvalResult:
     def diverged(self) -> bool:
         return any(r.diverged for r in self.per_arch.values())
 
+    def trial_attrs(self) -> dict[str, Any]:
+        """What a search stores beside the accuracies: ``train_s/<arch>``, and
+        ``diverged/<arch>`` for an architecture whose training diverged."""
+        attrs: dict[str, Any] = {}
+        for arch, r in self.per_arch.items():
+            if r.diverged:
+                attrs[f"diverged/{arch}"] = True
+            attrs[f"train_s/{arch}"] = round(float(r.seconds), 3)
+        return attrs
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "accuracies": dict(self.accuracies),
                 "mean_accuracy": self.mean_accuracy,
@@ -178,10 +187,10 @@ def load_data(config: EvalConfig) -> ArrayData:
 def norm_act_factory(layer: Any, options: dict | None = None) -> tuple[NormActFactory, str]:
     """A norm_act factory and a label for `layer`: a known layer's name, a LayerGraph, a plain
     graph tuple, a graph JSON file, or already a factory ``(num_channels, act) -> nn.Module``."""
-    if callable(layer) and not isinstance(layer, (str, tuple, list)) and not hasattr(layer, "as_tuple"):
-        return layer, getattr(layer, "__name__", type(layer).__name__)
     from opsearch import layers  # the IR's factory: known layers and candidate graphs alike
 
+    if layers.is_factory(layer):
+        return layer, getattr(layer, "__name__", type(layer).__name__)
     factory = layers.norm_act(layer, **(options or {}))
     if isinstance(layer, (str, os.PathLike)):
         label = str(layer)
@@ -381,28 +390,6 @@ class EvalSession:
 
 
 # ---------------------------------------------------------------------------------------------
-# Several candidates at once, one per process / device.
-
-_worker_evaluator: Evaluator | None = None
-
-
-def _worker_init(config_dict: dict, slots, threads: int | None, gpu_ids: Sequence[int] | None) -> None:
-    """Give this worker process its share of the CPU cores or one GPU, and its Evaluator."""
-    global _worker_evaluator
-    slot = slots.get()
-    config = EvalConfig.from_dict(config_dict)
-    if gpu_ids:
-        config = dataclasses.replace(config, devices=[gpu_ids[slot % len(gpu_ids)]])
-    if threads:
-        torch.set_num_threads(threads)
-        config = dataclasses.replace(config, threads=threads)
-    _worker_evaluator = Evaluator(config)
-
-
-def _worker_evaluate(layer: Any) -> EvalResult:
-    assert _worker_evaluator is not None
-    return _worker_evaluator.evaluate(layer)
-
 
 def _gpu_ids(config: EvalConfig) -> list[int] | None:
     if config.accelerator not in ("gpu", "cuda", "auto"):
@@ -415,53 +402,3 @@ def _gpu_ids(config: EvalConfig) -> list[int] | None:
     if isinstance(config.devices, (list, tuple)):
         return [int(d) for d in config.devices]
     return list(range(n))
-
-
-class EvaluatorPool:
-    """Evaluate many layers at once: `workers` processes, each with its own Evaluator; on GPUs
-    worker i uses device i (mod the devices listed), on CPU each gets cores // workers threads.
-
-        with EvaluatorPool(config, workers=2) as pool:
-            futures = [pool.submit(layer) for layer in layers]
-    """
-
-    def __init__(self, config: EvalConfig, workers: int, start_method: str = "spawn"):
-        if workers < 1:
-            raise UserError(f"workers must be >= 1, got {workers}")
-        Evaluator(config)  # fail fast here (bad names, devices) rather than in every worker
-        self.workers = workers
-        gpu_ids = _gpu_ids(config)
-        threads = None if gpu_ids else max(1, (os.cpu_count() or 1) // workers)
-        ctx = multiprocessing.get_context(start_method)
-        slots = ctx.Queue()
-        for i in range(workers):
-            slots.put(i)
-        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                             initargs=(config.to_dict(), slots, threads, gpu_ids))
-
-    def submit(self, layer: Any) -> "Future[EvalResult]":
-        return self._executor.submit(_worker_evaluate, layer)
-
-    def map(self, layers: Iterable[Any]) -> list[EvalResult]:
-        return [f.result() for f in [self.submit(layer) for layer in layers]]
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "EvaluatorPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def evaluate_many(layers: Iterable[Any], config: EvalConfig | None = None, workers: int = 1
-                  ) -> list[EvalResult]:
-    """Evaluate several layers, `workers` at a time (1: in this process), results in order."""
-    config = config or EvalConfig()
-    layers = list(layers)
-    if workers <= 1 or len(layers) <= 1:
-        evaluator = Evaluator(config)
-        return [evaluator.evaluate(layer) for layer in layers]
-    with EvaluatorPool(config, min(workers, len(layers))) as pool:
-        return pool.map(layers)

@@ -27,6 +27,22 @@ def run_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def plugin_parent() -> argparse.ArgumentParser:
+    """An argparse parent with ``--plugin FILE`` (repeatable), for commands that look plugins up;
+    the command calls `load_plugins(args)` before its first lookup."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="import a Python file that registers plugins (repeatable)")
+    return parent
+
+
+def load_plugins(args) -> None:
+    from opsearch import registry
+
+    for path in getattr(args, "plugin", None) or []:
+        registry.load_plugin_file(path)
+
+
 def run_target(args) -> tuple[str, str | None]:
     """(run name or storage URL, explicit study name or None) from parsed RUN / --storage."""
     if getattr(args, "storage", None):

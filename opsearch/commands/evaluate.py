@@ -9,16 +9,18 @@ import json
 import os
 from typing import Any
 
+from opsearch.commands.common import load_plugins, plugin_parent
+from opsearch.config import DEFAULT_ARCHS
 from opsearch.errors import UserError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="train a layer on the proxy architectures",
+        "evaluate", help="train a layer on the proxy architectures", parents=[plugin_parent()],
         description="Train LAYER (a known layer's name, see `opsearch list`, or a graph JSON file) "
                     "inside each proxy architecture and report the validation accuracies.")
     p.add_argument("layer", metavar="LAYER", help="known layer name or graph JSON file")
-    p.add_argument("--archs", help="comma-separated architectures (default resnet,mobilenetv2,efficientnet)")
+    p.add_argument("--archs", help=f"comma-separated architectures (default {','.join(DEFAULT_ARCHS)})")
     p.add_argument("--dataset", help="proxy dataset (default digits)")
     p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
     p.add_argument("--download", action="store_true", default=None,
@@ -33,9 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", help="Lightning precision: 32-true (default), bf16-mixed, 16-mixed")
     p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any evaluation option, e.g. -O arch_options.width=8 -O dataset_options.image_size=8 "
-                        "-O layer_options.no_act=bn (value parsed as JSON when it can be)")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="import a Python file that registers plugins (repeatable)")
+                        "-O layer_options.no_act=bn (the value as in a config file: a TOML value, "
+                        "else a string)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -59,40 +60,16 @@ def parse_devices(text: str | None) -> Any:
         raise UserError(f"--devices: expected an integer, a list like 0,1, or auto; got {text!r}") from None
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_options(values: dict, options: list[str]) -> dict:
-    """`key=value` / `table.key=value` settings onto a dict of EvalConfig fields."""
-    from opsearch.trainers.evaluator import EvalConfig
+    """`key=value` / `table.key=value` settings (the grammar of every command's -O, see
+    opsearch/config.py) onto a dict of the lightning evaluator's options (EvalConfig fields)."""
+    from opsearch import registry
+    from opsearch.config import parse_assignment, set_option
 
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
     for item in options:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"-O expects KEY=VALUE, got {item!r}")
-        top, _, sub = key.strip().partition(".")
-        if top not in fields:
-            raise UserError(f"unknown evaluation option {top!r}; known: {', '.join(sorted(fields))}")
-        value = _parse_value(text)
-        if sub:
-            table = dict(values.get(top) or {})
-            parts = sub.split(".")
-            cursor = table
-            for part in parts[:-1]:
-                cursor = cursor.setdefault(part, {})
-                if not isinstance(cursor, dict):
-                    raise UserError(f"-O {key}: {part!r} is not a table")
-            cursor[parts[-1]] = value
-            values[top] = table
-        else:
-            values[top] = value
+        path, value = parse_assignment(item)
+        registry.evaluators.check_options("lightning", {path[0]: value})
+        set_option(values, path, value, f"-O {item}")
     return values
 
 
@@ -120,8 +97,7 @@ def build_eval_config(args):
 def run(args) -> int:
     from opsearch import registry
 
-    for path in args.plugin:
-        registry.load_plugin_file(path)
+    load_plugins(args)
     layer = args.layer
     if not os.path.exists(layer) and layer not in registry.layers:
         registry.layers.get(layer)  # unknown name: UserError listing the known layers

@@ -1,30 +1,62 @@
-"""`opsearch list`: print every registry and what is in it."""
+"""`opsearch list`: every registry, each plugin with what a user needs to pick it: a known
+layer's formula, a plugin's one-line description and its options with their defaults."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from opsearch import registry
+from opsearch.commands.common import load_plugins, plugin_parent
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list every registered plugin")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="import a Python file that registers plugins (repeatable)")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p = subparsers.add_parser("list", help="list every registered plugin with its options",
+                              parents=[plugin_parent()])
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object on stdout: {registry: {name: {doc, options | formula}}}")
     p.set_defaults(func=run)
 
 
+def describe(kind: str, name: str) -> dict[str, Any]:
+    """What `list` shows of one plugin: ``formula`` for a known layer, else ``doc`` (the first
+    line of its docstring) and ``options`` (name -> default)."""
+    reg = registry.ALL[kind]
+    if reg is registry.layers:
+        from opsearch import graph, layers
+
+        return {"formula": graph.formula(layers.get_graph(name))}
+    doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
+    return {"doc": doc[0] if doc else "", "options": reg.options(name)}
+
+
+def listing() -> dict[str, dict[str, dict[str, Any]]]:
+    return {kind: {name: describe(kind, name) for name in reg.names()} for kind, reg in registry.ALL.items()}
+
+
 def run(args) -> int:
-    for path in args.plugin:
-        registry.load_plugin_file(path)
-    listing = {kind: reg.names() for kind, reg in registry.ALL.items()}
+    load_plugins(args)
+    everything = listing()
     if args.json:
-        print(json.dumps(listing))
+        print(json.dumps(everything, default=repr))
         return 0
-    for kind, names in listing.items():
+    for kind, entries in everything.items():
         print(f"{kind}:")
-        for name in names:
-            obj = registry.ALL[kind].get(name)
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            print(f"  {name:<26} {doc[0] if doc else ''}")
+        for name, info in entries.items():
+            if "formula" in info:
+                print(f"  {name:<30} {info['formula']}")
+                continue
+            print(f"  {name:<30} {info['doc']}")
+            if info["options"]:
+                options = ", ".join(f"{k}={_show(v)}" for k, v in info["options"].items())
+                print(f"  {'':<30} options: {options}")
     return 0
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    return repr(value) if not isinstance(value, dict) else json.dumps(value, default=repr)

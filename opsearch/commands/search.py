@@ -74,11 +74,13 @@ def run(args) -> int:
         options.append(f"evaluator.steps={args.steps}")
     config = build_config(args.config, overrides, options)
 
+    from opsearch.commands.plot import write_plots
+    from opsearch.commands.show import print_summary
     from opsearch.engine import run_search
     from opsearch.progress import SearchProgress
 
     progress = SearchProgress(config, quiet=args.quiet)
     start = time.time()
     run_ = run_search(config, progress=progress)
-    progress.summary(run_, time.time() - start)
+    progress.summary(run_, time.time() - start, print_summary=print_summary, write_plots=write_plots)
     return 0

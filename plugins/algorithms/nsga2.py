@@ -60,8 +60,6 @@ _EPOCH = datetime.datetime(2020, 1, 1)
 class NSGA2(Algorithm):
     """NSGA-II (Deb et al. 2002) as implemented by Optuna's NSGAIISampler."""
 
-    name = "nsga2"
-    multi_objective = True
     OPTIONS: ClassVar[dict[str, Option]] = {
         "population_size": Option(20, "individuals per NSGA-II generation (Optuna's default is 50)",
                                   int, minimum=2),

@@ -20,8 +20,6 @@ from opsearch.space import Genome
 class ParetoEvolution(AgingEvolution):
     """Aging evolution; parent drawn uniformly from the tournament's Pareto front."""
 
-    name = "pareto_evolution"
-    multi_objective = True
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
         front = pareto_front([objectives for _, objectives in tournament])

@@ -101,13 +101,7 @@ class PygloveAlgorithm(Algorithm):
         items = []
         for genome, objectives in history:
             genome = self.space.check_genome(genome)
-            if objectives is not None:
-                objectives = tuple(float(v) for v in objectives)
-                if len(objectives) != self.num_objectives:
-                    raise UserError(f"algorithm {self.name!r} expects {self.num_objectives} "
-                                    f"objective(s), got {len(objectives)}")
-                if any(v != v for v in objectives):
-                    objectives = None
+            objectives = self.checked_objectives(objectives)
             self.num_feedbacks += 1
             self._pending = 0
             self.num_rejected += objectives is None
@@ -124,7 +118,6 @@ def register_pyglove_generator(name: str, factory: Callable[..., pg.geno.DNAGene
         "Pyglove_" + name.replace("-", "_"),
         (PygloveAlgorithm,),
         {
-            "name": f"pyglove:{name}",
             "factory": staticmethod(factory),
             "generator_options": tuple(options),
             "OPTIONS": {**options, **_COMMON_OPTIONS},
@@ -132,7 +125,6 @@ def register_pyglove_generator(name: str, factory: Callable[..., pg.geno.DNAGene
             "__module__": __name__,
         },
     )
-    cls.multi_objective = name == "nsga2"
     register_algorithm(f"pyglove:{name}")(cls)
     return cls
 

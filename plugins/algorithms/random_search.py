@@ -12,8 +12,6 @@ from opsearch.space import Genome
 class RandomSearch(Algorithm):
     """Each proposal is a uniform draw over the flat genome (feedback is ignored)."""
 
-    name = "random"
-    multi_objective = True
 
     def _propose(self, rng: random.Random) -> Genome:
         return self.space.random_genome(rng)

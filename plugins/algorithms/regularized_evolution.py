@@ -19,7 +19,6 @@ from opsearch.space import Genome
 class RegularizedEvolution(AgingEvolution):
     """Aging evolution; parent = best of the tournament by the scalarised objectives."""
 
-    name = "regularized_evolution"
     OPTIONS: ClassVar[dict[str, Option]] = {**AgingEvolution.OPTIONS, "scalarization": SCALARIZATION_OPTION}
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:

@@ -40,7 +40,6 @@ NUM_PROJECTIONS = 6
 class EquivalenceFilter(Filter):
     """Duplicates of earlier trials reuse their objectives instead of training."""
 
-    name = "equivalence"
     cost = 0.02
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True):

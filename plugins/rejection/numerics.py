@@ -28,7 +28,6 @@ DEFAULT_SHAPES = ((8, 16, 6, 6), (4, 7, 5, 3), (2, 64, 3, 3))
 class NumericsFilter(Filter):
     """Reject NaN/Inf outputs or gradients, zero input gradients, outputs that ignore the input."""
 
-    name = "numerics"
     cost = 0.01
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, train_passes: int = 2,

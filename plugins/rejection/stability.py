@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from opsearch.denormals import flush_denormals
 from opsearch.plugins.rejection import _probes
 from opsearch.registry import register_filter
 from opsearch.rejection import Candidate, Filter, FilterContext, Verdict
@@ -38,7 +39,6 @@ from opsearch.rejection import Candidate, Filter, FilterContext, Verdict
 class StabilityFilter(Filter):
     """Reject when adversarial weight perturbations push the gradient norm above a threshold."""
 
-    name = "stability"
     cost = 0.3
 
     def __init__(self, threshold: float = 1e8, steps: int = 5, step_size: float = 0.2,
@@ -59,7 +59,7 @@ class StabilityFilter(Filter):
         self.num_classes = int(num_classes)
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
-        with _probes.flush_denormals():  # perturbed weights drive values into denormals: slow
+        with flush_denormals():  # perturbed weights drive values into denormals: slow
             return self._check(candidate, context)
 
     def _check(self, candidate: Candidate, context: FilterContext) -> Verdict:

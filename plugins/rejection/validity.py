@@ -9,7 +9,6 @@ from opsearch.rejection import Candidate, Filter, FilterContext, Verdict
 class ValidityFilter(Filter):
     """Reject graphs that cannot be a layer (unknown op, bad index, output ignores x, ...)."""
 
-    name = "validity"
     cost = 0.0001
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:

@@ -1,0 +1,130 @@
+"""The evaluator interface: how the engine and the quality filter score a layer.
+
+An evaluator is a plugin (registry `evaluators`, config key ``evaluator_plugin``); the built-in
+``lightning`` one trains the layer inside K proxy architectures (trainers/plugin.py). Another
+way of scoring candidates (a surrogate, another framework) subclasses `Evaluator`:
+
+    from opsearch import register_evaluator
+    from opsearch.evaluation import Evaluation, Evaluator
+
+    @register_evaluator("my_scorer")
+    class MyScorer(Evaluator):
+        def evaluate(self, layer):               # a plain graph or a known layer's name
+            return Evaluation({arch: score(layer, arch) for arch in self.archs})
+
+and a search selects it with ``evaluator_plugin = "my_scorer"`` (its options come from the
+``[evaluator]`` table, checked against `OPTIONS`). What the engine calls, in order:
+`configure` (the search config -> the evaluator's config, bad options fail before anything is
+written), `check` (data and devices, also up front), then in each worker ``cls(config)`` on
+first use, `evaluate` for baselines and candidates, and `resume` for a candidate whose quality
+filter already trained it part of the way (`start` / `only` give those staged sessions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping, Protocol
+
+
+class Result(Protocol):
+    """What an evaluation returns: one accuracy per architecture (objective order = the run's
+    archs) and extra trial attributes to store (``train_s/<arch>``, ``diverged/<arch>``...)."""
+
+    accuracies: Mapping[str, float]
+
+    def trial_attrs(self) -> dict[str, Any]: ...
+
+
+class Session(Protocol):
+    """A staged evaluation: trained step by step (the quality filter's early look), then resumed."""
+
+    def train_until(self, step: int) -> dict[str, float]: ...
+
+    def result(self) -> Result: ...
+
+
+@dataclass
+class Evaluation:
+    """A plain `Result`: accuracies per architecture plus trial attributes."""
+
+    accuracies: dict[str, float]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def trial_attrs(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    @classmethod
+    def merge(cls, results: Iterable[Result]) -> "Evaluation":
+        """One result from several (one per architecture), in the order given."""
+        accuracies: dict[str, float] = {}
+        attrs: dict[str, Any] = {}
+        for r in results:
+            accuracies.update(r.accuracies)
+            attrs.update(r.trial_attrs())
+        return cls(accuracies, attrs)
+
+
+class OneShotSession:
+    """The staged session of an evaluator that cannot stop half way: the first look evaluates
+    the layer fully and later steps return the same result."""
+
+    def __init__(self, evaluator: "Evaluator", layer: Any):
+        self.evaluator, self.layer = evaluator, layer
+        self._result: Result | None = None
+
+    def train_until(self, step: int) -> dict[str, float]:
+        return dict(self.result().accuracies)
+
+    def result(self) -> Result:
+        if self._result is None:
+            self._result = self.evaluator.evaluate(self.layer)
+        return self._result
+
+
+class Evaluator:
+    """Base class of evaluator plugins; ``name`` is set by the registry."""
+
+    name: ClassVar[str] = "evaluator"
+    #: option name -> default, the keys the ``[evaluator]`` table may hold (shown by `opsearch list`)
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # -- from a search config, before anything is written ----------------------------------
+
+    @classmethod
+    def configure(cls, search: Any, device_index: int | None = None) -> Any:
+        """This evaluator's config for a search (`opsearch.config.SearchConfig`): the
+        ``[evaluator]`` table (already checked against `OPTIONS`) plus what the search fixes
+        (``archs``, ``dataset``, ``seed``...). Default: a dict. May expose ``threads`` (torch
+        threads per worker) and ``layer_options`` (eps, groups...), which the engine reads."""
+        return {"archs": tuple(search.archs), "dataset": search.dataset, "seed": search.seed,
+                **search.evaluator}
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        """Fail now, with a UserError, on what would fail later (missing data, no device)."""
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    @property
+    def archs(self) -> tuple[str, ...]:
+        archs = self.config.get("archs") if isinstance(self.config, dict) else getattr(self.config, "archs")
+        return tuple(archs)
+
+    def evaluate(self, layer: Any) -> Result:
+        """Score `layer` (a plain graph tuple or a known layer's name) on every architecture."""
+        raise NotImplementedError
+
+    def start(self, layer: Any) -> Session:
+        """A staged evaluation of `layer` (the quality filter trains its first steps)."""
+        return OneShotSession(self, layer)
+
+    def resume(self, session: Session) -> Result:
+        """Finish a staged evaluation: what `evaluate` would have returned."""
+        return session.result()
+
+    def only(self, arch: str) -> "Evaluator | None":
+        """An evaluator of the same setup on one architecture (so that the quality filter can
+        stop at the first architecture below its bar), or None when that saves nothing."""
+        return None

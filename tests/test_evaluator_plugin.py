@@ -1,0 +1,83 @@
+"""The evaluator is a plugin: a search scores its candidates with whatever `evaluator_plugin`
+names. Here the surrogate of benchmarks/surrogate.py (no training) drives a real engine search:
+filters, the quality filter's hand-off, baselines, recording."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsearch import registry
+from opsearch.config import SearchConfig
+from opsearch.engine import Setup, run_search
+from opsearch.errors import UserError
+from opsearch.study import open_run
+
+SURROGATE = str(Path(__file__).resolve().parent.parent / "benchmarks" / "surrogate.py")
+
+
+def config(tmp_path, **overrides) -> SearchConfig:
+    values = dict(name="s", space="evonorm", space_options={"num_nodes": 8}, budget=12,
+                  archs=["resnet", "mobilenetv2"], dataset="synthetic",
+                  filters=["validity", "numerics", "equivalence", "quality"],
+                  filter_options={"quality": {"min_accuracy": 0.1}},
+                  algorithm_options={"population_size": 4, "tournament_size": 2},
+                  baselines=["bn_relu", "evonorm_s0"], evaluator_plugin="surrogate",
+                  evaluator={"channels": 6}, plugins=[SURROGATE],
+                  storage=f"sqlite:///{tmp_path}/study.db", plots=False, seed=1)
+    values.update(overrides)
+    return SearchConfig.from_dict(values)
+
+
+def surrogate_module():
+    registry.load_plugin_file(SURROGATE)
+    return next(m for name, m in sys.modules.items()
+                if name.startswith("opsearch_user_plugin_") and hasattr(m, "SurrogateEvaluator"))
+
+
+def test_a_search_scores_its_candidates_with_the_named_evaluator(tmp_path):
+    cfg = config(tmp_path)
+    module = surrogate_module()
+    module.EVALUATIONS.clear()
+    run_search(cfg)
+    trials = open_run(cfg.storage, cfg.name).get_trials()
+    scorer = module.SurrogateEvaluator(module.SurrogateEvaluator.configure(cfg))
+    verdicts = [t.user_attrs["verdict"] for t in trials if t.user_attrs["kind"] == "candidate"]
+    evaluated = [t for t in trials if t.user_attrs["verdict"] == "evaluated"]
+    assert len(verdicts) == cfg.budget
+    assert any(t.user_attrs["kind"] == "candidate" for t in evaluated)
+    assert "rejected:quality" in verdicts or "rejected:numerics" in verdicts
+    for t in evaluated:  # the stored objectives are the surrogate's scores, nothing trained
+        layer = t.user_attrs.get("layer") or _plain(t.user_attrs["graph"])
+        expected = scorer.evaluate(layer).accuracies
+        assert t.values == pytest.approx([expected[a] for a in cfg.archs])
+        assert not any(k.startswith("train_s/") for k in t.user_attrs)
+    # each layer was scored once: the quality filter's look is handed on, not scored again
+    scored = len(module.EVALUATIONS) - len(evaluated)  # minus the checks just above
+    quality_rejected = verdicts.count("rejected:quality")
+    assert scored == len(evaluated) + quality_rejected
+
+
+def _plain(graph_json: str):
+    from opsearch import graph
+    return graph.as_plain(graph.from_json(graph_json))
+
+
+def test_bad_evaluator_names_and_options_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match=r"unknown evaluator 'surogate' \(did you mean 'surrogate'\?\)"):
+        Setup.from_config(config(tmp_path, evaluator_plugin="surogate"))
+    with pytest.raises(UserError, match=r"evaluator 'surrogate': unknown option 'chanels' "
+                                        r"\(did you mean 'channels'\?\); known: batch_size, channels, size"):
+        Setup.from_config(config(tmp_path, evaluator={"chanels": 4}))
+    with pytest.raises(UserError, match="evaluator 'lightning': unknown option 'stepz'"):
+        Setup.from_config(config(tmp_path, evaluator_plugin="lightning", evaluator={"stepz": 3}))
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_the_registry_names_the_plugin_class():
+    module = surrogate_module()
+    assert registry.evaluators.get("surrogate") is module.SurrogateEvaluator
+    assert module.SurrogateEvaluator.name == "surrogate"
+    assert importlib.import_module("opsearch.trainers.plugin").LightningEvaluator.name == "lightning"
