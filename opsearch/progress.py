@@ -132,7 +132,7 @@ class SearchProgress:
 def _hint(config: SearchConfig, run: Run) -> str:
     """The RUN arguments that select this search's study again (they work when copied, also in
     a storage that holds several studies)."""
-    from opsearch.commands.common import run_hint
+    from opsearch.study import run_hint
     from opsearch.study import run_url
 
     return run_hint(run.url or run_url(config.name), run.study_name, default_url=run_url(config.name))
@@ -140,7 +140,7 @@ def _hint(config: SearchConfig, run: Run) -> str:
 
 def _run_dir(config: SearchConfig, run: Run) -> str:
     """Where the search's plots go: beside its study (runs/<name> for the default storage)."""
-    from opsearch.commands.common import run_dir
+    from opsearch.study import run_dir
     from opsearch.study import run_url
 
     return run_dir(run.url or run_url(config.name), run.study_name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import socket
 import threading
 import time
@@ -159,6 +160,34 @@ def resolve(run_or_url: str, name: str | None = None) -> tuple[str, str]:
     if not run_or_url or "/" in run_or_url or run_or_url.startswith("."):
         raise UserError(f"invalid run name {run_or_url!r}: use letters, digits, '-' and '_'")
     return run_url(run_or_url), name or run_or_url
+
+
+def run_hint(url: str, study_name: str, default_url: str | None = None) -> str:
+    """The RUN arguments that select this study again, quoted for a shell.
+
+    A run under runs/ is named by its name alone; any other storage by ``NAME --storage URL``,
+    which works whatever else that storage holds."""
+    if default_url is not None and url == default_url:
+        return shlex.quote(study_name)
+    return f"{shlex.quote(study_name)} --storage {shlex.quote(url)}"
+
+
+def run_dir(url: str, study_name: str) -> str:
+    """Where files of a run go by default (plots, logs): beside its SQLite or journal file, in a
+    folder named after the study; runs/<study> for a database server."""
+    path = None
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+    elif url.startswith("journal:///"):
+        path = url[len("journal://"):]
+    elif "://" not in url:
+        path = url
+    if path and path != ":memory:":
+        base = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(path) == "study.db" and os.path.basename(base) == study_name:
+            return base  # runs/<name>/study.db: the run's own folder
+        return os.path.join(base, study_name)
+    return os.path.join(runs_dir(), study_name)
 
 
 def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:

@@ -10,8 +10,8 @@ same way, so a hint printed by one command works when pasted into another:
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
+
+from opsearch.study import run_dir, run_hint  # noqa: F401  (re-exported for the commands)
 
 RUN_HELP = ("run name (runs/RUN/study.db), or a storage URL holding one study; with --storage, "
             "the study's name inside that storage")
@@ -56,33 +56,3 @@ def open_study(args):
 
     run_or_url, name = run_target(args)
     return open_run(run_or_url, name)
-
-
-def run_hint(url: str, study_name: str, default_url: str | None = None) -> str:
-    """The RUN arguments that select this study again, quoted for a shell.
-
-    A run under runs/ is named by its name alone; any other storage by ``NAME --storage URL``,
-    which works whatever else that storage holds."""
-    if default_url is not None and url == default_url:
-        return shlex.quote(study_name)
-    return f"{shlex.quote(study_name)} --storage {shlex.quote(url)}"
-
-
-def run_dir(url: str, study_name: str) -> str:
-    """Where files of a run go by default (plots, logs): beside its SQLite or journal file, in a
-    folder named after the study; runs/<study> for a database server."""
-    from opsearch.study import runs_dir
-
-    path = None
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
-    elif url.startswith("journal:///"):
-        path = url[len("journal://"):]
-    elif "://" not in url:
-        path = url
-    if path and path != ":memory:":
-        base = os.path.dirname(os.path.abspath(path))
-        if os.path.basename(path) == "study.db" and os.path.basename(base) == study_name:
-            return base  # runs/<name>/study.db: the run's own folder
-        return os.path.join(base, study_name)
-    return os.path.join(runs_dir(), study_name)
