@@ -65,7 +65,7 @@ def test_dashboard_serves_each_trials_formula_and_verdict(tmp_path):
     try:
         deadline = time.time() + 120
         base = f"http://127.0.0.1:{port}"
-        studies = _get_json(f"{base}/api/studies", deadline, proc)["studies"]
+        studies = _get_json(f"{base}/api/studies", deadline, proc)["study_summaries"]
         (summary,) = [s for s in studies if s["study_name"] == "demo"]
         detail = _get_json(f"{base}/api/studies/{summary['study_id']}", deadline, proc)
         assert detail["objective_names"] == ARCHS  # objectives named after the architectures

@@ -64,8 +64,9 @@ class ProxyDataModule(pl.LightningDataModule):
     """A registered dataset for proxy training, sharded by rank.
 
     Training batches come from a `BatchStream` (batch k is a function of (seed, k)) and cover
-    the current stage: steps [trainer.lightning_module.step, trainer.max_steps). Pass `data` to
-    reuse tensors already loaded (the evaluator loads each dataset once per process).
+    the current stage: steps [trainer.lightning_module.step, trainer.max_steps), or one epoch
+    when max_steps is not set. Pass `data` to reuse tensors already loaded (the evaluator loads
+    each dataset once per process).
     """
 
     def __init__(self, dataset: str = "digits", *, batch_size: int = 32, seed: int = 0,
@@ -106,8 +107,9 @@ class ProxyDataModule(pl.LightningDataModule):
         module = trainer.lightning_module
         rank, world = trainer.global_rank, trainer.world_size
         start = int(getattr(module, "step", trainer.global_step))
-        stop = trainer.max_steps if trainer.max_steps >= 0 else start
         x, y = self._placed(module.device)
+        # (a Trainer without max_steps, as users often write one: one epoch per fit epoch)
+        stop = trainer.max_steps if trainer.max_steps >= 0 else start + len(y) // self.batch_size
         stream = BatchStream(x, y, self.batch_size, seed=self.seed, start_step=start,
                              num_steps=stop - start, rank=rank, world_size=world)
         # Several optimizer steps per training_step call amortise Lightning's per-call hooks;
