@@ -1,10 +1,12 @@
 """Lightning evaluator vs a plain PyTorch loop: same model, data, batches, optimizer, schedule.
 
     python benchmarks/evaluator_overhead.py [--layer bn_relu] [--steps 300] [--repeats 3] [--threads N]
+                                            [--steps-per-call K]
 
 For each architecture of the default proxy, trains the same network (same init seed) for the
-same steps with (a) `Evaluator` (Lightning Trainer per stage, manual optimization, validation at
-the end) and (b) a hand-written loop doing exactly the same work; runs are interleaved and each
+same steps with (a) `Evaluator` (one Lightning Trainer per evaluation with its data module,
+divergence and timing callbacks, manual optimization of K steps per training_step call,
+validation in Lightning's validation loop) and (b) a hand-written loop doing exactly the same work; runs are interleaved and each
 side's best of `repeats` is reported (the minimum is the least disturbed by other processes).
 Both sides must reach the same accuracy (they do the same arithmetic), which the script checks.
 Target: Lightning / plain <= 1.10.
@@ -83,16 +85,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps-per-call", dest="steps_per_call", type=int, default=None,
+                        help="optimizer steps per Lightning training_step call (default: the config's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"accelerator": "cpu"}
     if args.steps:
         overrides["steps"] = args.steps
+    if args.steps_per_call:
+        overrides["steps_per_call"] = args.steps_per_call
     evaluator = Evaluator(EvalConfig(**overrides))
     c = evaluator.config
     print(f"layer {args.layer}, {c.steps} steps x batch {c.batch_size}, {evaluator.data.describe()}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
+          f"torch threads {torch.get_num_threads()}, {c.steps_per_call} steps per call, best of {args.repeats}")
     # warm up both paths (oneDNN kernels, Lightning imports)
     for arch in c.archs:
         lightning_run(evaluator, args.layer, arch)

@@ -160,3 +160,141 @@ def test_several_devices_mean_ddp_forked_from_this_process():
         strategy = Evaluator(config)._strategy()
         assert isinstance(strategy, DDPStrategy) and strategy._start_method in ("fork", "spawn")
     assert Evaluator(tiny())._strategy() == "auto"
+
+
+# -- Lightning as its users know it: one Trainer per evaluation, callbacks, loggers -------------
+
+class _CountSteps:
+    """A callback counting the backward passes (one per training step) of a fit."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Counter(pl.Callback):
+            steps = 0
+
+            def on_before_backward(self, trainer, pl_module, loss):
+                self.steps += 1
+
+        return Counter()
+
+
+@pytest.mark.slow
+def test_staged_training_continues_the_same_trainer_without_starting_over():
+    session = Evaluator(tiny(archs=("resnet",))).start("bn_relu")
+    early = session.train_until(7)
+    run = session.runs["resnet"]
+    trainer = run.trainer
+    assert trainer.global_step == 7 and run.module.val_step == 7
+    assert trainer.callback_metrics["val_acc"] == pytest.approx(early["resnet"])  # Lightning's val loop
+    counter = _CountSteps()
+    trainer.callbacks.append(counter)
+    final = session.train_until(30)
+    assert session.runs["resnet"].trainer is trainer  # one Trainer for the whole evaluation
+    assert counter.steps == 23 and trainer.global_step == 30  # continued from step 7
+    assert trainer.current_epoch == 2  # one epoch per stage
+    assert trainer.callback_metrics["val_acc"] == pytest.approx(final["resnet"])
+    assert trainer.state.fn == "fit"  # validated inside fit (no separate trainer.validate)
+    assert session.train_until(30) == final and counter.steps == 23  # nothing left to train
+
+
+@pytest.mark.slow
+def test_divergence_is_the_callbacks_decision():
+    from opsearch.trainers.lit import DivergenceCallback
+
+    session = Evaluator(tiny(archs=("resnet",))).start(lambda c, act: _NaNAfter(3))
+    session.train_until(30)
+    run = session.runs["resnet"]
+    assert any(isinstance(cb, DivergenceCallback) for cb in run.trainer.callbacks)
+    assert run.module.diverged and run.module.step == 3 and run.trainer.global_step == 3
+    assert session.result().per_arch["resnet"].accuracy == 0.0
+
+
+@pytest.mark.slow
+def test_timing_callback_splits_training_and_validation_time():
+    session = Evaluator(tiny(archs=("resnet",))).start("bn_relu")
+    session.train_until(30)
+    timings = session.runs["resnet"].module.timings
+    assert timings["train_s"] > 0 and timings["val_s"] > 0
+    assert timings["train_s"] + timings["val_s"] <= session.result().seconds
+
+
+@pytest.mark.slow
+def test_csv_logger_writes_learning_curves(tmp_path):
+    import csv
+
+    evaluator = Evaluator(tiny(archs=("resnet", "mobilenetv2")), logger="csv", log_dir=str(tmp_path))
+    session = evaluator.start("bn_relu")
+    session.train_until(10)
+    result = (session.train_until(30), session.result())[1]
+    for arch in ("resnet", "mobilenetv2"):
+        with open(tmp_path / "bn_relu" / arch / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        losses = [(int(r["step"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
+        vals = [(int(r["step"]), float(r["val_acc"])) for r in rows if r.get("val_acc")]
+        assert len(losses) >= 3 and losses[-1][1] < losses[0][1]  # a learning curve that falls
+        assert [s for s, _ in vals] == [10, 30]  # validation at the end of each stage
+        assert vals[-1][1] == pytest.approx(result.accuracies[arch])
+
+
+def test_unknown_or_missing_loggers_are_user_errors(monkeypatch):
+    import lightning_fabric.loggers.tensorboard as tb
+
+    with pytest.raises(UserError, match="unknown logger 'wandb'"):
+        Evaluator(tiny(), logger="wandb")
+    monkeypatch.setattr(tb, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(tb, "_TENSORBOARDX_AVAILABLE", False)
+    with pytest.raises(UserError, match=r"pip install 'opsearch\[tensorboard\]'"):
+        Evaluator(tiny(), logger="tensorboard")
+
+
+@pytest.mark.slow
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    Evaluator(tiny(archs=("resnet",), steps=10), logger="tensorboard", log_dir=str(tmp_path)).evaluate("identity")
+    assert list((tmp_path / "identity" / "resnet").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_command_logger_flags(tmp_path, capsys):
+    from opsearch.cli import main
+
+    assert main(["evaluate", "bn_relu", "--log-dir", str(tmp_path)]) == 2
+    assert "--log-dir needs --logger" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_csv_curves(tmp_path, capsys):
+    from opsearch.cli import main
+
+    args = ["evaluate", "identity", "--dataset", "synthetic", "--archs", "resnet", "--steps", "10",
+            "--accelerator", "cpu", "-O", "arch_options.width=4", "--logger", "csv", "--log-dir",
+            str(tmp_path), "--json", "--quiet"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "identity" / "resnet" / "metrics.csv").is_file()
+    assert out["accuracies"]["resnet"] >= 0
+
+
+@pytest.mark.slow
+def test_datamodule_and_module_work_in_a_plain_lightning_trainer():
+    """The pieces are ordinary Lightning: a user's own Trainer fits and validates them."""
+    import pytorch_lightning as pl
+
+    from opsearch import layers, registry
+    from opsearch.trainers.lit import DivergenceCallback, ProxyDataModule, ProxyModule
+
+    dm = ProxyDataModule("synthetic", batch_size=16, num_train=64, num_val=32)
+    dm.setup("fit")
+    model = registry.architectures.get("resnet")(layers.norm_act("bn_relu"), dm.data.num_classes,
+                                                 dm.data.in_channels, width=4)
+    module = ProxyModule(model, [], total_steps=8, lr=0.1, num_val=len(dm.data.y_val))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[DivergenceCallback()])
+    trainer.fit(module, datamodule=dm)
+    assert module.step == trainer.global_step == 8
+    assert trainer.callback_metrics["val_acc"] == pytest.approx(module.val_acc)
+    module.model.eval()  # Lightning's validation loop counted what a hand-written one counts
+    with torch.no_grad():
+        by_hand = float((module.model(dm.data.x_val).argmax(1) == dm.data.y_val).float().mean())
+    assert module.val_acc == pytest.approx(by_hand) and module.val_step == 8

@@ -203,6 +203,13 @@ def norm_act_factory(layer: Any, options: dict | None = None) -> tuple[NormActFa
     return factory, label
 
 
+def _log_name(label: str) -> str:
+    """A folder name for a layer's logs: a file's stem, or the label with odd characters replaced."""
+    if os.path.sep in label or label.endswith(".json"):
+        label = os.path.splitext(os.path.basename(label))[0]
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:80] or "layer"
+
+
 def _stable_seed(seed: int, name: str) -> int:
     """A per-architecture init seed that does not change when other architectures are added."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
@@ -238,12 +245,21 @@ def _launched_externally() -> bool:
 class Evaluator:
     """Trains layers on the proxy architectures of one EvalConfig; reusable for many layers."""
 
-    def __init__(self, config: EvalConfig | None = None, **overrides):
+    def __init__(self, config: EvalConfig | None = None, *, logger: str | None = None,
+                 log_dir: str | None = None, **overrides):
+        """`logger` ("csv" or "tensorboard", Lightning's loggers) writes each architecture's
+        learning curves to log_dir/<layer>/<architecture> (log_dir defaults to ./logs)."""
         config = config or EvalConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.builders = {arch: registry.architectures.get(arch) for arch in config.archs}
+        self.logger = logger
+        self.log_dir = log_dir if log_dir is not None or logger is None else "logs"
+        if logger is not None:
+            from opsearch.trainers.lit import check_logger
+
+            check_logger(logger)  # unknown, or its package missing: one line now, before training
         _quiet_lightning()
         self.data = load_data(config)
         self._check_devices()
@@ -266,21 +282,26 @@ class Evaluator:
             return DDPStrategy(start_method=start_methods[strategy], static_graph=True)
         return strategy
 
-    def trainer(self, max_steps: int):
-        """A fresh Trainer for one training stage: no logger, checkpoints, progress bar, model
-        summary or sanity validation (construction costs ~5 ms)."""
+    def trainer(self, max_steps: int, logger: Any = False, callbacks: Sequence[Any] = ()):
+        """The Trainer of one evaluation (one layer on one architecture), reused by every stage:
+        Lightning's usual flags, the divergence and timing callbacks, no checkpoints, progress bar
+        or model summary. One stage is one epoch (see trainers/lit.py); construction ~5 ms."""
         import pytorch_lightning as pl
         from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+        from opsearch.trainers.lit import DivergenceCallback, TimingCallback
 
         c = self.config
         try:
             return pl.Trainer(
                 accelerator=c.accelerator, devices=c.devices, strategy=self._strategy(),
                 precision=c.precision, num_nodes=c.num_nodes,
-                max_steps=max_steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=0,
-                benchmark=False, inference_mode=True, default_root_dir=None)
+                max_steps=max_steps, max_epochs=1, reload_dataloaders_every_n_epochs=1,
+                num_sanity_val_steps=0, logger=logger, log_every_n_steps=1,
+                callbacks=[DivergenceCallback(), TimingCallback(), *callbacks],
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                use_distributed_sampler=False, benchmark=False, inference_mode=True,
+                default_root_dir=self.log_dir)
         except UserError:
             raise
         except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
@@ -307,11 +328,14 @@ class Evaluator:
 class _ArchRun:
     module: Any
     datamodule: Any
+    trainer: Any
     seconds: float = 0.0
+    stages: int = 0
 
 
 class EvalSession:
-    """One layer's training on every architecture, advanced in stages by `train_until`."""
+    """One layer's training on every architecture, advanced in stages by `train_until`: each
+    architecture has one Trainer, whose fit continues where the previous stage stopped."""
 
     def __init__(self, evaluator: Evaluator, factory: NormActFactory, label: str):
         self.evaluator = evaluator
@@ -321,9 +345,10 @@ class EvalSession:
         self.seconds = 0.0
 
     def _build(self, arch: str) -> _ArchRun:
-        from opsearch.trainers.lit import ProxyDataModule, ProxyModule
+        from opsearch.trainers.lit import ProxyDataModule, ProxyModule, make_logger
 
-        c, data = self.evaluator.config, self.evaluator.data
+        ev = self.evaluator
+        c, data = ev.config, ev.data
         created: list[nn.Module] = []
 
         def recording(num_channels: int, act: bool) -> nn.Module:
@@ -333,18 +358,23 @@ class EvalSession:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_stable_seed(c.seed, arch))
-            model = self.evaluator.builders[arch](recording, data.num_classes, data.in_channels,
-                                                  **c.options_for(arch))
-        module = ProxyModule(model, created, data, total_steps=c.steps, lr=c.lr, momentum=c.momentum,
-                             weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
-                             label_smoothing=c.label_smoothing, val_batch_size=c.val_batch_size,
+            model = ev.builders[arch](recording, data.num_classes, data.in_channels, **c.options_for(arch))
+        module = ProxyModule(model, created, total_steps=c.steps, lr=c.lr, num_val=len(data.y_val),
+                             momentum=c.momentum, weight_decay=c.weight_decay,
+                             warmup_steps=c.warmup_steps, label_smoothing=c.label_smoothing,
                              nesterov=c.nesterov, channels_last=c.channels_last)
-        return _ArchRun(module, ProxyDataModule(data, c.batch_size, c.seed, c.steps_per_call))
+        datamodule = ProxyDataModule(c.dataset, batch_size=c.batch_size, seed=c.seed,
+                                     val_batch_size=c.val_batch_size, steps_per_call=c.steps_per_call,
+                                     data=data)
+        logger = make_logger(ev.logger, ev.log_dir, _log_name(self.label), arch) if ev.logger else False
+        return _ArchRun(module, datamodule, ev.trainer(0, logger=logger))
 
     def train_until(self, step: int, progress: Callable[[str, ArchResult], None] | None = None
                     ) -> dict[str, float]:
         """Train every architecture up to `step` (at most config.steps); validation accuracy of
         each (0 for a diverged run)."""
+        from opsearch.trainers.lit import launches_processes
+
         c = self.evaluator.config
         step = min(int(step), c.steps)
         accuracies = {}
@@ -357,16 +387,28 @@ class EvalSession:
                 run = self.runs.get(arch)
                 if run is None:
                     run = self.runs[arch] = self._build(arch)
-                m = run.module
+                m, trainer = run.module, run.trainer
                 if not m.diverged and m.step < step:
-                    run.datamodule.start_step, run.datamodule.stop_step = m.step, step
-                    trainer = self.evaluator.trainer(step - m.step)
+                    if run.stages and launches_processes(trainer):
+                        # Lightning fits a Trainer whose DDP forks/spawns its ranks only once; the
+                        # module carries its step and optimizer state into a fresh one.
+                        run.trainer = trainer = self.evaluator.trainer(0, logger=trainer.logger or False)
+                    run.stages += 1
+                    # The next stage of the same fit: one more epoch, up to `step` (see lit.py).
+                    trainer.fit_loop.epoch_loop.max_steps = step  # (what Trainer(max_steps=) sets)
+                    trainer.fit_loop.max_epochs = trainer.current_epoch + 1
                     with warnings.catch_warnings():
                         _quiet_lightning()
                         trainer.fit(m, datamodule=run.datamodule)
-                elif m.val_step != m.step:
-                    m.val_acc = 0.0 if m.diverged else m.validate()
-                    m.val_step = m.step
+                if m.diverged:
+                    m.val_acc, m.val_step = 0.0, m.step
+                elif m.val_step != m.step:  # (a stage that ended without its validation)
+                    with warnings.catch_warnings():
+                        _quiet_lightning()
+                        trainer.validate(m, datamodule=run.datamodule, verbose=False)
+                    # (read back from the logged metric: a forked DDP validation does not send
+                    # the module's state back, its logged metrics it does)
+                    m.val_acc, m.val_step = float(trainer.callback_metrics["val_acc"]), m.step
                 run.seconds += time.perf_counter() - t0
                 accuracies[arch] = float(m.val_acc or 0.0)
                 if progress is not None:

@@ -1,28 +1,42 @@
-"""The Lightning module and data module for proxy training.
+"""Lightning pieces of a proxy evaluation: data module, module, callbacks, loggers.
 
-`ProxyModule` trains one architecture built with one candidate layer: SGD with momentum, a linear
-warmup then cosine decay defined over the run's full step count, weight decay on convolution and
-linear weights but not on the norm-act layers' own parameters (v0, v1, weight, bias, as the
-paper's reference excludes the EvoNorm variables), and a stop at the first non-finite loss
-(`diverged`, accuracy 0) rather than training on NaNs.
+One evaluation of a layer on one architecture is one `pl.Trainer` (the usual flags: max_steps,
+accelerator, devices, strategy, precision, logger, callbacks) fitting one `ProxyModule` on one
+`ProxyDataModule`:
 
-Staged training (the quality filter trains 100 steps, checks, then continues) is built in: the
-module keeps its own step counter, sets the learning rate from it, and stores its optimizer state
-and results in ``get_extra_state`` so that they survive a fit in other processes (Lightning's
-fork/spawn DDP launchers send rank 0's state dict back). Each stage is a fresh, cheap Trainer
-fitting the next slice of a `BatchStream`; the slices of a staged run are exactly the batches of a
-straight one, so continuing gives exactly what a straight run gives.
+- `ProxyDataModule` serves any registered dataset (digits, fashion_mnist, cifar10, synthetic, a
+  user's) as Lightning expects: ``prepare_data`` fetches what the user asked to download, ``setup``
+  loads the in-memory tensors, ``train_dataloader`` the training batches of the current stage,
+  ``val_dataloader`` this rank's share of the validation set.
+- `ProxyModule`: SGD with momentum, linear warmup then cosine decay over the run's full step
+  count, weight decay on convolution and linear weights but not on the norm-act layers' own
+  parameters (v0, v1, weight, bias, as the paper's reference excludes the EvoNorm variables).
+  Validation runs in Lightning's validation loop at the end of every stage.
+- `DivergenceCallback`: the first non-finite training loss stops the run and marks it diverged
+  (accuracy 0); that step is not applied. `TimingCallback`: training and validation seconds.
+- `make_logger`: Lightning's CSVLogger / TensorBoardLogger for learning curves.
 
-Optimization is manual (``automatic_optimization = False``): one forward, one backward, one
-step, no closures; and each training_step call takes several consecutive batches
-(`GroupedBatches`, one optimizer step each), so Lightning's per-call hooks (~0.7 ms on a CPU core)
-are paid once per k steps. Precision plugins, DDP gradient sync and device placement still go
-through Lightning (`manual_backward`, the wrapped optimizer, the strategy).
+Staged training (the quality filter trains 100 steps, checks the accuracy, then continues to the
+full count) uses the same Trainer: each stage raises ``trainer.fit_loop.max_steps`` and fits again.
+A stage is one Lightning epoch: the data module is reloaded every epoch and serves the batches of
+steps [module.step, max_steps), and batch k of a run is a pure function of (seed, k), so a staged
+run sees exactly the batches of a straight one and continues instead of starting over. The
+module's step counter, optimizer state and results live in ``get_extra_state``, so they also
+survive a fit in other processes (Lightning's fork/spawn DDP launchers send rank 0's state dict
+back, not the loop's progress).
+
+Optimization is manual (``automatic_optimization = False``), for speed: each ``training_step``
+call takes k consecutive batches (`GroupedBatches`, one optimizer step each), so Lightning's
+per-call hooks (~0.7 ms on a CPU core, more with automatic optimization's closure) are paid once
+per k steps; one step per call measured 1.14-1.2x a plain loop on the default proxy (BENCHMARKS.md,
+"Lightning overhead"). Backward, the precision plugin, DDP gradient sync and device placement still
+go through Lightning (``manual_backward``, the wrapped optimizer, the strategy).
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opsearch.trainers.data import ArrayData, BatchStream, shard
+from opsearch.errors import UserError
+from opsearch.trainers.data import ArrayData, BatchStream, load, shard
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
@@ -42,64 +57,121 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class ProxyDataModule(pl.LightningDataModule):
-    """Serves the training batches of steps [start_step, stop_step) of a run, sharded by rank."""
+# ---------------------------------------------------------------------------------------------
+# Data
 
-    def __init__(self, data: ArrayData, batch_size: int, seed: int, steps_per_call: int = 1):
+class ProxyDataModule(pl.LightningDataModule):
+    """A registered dataset for proxy training, sharded by rank.
+
+    Training batches come from a `BatchStream` (batch k is a function of (seed, k)) and cover
+    the current stage: steps [trainer.lightning_module.step, trainer.max_steps), or one epoch
+    when max_steps is not set. Pass `data` to reuse tensors already loaded (the evaluator loads
+    each dataset once per process).
+    """
+
+    def __init__(self, dataset: str = "digits", *, batch_size: int = 32, seed: int = 0,
+                 val_batch_size: int = 1024, steps_per_call: int = 1, data: ArrayData | None = None,
+                 **options: Any):
         super().__init__()
-        self.data = data
+        self.dataset = dataset
+        self.options = options  # the reader's own: data_dir, download, image_size, ...
         self.batch_size = batch_size
         self.seed = seed
+        self.val_batch_size = val_batch_size
         self.steps_per_call = steps_per_call
-        self.start_step = 0
-        self.stop_step = 0
+        self.data = data
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def train_dataloader(self):
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    def prepare_data(self) -> None:
+        """Downloads (rank 0 only, as Lightning calls it) when the user asked for it."""
+        if self.data is None and self.options.get("download"):
+            load(self.dataset, **self.options)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = load(self.dataset, **self.options)
+
+    def _placed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set on `device`: kept on an accelerator (it is small), no copy per step."""
         x, y = self.data.x_train, self.data.y_train
-        device = trainer.lightning_module.device if trainer is not None else x.device
-        if device.type != "cpu":  # keep the (small) training set on the accelerator: no copy per step
-            key = str(device)
-            if key not in self._on_device:
-                self._on_device[key] = (x.to(device), y.to(device))
-            x, y = self._on_device[key]
-        stream = BatchStream(x, y, self.batch_size, seed=self.seed, start_step=self.start_step,
-                             num_steps=self.stop_step - self.start_step, rank=rank, world_size=world)
+        if device.type == "cpu":
+            return x, y
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (x.to(device), y.to(device))
+        return self._on_device[key]
+
+    def train_dataloader(self):
+        self.setup()
+        trainer = self.trainer
+        module = trainer.lightning_module
+        rank, world = trainer.global_rank, trainer.world_size
+        start = int(getattr(module, "step", trainer.global_step))
+        x, y = self._placed(module.device)
+        # (a Trainer without max_steps, as users often write one: one epoch per fit epoch)
+        stop = trainer.max_steps if trainer.max_steps >= 0 else start + len(y) // self.batch_size
+        stream = BatchStream(x, y, self.batch_size, seed=self.seed, start_step=start,
+                             num_steps=stop - start, rank=rank, world_size=world)
         # Several optimizer steps per training_step call amortise Lightning's per-call hooks;
         # under multi-process DDP each step needs its own forward through the DDP wrapper.
         return stream.grouped(self.steps_per_call if world == 1 else 1)
 
+    def val_dataloader(self):
+        self.setup()
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        part = shard(len(self.data.y_val), rank, world)
+        return _Chunks(self.data.x_val[part], self.data.y_val[part], self.val_batch_size)
+
+
+class _Chunks:
+    """(x, y) in consecutive chunks of `size`: one iterable (a list would be read by Lightning as
+    several dataloaders)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, size: int):
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.size)
+
+    def __iter__(self):
+        for i in range(0, len(self.y), self.size):
+            yield self.x[i:i + self.size], self.y[i:i + self.size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
 
 class ProxyModule(pl.LightningModule):
     """One architecture with one candidate layer, trained for `total_steps` steps in stages."""
 
-    def __init__(self, model: nn.Module, norm_act_modules: list[nn.Module], data: ArrayData, *,
-                 total_steps: int, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 warmup_steps: int = 0, label_smoothing: float = 0.0, val_batch_size: int = 1024,
-                 nesterov: bool = False, channels_last: bool | None = None):
+    def __init__(self, model: nn.Module, norm_act_modules: list[nn.Module], *, total_steps: int,
+                 lr: float, num_val: int, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 warmup_steps: int = 0, label_smoothing: float = 0.0, nesterov: bool = False,
+                 channels_last: bool | None = None):
         super().__init__()
-        self.automatic_optimization = False
+        self.automatic_optimization = False  # see the module docstring: k steps per call
         self.model = model
-        self.data = data
         self.total_steps = total_steps
         self.lr = lr
+        self.num_val = num_val  # validation samples over all ranks
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.label_smoothing = label_smoothing
-        self.val_batch_size = val_batch_size
         self.nesterov = nesterov
         self.channels_last = channels_last
         self._memory_format = torch.contiguous_format
         self._no_decay = {id(p) for m in norm_act_modules for p in m.parameters()}
+        self._val_correct: torch.Tensor | None = None
+        self._val_finite: torch.Tensor | None = None
         # State that must survive a fit in another process (see get_extra_state).
         self.step = 0
-        self.diverged = False
+        self.diverged = False  # set by DivergenceCallback
         self.val_acc: float | None = None
         self.val_step = -1
         self.opt_state: dict | None = None
+        self.timings = {"train_s": 0.0, "val_s": 0.0}  # kept by TimingCallback
 
     # -- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -111,7 +183,7 @@ class ProxyModule(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
-        if self.opt_state is not None:
+        if self.opt_state is not None:  # momentum buffers of the previous stage
             opt.load_state_dict(self.opt_state)
         return opt
 
@@ -133,72 +205,68 @@ class ProxyModule(pl.LightningModule):
         """One item of GroupedBatches: k consecutive batches, one optimizer step each."""
         xs, ys = batch
         opt = self.optimizers()
+        total = xs.new_zeros((), dtype=torch.float32)
+        done = 0
         for x, y in zip(xs, ys):
-            if not self._train_step(opt, x, y):
+            loss = self._train_step(opt, x, y)
+            if loss is None:
                 break
+            total += loss.detach()
+            done += 1
+        if done:
+            self.log("train_loss", total / done, on_step=True, batch_size=done * len(ys[0]))
+            self.log("step", float(self.step))  # the loggers' x axis: optimizer steps, not calls
         return None
 
-    def _train_step(self, opt, x: torch.Tensor, y: torch.Tensor) -> bool:
+    def _train_step(self, opt, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         x = x.contiguous(memory_format=self._memory_format)
         lr = learning_rate(self.step, self.total_steps, self.lr, self.warmup_steps)
         for group in opt.optimizer.param_groups:
             group["lr"] = lr
         loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
-        finite = bool(torch.isfinite(loss))
-        if self.trainer.world_size > 1:  # every rank must agree, or DDP's all-reduce would hang
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            self.diverged = True
-            self.trainer.should_stop = True
-            return False
-        self.manual_backward(loss)
+        self.manual_backward(loss)  # DivergenceCallback.on_before_backward looks at the loss first
+        if self.diverged:  # a non-finite loss: this step is not applied, and training stops
+            opt.zero_grad(set_to_none=True)
+            return None
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
-        return True
+        return loss
 
     def on_train_end(self) -> None:
         # Keep momentum buffers for the next stage (moved to CPU: they travel in the state dict).
         opt = self.optimizers()
         opt = getattr(opt, "optimizer", opt)
         self.opt_state = _to_cpu(opt.state_dict())
-        self.val_acc = 0.0 if self.diverged else self.validate()
-        self.val_step = self.step
 
-    @torch.no_grad()
-    def validate(self) -> float:
-        """Validation accuracy; under DDP each rank scores its shard and the counts are summed."""
-        trainer = self._trainer
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and distributed else (0, 1)
-        part = shard(len(self.data.y_val), rank, world)
-        x_all, y_all = self.data.x_val[part], self.data.y_val[part]
-        was_training = self.model.training
-        self.model.eval()
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        plugin = trainer.precision_plugin if trainer is not None else None
-        for i in range(0, len(y_all), self.val_batch_size):
-            x = x_all[i:i + self.val_batch_size].to(self.device).contiguous(memory_format=self._memory_format)
-            y = y_all[i:i + self.val_batch_size].to(self.device)
-            if plugin is not None:
-                x = plugin.convert_input(x)
-                with plugin.forward_context():
-                    logits = self.model(x)
-            else:
-                logits = self.model(x)
-            correct += (logits.argmax(dim=1) == y).sum()
-            if not bool(torch.isfinite(logits).all()):
-                correct.zero_()  # NaN logits cannot count as right by argmax luck
-                break
-        self.model.train(was_training)
-        if world > 1:
-            correct = trainer.strategy.reduce(correct, reduce_op="sum")
-        return float(correct) / max(1, len(self.data.y_val))
+    # -- validation (Lightning's validation loop, at the end of every stage) --------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if self.diverged:
+            return
+        x, y = batch
+        logits = self.model(x.contiguous(memory_format=self._memory_format))
+        self._val_correct += (logits.argmax(dim=1) == y).sum()
+        self._val_finite &= torch.isfinite(logits).all()  # NaN logits cannot count as right
+
+    def on_validation_epoch_end(self) -> None:
+        correct, finite = self._val_correct, self._val_finite
+        if self.trainer.world_size > 1:
+            correct = self.trainer.strategy.reduce(correct, reduce_op="sum")
+            finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        ok = bool(finite) and not self.diverged
+        self.val_acc = float(correct) / max(1, self.num_val) if ok else 0.0
+        self.val_step = self.step
+        self.log("val_acc", self.val_acc, sync_dist=True)  # (the same on every rank already)
+        self.log("step", float(self.step), sync_dist=True)
 
     # -- state that crosses process boundaries --------------------------------------------------
     def get_extra_state(self) -> Any:
         return {"step": self.step, "diverged": self.diverged, "val_acc": self.val_acc,
-                "val_step": self.val_step, "opt_state": self.opt_state}
+                "val_step": self.val_step, "opt_state": self.opt_state, "timings": dict(self.timings)}
 
     def set_extra_state(self, state: Any) -> None:
         self.step = int(state["step"])
@@ -206,6 +274,93 @@ class ProxyModule(pl.LightningModule):
         self.val_acc = state["val_acc"]
         self.val_step = int(state["val_step"])
         self.opt_state = state["opt_state"]
+        self.timings = dict(state.get("timings") or self.timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks
+
+class DivergenceCallback(pl.Callback):
+    """A NaN or infinite training loss stops the run and marks the module diverged (it then scores
+    0); the module does not apply that step. Under DDP every rank takes the same decision (one
+    rank stopping alone would leave the others waiting in an all-reduce)."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        finite = bool(torch.isfinite(loss).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            pl_module.diverged = True
+            trainer.should_stop = True
+
+
+class TimingCallback(pl.Callback):
+    """Wall seconds spent training and validating, added to ``pl_module.timings`` (which travels
+    with the module's state) and logged as ``train_s`` / ``val_s`` beside the learning curves."""
+
+    def __init__(self) -> None:
+        self._train_t0: float | None = None
+        self._val_t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._train_t0 = time.perf_counter()
+
+    def _stop_training_clock(self, pl_module) -> None:
+        if self._train_t0 is not None:
+            pl_module.timings["train_s"] += time.perf_counter() - self._train_t0
+            self._train_t0 = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._stop_training_clock(pl_module)  # a stage's validation ends its training
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.timings["val_s"] += time.perf_counter() - self._val_t0
+        pl_module.log("train_s", pl_module.timings["train_s"], sync_dist=True)
+        pl_module.log("val_s", pl_module.timings["val_s"], sync_dist=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_training_clock(pl_module)  # (a stage that ended without validation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loggers
+
+LOGGERS = ("csv", "tensorboard")
+
+
+def check_logger(kind: str) -> None:
+    """UserError (one line) for an unknown logger or one whose package is not installed."""
+    if kind not in LOGGERS:
+        raise UserError(f"unknown logger {kind!r}; known: {', '.join(LOGGERS)}")
+    if kind == "tensorboard":
+        from lightning_fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+
+        if not (_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE):
+            raise UserError("--logger tensorboard needs the tensorboard package: "
+                            "pip install 'opsearch[tensorboard]' (or use --logger csv)")
+
+
+def make_logger(kind: str, save_dir: str, name: str, version: str):
+    """Lightning's CSVLogger or TensorBoardLogger writing to save_dir/name/version."""
+    check_logger(kind)
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir, name=name, version=version)
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def launches_processes(trainer: pl.Trainer) -> bool:
+    """Whether the trainer's strategy forks or spawns its ranks (DDP outside a launcher): Lightning
+    then refuses a second fit on the same Trainer, so each stage needs a fresh one."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _share_cores(trainer: pl.Trainer) -> None:

@@ -37,6 +37,11 @@ def add_parser(subparsers) -> None:
                    help="any evaluation option, e.g. -O arch_options.width=8 -O dataset_options.image_size=8 "
                         "-O layer_options.no_act=bn (the value as in a config file: a TOML value, "
                         "else a string)")
+    p.add_argument("--logger", choices=("csv", "tensorboard"), default=None,
+                   help="write learning curves with Lightning's CSVLogger or TensorBoardLogger "
+                        "(tensorboard: pip install 'opsearch[tensorboard]')")
+    p.add_argument("--log-dir", dest="log_dir", default=None, metavar="DIR",
+                   help="where --logger writes, as DIR/<layer>/<architecture> (default ./logs)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -115,7 +120,9 @@ def run(args) -> int:
     # Under an external DDP launch only rank 0 talks.
     rank0 = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
     console = Console(stderr=True, highlight=False, quiet=args.quiet or not rank0)
-    evaluator = Evaluator(config)
+    if args.log_dir is not None and args.logger is None:
+        raise UserError("--log-dir needs --logger csv or --logger tensorboard")
+    evaluator = Evaluator(config, logger=args.logger, log_dir=args.log_dir)
     console.print(f"[bold]opsearch evaluate[/] [cyan]{escape(layer)}[/] on {escape(evaluator.data.describe())}; "
                   f"{config.steps} steps x batch {config.batch_size}, lr {config.lr:g}, seed {config.seed}")
 
@@ -126,6 +133,8 @@ def run(args) -> int:
     with console.status("training...", spinner="dots"):
         result = evaluator.evaluate(layer, progress=progress)
     console.print(f"  {'mean':<14} accuracy [bold]{result.mean_accuracy:.4f}[/]  total {result.seconds:.1f} s")
+    if args.logger is not None:
+        console.print(f"  learning curves ({args.logger}): {escape(evaluator.log_dir)}/")
     if args.json and rank0:
         out = result.to_dict()
         out["layer"] = layer
