@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 from optuna.trial import TrialState
 
-from opsearch import faults, registry
+from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
@@ -129,7 +128,7 @@ def make_eval_config(config: SearchConfig, device_index: int | None = None):
     # three architectures, quiet 2-core box: 11.7 s with 1 or 2 threads), and spinning OpenMP
     # threads make a busy machine 5-25x slower. More cores: more --workers.
     values = {"dataset": config.dataset, "archs": tuple(config.archs), "seed": config.seed,
-              "accelerator": config.accelerator, "threads": 1}
+              "accelerator": config.accelerator, "strategy": config.strategy, "threads": 1}
     if config.data_dir is not None:
         values["data_dir"] = config.data_dir
     if config.precision is not None:
@@ -174,10 +173,10 @@ class Worker:
         self.run = run or setup.open_run()
         self.lock = lock or contextlib.nullcontext()
         self.on_result = on_result
-        self.identity = WorkerId.current()
         self.archs = list(self.config.archs)
         self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
                             else setup.eval_config)
+        self.identity = WorkerId.current(device=devices.describe(device_index))
         # Workers that recover the same history with the same seed would propose the same
         # genomes: local worker i adds i to the seed (worker 0 keeps the user's seed, so a
         # one-worker search is reproducible); a worker joining a study that other live workers
@@ -262,7 +261,11 @@ class Worker:
                       or self.run.pop_waiting(self.identity))
             if record is None:
                 break
-            outcome = self.process(record)
+            try:
+                outcome = self.process(record)
+            except BaseException as e:  # stopped (SIGTERM/USR2 from the scheduler, Ctrl-C):
+                self._release(record, e)  # hand the candidate back at once, then stop
+                raise
             faults.point("record")
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
@@ -282,7 +285,13 @@ class Worker:
         if force or now - self._last_reap > min(self.config.heartbeat_s, 30.0):
             self._last_reap = now
             self.run.sync()
-            self.run.reap_lost(self.config.grace_s)
+            self.run.reap_lost(self.config.grace_s, me=self.identity)
+
+    def _release(self, record: TrialRecord, error: BaseException) -> None:
+        try:
+            self.run.release(record, f"its worker was stopped ({type(error).__name__})")
+        except Exception:  # the storage is unreachable: the reapers will find it by heartbeat
+            pass
 
     def _new_candidate(self) -> TrialRecord | None:
         with self.lock:
@@ -466,29 +475,29 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     return queued
 
 
-def _worker_process(config_dict: dict, index: int, lock, device_index, threads: int) -> None:
-    """Entry point of a local worker process."""
-    import torch
-
-    torch.set_num_threads(max(1, threads))
+def _worker_process(config_dict: dict, index: int, lock, device_index) -> None:
+    """Entry point of a local worker process (its environment pins its device and threads)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     config = SearchConfig.from_dict(config_dict)
     setup = Setup.from_config(config)
     Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
 
 
-def run_search(config: SearchConfig, progress=None) -> Run:
-    """Run (or resume) a search to its budget; returns the run with every trial synced."""
+def run_search(config: SearchConfig, progress=None, worker_index: int = 0) -> Run:
+    """Run (or resume) a search to its budget; returns the run with every trial synced.
+
+    `worker_index` numbers this process among workers started together (a launched job's task):
+    it shifts the worker's seed so that workers do not propose the same genomes."""
     setup = Setup.from_config(config)
     run = setup.open_run()
     run.sync()
-    run.reap_lost(config.grace_s)
+    run.reap_lost(config.grace_s, me=WorkerId.current())
     enqueue_baselines(run, setup)
     if progress is not None:
         progress.start(run)
     if resolved_workers(config) == 1:
         device = _device_for(config, 0)
-        worker = Worker(setup, run=run, device_index=device,
+        worker = Worker(setup, run=run, device_index=device, worker_index=worker_index,
                         on_result=(progress.on_result if progress is not None else None))
         worker.run_loop()
     else:
@@ -499,58 +508,45 @@ def run_search(config: SearchConfig, progress=None) -> Run:
 
 def device_ids(config: SearchConfig) -> list[int] | None:
     """The GPUs a search may use (None on CPU); devices that do not exist are a UserError."""
-    if config.accelerator not in ("gpu", "cuda", "auto"):
-        return None
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        if config.accelerator == "auto":
-            return None
-        raise UserError(f"accelerator {config.accelerator!r} asked for, but torch sees no CUDA "
-                        "device (torch.cuda.is_available() is False)")
-    devices = config.devices
-    if devices in ("auto", -1, "-1", None):
-        return list(range(n))
-    if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
-        count = int(devices)
-        if not 1 <= count <= n:
-            raise UserError(f"--devices {devices}: this machine has {n} CUDA device(s)")
-        return list(range(count))
-    items = devices if isinstance(devices, list) else [d for d in str(devices).split(",") if d.strip()]
-    try:
-        ids = [int(d) for d in items]
-    except ValueError:
-        raise UserError(f"--devices {devices!r}: expected a count, a list like '0,1', or auto") from None
-    bad = [i for i in ids if not 0 <= i < n]
-    if bad:
-        raise UserError(f"--devices {devices}: no CUDA device {bad[0]} (this machine has {n})")
-    return ids
+    return devices.gpu_ids(config.accelerator, config.devices)
 
 
 def _device_for(config: SearchConfig, index: int) -> int | None:
-    ids = device_ids(config)
-    return None if ids is None else ids[index % len(ids)]
+    return devices.device_for_worker(device_ids(config), index)
 
 
 def resolved_workers(config: SearchConfig) -> int:
-    """--workers, or one worker per device on GPUs."""
+    """--workers, or --workers-per-device workers on each device on GPUs (1 on CPU)."""
     if config.workers is not None:
         return config.workers
     ids = device_ids(config)
-    return len(ids) if ids else 1
+    return len(ids) * config.workers_per_device if ids else 1
+
+
+def pinned_config(config: SearchConfig, device: int | None) -> SearchConfig:
+    """The config of a worker pinned to one GPU: it sees that GPU alone, as device 0."""
+    if device is None:
+        return config
+    import dataclasses
+    return dataclasses.replace(config, devices=[0], workers=1)
 
 
 def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     workers = resolved_workers(config)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
-                         args=(config.to_dict(), i, lock, _device_for(config, i), threads))
-             for i in range(workers)]
-    for p in procs:
-        p.start()
+    # One torch thread per worker (make_eval_config): the cores are shared by the workers.
+    # Each child is pinned through its environment, which a spawned child reads before any of
+    # its code (and so before CUDA) runs.
+    procs = []
+    for i in range(workers):
+        device = _device_for(config, i)
+        child = pinned_config(config, device)
+        p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
+                        args=(child.to_dict(), i, lock, None if device is None else 0))
+        with devices.environment(devices.worker_environment(device)):
+            p.start()
+        procs.append(p)
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(0.5)
