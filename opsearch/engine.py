@@ -260,7 +260,14 @@ class Worker:
             record = (self.run.pop_waiting(self.identity) or self._new_candidate()
                       or self.run.pop_waiting(self.identity))
             if record is None:
-                break
+                # At the budget. Candidates still held by other workers may yet be lost (a
+                # killed job, a preempted node): wait for them to finish or to come back
+                # requeued, so that no candidate is left RUNNING when the last worker leaves.
+                if not self._others_in_flight():
+                    break
+                time.sleep(min(self.config.heartbeat_s, 5.0))
+                self._maybe_reap(force=True)
+                continue
             try:
                 outcome = self.process(record)
             except BaseException as e:  # stopped (SIGTERM/USR2 from the scheduler, Ctrl-C):
@@ -279,6 +286,15 @@ class Worker:
             if self.on_result is not None:
                 self.on_result(record, outcome)
         return done
+
+    def _others_in_flight(self) -> bool:
+        """Whether the study holds candidates another worker is on (with a heartbeat, so a
+        reaper can tell when it is lost) or that wait to be taken."""
+        from opsearch.study import HEARTBEAT_KEY
+
+        self.run.sync()
+        return any(r.state == TrialState.WAITING or HEARTBEAT_KEY in r.system_attrs
+                   for r in self.run.unfinished())
 
     def _maybe_reap(self, force: bool = False) -> None:
         now = time.time()

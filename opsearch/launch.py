@@ -239,7 +239,7 @@ def launch_slurm(spec: LaunchSpec, config: SearchConfig) -> list[LaunchedWorker]
                                      workers=1)
     n = worker_count(spec, config)
     os.makedirs(spec.log_dir, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=os.path.join(spec.log_dir, "%A_%a"),
+    executor = submitit.SlurmExecutor(folder=os.path.join(spec.log_dir, "%j"),
                                       max_num_timeout=1000)
     params: dict[str, Any] = dict(job_name=f"opsearch-{config.name}", time=spec.time_min,
                                   cpus_per_task=spec.cpus_per_worker, array_parallelism=n,
