@@ -165,7 +165,8 @@ class Worker:
 
     def __init__(self, setup: Setup, run: Run | None = None, lock: Any = None,
                  on_result: Callable[[TrialRecord, Outcome], None] | None = None,
-                 device_index: int | None = None, worker_index: int = 0):
+                 device_index: int | None = None, worker_index: int = 0,
+                 on_other: Callable[[TrialRecord], None] | None = None):
         from opsearch.rejection import EquivalenceCache, FilterContext
 
         self.setup = setup
@@ -173,6 +174,7 @@ class Worker:
         self.run = run or setup.open_run()
         self.lock = lock or contextlib.nullcontext()
         self.on_result = on_result
+        self.on_other = on_other  # trials other workers finished, as this one learns of them
         self.archs = list(self.config.archs)
         self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
                             else setup.eval_config)
@@ -245,6 +247,8 @@ class Worker:
                 self.algorithm.feedback(genome, self._objectives(r))
             if r.kind == "candidate" and r.verdict != LOST:
                 self.context.equivalence.add_trial(_AttrView(r))
+            if self.on_other is not None:
+                self.on_other(r)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class Worker:
         reaper can tell when it is lost) or that wait to be taken."""
         from opsearch.study import HEARTBEAT_KEY
 
-        self.run.sync()
+        self._absorb(self.run.sync())
         return any(r.state == TrialState.WAITING or HEARTBEAT_KEY in r.system_attrs
                    for r in self.run.unfinished())
 
@@ -300,7 +304,7 @@ class Worker:
         now = time.time()
         if force or now - self._last_reap > min(self.config.heartbeat_s, 30.0):
             self._last_reap = now
-            self.run.sync()
+            self._absorb(self.run.sync())  # what others finished feeds the algorithm too
             self.run.reap_lost(self.config.grace_s, me=self.identity)
 
     def _release(self, record: TrialRecord, error: BaseException) -> None:
@@ -517,7 +521,7 @@ def run_search(config: SearchConfig, progress=None, worker_index: int = 0) -> Ru
                         on_result=(progress.on_result if progress is not None else None))
         worker.run_loop()
     else:
-        _run_local_workers(config, run, progress)
+        _run_local_workers(setup, run, progress)
     run.sync()
     return run
 
@@ -547,15 +551,20 @@ def pinned_config(config: SearchConfig, device: int | None) -> SearchConfig:
     return dataclasses.replace(config, devices=[0], workers=1)
 
 
-def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
+def _run_local_workers(setup: Setup, run: Run, progress) -> None:
+    """Workers 1..N-1 as spawned processes, worker 0 in this process.
+
+    Why this process works too: it has already imported torch and Lightning and set the search
+    up; a spawned worker 0 would pay that start-up again on a machine whose cores the workers
+    share (2 workers on 2 cores: three processes importing torch at once, one of them idle
+    afterwards). One torch thread per worker (make_eval_config). Each child is pinned through
+    its environment, which a spawned child reads before any of its code (and so CUDA) runs."""
+    config = setup.config
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     workers = resolved_workers(config)
-    # One torch thread per worker (make_eval_config): the cores are shared by the workers.
-    # Each child is pinned through its environment, which a spawned child reads before any of
-    # its code (and so before CUDA) runs.
     procs = []
-    for i in range(workers):
+    for i in range(1, workers):
         device = _device_for(config, i)
         child = pinned_config(config, device)
         p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
@@ -563,13 +572,17 @@ def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
         with devices.environment(devices.worker_environment(device)):
             p.start()
         procs.append(p)
+    worker = Worker(setup, run=run, lock=lock, device_index=_device_for(config, 0), worker_index=0,
+                    on_result=(progress.on_result if progress is not None else None),
+                    on_other=(progress.on_record if progress is not None else None))
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(0.5)
-            finished = run.sync()
-            if progress is not None:
-                for record in finished:
-                    progress.on_record(record)
+        worker.run_loop()
+        for p in procs:  # at the budget: the others end with their last candidate
+            while p.is_alive():
+                p.join(timeout=1.0)
+                if progress is not None:
+                    for record in run.sync():
+                        progress.on_record(record)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()

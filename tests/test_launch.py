@@ -309,3 +309,64 @@ def test_four_workers_start_at_the_same_instant_on_a_new_study(tmp_path, kind):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     assert_accounted(trials_of(url, name), 8)
+
+
+def test_inside_a_slurm_job_lightning_gets_a_plain_cluster_environment(monkeypatch):
+    """submitit owns requeue in a worker's job: Lightning must not pick SLURMEnvironment (which
+    installs its own requeue signal handler) nor wait for srun tasks that are not there."""
+    from lightning_fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    from opsearch.trainers import evaluator as ev
+
+    for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert ev._cluster_plugins() == []
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "opsearch-x")
+    monkeypatch.setenv("SLURM_NODELIST", "vm")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert not ev._launched_externally()
+    # DDP across 2 processes in one job (opsearch evaluate --devices 2 --strategy ddp under sbatch)
+    trainer = ev.Evaluator(ev.EvalConfig(archs=("resnet",), dataset="synthetic", steps=1,
+                                         accelerator="cpu", devices=2, strategy="ddp")).trainer(1)
+    env = trainer.strategy.cluster_environment
+    assert isinstance(env, LightningEnvironment) and not isinstance(env, SLURMEnvironment)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # a user's multi-task srun: Lightning's own way
+    assert ev._launched_externally() and ev._cluster_plugins() == []
+
+
+@pytest.mark.slow
+def test_cuda_out_of_memory_fails_the_candidate_not_the_worker(tmp_path):
+    import torch
+
+    from opsearch import registry
+    from opsearch.engine import run_search
+    from opsearch.rejection import Filter
+
+    calls = []
+
+    @registry.register_filter("oom_once_t11", replace=True)
+    class OomOnce(Filter):
+        name = "oom_once_t11"
+        cost = 0.0
+
+        def check(self, candidate, context):
+            calls.append(1)
+            if len(calls) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.accept()
+
+    config = SearchConfig(name="oom", storage=f"sqlite:///{tmp_path}/s.db", budget=4,
+                          dataset="synthetic", archs=["resnet"], baselines=[],
+                          filters=["oom_once_t11", "validity"], plots=False,
+                          space_options={"num_nodes": 4},
+                          evaluator={"steps": 2, "batch_size": 16, "val_batch_size": 64,
+                                     "warmup_steps": 1, "arch_options": {"width": 4, "depth": 1}})
+    run = run_search(config)
+    verdicts = [r.verdict for r in run.trials()]
+    assert verdicts[0] == "failed:oom" and "out of memory" in run.trials()[0].user_attrs["reason"]
+    assert len(verdicts) == 4 and all(v and v != "failed:oom" for v in verdicts[1:])
