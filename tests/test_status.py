@@ -100,3 +100,34 @@ def test_status_of_a_run_that_does_not_exist(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "no run named 'other'" in err and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_requeued_job_reaps_what_its_earlier_run_held(tmp_path):
+    """A SLURM job requeued keeps its job id: the study must not take its old process for alive
+    (on another host neither its pid nor, for grace_s, its heartbeat would tell)."""
+    url, run = make_run(tmp_path, grace_s=3600.0)
+    old = WorkerId("node7", 1234, "99", job="55_1")
+    held = run.start_trial({"kind": "candidate", "genome": "[1, 2]", "formula": "x"}, old)
+    other = run.start_trial({"kind": "candidate", "genome": "[3, 4]", "formula": "y"},
+                            WorkerId("node8", 1234, "99", job="55_0"))
+    run.sync()
+    assert run.reap_lost(3600.0) == []  # fresh heartbeats, other hosts: nothing to say
+    same_job_again = WorkerId("node3", 42, "7", job="55_1")
+    assert run.reap_lost(3600.0, me=same_job_again) == [held.number]
+    by_number = {r.number: r for r in run.trials()}
+    assert by_number[held.number].verdict == "failed:worker_lost"
+    assert by_number[other.number].state == TrialState.RUNNING  # another task of the array
+    retry = [r for r in run.trials() if r.user_attrs.get("retry_of") == held.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].user_attrs["genome"] == "[1, 2]"
+
+
+def test_release_hands_a_candidate_back_at_once(tmp_path):
+    url, run = make_run(tmp_path)
+    me = WorkerId.current()
+    held = run.start_trial({"kind": "candidate", "genome": "[5]", "formula": "z"}, me)
+    assert run.release(held, "its worker was stopped (SystemExit)")
+    assert not run.release(held, "twice")  # already finished: nothing to give back
+    retry = [r for r in run.trials() if r.user_attrs.get("retry_of") == held.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert run.pop_waiting(me).number == retry[0].number
