@@ -1,33 +1,43 @@
-"""Scale: search throughput with 1, 2 and 4 local workers, and show / resume on a big study.
+"""Scale: search throughput with 1, 2 (and 4) local workers, and show / resume on a big study.
 
-Throughput: the same cheap search (synthetic data, tiny networks, 3 training steps, the
-validity + numerics + equivalence filters) run with --workers 1, 2, 4 on one SQLite study each;
-candidates per minute counted from the first to the last finished candidate (process start-up,
-the same for every worker count, is reported apart), and the ratio to one worker.
+Throughput: the same search run with --workers 1, 2, ... on a fresh SQLite study each, the
+worker counts interleaved (1, 2, 1, 2, ...) so that a busy shared machine distorts them alike.
+Two searches: `cheap` (synthetic data, tiny networks, 3 training steps, validity + numerics +
+equivalence: the engine's own costs dominate) and `default` (the default proxy, the default
+filters, real training). For each run:
+
+  rate      candidates per minute from the first trial's start to the last one's end;
+  busy rate candidates per minute while every worker was working (from the last worker's first
+            start to the first worker's last end): the steady state, without the start-up skew
+            (the second process imports torch while the first already works) and the tail (the
+            last candidate, trained alone) that dominate a run of a few seconds;
+  cpu/cand  CPU seconds (user + sys, every process of the command) per candidate: the work
+            itself; it grows with the workers only if they duplicate work or fight over locks;
+  load      the 1-minute load average when the run started.
 
 Big study: a 10,000-trial study (random evonorm candidates, 80% rejected, with the contract
 attributes) is written straight into SQLite; then `opsearch show` (a fresh process, as a user runs
 it) and a resume (a fresh Worker's recovery: open, sync, rebuild the algorithm and the equivalence
 cache) are timed.
 
-    python benchmarks/scale.py                      # workers 1 2 4, budget 40, 10,000 trials
-    python benchmarks/scale.py --workers 1 2 --budget 20 --trials 2000
+    python benchmarks/scale.py                                   # cheap, workers 1 2, 3 rounds
+    python benchmarks/scale.py --search default --budget 12 --repeats 1
+    python benchmarks/scale.py --workers 1 2 4 --trials 0        # no big study
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
 
-CONFIG = """
+CHEAP = """
 name = "scale"
-space = "evonorm"
-algorithm = "regularized_evolution"
 budget = {budget}
 dataset = "synthetic"
 archs = ["resnet", "mobilenetv2"]
@@ -36,7 +46,7 @@ baselines = []
 storage = "{storage}"
 workers = {workers}
 plots = false
-seed = 0
+seed = {seed}
 
 [evaluator]
 steps = 3
@@ -46,22 +56,73 @@ warmup_steps = 1
 arch_options = {{ width = 4, depth = 1 }}
 """
 
+DEFAULT = """
+name = "scale"
+budget = {budget}
+baselines = []
+storage = "{storage}"
+workers = {workers}
+plots = false
+seed = {seed}
+"""
 
-def throughput(tmp: str, workers: int, budget: int) -> tuple[float, float]:
-    import optuna
 
-    storage = f"sqlite:///{tmp}/w{workers}.db"
-    path = os.path.join(tmp, f"w{workers}.toml")
+def throughput(tmp: str, search: str, workers: int, budget: int, seed: int) -> dict:
+    from opsearch.study import open_run
+
+    tag = f"{search}-w{workers}-s{seed}"
+    storage = f"sqlite:///{tmp}/{tag}.db"
+    path = os.path.join(tmp, f"{tag}.toml")
     with open(path, "w") as f:
-        f.write(CONFIG.format(budget=budget, storage=storage, workers=workers))
+        f.write((CHEAP if search == "cheap" else DEFAULT).format(
+            budget=budget, storage=storage, workers=workers, seed=seed))
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     subprocess.run([sys.executable, "-m", "opsearch", "search", "--config", path, "--quiet"],
                    check=True, capture_output=True, text=True)
-    trials = optuna.load_study(study_name="scale", storage=storage).get_trials()
-    first_start = min(t.datetime_start for t in trials).timestamp()
-    last_end = max(t.datetime_complete for t in trials).timestamp()
-    per_minute = len(trials) / ((last_end - first_start) / 60.0)
-    return per_minute, first_start - start
+    wall = time.time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    trials = [t for t in open_run(storage, "scale").get_trials()
+              if t.datetime_complete is not None and t.user_attrs.get("kind") == "candidate"]
+    first = min(t.datetime_start for t in trials).timestamp()
+    last = max(t.datetime_complete for t in trials).timestamp()
+    by_worker: dict[int, list] = {}
+    for t in trials:
+        pid = (t.system_attrs.get("opsearch:worker") or {}).get("pid")
+        by_worker.setdefault(pid, []).append(t)
+    busy_from = max(min(t.datetime_start for t in ts).timestamp() for ts in by_worker.values())
+    busy_to = min(max(t.datetime_complete for t in ts).timestamp() for ts in by_worker.values())
+    in_busy = [t for t in trials if busy_from <= t.datetime_complete.timestamp() <= busy_to]
+    busy_rate = (len(in_busy) / ((busy_to - busy_from) / 60.0)
+                 if busy_to - busy_from > 1.0 and len(in_busy) >= 2 else float("nan"))
+    return {"rate": len(trials) / ((last - first) / 60.0), "busy_rate": busy_rate,
+            "startup": first - start, "wall": wall, "cpu_per_candidate": cpu / len(trials),
+            "load": load, "workers_seen": len(by_worker)}
+
+
+def scaling(tmp: str, search: str, workers: list[int], budget: int, repeats: int) -> None:
+    import statistics
+
+    print(f"\n{search} search, budget {budget}, {os.cpu_count()} cores, rounds interleaved "
+          f"({', '.join(map(str, workers))}) x {repeats}")
+    print(f"{'round':>5} {'workers':>7} {'rate/min':>9} {'busy/min':>9} {'cpu s/cand':>10} "
+          f"{'start-up s':>10} {'wall s':>7} {'load':>5}")
+    results: dict[int, list[dict]] = {w: [] for w in workers}
+    for r in range(repeats):
+        for w in workers:
+            res = throughput(tmp, search, w, budget, seed=r)
+            results[w].append(res)
+            print(f"{r:>5} {w:>7} {res['rate']:>9.1f} {res['busy_rate']:>9.1f} "
+                  f"{res['cpu_per_candidate']:>10.2f} {res['startup']:>10.1f} {res['wall']:>7.1f} "
+                  f"{res['load']:>5.1f}", flush=True)
+    base = {k: statistics.median(x[k] for x in results[workers[0]]) for k in ("rate", "busy_rate", "wall")}
+    print(f"median ratio to {workers[0]} worker(s):")
+    for w in workers:
+        med = {k: statistics.median(x[k] for x in results[w]) for k in ("rate", "busy_rate", "wall")}
+        print(f"  {w} workers: rate x{med['rate'] / base['rate']:.2f}, busy rate "
+              f"x{med['busy_rate'] / base['busy_rate']:.2f}, wall time x{base['wall'] / med['wall']:.2f} faster")
 
 
 def big_study(tmp: str, n: int) -> str:
@@ -102,18 +163,17 @@ def big_study(tmp: str, n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--search", choices=("cheap", "default", "both"), default="cheap")
     parser.add_argument("--budget", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"throughput on {os.cpu_count()} cores, budget {args.budget} per run")
-        print(f"{'workers':>8} {'candidates/min':>15} {'ratio to 1':>11} {'start-up s':>11}")
-        base = None
-        for w in args.workers:
-            per_minute, startup = throughput(tmp, w, args.budget)
-            base = base or per_minute
-            print(f"{w:>8} {per_minute:>15.1f} {per_minute / base:>11.2f} {startup:>11.1f}", flush=True)
+        for search in (("cheap", "default") if args.search == "both" else (args.search,)):
+            scaling(tmp, search, args.workers, args.budget, args.repeats)
+        if args.trials <= 0:
+            return
 
         t = time.time()
         url = big_study(tmp, args.trials)

@@ -12,7 +12,8 @@ import sys
 
 from opsearch.errors import InvalidCandidate, UserError
 
-COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "dashboard")
+COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "launch", "status",
+            "dashboard")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -56,7 +56,8 @@ class SearchConfig:
     # history: evolution then starts from known layers. Our choice for small budgets (the
     # paper's initial population is not documented); false starts from random graphs only.
     seed_with_baselines: bool = True
-    workers: int | None = None  # None: 1 on CPU, one per device on GPUs
+    workers: int | None = None  # None: 1 on CPU, workers_per_device per device on GPUs
+    workers_per_device: int = 1  # several small proxies share one GPU
     accelerator: str = "cpu"
     devices: str = "auto"
     strategy: str = "auto"
@@ -100,6 +101,9 @@ class SearchConfig:
              f"budget must be a positive integer, got {self.budget!r}")
         need(self.workers is None or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
              and 1 <= self.workers <= 512), f"workers must be an integer in 1..512, got {self.workers!r}")
+        need(isinstance(self.workers_per_device, int) and not isinstance(self.workers_per_device, bool)
+             and 1 <= self.workers_per_device <= 64,
+             f"workers_per_device must be an integer in 1..64, got {self.workers_per_device!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool),
              f"seed must be an integer, got {self.seed!r}")
         need(isinstance(self.archs, list) and self.archs and all(isinstance(a, str) and a for a in self.archs),

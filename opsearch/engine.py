@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 from optuna.trial import TrialState
 
-from opsearch import faults, registry
+from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
@@ -144,7 +143,8 @@ class Worker:
 
     def __init__(self, setup: Setup, run: Run | None = None, lock: Any = None,
                  on_result: Callable[[TrialRecord, Outcome], None] | None = None,
-                 device_index: int | None = None, worker_index: int = 0):
+                 device_index: int | None = None, worker_index: int = 0,
+                 on_other: Callable[[TrialRecord], None] | None = None):
         from opsearch.rejection import EquivalenceCache, FilterContext
 
         self.setup = setup
@@ -152,10 +152,11 @@ class Worker:
         self.run = run or setup.open_run()
         self.lock = lock or contextlib.nullcontext()
         self.on_result = on_result
-        self.identity = WorkerId.current()
+        self.on_other = on_other  # trials other workers finished, as this one learns of them
         self.archs = list(self.config.archs)
         self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
                             else setup.eval_config)
+        self.identity = WorkerId.current(device=devices.describe(device_index))
         # Workers that recover the same history with the same seed would propose the same
         # genomes: local worker i adds i to the seed (worker 0 keeps the user's seed, so a
         # one-worker search is reproducible); a worker joining a study that other live workers
@@ -224,6 +225,8 @@ class Worker:
                 self.algorithm.feedback(genome, self._objectives(r))
             if r.kind in _CACHED_KINDS and r.verdict != LOST:
                 self.context.equivalence.add_trial(r)
+            if self.on_other is not None:
+                self.on_other(r)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -239,8 +242,19 @@ class Worker:
             record = (self.run.pop_waiting(self.identity) or self._new_candidate()
                       or self.run.pop_waiting(self.identity))
             if record is None:
-                break
-            outcome = self.process(record)
+                # At the budget. Candidates still held by other workers may yet be lost (a
+                # killed job, a preempted node): wait for them to finish or to come back
+                # requeued, so that no candidate is left RUNNING when the last worker leaves.
+                if not self._others_in_flight():
+                    break
+                time.sleep(min(self.config.heartbeat_s, 5.0))
+                self._maybe_reap(force=True)
+                continue
+            try:
+                outcome = self.process(record)
+            except BaseException as e:  # stopped (SIGTERM/USR2 from the scheduler, Ctrl-C):
+                self._release(record, e)  # hand the candidate back at once, then stop
+                raise
             faults.point("record")
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
@@ -255,12 +269,27 @@ class Worker:
                 self.on_result(record, outcome)
         return done
 
+    def _others_in_flight(self) -> bool:
+        """Whether the study holds candidates another worker is on (with a heartbeat, so a
+        reaper can tell when it is lost) or that wait to be taken."""
+        from opsearch.study import HEARTBEAT_KEY
+
+        self._absorb(self.run.sync())
+        return any(r.state == TrialState.WAITING or HEARTBEAT_KEY in r.system_attrs
+                   for r in self.run.unfinished())
+
     def _maybe_reap(self, force: bool = False) -> None:
         now = time.time()
         if force or now - self._last_reap > min(self.config.heartbeat_s, 30.0):
             self._last_reap = now
-            self.run.sync()
-            self.run.reap_lost(self.config.grace_s)
+            self._absorb(self.run.sync())  # what others finished feeds the algorithm too
+            self.run.reap_lost(self.config.grace_s, me=self.identity)
+
+    def _release(self, record: TrialRecord, error: BaseException) -> None:
+        try:
+            self.run.release(record, f"its worker was stopped ({type(error).__name__})")
+        except Exception:  # the storage is unreachable: the reapers will find it by heartbeat
+            pass
 
     def _new_candidate(self) -> TrialRecord | None:
         with self.lock:
@@ -435,98 +464,94 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     return queued
 
 
-def _worker_process(config_dict: dict, index: int, lock, device_index, threads: int) -> None:
-    """Entry point of a local worker process."""
-    import torch
-
-    torch.set_num_threads(max(1, threads))
+def _worker_process(config_dict: dict, index: int, lock, device_index) -> None:
+    """Entry point of a local worker process (its environment pins its device and threads)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     config = SearchConfig.from_dict(config_dict)
     setup = Setup.from_config(config)
     Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
 
 
-def run_search(config: SearchConfig, progress=None) -> Run:
-    """Run (or resume) a search to its budget; returns the run with every trial synced."""
+def run_search(config: SearchConfig, progress=None, worker_index: int = 0) -> Run:
+    """Run (or resume) a search to its budget; returns the run with every trial synced.
+
+    `worker_index` numbers this process among workers started together (a launched job's task):
+    it shifts the worker's seed so that workers do not propose the same genomes."""
     setup = Setup.from_config(config)
     run = setup.open_run()
     run.sync()
-    run.reap_lost(config.grace_s)
+    run.reap_lost(config.grace_s, me=WorkerId.current())
     enqueue_baselines(run, setup)
     if progress is not None:
         progress.start(run)
     if resolved_workers(config) == 1:
         device = _device_for(config, 0)
-        worker = Worker(setup, run=run, device_index=device,
+        worker = Worker(setup, run=run, device_index=device, worker_index=worker_index,
                         on_result=(progress.on_result if progress is not None else None))
         worker.run_loop()
     else:
-        _run_local_workers(config, run, progress)
+        _run_local_workers(setup, run, progress)
     run.sync()
     return run
 
 
 def device_ids(config: SearchConfig) -> list[int] | None:
     """The GPUs a search may use (None on CPU); devices that do not exist are a UserError."""
-    if config.accelerator not in ("gpu", "cuda", "auto"):
-        return None
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        if config.accelerator == "auto":
-            return None
-        raise UserError(f"accelerator {config.accelerator!r} asked for, but torch sees no CUDA "
-                        "device (torch.cuda.is_available() is False)")
-    devices = config.devices
-    if devices in ("auto", -1, "-1", None):
-        return list(range(n))
-    if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
-        count = int(devices)
-        if not 1 <= count <= n:
-            raise UserError(f"--devices {devices}: this machine has {n} CUDA device(s)")
-        return list(range(count))
-    items = devices if isinstance(devices, list) else [d for d in str(devices).split(",") if d.strip()]
-    try:
-        ids = [int(d) for d in items]
-    except ValueError:
-        raise UserError(f"--devices {devices!r}: expected a count, a list like '0,1', or auto") from None
-    bad = [i for i in ids if not 0 <= i < n]
-    if bad:
-        raise UserError(f"--devices {devices}: no CUDA device {bad[0]} (this machine has {n})")
-    return ids
+    return devices.gpu_ids(config.accelerator, config.devices)
 
 
 def _device_for(config: SearchConfig, index: int) -> int | None:
-    ids = device_ids(config)
-    return None if ids is None else ids[index % len(ids)]
+    return devices.device_for_worker(device_ids(config), index)
 
 
 def resolved_workers(config: SearchConfig) -> int:
-    """--workers, or one worker per device on GPUs."""
+    """--workers, or --workers-per-device workers on each device on GPUs (1 on CPU)."""
     if config.workers is not None:
         return config.workers
     ids = device_ids(config)
-    return len(ids) if ids else 1
+    return len(ids) * config.workers_per_device if ids else 1
 
 
-def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
+def pinned_config(config: SearchConfig, device: int | None) -> SearchConfig:
+    """The config of a worker pinned to one GPU: it sees that GPU alone, as device 0."""
+    if device is None:
+        return config
+    import dataclasses
+    return dataclasses.replace(config, devices=[0], workers=1)
+
+
+def _run_local_workers(setup: Setup, run: Run, progress) -> None:
+    """Workers 1..N-1 as spawned processes, worker 0 in this process.
+
+    Why this process works too: it has already imported torch and Lightning and set the search
+    up; a spawned worker 0 would pay that start-up again on a machine whose cores the workers
+    share (2 workers on 2 cores: three processes importing torch at once, one of them idle
+    afterwards). One torch thread per worker (make_eval_config). Each child is pinned through
+    its environment, which a spawned child reads before any of its code (and so CUDA) runs."""
+    config = setup.config
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     workers = resolved_workers(config)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
-                         args=(config.to_dict(), i, lock, _device_for(config, i), threads))
-             for i in range(workers)]
-    for p in procs:
-        p.start()
+    procs = []
+    for i in range(1, workers):
+        device = _device_for(config, i)
+        child = pinned_config(config, device)
+        p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
+                        args=(child.to_dict(), i, lock, None if device is None else 0))
+        with devices.environment(devices.worker_environment(device)):
+            p.start()
+        procs.append(p)
+    worker = Worker(setup, run=run, lock=lock, device_index=_device_for(config, 0), worker_index=0,
+                    on_result=(progress.on_result if progress is not None else None),
+                    on_other=(progress.on_record if progress is not None else None))
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(0.5)
-            finished = run.sync()
-            if progress is not None:
-                for record in finished:
-                    progress.on_record(record)
+        worker.run_loop()
+        for p in procs:  # at the budget: the others end with their last candidate
+            while p.is_alive():
+                p.join(timeout=1.0)
+                if progress is not None:
+                    for record in run.sync():
+                        progress.on_record(record)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()

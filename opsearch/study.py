@@ -17,9 +17,11 @@ candidate enqueued again as a WAITING trial that the next free worker pops.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import shlex
 import socket
 import threading
@@ -76,7 +78,8 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         _ensure_parent(path)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
         try:
-            return JournalStorage(JournalFileBackend(path))
+            with creation_lock(path):
+                return JournalStorage(JournalFileBackend(path))
         except Exception as e:
             raise UserError(f"cannot open journal storage {path}: {_one_line(e)}") from e
     if "://" not in url:
@@ -95,7 +98,7 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = _create_rdb_storage(url, engine_kwargs)
     except ImportError as e:
         raise UserError(f"cannot open storage {_redact(url)}: a database driver is missing "
                         f"({_one_line(e.__cause__ or e)}); for PostgreSQL: pip install "
@@ -105,6 +108,49 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     if url.startswith("sqlite:"):
         _tune_sqlite(storage)
     return storage
+
+
+@contextlib.contextmanager
+def creation_lock(path: str):
+    """Hold an exclusive lock beside a storage file while it is opened (and maybe created).
+
+    Why: workers of a job array start at the same instant on a brand-new study; each would create
+    the schema, and all but one died with `UNIQUE constraint failed: alembic_version`. The lock
+    file (PATH.lock) is left in place: removing it would reopen the race."""
+    import fcntl
+
+    _ensure_parent(path)
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: nobody can create the storage there anyway
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int = 8) -> RDBStorage:
+    """RDBStorage(url), safe when several processes create the same new database at once: an
+    SQLite file under a file lock; a database server (PostgreSQL, MySQL) by retrying when another
+    process created the tables or the schema version row first."""
+    import sqlalchemy.exc
+
+    path = url.split(":///", 1)[1] if url.startswith("sqlite:") and ":///" in url else ""
+    if path and path != ":memory:":
+        with creation_lock(path):
+            return RDBStorage(url, engine_kwargs=engine_kwargs)
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # a concurrent CREATE TABLE or alembic_version insert won: the next try finds them
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)
+    raise AssertionError("unreachable")
 
 
 def _tune_sqlite(storage: RDBStorage) -> None:
@@ -217,13 +263,35 @@ class WorkerId:
     host: str
     pid: int
     started: str  # the process's start time as the kernel counts it: guards against pid reuse
+    job: str = ""  # the scheduler's job ("1234_5": SLURM array job 1234, task 5); "" if none
+    device: str = ""  # what the worker trains on ("cpu", "cuda:0 (CUDA_VISIBLE_DEVICES=3)")
 
     @classmethod
-    def current(cls) -> "WorkerId":
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "")
+    def current(cls, device: str = "") -> "WorkerId":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "",
+                   scheduler_job(), device)
+
+    @classmethod
+    def from_json(cls, data: Any) -> "WorkerId | None":
+        if not isinstance(data, dict):
+            return None
+        try:
+            pid = int(data.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        return cls(str(data.get("host", "")), pid, str(data.get("started", "")),
+                   str(data.get("job", "") or ""), str(data.get("device", "") or ""))
 
     def to_json(self) -> dict:
-        return {"host": self.host, "pid": self.pid, "started": self.started}
+        out: dict[str, Any] = {"host": self.host, "pid": self.pid, "started": self.started}
+        if self.job:
+            out["job"] = self.job
+        if self.device:
+            out["device"] = self.device
+        return out
+
+    def same_process(self, other: "WorkerId") -> bool:
+        return (self.host, self.pid, self.started) == (other.host, other.pid, other.started)
 
     def is_dead_here(self) -> bool:
         """True when this worker ran on this host and its process is gone."""
@@ -231,6 +299,20 @@ class WorkerId:
             return False
         started = _process_start(self.pid)
         return started is None or (bool(self.started) and started != self.started)
+
+    def supersedes(self, other: "WorkerId") -> bool:
+        """True when `other` is an earlier run of this worker's own scheduler job (a requeued
+        SLURM job keeps its job id; one job runs one worker): `other` is then certainly gone,
+        wherever it ran, even though its job id is alive again."""
+        return bool(self.job) and self.job == other.job and not self.same_process(other)
+
+
+def scheduler_job() -> str:
+    """This process's scheduler job: SLURM's array job and task ('1234_5'), or its job id."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
 
 
 def _process_start(pid: int) -> str | None:
@@ -496,11 +578,14 @@ class Run:
 
     # -- lost workers -----------------------------------------------------------------------
 
-    def reap_lost(self, grace_s: float, now: float | None = None) -> list[int]:
+    def reap_lost(self, grace_s: float, now: float | None = None,
+                  me: WorkerId | None = None) -> list[int]:
         """Fail RUNNING trials whose worker is gone and enqueue their candidates again.
 
-        A local worker is lost as soon as its process is gone; any worker is lost when its
-        heartbeat is older than `grace_s`. Returns the numbers of the trials reaped.
+        A local worker is lost as soon as its process is gone; a worker whose scheduler job is
+        `me`'s own job (a requeued SLURM job: same job id, new process) at once; any worker when
+        its heartbeat is older than `grace_s` (the only sign for another host). Returns the
+        numbers of the trials reaped.
         """
         now = time.time() if now is None else now
         reaped = []
@@ -511,28 +596,41 @@ class Run:
             if fresh.state != TrialState.RUNNING:
                 self._remember(TrialRecord.from_frozen(fresh))
                 continue
-            worker = fresh.system_attrs.get(WORKER_KEY)
+            worker = WorkerId.from_json(fresh.system_attrs.get(WORKER_KEY))
             beat = fresh.system_attrs.get(HEARTBEAT_KEY)
-            dead = isinstance(worker, dict) and WorkerId(
-                str(worker.get("host")), int(worker.get("pid", -1)),
-                str(worker.get("started", ""))).is_dead_here()
+            dead = worker is not None and worker.is_dead_here()
+            superseded = worker is not None and me is not None and me.supersedes(worker)
             silent = isinstance(beat, (int, float)) and now - beat > grace_s
-            if not (dead or silent):
+            if not (dead or superseded or silent):
                 continue
-            reason = "its worker process is gone" if dead else f"no heartbeat for {now - beat:.0f} s"
-            try:
-                _finish(self.storage, record.trial_id, TrialState.FAIL, None,
-                        {"verdict": LOST, "reason": reason})
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # finished meanwhile (by its worker or another reaper)
-            attrs = {k: v for k, v in fresh.user_attrs.items()
-                     if k in ("genome", "graph", "formula", "hash", "kind", "layer")}
-            attrs["retry_of"] = record.number
-            self.enqueue(attrs)
-            reaped.append(record.number)
+            reason = ("its worker process is gone" if dead else
+                      f"its job {worker.job} was requeued" if superseded else
+                      f"no heartbeat for {now - beat:.0f} s")
+            if self._requeue(record.trial_id, record.number, fresh.user_attrs, reason):
+                reaped.append(record.number)
         if reaped:
             self.sync()
         return reaped
+
+    def release(self, record: TrialRecord, reason: str) -> bool:
+        """Give back a candidate this worker holds but will not finish (it is being stopped:
+        preempted, timed out, interrupted): failed as lost and enqueued again at once, so another
+        worker (or this job, requeued) takes it without waiting for a grace period."""
+        ok = self._requeue(record.trial_id, record.number, record.user_attrs, reason)
+        if ok:
+            self.sync()
+        return ok
+
+    def _requeue(self, trial_id: int, number: int, user_attrs: dict[str, Any], reason: str) -> bool:
+        try:
+            _finish(self.storage, trial_id, TrialState.FAIL, None, {"verdict": LOST, "reason": reason})
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # finished meanwhile (by its worker or another reaper)
+        attrs = {k: v for k, v in user_attrs.items()
+                 if k in ("genome", "graph", "formula", "hash", "kind", "layer")}
+        attrs["retry_of"] = number
+        self.enqueue(attrs)
+        return True
 
 
 def _upsert_attrs(storage: RDBStorage, session, model_cls, trial_id: int,

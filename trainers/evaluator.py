@@ -226,6 +226,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 
 
 def _several(devices: Any) -> bool:
@@ -238,8 +239,25 @@ def _several(devices: Any) -> bool:
 
 
 def _launched_externally() -> bool:
-    """True inside torchrun/SLURM-style launches, where Lightning's own "ddp" is right."""
-    return any(v in os.environ for v in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"))
+    """True inside torchrun or multi-task srun launches, where Lightning's own "ddp" is right.
+    (An opsearch worker is a one-task SLURM job: its DDP, if any, forks its ranks itself.)"""
+    if any(v in os.environ for v in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")):
+        return True
+    try:
+        return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _cluster_plugins() -> list:
+    """Inside a one-task SLURM job (an opsearch worker launched through submitit), a plain
+    cluster environment: Lightning would otherwise pick SLURMEnvironment, which installs its own
+    requeue signal handler; submitit owns requeue there."""
+    if "SLURM_JOB_ID" not in os.environ or _launched_externally():
+        return []
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    return [LightningEnvironment()]
 
 
 class Evaluator:
@@ -295,7 +313,7 @@ class Evaluator:
         try:
             return pl.Trainer(
                 accelerator=c.accelerator, devices=c.devices, strategy=self._strategy(),
-                precision=c.precision, num_nodes=c.num_nodes,
+                precision=c.precision, num_nodes=c.num_nodes, plugins=_cluster_plugins(),
                 max_steps=max_steps, max_epochs=1, reload_dataloaders_every_n_epochs=1,
                 num_sanity_val_steps=0, logger=logger, log_every_n_steps=1,
                 callbacks=[DivergenceCallback(), TimingCallback(), *callbacks],
@@ -434,13 +452,9 @@ class EvalSession:
 # ---------------------------------------------------------------------------------------------
 
 def _gpu_ids(config: EvalConfig) -> list[int] | None:
-    if config.accelerator not in ("gpu", "cuda", "auto"):
-        return None
-    from lightning_fabric.accelerators.cuda import num_cuda_devices  # no CUDA init (fork-safe)
+    from opsearch.devices import gpu_ids  # the one --devices parser (no CUDA init: fork-safe)
 
-    n = num_cuda_devices()
-    if n == 0:
-        return None
-    if isinstance(config.devices, (list, tuple)):
-        return [int(d) for d in config.devices]
-    return list(range(n))
+    # a pool spreads its workers over the devices listed, or over all of them
+    return gpu_ids(config.accelerator, config.devices if isinstance(config.devices, (list, tuple))
+                   else "auto")
+

@@ -32,7 +32,7 @@ class LightningEvaluator(Evaluator, EvaluatorPlugin):
         # the three architectures, quiet 2-core box: 11.7 s with 1 or 2 threads), and spinning
         # OpenMP threads make a busy machine 5-25x slower. More cores: more --workers.
         values = {"dataset": search.dataset, "archs": tuple(search.archs), "seed": search.seed,
-                  "accelerator": search.accelerator, "threads": 1}
+                  "accelerator": search.accelerator, "strategy": search.strategy, "threads": 1}
         if search.data_dir is not None:
             values["data_dir"] = search.data_dir
         if search.precision is not None:

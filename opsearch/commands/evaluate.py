@@ -47,22 +47,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def parse_devices(text: str | None) -> Any:
-    """Lightning's devices from a flag: '2' -> 2, '0,1' -> [0, 1], 'auto' -> 'auto'."""
-    if text is None:
-        return None
-    text = text.strip()
-    if "," in text:
-        try:
-            return [int(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--devices: expected an integer, a list like 0,1, or auto; got {text!r}") from None
-    try:
-        return int(text)
-    except ValueError:
-        if text == "auto":
-            return text
-        raise UserError(f"--devices: expected an integer, a list like 0,1, or auto; got {text!r}") from None
 
 
 def apply_options(values: dict, options: list[str]) -> dict:
@@ -89,6 +73,8 @@ def build_eval_config(args):
             values[name] = value
     if args.archs is not None:
         values["archs"] = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    from opsearch.devices import parse_devices
+
     devices = parse_devices(args.devices)
     if devices is not None:
         values["devices"] = devices

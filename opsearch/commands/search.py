@@ -13,6 +13,13 @@ def add_parser(subparsers) -> None:
         "search", help="evolve layers (resumes the run if it exists)",
         description="Evolve normalization-activation layers. Flags override the --config file; "
                     "the same command run again resumes the study and stops at --budget.")
+    add_search_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def add_search_arguments(p, workers_help: str = "local worker processes (default 1)") -> None:
+    """The flags that define a search (shared by `search` and `launch`)."""
     p.add_argument("--space", help="search space (default evonorm)")
     p.add_argument("--algorithm", help="search algorithm (default regularized_evolution)")
     p.add_argument("--budget", type=int, help="total number of candidates in the study (default 60)")
@@ -26,9 +33,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baselines", help="comma-separated known layers evaluated beside the search "
                                        "('none' for no baseline)")
     p.add_argument("--steps", type=int, help="training steps per architecture (evaluator.steps)")
-    p.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    p.add_argument("--workers", type=int, help=workers_help)
     p.add_argument("--accelerator", help="Lightning accelerator: cpu (default), gpu, auto")
-    p.add_argument("--devices", help="Lightning devices (e.g. 1, 2, '0,1', auto)")
+    p.add_argument("--devices", help="GPUs the workers use (a count, '0,1', auto); each worker "
+                                     "is pinned to one of them")
+    p.add_argument("--workers-per-device", dest="workers_per_device", type=int,
+                   help="workers sharing each GPU (default 1; the proxies are small)")
     p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
     p.add_argument("--precision", help="Lightning precision (32-true, 16-mixed, bf16-mixed)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/NAME/study.db); "
@@ -45,8 +55,6 @@ def add_parser(subparsers) -> None:
                    help="per-candidate time limit in seconds (default 900)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not write PNG plots at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=run)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -57,12 +65,14 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def run(args) -> int:
+def config_from_args(args):
+    """The SearchConfig the search flags describe (defaults < --config file < flags < -O)."""
     overrides = {
         "space": args.space, "algorithm": args.algorithm, "budget": args.budget,
         "dataset": args.dataset, "data_dir": args.data_dir, "archs": _split(args.archs),
         "filters": _split(args.filters), "baselines": _split(args.baselines),
-        "workers": args.workers, "accelerator": args.accelerator, "devices": args.devices,
+        "workers": args.workers, "workers_per_device": args.workers_per_device,
+        "accelerator": args.accelerator, "devices": args.devices,
         "strategy": args.strategy, "precision": args.precision, "storage": args.storage,
         "name": args.name, "seed": args.seed, "timeout_s": args.timeout_s, "plots": args.plots,
         "plugins": (args.plugin or None),
@@ -72,7 +82,11 @@ def run(args) -> int:
         if args.steps <= 0:
             raise UserError(f"--steps must be positive, got {args.steps}")
         options.append(f"evaluator.steps={args.steps}")
-    config = build_config(args.config, overrides, options)
+    return build_config(args.config, overrides, options)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
 
     from opsearch.commands.plot import write_plots
     from opsearch.commands.show import print_summary
