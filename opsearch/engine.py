@@ -31,6 +31,7 @@ from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
 MAX_REPROPOSALS = 20
+RERANK_POLL_S = 1.0  # how often a worker at the budget looks whether the last candidates ended
 
 
 class CandidateTimeout(Exception):
@@ -72,6 +73,7 @@ class Setup:
     eval_config: Any
     url: str
     study_name: str
+    rerank: Any = None  # opsearch.rerank.RerankTask, or None when the stage is off
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
@@ -97,7 +99,11 @@ class Setup:
             url, study_name = config.storage, config.name
         else:
             url, study_name = resolve(config.name)
-        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name)
+        from opsearch.rerank import RerankTask
+        rerank = RerankTask.from_config(config)
+        if rerank is not None:
+            rerank.check_data(eval_config)  # no held-out data: say so before the search starts
+        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name, rerank)
         setup.new_algorithm(config.seed)  # unknown or bad algorithm options: say so now
         return setup
 
@@ -192,6 +198,7 @@ class Worker:
         self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
                                      seed=self.config.seed)
         self._last_reap = 0.0
+        self._rerank_evaluators: dict[tuple[str, int], Any] = {}
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
 
@@ -259,7 +266,7 @@ class Worker:
             # a requeued candidate first; else a new one (which syncs with the study under the
             # lock); at the budget, one more look for candidates that sync just revealed
             record = (self.run.pop_waiting(self.identity) or self._new_candidate()
-                      or self.run.pop_waiting(self.identity))
+                      or self.run.pop_waiting(self.identity) or self._next_rerank())
             if record is None:
                 break
             outcome = self.process(record)
@@ -313,6 +320,8 @@ class Worker:
                     time_limit(self.config.timeout_s), flush_denormals():
                 if record.kind == "baseline":
                     outcome = self._evaluate_baseline(record)
+                elif record.kind == "rerank":
+                    outcome = self._evaluate_rerank(record)
                 else:
                     outcome = self._evaluate_candidate(record)
         except CandidateTimeout as e:
@@ -375,6 +384,54 @@ class Worker:
         values = [float(result.accuracies[a]) for a in self.archs]
         attrs = {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)}
         return Outcome(TrialState.COMPLETE, values, attrs)
+
+    # -- the re-ranking stage (opsearch/rerank.py) ---------------------------------------------
+
+    def _next_rerank(self) -> TrialRecord | None:
+        """At the budget: wait until every candidate has finished (other workers may still train
+        the last ones), enqueue the stage's missing items under the lock, then take one.
+        None when the stage is off or every item is taken."""
+        from opsearch import rerank
+
+        if self.setup.rerank is None:
+            return None
+        while True:
+            self._maybe_reap()
+            record = self.run.pop_waiting(self.identity)  # a requeued candidate, or an item
+            if record is not None:
+                return record
+            with self.lock:
+                self._absorb(self.run.sync())
+                pending = rerank.search_pending(self.run)
+                if not pending:
+                    rerank.enqueue_missing(self.run, self.setup.rerank)
+            if not pending:
+                return self.run.pop_waiting(self.identity)
+            time.sleep(RERANK_POLL_S)
+
+    def _evaluate_rerank(self, record: TrialRecord) -> Outcome:
+        """One (layer, seed) of a stage, trained on the stage's held-out task."""
+        from opsearch import rerank
+
+        attrs = record.user_attrs
+        stage, seed = str(attrs["stage"]), int(attrs["seed"])
+        evaluator = self._rerank_evaluators.get((stage, seed))
+        if evaluator is None:
+            from opsearch.rejection import FilterContext
+
+            config = rerank.task_eval_config(rerank.stage_task(self.run, stage), seed, self.eval_config)
+            evaluator = FilterContext(eval_config=config).get_evaluator()
+            self._rerank_evaluators[(stage, seed)] = evaluator
+        faults.point("rerank")
+        if attrs.get("layer"):
+            layer = attrs["layer"]
+        else:
+            from opsearch import graph as graph_mod
+            layer = graph_mod.from_dict(json.loads(attrs["graph"]))  # our schema, never pickle
+        result = evaluator.evaluate(layer)
+        values = [float(result.accuracies[a]) for a in self.archs]
+        return Outcome(TrialState.COMPLETE, values,
+                       {"verdict": "evaluated", **self._acc_attrs(values), **_details(result)})
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""
@@ -566,7 +623,8 @@ def _run_local_workers(config: SearchConfig, run: Run, progress) -> None:
         for p in procs:
             p.join(timeout=30)
     failed = [p for p in procs if p.exitcode not in (0, None)]
-    if failed and run.candidates_counted() < config.budget:
+    run.sync()
+    if failed and (run.candidates_counted() < config.budget or run.unfinished()):
         # A worker that died (killed, out of memory) leaves its candidate RUNNING: reap it here
         # so that a resume, or the workers still alive, hand it out again.
         run.sync()

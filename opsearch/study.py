@@ -6,7 +6,7 @@ the stored user attributes are a contract (DESIGN section 6):
 
   verdict     "evaluated" | "rejected:<filter>" | "duplicate:<trial number>" | "failed:<reason>"
   formula, graph (our own JSON schema, never pickle), elapsed_s, acc/<arch> per architecture,
-  genome, hash, kind ("candidate" | "baseline"), ...
+  genome, hash, kind ("candidate" | "baseline" | "rerank": see opsearch/rerank.py), ...
 
 Trial states: evaluated and duplicate -> COMPLETE with one value per architecture (maximised);
 rejected -> PRUNED; failed -> FAIL. A candidate is written RUNNING (one transaction) before any
@@ -508,7 +508,8 @@ class Run:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # finished meanwhile (by its worker or another reaper)
             attrs = {k: v for k, v in fresh.user_attrs.items()
-                     if k in ("genome", "graph", "formula", "hash", "kind", "layer")}
+                     if k in ("genome", "graph", "formula", "hash", "kind", "layer",
+                              "stage", "seed", "of_trial")}
             attrs["retry_of"] = record.number
             self.enqueue(attrs)
             reaped.append(record.number)

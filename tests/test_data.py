@@ -21,8 +21,9 @@ from opsearch.trainers import data
 def test_digits_split_is_stratified_deterministic_and_normalised():
     d = data.load("digits", image_size=None)
     assert d.x_train.shape[1:] == (1, 8, 8) and d.num_classes == 10
-    assert len(d.y_train) + len(d.y_val) == 1797
-    assert abs(len(d.y_val) / 1797 - 0.2) < 0.01
+    held = data.load("digits", split="heldout")
+    assert len(d.y_train) + len(d.y_val) == len(held.y_train) == 1797 - len(held.y_val)
+    assert abs(len(held.y_val) / 1797 - 0.2) < 0.01 and abs(len(d.y_val) / 1438 - 0.2) < 0.01
     # every class in the same proportion on both sides
     train_counts = torch.bincount(d.y_train, minlength=10).float()
     val_counts = torch.bincount(d.y_val, minlength=10).float()
@@ -30,6 +31,17 @@ def test_digits_split_is_stratified_deterministic_and_normalised():
     assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
     again = data.load("digits", image_size=None)
     assert torch.equal(d.x_val, again.x_val) and torch.equal(d.y_train, again.y_train)
+
+
+def test_digits_heldout_split_is_disjoint_from_the_search_splits():
+    from sklearn.datasets import load_digits
+
+    y = load_digits().target
+    rest, held = data._heldout_split(y, "search", data.HELDOUT_FRACTION)
+    assert not set(rest) & set(held) and len(rest) + len(held) == 1797
+    assert len(data.load("digits", heldout_fraction=0).y_val) == 359  # nothing kept back
+    with pytest.raises(UserError, match="split must be"):
+        data.load("digits", split="test")
 
 
 def test_digits_upsampling():
