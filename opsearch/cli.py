@@ -12,7 +12,7 @@ import sys
 
 from opsearch.errors import InvalidCandidate, UserError
 
-COMMANDS = ("search", "evaluate", "list", "show", "export", "plot")
+COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "rerank")
 
 
 class _Parser(argparse.ArgumentParser):

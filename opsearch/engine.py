@@ -534,13 +534,15 @@ def _worker_process(config_dict: dict, index: int, lock, device_index, threads: 
     Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
 
 
-def run_search(config: SearchConfig, progress=None) -> Run:
-    """Run (or resume) a search to its budget; returns the run with every trial synced."""
+def run_search(config: SearchConfig, progress=None, enqueue_missing_baselines: bool = True) -> Run:
+    """Run (or resume) a search to its budget, then its re-ranking stage (unless switched off);
+    returns the run with every trial synced."""
     setup = Setup.from_config(config)
     run = setup.open_run()
     run.sync()
     run.reap_lost(config.grace_s)
-    enqueue_baselines(run, setup)
+    if enqueue_missing_baselines:
+        enqueue_baselines(run, setup)
     if progress is not None:
         progress.start(run)
     if resolved_workers(config) == 1:

@@ -278,3 +278,19 @@ def summarize(trials: Sequence[Any], archs: Sequence[str], study_attrs: dict | N
     out = stage_summary(trials, archs, chosen, tasks.get(chosen.stage))
     out["stages"] = sorted(stages, key=lambda name: stages[name].last_number)
     return out
+
+
+def reranked_best(trials: Sequence[Any], archs: Sequence[str]) -> tuple[int, str] | None:
+    """(trial number, why) of the best candidate after re-ranking (latest stage), or None when
+    the run has no re-ranked candidate: what `opsearch export` picks by default."""
+    result = summarize(trials, archs)
+    if not result or result["best_trial"] is None:
+        return None
+    best = next(r for r in result["layers"] if r["of_trial"] == result["best_trial"])
+    o = best["overall"]
+    why = (f"the best candidate after re-ranking (stage {result['stage']}: held-out mean "
+           f"{o['mean']:.4f} over {o['n']} seed{'s' if o['n'] != 1 else ''}, rank "
+           f"#{best['search_rank']} at the search)")
+    if not result["complete"]:
+        why += f"; re-ranking incomplete ({result['pending']} items left)"
+    return best["of_trial"], why
