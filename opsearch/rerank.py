@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from opsearch import report
+from opsearch import faults, report
 from opsearch.errors import UserError
 
 KIND = "rerank"
@@ -313,6 +313,7 @@ def enqueue_missing(run, task: RerankTask) -> int:
                      **s.attrs}
             run.enqueue(attrs)
             queued += 1
+            faults.point("rerank_enqueue")
     return queued
 
 
