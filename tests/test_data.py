@@ -150,6 +150,8 @@ def test_fashion_mnist_from_a_directory(tmp_path):
     d = data.load("fashion_mnist", data_dir=str(tmp_path), validation="test")
     assert d.x_train.shape == (40, 1, 28, 28) and d.x_val.shape == (20, 1, 28, 28)
     assert torch.equal(d.y_val, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)))
+    heldout = data.load("fashion_mnist", data_dir=str(tmp_path), split="heldout")  # re-ranking
+    assert torch.equal(heldout.y_val, d.y_val) and len(heldout.y_train) == 40
     held = data.load("fashion_mnist", data_dir=str(tmp_path), val_fraction=0.25, image_size=14)
     assert len(held.y_val) == 10 and len(held.y_train) == 30 and held.image_size == (14, 14)
 

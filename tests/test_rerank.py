@@ -117,7 +117,7 @@ def finished_once(storage):
 
 @pytest.mark.slow
 def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_path):
-    plugin = tmp_path / "copy.py"
+    plugin = tmp_path / "layer_copy_plugin.py"
     plugin.write_text(COPY_PLUGIN)
     storage = f"sqlite:///{tmp_path}/study.db"
     config = tmp_path / "run.toml"

@@ -408,6 +408,7 @@ def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
 
     Looks in `data_dir` (and its fashion-mnist/, FashionMNIST/raw/), else $OPSEARCH_DATA_DIR,
     else where Debian's dataset-fashion-mnist package puts the files."""
+    validation = _validation_for(split, validation)
     dirs = _candidate_dirs(data_dir, ("fashion-mnist", "FashionMNIST/raw"), FASHION_MNIST_SEARCH_PATH)
     files = _find_files(FASHION_MNIST_FILES, dirs)
     if files is None and download:
@@ -426,7 +427,6 @@ def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
             raise UserError(f"fashion_mnist: {split} images {xi.shape} and labels {yi.shape} do not match")
     x_train, y_train = arrays["train_images"][:, None], arrays["train_labels"].astype(np.int64)
     x_test, y_test = arrays["test_images"][:, None], arrays["test_labels"].astype(np.int64)
-    validation = _validation_for(split, validation)
     x_tr, y_tr, x_va, y_va = _split_or_test(x_train, y_train, x_test, y_test, validation,
                                             val_fraction, train_size, val_size)
     return _finish("fashion_mnist", x_tr.astype(np.float32) / 255.0, y_tr,
@@ -495,6 +495,7 @@ def cifar10(*, data_dir: str | None = None, image_size: int | None = None,
             train_size: int | None = None, val_size: int | None = None,
             split: str = "search", download: bool = False) -> ArrayData:
     """CIFAR-10 from the standard python batches (cifar-10-batches-py), 32x32 RGB, 10 classes."""
+    validation = _validation_for(split, validation)
     stems = {name: name for name in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)}
     dirs = _candidate_dirs(data_dir, (CIFAR10_DIR,), ())
     files = _find_files(stems, dirs, ("",))
@@ -510,7 +511,6 @@ def cifar10(*, data_dir: str | None = None, image_size: int | None = None,
     x_train = np.concatenate([p[0] for p in parts])
     y_train = np.concatenate([p[1] for p in parts])
     x_test, y_test = read_cifar_batch(files[CIFAR10_TEST_FILE])
-    validation = _validation_for(split, validation)
     x_tr, y_tr, x_va, y_va = _split_or_test(x_train, y_train, x_test, y_test, validation,
                                             val_fraction, train_size, val_size)
     return _finish("cifar10", x_tr.astype(np.float32) / 255.0, y_tr,
