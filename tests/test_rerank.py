@@ -54,7 +54,7 @@ declare_no_act("bn_relu_copy", "bn")
 """
 
 # Real training on digits, small enough for a test: bn_relu, its copy and identity, 3 seeds x 3
-# architectures = 9 pairs per comparison, on the held-out split.
+# architectures = 9 pairs per comparison, 50 steps on the held-out split.
 DIGITS = """
 name = "rr"
 budget = 2
@@ -65,13 +65,15 @@ storage = "{storage}"
 plugins = ["{plugin}"]
 plots = false
 
-[evaluator]
-steps = 60
-warmup_steps = 5
+[evaluator]                     # the search's proxy: next to nothing (only the stage matters here)
+steps = 2
+warmup_steps = 1
 
-[rerank]
+[rerank]                        # the held-out task: enough steps for bn_relu to learn
 top_k = 1
 seeds = 3
+steps = 50
+warmup_steps = 5
 """
 
 
@@ -116,6 +118,7 @@ def finished_once(storage):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~1 min on a quiet 2-core box; much more on a loaded one
 def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_path):
     plugin = tmp_path / "layer_copy_plugin.py"
     plugin.write_text(COPY_PLUGIN)
@@ -176,8 +179,8 @@ def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
     for t in trials:
         kinds[t.user_attrs["kind"]] = kinds.get(t.user_attrs["kind"], 0) + 1
     assert kinds == {"candidate": 8, "baseline": 2, "rerank": len(expected_items(storage))}
-    # resumed again: nothing new to do, nothing added
-    again = opsearch(["rerank", "rr", "--storage", storage, "--quiet"], tmp_path)
+    # run again: nothing new to do, nothing added
+    again = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(open_run(storage, "rr").get_trials()) == len(trials)
 
