@@ -12,8 +12,8 @@ import sys
 
 from opsearch.errors import InvalidCandidate, UserError
 
-COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "launch", "status",
-            "dashboard")
+COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "rerank", "launch",
+            "status", "dashboard")
 
 
 class _Parser(argparse.ArgumentParser):

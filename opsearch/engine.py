@@ -30,6 +30,7 @@ from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
 MAX_REPROPOSALS = 20
+RERANK_POLL_S = 1.0  # how often a worker at the budget looks whether the last candidates ended
 
 
 class CandidateTimeout(Exception):
@@ -72,6 +73,7 @@ class Setup:
     url: str
     study_name: str
     evaluator_cls: Any = None  # the evaluator plugin (opsearch.evaluation.Evaluator subclass)
+    rerank: Any = None  # opsearch.rerank.RerankTask, or None when the stage is off
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
@@ -97,7 +99,12 @@ class Setup:
             url, study_name = config.storage, config.name
         else:
             url, study_name = resolve(config.name)
-        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name, evaluator_cls)
+        from opsearch.rerank import RerankTask
+        rerank = RerankTask.from_config(config)
+        if rerank is not None:
+            rerank.check_data(eval_config)  # no held-out data: say so before the search starts
+        setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name,
+                    evaluator_cls, rerank)
         setup.new_algorithm(config.seed)  # unknown or bad algorithm options: say so now
         return setup
 
@@ -171,6 +178,7 @@ class Worker:
         self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
                                      seed=self.config.seed, evaluator_plugin=self.config.evaluator_plugin)
         self._last_reap = 0.0
+        self._rerank_evaluators: dict[tuple[str, int], Any] = {}
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
 
@@ -240,7 +248,7 @@ class Worker:
             # a requeued candidate first; else a new one (which syncs with the study under the
             # lock); at the budget, one more look for candidates that sync just revealed
             record = (self.run.pop_waiting(self.identity) or self._new_candidate()
-                      or self.run.pop_waiting(self.identity))
+                      or self.run.pop_waiting(self.identity) or self._next_rerank())
             if record is None:
                 # At the budget. Candidates still held by other workers may yet be lost (a
                 # killed job, a preempted node): wait for them to finish or to come back
@@ -320,6 +328,8 @@ class Worker:
                     time_limit(self.config.timeout_s), flush_denormals():
                 if record.kind == "baseline":
                     outcome = self._evaluate_baseline(record)
+                elif record.kind == "rerank":
+                    outcome = self._evaluate_rerank(record)
                 else:
                     outcome = self._evaluate_candidate(record)
         except CandidateTimeout as e:
@@ -392,6 +402,56 @@ class Worker:
             return self.setup.pipeline.known_layer_attrs(candidate, self.context)
         except (InvalidCandidate, ValueError, RuntimeError):  # still a fine baseline
             return {}
+
+    # -- the re-ranking stage (opsearch/rerank.py) ---------------------------------------------
+
+    def _next_rerank(self) -> TrialRecord | None:
+        """At the budget: wait until every candidate has finished (other workers may still train
+        the last ones), enqueue the stage's missing items under the lock, then take one.
+        None when the stage is off or every item is taken."""
+        from opsearch import rerank
+
+        if self.setup.rerank is None:
+            return None
+        while True:
+            self._maybe_reap()
+            record = self.run.pop_waiting(self.identity)  # a requeued candidate, or an item
+            if record is not None:
+                return record
+            with self.lock:
+                self._absorb(self.run.sync())
+                pending = rerank.search_pending(self.run)
+                if not pending:
+                    rerank.enqueue_missing(self.run, self.setup.rerank)
+            if not pending:
+                return self.run.pop_waiting(self.identity)
+            time.sleep(RERANK_POLL_S)
+
+    def _evaluate_rerank(self, record: TrialRecord) -> Outcome:
+        """One (layer, seed) of a stage, trained on the stage's held-out task."""
+        from opsearch import rerank
+
+        attrs = record.user_attrs
+        stage, seed = str(attrs["stage"]), int(attrs["seed"])
+        evaluator = self._rerank_evaluators.get((stage, seed))
+        if evaluator is None:
+            from opsearch.rejection import FilterContext
+
+            config = rerank.task_eval_config(rerank.stage_task(self.run, stage), seed, self.eval_config,
+                                             self.config.evaluator_plugin)
+            evaluator = FilterContext(eval_config=config,
+                                      evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
+            self._rerank_evaluators[(stage, seed)] = evaluator
+        faults.point("rerank")
+        if attrs.get("layer"):
+            layer = attrs["layer"]
+        else:
+            from opsearch import graph as graph_mod
+            layer = graph_mod.from_dict(json.loads(attrs["graph"]))  # our schema, never pickle
+        result = evaluator.evaluate(layer)
+        values = [float(result.accuracies[a]) for a in self.archs]
+        return Outcome(TrialState.COMPLETE, values,
+                       {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()})
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""
@@ -472,8 +532,10 @@ def _worker_process(config_dict: dict, index: int, lock, device_index) -> None:
     Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
 
 
-def run_search(config: SearchConfig, progress=None, worker_index: int = 0) -> Run:
-    """Run (or resume) a search to its budget; returns the run with every trial synced.
+def run_search(config: SearchConfig, progress=None, worker_index: int = 0,
+               enqueue_missing_baselines: bool = True) -> Run:
+    """Run (or resume) a search to its budget, then its re-ranking stage (unless switched off);
+    returns the run with every trial synced.
 
     `worker_index` numbers this process among workers started together (a launched job's task):
     it shifts the worker's seed so that workers do not propose the same genomes."""
@@ -481,7 +543,8 @@ def run_search(config: SearchConfig, progress=None, worker_index: int = 0) -> Ru
     run = setup.open_run()
     run.sync()
     run.reap_lost(config.grace_s, me=WorkerId.current())
-    enqueue_baselines(run, setup)
+    if enqueue_missing_baselines:
+        enqueue_baselines(run, setup)
     if progress is not None:
         progress.start(run)
     if resolved_workers(config) == 1:
@@ -560,7 +623,8 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
         for p in procs:
             p.join(timeout=30)
     failed = [p for p in procs if p.exitcode not in (0, None)]
-    if failed and run.candidates_counted() < config.budget:
+    run.sync()
+    if failed and (run.candidates_counted() < config.budget or run.unfinished()):
         # A worker that died (killed, out of memory) leaves its candidate RUNNING: reap it here
         # so that a resume, or the workers still alive, hand it out again.
         run.sync()

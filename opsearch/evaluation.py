@@ -105,6 +105,16 @@ class Evaluator:
     def check(cls, config: Any) -> None:
         """Fail now, with a UserError, on what would fail later (missing data, no device)."""
 
+    @classmethod
+    def config_to_dict(cls, config: Any) -> dict[str, Any]:
+        """The config as plain JSON-able values (stored with a study, e.g. a re-ranking task)."""
+        return dict(config) if isinstance(config, dict) else dict(config.to_dict())
+
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]) -> Any:
+        """The inverse of `config_to_dict`; bad values are a UserError."""
+        return dict(values)
+
     # -- scoring ----------------------------------------------------------------------------
 
     @property

@@ -21,9 +21,11 @@ from opsearch.study import Run, TrialRecord
 class SearchProgress:
     """Prints each finished trial and, at the end, the leaderboard and where the plots went."""
 
-    def __init__(self, config: SearchConfig, quiet: bool = False, console: Console | None = None):
+    def __init__(self, config: SearchConfig, quiet: bool = False, console: Console | None = None,
+                 command: str = "search"):
         self.config = config
         self.quiet = quiet
+        self.command = command  # "rerank": no search header
         # A log file or CI gets long lines, not rich's 80-column wrap.
         self.console = console or Console(stderr=True, highlight=False,
                                           width=None if sys.stderr.isatty() else 200)
@@ -31,6 +33,7 @@ class SearchProgress:
         self.best: dict[str, float] = {}
         self.start_time = time.time()
         self.candidate_seconds: list[float] = []
+        self.rerank_seconds: list[float] = []
 
     # -- during the search ------------------------------------------------------------------
 
@@ -41,7 +44,7 @@ class SearchProgress:
         for r in run.trials():
             if r.kind == "candidate" and r.state.is_finished():
                 self._count(r)
-        if self.quiet:
+        if self.quiet or self.command != "search":
             return
         c = self.config
         where = c.storage or f"runs/{c.name}/study.db"
@@ -60,6 +63,8 @@ class SearchProgress:
 
     def on_record(self, record: TrialRecord) -> None:
         self._count(record)
+        if record.kind == "rerank" and isinstance(record.user_attrs.get("elapsed_s"), (int, float)):
+            self.rerank_seconds.append(float(record.user_attrs["elapsed_s"]))
         if self.quiet:
             return
         attrs = record.user_attrs
@@ -71,6 +76,12 @@ class SearchProgress:
         formula = escape(str(attrs.get("formula", ""))[:90])
         if record.kind == "baseline":
             self.console.print(f"[blue]baseline[/] {attrs.get('layer', '?'):<12} {took}  {accs}")
+            return
+        if record.kind == "rerank":
+            what = attrs.get("layer") or f"#{attrs.get('of_trial')} {formula[:60]}"
+            if verdict.startswith("failed:"):
+                accs = escape(f"{verdict} {str(attrs.get('reason', ''))[:80]}")
+            self.console.print(f"[magenta]rerank[/] seed {attrs.get('seed')} {what:<14} {took}  {accs}")
             return
         n = sum(v for k, v in self.counts.items() if k != "failed:worker_lost")
         head = f"[{n:>4}/{self.config.budget}] #{record.number:<5}"
@@ -114,11 +125,14 @@ class SearchProgress:
                 self.console.print(f"[yellow]plots not written: {escape(str(e))}[/]")
         if self.quiet:
             return
-        print_summary(report.summary(trials, run.attrs), title=f"run {self.config.name}")
+        attrs = run.storage.get_study_user_attrs(run.study_id)  # with the rerank stages' tasks
+        print_summary(report.summary(trials, attrs), title=f"run {self.config.name}")
         per = (sum(self.candidate_seconds) / len(self.candidate_seconds)) if self.candidate_seconds else 0
         self.console.print(
             f"done in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-            + f"; mean {per:.2f} s per candidate")
+            + f"; mean {per:.2f} s per candidate"
+            + (f"; re-ranking: {len(self.rerank_seconds)} evaluations, mean "
+               f"{sum(self.rerank_seconds) / len(self.rerank_seconds):.2f} s" if self.rerank_seconds else ""))
         if paths:
             self.console.print(f"plots: {', '.join(paths)}")
         target = escape(_hint(self.config, run))

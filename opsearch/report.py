@@ -6,7 +6,8 @@ reading of the stored contract (README, "Stored results"):
 
 - trial user attrs: ``verdict`` (``evaluated`` | ``rejected:<filter>`` | ``duplicate:<trial>`` |
   ``failed:<reason>``), ``formula``, ``graph``, ``elapsed_s``, ``acc/<arch>``, ``kind``
-  (``candidate`` | ``baseline``), ``layer`` (a baseline's name), ``filter_s/<filter>``;
+  (``candidate`` | ``baseline``; ``rerank`` items are left out of everything here but the
+  ``rerank`` key of `summary`), ``layer`` (a baseline's name), ``filter_s/<filter>``;
 - trial values: one accuracy per architecture, in the order of the study attr ``archs``.
 """
 from __future__ import annotations
@@ -29,6 +30,12 @@ FILTER_PREFIX = "filter_s/"
 
 def kind(trial: Any) -> str:
     return str(trial.user_attrs.get("kind", "candidate"))
+
+
+def search_trials(trials: Iterable[Any]) -> list[Any]:
+    """The search's own trials (candidates and baselines): re-ranking items (``kind = "rerank"``,
+    opsearch/rerank.py) never enter the leaderboard, the Pareto front or the statistics."""
+    return [t for t in trials if kind(t) in ("candidate", "baseline")]
 
 
 def verdict(trial: Any) -> str:
@@ -104,7 +111,7 @@ def scored_rows(trials: Sequence[Any], archs: Sequence[str]) -> list[Row]:
     """Every evaluated candidate and baseline with its accuracies (duplicates are left out: they
     repeat the trial they equal), Pareto marks over all of them, best mean first."""
     rows = []
-    for t in trials:
+    for t in search_trials(trials):
         k = kind(t)
         if k != "baseline" and category(t) != "evaluated":
             continue
@@ -133,7 +140,7 @@ def best_trial(trials: Sequence[Any], archs: Sequence[str]) -> Any | None:
     """The candidate with the best mean accuracy over the architectures (evaluated or
     duplicate; a duplicate's graph is a different spelling of the same function)."""
     best, best_mean = None, -math.inf
-    for t in trials:
+    for t in search_trials(trials):
         if kind(t) == "baseline" or category(t) not in ("evaluated", "duplicate"):
             continue
         accs = accuracies(t, archs)
@@ -162,6 +169,7 @@ class FilterStats:
 def filter_stats(trials: Sequence[Any]) -> list[FilterStats]:
     """Per filter: how many candidates it saw, stopped, and its mean time (from ``filter_s/*``),
     in the order the pipeline runs them (the order they appear in the trials)."""
+    trials = search_trials(trials)
     stats: dict[str, FilterStats] = {}
     for t in trials:
         if kind(t) == "baseline":
@@ -188,7 +196,7 @@ def filter_stats(trials: Sequence[Any]) -> list[FilterStats]:
 def verdict_counts(trials: Sequence[Any]) -> dict[str, int]:
     """Candidates per category: evaluated, duplicate, rejected, failed, running, ..."""
     counts: dict[str, int] = {}
-    for t in trials:
+    for t in search_trials(trials):
         if kind(t) == "baseline":
             continue
         c = category(t)
@@ -199,7 +207,7 @@ def verdict_counts(trials: Sequence[Any]) -> dict[str, int]:
 def time_per_candidate(trials: Sequence[Any]) -> dict[str, dict[str, float]]:
     """Wall seconds (``elapsed_s``) per candidate category: count, mean, total."""
     out: dict[str, dict[str, float]] = {}
-    for t in trials:
+    for t in search_trials(trials):
         if kind(t) == "baseline":
             continue
         e = t.user_attrs.get("elapsed_s")
@@ -219,7 +227,7 @@ def best_so_far(trials: Sequence[Any], archs: Sequence[str]) -> dict[str, list[t
     series: dict[str, list[tuple[int, float]]] = {a: [] for a in archs}
     best = {a: -math.inf for a in archs}
     index = 0
-    for t in sorted(trials, key=lambda t: t.number):
+    for t in sorted(search_trials(trials), key=lambda t: t.number):
         if kind(t) == "baseline":
             continue
         index += 1
@@ -236,6 +244,8 @@ def best_so_far(trials: Sequence[Any], archs: Sequence[str]) -> dict[str, list[t
 
 def summary(trials: Sequence[Any], study_attrs: dict | None = None, top: int | None = 10) -> dict[str, Any]:
     """Everything `opsearch show` reports, as JSON-ready data."""
+    from opsearch import rerank_stats
+
     archs = archs_of(trials, study_attrs)
     counts = verdict_counts(trials)
     candidates = sum(counts.values())
@@ -251,6 +261,8 @@ def summary(trials: Sequence[Any], study_attrs: dict | None = None, top: int | N
         "time_per_candidate": time_per_candidate(trials),
         "leaderboard": [r.to_dict() for r in leaderboard(trials, archs, top)],
         "best_trial": getattr(best_trial(trials, archs), "number", None),
+        # the re-ranking stage's statistics (latest stage; None before any): opsearch/rerank_stats.py
+        "rerank": rerank_stats.summarize(trials, archs, study_attrs),
     }
 
 
@@ -271,4 +283,4 @@ def _finite_or_none(v: float) -> float | None:
 
 __all__ = ["Row", "FilterStats", "archs_of", "accuracies", "best_so_far", "best_trial", "category",
            "filter_stats", "kind", "leaderboard", "name_of", "pareto_mask", "scored_rows",
-           "summary", "time_per_candidate", "trials_json", "verdict", "verdict_counts"]
+           "search_trials", "summary", "time_per_candidate", "trials_json", "verdict", "verdict_counts"]

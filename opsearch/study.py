@@ -6,7 +6,7 @@ the stored user attributes are a contract (README, "Stored results"):
 
   verdict     "evaluated" | "rejected:<filter>" | "duplicate:<trial number>" | "failed:<reason>"
   formula, graph (our own JSON schema, never pickle), elapsed_s, acc/<arch> per architecture,
-  genome, hash, kind ("candidate" | "baseline"), ...
+  genome, hash, kind ("candidate" | "baseline" | "rerank": see opsearch/rerank.py), ...
 
 Trial states: evaluated and duplicate -> COMPLETE with one value per architecture (maximised);
 rejected -> PRUNED; failed -> FAIL. A candidate is written RUNNING (one transaction) before any
@@ -42,6 +42,8 @@ RUNS_DIR_ENV = "OPSEARCH_RUNS_DIR"
 WORKER_KEY = "opsearch:worker"
 HEARTBEAT_KEY = "opsearch:heartbeat"
 LOST = "failed:worker_lost"
+# What a lost trial hands to its requeued copy: the candidate, or the rerank item (stage, seed, of_trial)
+REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial")
 STUDY_FORMAT = "opsearch.study/1"
 
 
@@ -627,7 +629,7 @@ class Run:
         except optuna.exceptions.UpdateFinishedTrialError:
             return False  # finished meanwhile (by its worker or another reaper)
         attrs = {k: v for k, v in user_attrs.items()
-                 if k in ("genome", "graph", "formula", "hash", "kind", "layer")}
+                 if k in REQUEUED_KEYS}
         attrs["retry_of"] = number
         self.enqueue(attrs)
         return True

@@ -23,8 +23,9 @@ import resources
 def test_digits_split_is_stratified_deterministic_and_normalised():
     d = data.load("digits", image_size=None)
     assert d.x_train.shape[1:] == (1, 8, 8) and d.num_classes == 10
-    assert len(d.y_train) + len(d.y_val) == 1797
-    assert abs(len(d.y_val) / 1797 - 0.2) < 0.01
+    held = data.load("digits", split="heldout")
+    assert len(d.y_train) + len(d.y_val) == len(held.y_train) == 1797 - len(held.y_val)
+    assert abs(len(held.y_val) / 1797 - 0.2) < 0.01 and abs(len(d.y_val) / 1438 - 0.2) < 0.01
     # every class in the same proportion on both sides
     train_counts = torch.bincount(d.y_train, minlength=10).float()
     val_counts = torch.bincount(d.y_val, minlength=10).float()
@@ -32,6 +33,17 @@ def test_digits_split_is_stratified_deterministic_and_normalised():
     assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
     again = data.load("digits", image_size=None)
     assert torch.equal(d.x_val, again.x_val) and torch.equal(d.y_train, again.y_train)
+
+
+def test_digits_heldout_split_is_disjoint_from_the_search_splits():
+    from sklearn.datasets import load_digits
+
+    y = load_digits().target
+    rest, held = data._heldout_split(y, "search", data.HELDOUT_FRACTION)
+    assert not set(rest) & set(held) and len(rest) + len(held) == 1797
+    assert len(data.load("digits", heldout_fraction=0).y_val) == 359  # nothing kept back
+    with pytest.raises(UserError, match="split must be"):
+        data.load("digits", split="test")
 
 
 def test_digits_upsampling():
@@ -140,6 +152,8 @@ def test_fashion_mnist_from_a_directory(tmp_path):
     d = data.load("fashion_mnist", data_dir=str(tmp_path), validation="test")
     assert d.x_train.shape == (40, 1, 28, 28) and d.x_val.shape == (20, 1, 28, 28)
     assert torch.equal(d.y_val, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)))
+    heldout = data.load("fashion_mnist", data_dir=str(tmp_path), split="heldout")  # re-ranking
+    assert torch.equal(heldout.y_val, d.y_val) and len(heldout.y_train) == 40
     held = data.load("fashion_mnist", data_dir=str(tmp_path), val_fraction=0.25, image_size=14)
     assert len(held.y_val) == 10 and len(held.y_train) == 30 and held.image_size == (14, 14)
 

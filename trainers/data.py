@@ -9,9 +9,9 @@ instead `index_select`s of preloaded tensors, and batch k of a run is a pure fun
 which is what staged training (the quality filter's 100 steps, then the rest) needs.
 
 Built-ins:
-- ``digits``: scikit-learn's bundled 8x8 digits (real, offline; the embedded default), split
-  into stratified train/validation parts (80/20) with a fixed split seed; optionally upsampled
-  (``image_size=16``).
+- ``digits``: scikit-learn's bundled 8x8 digits (real, offline; the embedded default): a fixed
+  stratified 20% held out for re-ranking (``split="heldout"``), the rest split into stratified
+  train/validation parts (80/20) with a fixed split seed; optionally upsampled (``image_size=16``).
 - ``fashion_mnist``: the standard IDX files (gzipped or raw) from a directory; Debian's
   ``dataset-fashion-mnist`` package is found automatically.
 - ``cifar10``: the standard python batches (``cifar-10-batches-py``) from a directory, read
@@ -65,6 +65,14 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 # A fixed seed for train/validation splits: the validation set must not change with the
 # training seed, or seeds could not be compared.
 SPLIT_SEED = 12345
+# The held-out part of a dataset without an official test set (digits): drawn with its own seed,
+# before the train/validation split, so that the search never sees it.
+HELDOUT_SPLIT_SEED = 54321
+HELDOUT_FRACTION = 0.2
+# split="search": the search's train/validation; split="heldout": train on what the search may
+# see, validate on data it never saw (digits: the held-out part; fashion_mnist, cifar10: the
+# official test set, which the default validation="holdout" leaves untouched).
+SPLITS = ("search", "heldout")
 
 
 @dataclass
@@ -237,6 +245,14 @@ def _finish(name: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
                      xv, torch.from_numpy(np.asarray(y_val, dtype=np.int64)), num_classes)
 
 
+def _validation_for(split: str, validation: str) -> str:
+    """split="heldout" validates on the official test set, which the search's default
+    validation="holdout" (a part of the training files) never touches."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return "test" if split == "heldout" else validation
+
+
 def _split_or_test(x_train, y_train, x_test, y_test, validation: str, val_fraction: float,
                    train_size: int | None, val_size: int | None):
     if validation == "test":
@@ -256,16 +272,40 @@ def _split_or_test(x_train, y_train, x_test, y_test, validation: str, val_fracti
 
 @register_dataset("digits")
 def digits(*, image_size: int | None = None, val_fraction: float = 0.2, train_size: int | None = None,
+           split: str = "search", heldout_fraction: float = HELDOUT_FRACTION,
            data_dir: str | None = None, download: bool = False) -> ArrayData:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline; `image_size` upsamples."""
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline; `image_size` upsamples.
+
+    A fixed, stratified `heldout_fraction` of the images (20%: 359) is kept out of the search:
+    ``split="search"`` (the default) splits the rest into train/validation (`val_fraction` of
+    it: 1151 / 287); ``split="heldout"`` trains on all of the rest and validates on the held-out
+    part, which no search decision has seen (the re-ranking stage). ``heldout_fraction=0`` keeps
+    nothing back (the search then uses all 1797 images; no held-out split exists).
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None] / 16.0
     y = bunch.target.astype(np.int64)
-    tr, va = _stratified_split(y, val_fraction, SPLIT_SEED)
+    rest, held = _heldout_split(y, split, heldout_fraction)
+    if split == "heldout":
+        tr, va = rest, held
+    else:
+        tr, va = _stratified_split(y[rest], val_fraction, SPLIT_SEED)
+        tr, va = rest[tr], rest[va]
     x_tr, y_tr = _subset(x[tr], y[tr], train_size, SPLIT_SEED)
     return _finish("digits", x_tr, y_tr, x[va], y[va], 10, image_size)
+
+
+def _heldout_split(labels: np.ndarray, split: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices the search may use, held-out indices): a fixed stratified part kept back."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if fraction == 0:
+        if split == "heldout":
+            raise UserError("split='heldout' needs heldout_fraction > 0")
+        return np.arange(len(labels)), np.arange(0)
+    return _stratified_split(labels, fraction, HELDOUT_SPLIT_SEED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +313,12 @@ def digits(*, image_size: int | None = None, val_fraction: float = 0.2, train_si
 
 @register_dataset("synthetic")
 def synthetic(*, num_train: int = 256, num_val: int = 128, num_classes: int = 4, channels: int = 1,
-              image_size: int | None = 8, seed: int = 0, data_dir: str | None = None,
-              download: bool = False) -> ArrayData:
-    """Tiny random images, one noisy template per class: learnable in a few steps (tests)."""
+              image_size: int | None = 8, seed: int = 0, split: str = "search",
+              data_dir: str | None = None, download: bool = False) -> ArrayData:
+    """Tiny random images, one noisy template per class: learnable in a few steps (tests).
+    ``split="heldout"`` validates on fresh samples, drawn after the search's validation set."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     size = image_size or 8
     g = torch.Generator().manual_seed(seed)
     # class templates differ in pattern and in brightness, so even a few steps of a tiny
@@ -290,6 +333,8 @@ def synthetic(*, num_train: int = 256, num_val: int = 128, num_classes: int = 4,
 
     x_tr, y_tr = make(num_train)
     x_va, y_va = make(num_val)
+    if split == "heldout":
+        x_va, y_va = make(num_val)
     return _finish("synthetic", x_tr, y_tr, x_va, y_va, num_classes, None)
 
 
@@ -354,11 +399,12 @@ def _candidate_dirs(data_dir: str | None, subdirs: Sequence[str], defaults: Sequ
 def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
                   validation: str = "holdout", val_fraction: float = 1 / 12,
                   train_size: int | None = None, val_size: int | None = None,
-                  download: bool = False) -> ArrayData:
+                  split: str = "search", download: bool = False) -> ArrayData:
     """Fashion-MNIST from the standard IDX files (28x28 grey, 10 classes), Debian's found by itself.
 
     Looks in `data_dir` (and its fashion-mnist/, FashionMNIST/raw/), else $OPSEARCH_DATA_DIR,
     else where Debian's dataset-fashion-mnist package puts the files."""
+    validation = _validation_for(split, validation)
     dirs = _candidate_dirs(data_dir, ("fashion-mnist", "FashionMNIST/raw"), FASHION_MNIST_SEARCH_PATH)
     files = _find_files(FASHION_MNIST_FILES, dirs)
     if files is None and download:
@@ -443,8 +489,9 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def cifar10(*, data_dir: str | None = None, image_size: int | None = None,
             validation: str = "holdout", val_fraction: float = 0.1,
             train_size: int | None = None, val_size: int | None = None,
-            download: bool = False) -> ArrayData:
+            split: str = "search", download: bool = False) -> ArrayData:
     """CIFAR-10 from the standard python batches (cifar-10-batches-py), 32x32 RGB, 10 classes."""
+    validation = _validation_for(split, validation)
     stems = {name: name for name in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)}
     dirs = _candidate_dirs(data_dir, (CIFAR10_DIR,), ())
     files = _find_files(stems, dirs, ("",))

@@ -51,6 +51,16 @@ class LightningEvaluator(Evaluator, EvaluatorPlugin):
     def check(cls, config: EvalConfig) -> None:
         load_data(config)  # a missing or unreadable data directory: say so now
 
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]) -> EvalConfig:
+        fields = {f.name for f in dataclasses.fields(EvalConfig)}
+        try:
+            return EvalConfig(**{k: v for k, v in values.items() if k in fields})
+        except (TypeError, ValueError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"evaluator options: {e}") from None
+
     def resume(self, session) -> Any:
         session.train_until(self.config.steps)
         return session.result()

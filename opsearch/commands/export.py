@@ -1,7 +1,8 @@
 """`opsearch export RUN [--trial N] [-o FILE.py] [--class-name NAME]`: a found layer as code.
 
 Writes standalone PyTorch source (no opsearch import) with one ``nn.Module`` whose constructor
-takes ``num_channels``. Default: the best candidate (best mean accuracy over the architectures,
+takes ``num_channels``. Default: the best candidate after re-ranking when the run has a re-ranking
+stage (said on stderr), else the best candidate (best mean accuracy over the architectures,
 evaluated or duplicate). The graph is read back from the study through our own schema
 (`opsearch.graph.from_dict`: known ops, index bounds, sizes) and the code is generated from the
 op table only, so a tampered study cannot inject code.
@@ -35,6 +36,12 @@ def add_parser(subparsers) -> None:
 def select_trial(trials: list[Any], archs: list[str], number: int | None) -> Any:
     """The trial to export; UserError for one that does not exist or has no result."""
     if number is None:
+        from opsearch.rerank_stats import reranked_best
+
+        picked = reranked_best(trials, archs)  # a re-ranked run: its held-out best, said on stderr
+        if picked is not None:
+            print(f"export: trial {picked[0]}, {picked[1]}", file=sys.stderr)
+            return next(t for t in trials if t.number == picked[0])
         best = report.best_trial(trials, archs)
         if best is None:
             raise UserError("the run has no evaluated candidate to export yet")

@@ -3,7 +3,9 @@
 - ``best_so_far.png``: best accuracy so far per architecture against candidates (every candidate
   counts on the x axis, rejected ones too: that is the budget spent), baselines as dashed lines;
 - ``pareto.png``: pairwise scatter of the K accuracies, the Pareto front marked, baselines named;
-- ``rejections.png``: candidates stopped by each filter, and each filter's mean time.
+- ``rejections.png``: candidates stopped by each filter, and each filter's mean time;
+- ``rerank.png`` (runs with a re-ranking stage): search score against held-out score, with the
+  95% interval over seeds as error bars.
 """
 from __future__ import annotations
 
@@ -60,10 +62,16 @@ def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str
     except OSError as e:
         raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
     archs = report.archs_of(trials, study_attrs)
+    from opsearch import rerank_stats
+
+    reranked = rerank_stats.summarize(trials, archs, study_attrs)
+    search = report.search_trials(trials)  # the search's plots never see re-ranking items
     paths = []
-    for name, draw in (("best_so_far.png", _best_so_far), ("pareto.png", _pareto),
-                       ("rejections.png", _rejections)):
-        fig = draw(plt, trials, archs)
+    drawings = [("best_so_far.png", _best_so_far), ("pareto.png", _pareto), ("rejections.png", _rejections)]
+    if reranked:  # one more plot once the run has a re-ranking stage
+        drawings.append(("rerank.png", lambda plt, trials, archs: _rerank(plt, reranked)))
+    for name, draw in drawings:
+        fig = draw(plt, search, archs)
         path = os.path.join(out_dir, name)
         try:
             fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -203,3 +211,32 @@ def _rejections(plt, trials, archs):
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
+
+def _rerank(plt, result):
+    """Search score (one seed, search proxy) against held-out score (mean over seeds, 95% t-interval)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for kind, color, marker in (("candidate", "tab:red", "o"), ("baseline", "tab:blue", "*")):
+        rows = [r for r in result["layers"] if r["kind"] == kind and r["search_mean"] is not None]
+        if not rows:
+            continue
+        xs = [r["search_mean"] for r in rows]
+        ys = [r["overall"]["mean"] for r in rows]
+        err = [[0 if r["overall"]["low"] is None else r["overall"]["mean"] - r["overall"]["low"] for r in rows],
+               [0 if r["overall"]["high"] is None else r["overall"]["high"] - r["overall"]["mean"] for r in rows]]
+        ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, ecolor=color, capsize=3,
+                    ms=9 if marker == "*" else 6, label=f"{kind}s")
+        for r, x, y in zip(rows, xs, ys):
+            label = r["name"] if kind == "baseline" else f"#{r['of_trial']}"
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    a = result["agreement"]
+    agreement = (f"Kendall tau {a['kendall_tau']:.2f}, Spearman {a['spearman']:.2f}"
+                 if a.get("spearman") is not None else "too few layers for a rank agreement")
+    ax.set_xlabel("search score (mean accuracy over the architectures, 1 seed)")
+    ax.set_ylabel("held-out score (mean over seeds, 95% interval)")
+    ax.set_title(f"Re-ranking, stage {result['stage']}: {agreement}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        _empty(ax, "no re-ranked layer yet")
+    return fig

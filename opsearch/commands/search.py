@@ -1,6 +1,7 @@
 """`opsearch search`: run (or resume) a search and end with a leaderboard and plots."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -55,6 +56,14 @@ def add_search_arguments(p, workers_help: str = "local worker processes (default
                    help="per-candidate time limit in seconds (default 900)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not write PNG plots at the end")
+    p.add_argument("--no-rerank", dest="rerank", action="store_false", default=None,
+                   help="no re-ranking stage after the budget (rerank.enabled=false)")
+    p.add_argument("--rerank-dataset", metavar="D",
+                   help="re-rank on this dataset (default: the held-out split of --dataset)")
+    p.add_argument("--rerank-top", type=int, metavar="K",
+                   help="candidates to re-rank after the budget (rerank.top_k, default 5)")
+    p.add_argument("--rerank-seeds", type=int, metavar="S",
+                   help="seeds per re-ranked layer (rerank.seeds, default 3)")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -63,6 +72,22 @@ def _split(text: str | None) -> list[str] | None:
     if text.strip().lower() == "none":
         return []
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _rerank_options(args) -> list[str]:
+    """The --rerank-* / --no-rerank flags as rerank.* options (they override the config file)."""
+    out = []
+    if args.rerank is False:
+        out.append("rerank.enabled=false")
+    for flag, key in (("rerank_top", "top_k"), ("rerank_seeds", "seeds")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            out.append(f"rerank.{key}={value}")
+    if args.rerank_dataset is not None:
+        out.append(f"rerank.dataset={json.dumps(args.rerank_dataset)}")
+    return out
 
 
 def config_from_args(args):
@@ -82,6 +107,7 @@ def config_from_args(args):
         if args.steps <= 0:
             raise UserError(f"--steps must be positive, got {args.steps}")
         options.append(f"evaluator.steps={args.steps}")
+    options += _rerank_options(args)
     return build_config(args.config, overrides, options)
 
 

@@ -41,7 +41,7 @@ def run(args) -> int:
     summary = report.summary(trials, attrs, top=args.top)
     if args.json:
         out = {"run": args.run, "study": study_name, "study_attrs": attrs, "summary": summary,
-               "trials": report.trials_json(trials)}
+               "rerank": summary.get("rerank"), "trials": report.trials_json(trials)}
         json.dump(out, sys.stdout, default=_json_default, allow_nan=False)
         sys.stdout.write("\n")
         return 0
@@ -103,3 +103,5 @@ def print_summary(summary: dict[str, Any], title: str = "", file=None) -> None:
         times.add_row(name, str(int(d["count"])), f"{d['mean_s']:.3f}", f"{d['total_s']:.1f}")
     if summary["time_per_candidate"]:
         console.print(times)
+    from opsearch.commands.rerank import print_rerank
+    print_rerank(summary.get("rerank"), file=out)  # the re-ranking stage, when the run has one

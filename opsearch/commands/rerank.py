@@ -1,0 +1,216 @@
+"""`opsearch rerank RUN`: the re-ranking stage on an existing study (DESIGN section 9).
+
+Trains the top K candidates of the run (by the search's own rule) and its baselines again with
+S seeds on a held-out task, as trials of the same study, then prints the re-ranked table. Running
+it again resumes: finished items are kept, missing ones are trained. The search itself is not
+continued (its budget is taken as what the study holds).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from opsearch.errors import UserError
+
+# Baselines the table compares against in columns (every baseline is in --json).
+TABLE_BASELINES = ("bn_relu", "evonorm_b0", "evonorm_s0")
+
+
+def add_parser(subparsers) -> None:
+    from opsearch.commands.common import run_parent
+
+    p = subparsers.add_parser(
+        "rerank", parents=[run_parent()],
+        help="re-train the best candidates and the baselines with several seeds on held-out data",
+        description="Re-rank a run: its top K candidates and its baselines, S seeds each, on a "
+                    "held-out task (default: the held-out split of the run's dataset). Resumable.")
+    p.add_argument("--top", dest="top_k", type=int, default=None, metavar="K",
+                   help="candidates to re-rank (default: the run's rerank.top_k, else 5)")
+    p.add_argument("--seeds", type=int, default=None, metavar="S",
+                   help="seeds per layer (default: the run's rerank.seeds, else 3)")
+    p.add_argument("--rerank-dataset", "--dataset", dest="dataset", default=None, metavar="D",
+                   help="held-out dataset (default: the held-out split of the run's dataset)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="directory of that dataset's files")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="rerank.KEY=VALUE",
+                   help="a rerank option: top_k, seeds, baselines, dataset, stage, or any "
+                        "evaluator key of the held-out task (e.g. -O rerank.steps=600)")
+    p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def rerank_config(stored: dict[str, Any], args, url: str, study_name: str, counted: int):
+    """The run's stored SearchConfig with the stage switched on, the flags applied, the budget
+    held at what the study has (so no new candidate is proposed) and the storage pinned."""
+    from opsearch.config import SearchConfig, parse_option
+
+    data = dict(stored)
+    table = dict(data.get("rerank") or {})
+    for text in args.option:
+        path, value = parse_option(text)
+        if path[0] != "rerank":
+            raise UserError(f"option {text!r}: opsearch rerank takes rerank.KEY=VALUE options")
+        node = table
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"option {text!r}: rerank.{part} is not a table")
+        node[path[-1]] = value
+    for key in ("top_k", "seeds"):
+        value = getattr(args, key)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{'top' if key == 'top_k' else key} must be positive, got {value}")
+            table[key] = value
+    if args.dataset is not None:
+        table["dataset"] = args.dataset
+    if args.data_dir is not None:
+        table["data_dir"] = args.data_dir
+    table["enabled"] = True
+    data.update(rerank=table, storage=url, name=study_name, budget=max(1, counted), plots=False)
+    if args.workers is not None:
+        data["workers"] = args.workers
+    return SearchConfig.from_dict(data, source="rerank")
+
+
+def run(args) -> int:
+    from opsearch import report
+    from opsearch.commands.common import open_study, run_hint, run_target
+    from opsearch.engine import run_search
+    from opsearch.rerank import RerankTask
+    from opsearch.study import resolve, run_url
+
+    study = open_study(args)
+    url = resolve(*run_target(args))[0]
+    attrs = dict(study.user_attrs)
+    try:
+        stored = json.loads(attrs.get("config") or "{}")
+    except ValueError:
+        stored = {}
+    if not isinstance(stored, dict) or "archs" not in attrs:
+        raise UserError(f"study {study.study_name!r} is not an opsearch run (no stored config)")
+    trials = study.get_trials(deepcopy=False)
+    archs = report.archs_of(trials, attrs)
+    counted = sum(1 for t in trials if report.kind(t) == "candidate"
+                  and t.user_attrs.get("verdict") != "failed:worker_lost")
+    config = rerank_config(stored, args, url, study.study_name, counted)
+    task = RerankTask.from_config(config)
+    if report.best_trial(trials, archs) is None:
+        raise UserError(f"run {study.study_name!r} has no evaluated candidate to re-rank yet")
+
+    progress = None
+    if not args.quiet:
+        from opsearch.progress import SearchProgress
+        progress = SearchProgress(config, command="rerank")
+        progress.console.print(f"[bold]opsearch rerank[/] stage {task.stage}: {task.describe()}")
+    start = time.time()
+    # checks every name, the data and the devices before anything is written
+    done = run_search(config, progress=progress, enqueue_missing_baselines=False)
+    trials = done.storage.get_all_trials(done.study_id, deepcopy=False)
+    from opsearch import rerank_stats
+
+    result = rerank_stats.summarize(trials, archs, done.storage.get_study_user_attrs(done.study_id),
+                                    stage=task.stage)
+    if args.json:
+        json.dump({"run": args.run, "study": study.study_name, "rerank": result}, sys.stdout,
+                  allow_nan=False, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_rerank(result)
+        hint = run_hint(url, study.study_name, run_url(study.study_name))
+        print(f"done in {time.time() - start:.0f} s; next: opsearch show {hint}   |   "
+              f"opsearch export {hint} -o layer.py", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The table (also printed by `opsearch show` and at the end of `opsearch search`)
+
+
+def _interval(d: dict[str, Any]) -> str:
+    if d.get("mean") is None:
+        return "-"
+    if d.get("low") is None:
+        return f"{d['mean']:.3f}"
+    return f"{d['mean']:.3f}±{(d['high'] - d['low']) / 2:.3f}"
+
+
+def _versus(d: dict[str, Any] | None) -> str:
+    if not d:
+        return ""
+    if d.get("diff") is None:
+        return d.get("word", "")
+    p = d.get("p")
+    colour = {"better": "green", "worse": "red"}.get(d["word"], "dim")
+    word = "n.d." if d["word"] == "not distinguishable" else d["word"]
+    return f"[{colour}]{d['diff']:+.3f} {word}[/]" + (f" p={p:.2g}" if p is not None else "")
+
+
+def print_rerank(result: dict[str, Any] | None, file=None) -> None:
+    """The re-ranked table: held-out mean ± half the 95% interval per architecture and overall,
+    paired tests against bn_relu and the EvoNorms, ranks, and the agreement of the rankings."""
+    if not result:
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = file or sys.stdout
+    console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
+    archs = result["archs"]
+    layers = result["layers"]
+    names = [r["name"] for r in layers if r["kind"] == "baseline"]
+    versus = [b for b in TABLE_BASELINES if b in names] or names[:3]
+    task = result.get("task") or {}
+    split = (task.get("dataset_options") or {}).get("split")
+    what = (f"{task.get('dataset', '?')}{' held-out split' if split == 'heldout' else ''}, "
+            f"{task.get('steps', '?')} steps" if task else "")
+    seeds = max((len(r["seeds"]) for r in layers), default=0)
+    table = Table(title=f"Re-ranked on {escape(what)} ({seeds} seeds; stage {escape(result['stage'])})",
+                  title_justify="left")
+    for col in ("held-out", "search", "trial", "layer"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for arch in archs:
+        table.add_column(arch, justify="right")
+    table.add_column("mean [95% CI]", justify="right")
+    for b in versus:
+        table.add_column(f"vs {b}", justify="right")
+    for r in layers:
+        name = escape(r["name"][:60])
+        if r["kind"] == "baseline":
+            name = f"[dim]{name} (baseline)[/dim]"
+        o = r["overall"]
+        mean = "-" if o["mean"] is None else (
+            f"{o['mean']:.3f}" + (f" [{o['low']:.3f}, {o['high']:.3f}]" if o.get("low") is not None else ""))
+        search = "-" if r["search_rank"] is None else f"#{r['search_rank']} ({r['search_mean']:.3f})"
+        table.add_row(f"#{r['heldout_rank']}", search, str(r["of_trial"]), name,
+                      *(_interval(r["per_arch"][a]) for a in archs), mean,
+                      *(_versus(r["vs"].get(b)) for b in versus))
+    console.print(table)
+    a = result["agreement"]
+    if a.get("spearman") is not None:
+        line = (f"search ranking vs held-out ranking over {a['n']} layers: Kendall tau "
+                f"{a['kendall_tau']:.2f} (p={a['kendall_p']:.2g}), Spearman {a['spearman']:.2f} "
+                f"(p={a['spearman_p']:.2g})")
+        if a["spearman"] < 0.5:
+            line += " [yellow]- the search's ranking did not hold: trust the held-out one[/]"
+        console.print(line)
+    else:
+        console.print(f"rank agreement: too few layers ({a.get('n', 0)}) or constant scores")
+    notes = [f"{result['test']}, alpha {result['alpha']} (uncorrected); ± is half the 95% "
+             "t-interval over seeds"]
+    if result.get("pending"):
+        notes.append(f"{result['pending']} items still to train (run opsearch rerank again to finish)")
+    if result.get("failed"):
+        notes.append(f"{result['failed']} items failed")
+    if result.get("duplicates_ignored"):
+        notes.append(f"{result['duplicates_ignored']} duplicated items ignored (first finished counts)")
+    if result.get("best_trial") is not None:
+        best = next(r for r in layers if r["of_trial"] == result["best_trial"])
+        notes.append(f"best candidate held out: trial {best['of_trial']} "
+                     f"({escape(best['name'][:60])}); opsearch export picks it")
+    for n in notes:
+        console.print(f"[dim]{n}[/]")

@@ -1,0 +1,280 @@
+"""The re-ranking stage end to end: statistics from real training, SIGKILL and resume, two workers,
+and `opsearch rerank` refusing bad input without touching the study."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from optuna.trial import TrialState
+
+from opsearch.study import open_run
+
+TINY = """
+name = "rr"
+space = "evonorm"
+budget = {budget}
+dataset = "synthetic"
+archs = ["resnet", "mobilenetv2"]
+filters = ["validity", "numerics", "equivalence"]
+baselines = ["bn_relu", "identity"]
+storage = "{storage}"
+workers = {workers}
+plots = false
+seed = 1
+
+[space_options]
+num_nodes = 4
+
+[algorithm_options]
+population_size = 4
+tournament_size = 2
+
+[evaluator]
+steps = 3
+batch_size = 16
+val_batch_size = 128
+warmup_steps = 1
+arch_options = {{ width = 4, depth = 1 }}
+
+[rerank]
+top_k = 2
+seeds = 3
+"""
+
+# bn_relu written again under another name: trained identically, so its results equal bn_relu's
+COPY_PLUGIN = """
+from opsearch.layers import declare_no_act, get_graph
+from opsearch.registry import register_layer
+
+register_layer("bn_relu_copy")(get_graph("bn_relu"))
+declare_no_act("bn_relu_copy", "bn")
+"""
+
+# Real training on digits, small enough for a test: bn_relu, its copy and identity, 3 seeds x 3
+# architectures = 9 pairs per comparison, 50 steps on the held-out split.
+DIGITS = """
+name = "rr"
+budget = 2
+dataset = "digits"
+filters = ["validity", "numerics"]
+baselines = ["bn_relu", "bn_relu_copy", "identity"]
+storage = "{storage}"
+plugins = ["{plugin}"]
+plots = false
+
+[evaluator]                     # the search's proxy: next to nothing (only the stage matters here)
+steps = 2
+warmup_steps = 1
+
+[rerank]                        # the held-out task: enough steps for bn_relu to learn
+top_k = 1
+seeds = 3
+steps = 50
+warmup_steps = 5
+"""
+
+
+def opsearch(args, cwd, fault=None, timeout=600):
+    env = dict(os.environ)
+    env.pop("OPSEARCH_FAULT", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if fault:
+        env["OPSEARCH_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def tiny(tmp_path, budget=5, workers=1):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    path = tmp_path / "run.toml"
+    path.write_text(TINY.format(budget=budget, storage=storage, workers=workers))
+    return path, storage
+
+
+def items(storage):
+    return [t for t in open_run(storage, "rr").get_trials() if t.user_attrs.get("kind") == "rerank"]
+
+
+def expected_items(storage):
+    """(of_trial, seed) the stage should hold: the selection, times the seeds."""
+    from opsearch import rerank, report
+
+    trials = open_run(storage, "rr").get_trials()
+    archs = report.archs_of(trials, open_run(storage, "rr").user_attrs)
+    chosen = rerank.select(trials, archs, top_k=2)
+    return {(c.of_trial, seed) for c in chosen for seed in range(3)}
+
+
+def finished_once(storage):
+    """Every rerank item finished exactly once (a lost worker's copy apart)."""
+    done = [t for t in items(storage) if t.user_attrs.get("verdict") != "failed:worker_lost"]
+    assert all(t.state == TrialState.COMPLETE for t in done), [t.state for t in done]
+    keys = [(t.user_attrs["of_trial"], t.user_attrs["seed"]) for t in done]
+    assert len(keys) == len(set(keys)), "a rerank item was evaluated twice"
+    return set(keys)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # ~1 min on a quiet 2-core box; much more on a loaded one
+def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_path):
+    plugin = tmp_path / "layer_copy_plugin.py"
+    plugin.write_text(COPY_PLUGIN)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = tmp_path / "run.toml"
+    config.write_text(DIGITS.format(storage=storage, plugin=plugin))
+    result = opsearch(["search", "--config", str(config)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Re-ranked on digits held-out split" in result.stdout
+    shown = opsearch(["show", storage, "--json"], tmp_path)
+    rerank = json.loads(shown.stdout)["rerank"]
+    assert rerank["complete"] and rerank["task"]["dataset_options"]["split"] == "heldout"
+    layers = {r["name"]: r for r in rerank["layers"]}
+    assert all(len(layers[n]["seeds"]) == 3 for n in ("bn_relu", "bn_relu_copy", "identity"))
+    worse = layers["identity"]["vs"]["bn_relu"]
+    assert worse["word"] == "worse" and worse["p"] < 0.05 and worse["n"] == 9
+    same = layers["bn_relu_copy"]["vs"]["bn_relu"]
+    assert same["word"] == "not distinguishable" and same["p"] == 1.0
+    assert layers["bn_relu"]["overall"]["mean"] > 0.5  # trained, not at chance
+    assert layers["bn_relu"]["heldout_rank"] < layers["identity"]["heldout_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["rerank:3", "rerank_enqueue:4"])
+def test_rerank_killed_and_resumed_loses_and_repeats_nothing(tmp_path, fault):
+    config, storage = tiny(tmp_path)
+    killed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = {t.number: t for t in items(storage) if t.state.is_finished()}
+    assert before or fault.startswith("rerank_enqueue")
+    resumed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = {t.number: t for t in items(storage)}
+    for n, t in before.items():  # finished before the kill: intact
+        assert after[n].state == t.state and after[n].user_attrs == t.user_attrs
+        assert after[n].values == t.values
+    assert finished_once(storage) == expected_items(storage)
+    trials = open_run(storage, "rr").get_trials()
+    assert all(t.state.is_finished() for t in trials)
+    counted = [t for t in trials if t.user_attrs.get("kind") == "candidate"
+               and t.user_attrs.get("verdict") != "failed:worker_lost"]
+    assert len(counted) == 5, "rerank items must not count toward the budget"
+    if fault.startswith("rerank:"):  # the item in flight was handed out again
+        lost = [t for t in items(storage) if t.user_attrs.get("verdict") == "failed:worker_lost"]
+        assert len(lost) == 1
+
+
+@pytest.mark.slow
+def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
+    config, storage = tiny(tmp_path, budget=8, workers=2)
+    result = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = open_run(storage, "rr").get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert all(t.state.is_finished() for t in trials)
+    assert finished_once(storage) == expected_items(storage)
+    kinds = {}
+    for t in trials:
+        kinds[t.user_attrs["kind"]] = kinds.get(t.user_attrs["kind"], 0) + 1
+    assert kinds == {"candidate": 8, "baseline": 2, "rerank": len(expected_items(storage))}
+    # run again: nothing new to do, nothing added
+    again = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(open_run(storage, "rr").get_trials()) == len(trials)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, the study unchanged (no training: hand-made studies)
+
+
+def hand_made_study(tmp_path, evaluated=True):
+    from opsearch.config import SearchConfig
+    from opsearch.study import Run
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = SearchConfig(name="rr", dataset="synthetic", archs=["resnet"], storage=storage,
+                          baselines=["bn_relu"])
+    attrs = {"space": config.space, "space_options": {}, "algorithm": config.algorithm,
+             "archs": ["resnet"], "dataset": "synthetic", "config": json.dumps(config.to_dict())}
+    run = Run.create_or_open(storage, "rr", attrs, ("archs",))
+    run.add_finished({"kind": "baseline", "layer": "bn_relu", "verdict": "evaluated",
+                      "acc/resnet": 0.9}, TrialState.COMPLETE, [0.9])
+    if evaluated:
+        run.add_finished({"kind": "candidate", "verdict": "evaluated", "acc/resnet": 0.8,
+                          "formula": "x", "graph": "{}"}, TrialState.COMPLETE, [0.8])
+    else:
+        run.add_finished({"kind": "candidate", "verdict": "rejected:numerics"}, TrialState.PRUNED, None)
+    return storage
+
+
+def snapshot(storage):
+    study = open_run(storage, "rr")
+    return ([(t.number, t.state, t.values, t.user_attrs) for t in study.get_trials()],
+            dict(study.user_attrs))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top", "0"], "--top must be positive"),
+    (["--seeds", "-1"], "--seeds must be positive"),
+    (["--rerank-dataset", "mnits"], "unknown dataset 'mnits'"),
+    (["-O", "rerank.seeds=0"], "seeds must be a positive integer"),
+    (["-O", "rerank.stepz=10"], "unknown rerank option 'stepz'"),
+])
+def test_rerank_bad_input_is_one_line_and_leaves_the_study(tmp_path, capsys, args, message):
+    from opsearch.cli import main
+
+    storage = hand_made_study(tmp_path)
+    before = snapshot(storage)
+    assert main(["rerank", "rr", "--storage", storage, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(storage) == before
+
+
+def test_rerank_without_an_evaluated_candidate(tmp_path, capsys):
+    from opsearch.cli import main
+
+    storage = hand_made_study(tmp_path, evaluated=False)
+    before = snapshot(storage)
+    assert main(["rerank", "rr", "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert "no evaluated candidate" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(storage) == before
+
+
+def test_search_rerank_flags_reach_the_config():
+    from opsearch.cli import build_parser
+    from opsearch.commands.search import _rerank_options
+    from opsearch.config import build_config
+    from opsearch.errors import UserError
+
+    args = build_parser().parse_args(["search", "--rerank-top", "7", "--rerank-seeds", "2",
+                                      "--rerank-dataset", "fashion_mnist"])
+    config = build_config(None, {}, _rerank_options(args))
+    assert config.rerank == {"top_k": 7, "seeds": 2, "dataset": "fashion_mnist"}
+    off = build_config(None, {}, _rerank_options(build_parser().parse_args(["search", "--no-rerank"])))
+    assert off.rerank == {"enabled": False}
+    with pytest.raises(UserError, match="rerank-top must be positive"):
+        _rerank_options(build_parser().parse_args(["search", "--rerank-top", "0"]))
+
+
+def test_rerank_task_defaults_and_stage_names():
+    from opsearch.config import SearchConfig
+    from opsearch.errors import UserError
+    from opsearch.rerank import RerankTask
+
+    task = RerankTask.from_config(SearchConfig())
+    assert (task.top_k, task.seeds, task.baselines) == (5, 3, None)
+    assert task.task["dataset"] == "digits" and task.task["dataset_options"] == {"split": "heldout"}
+    assert "seed" not in task.task and "accelerator" not in task.task
+    longer = RerankTask.from_config(SearchConfig(rerank={"steps": 900}))
+    assert longer.task["steps"] == 900 and longer.stage != task.stage  # another task, another stage
+    assert RerankTask.from_config(SearchConfig(rerank={"enabled": False})) is None
+    other = RerankTask.from_config(SearchConfig(rerank={"dataset": "synthetic"}))
+    assert other.task["dataset"] == "synthetic" and other.stage.startswith("synthetic-heldout-")
+    with pytest.raises(UserError, match="workers"):
+        RerankTask.from_config(SearchConfig(rerank={"accelerator": "gpu"}))
+    with pytest.raises(UserError, match="archs"):
+        SearchConfig.from_dict({"rerank": {"archs": ["resnet"]}})
