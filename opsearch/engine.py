@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
-from opsearch.errors import InvalidCandidate, UserError
+from opsearch.errors import InvalidCandidate
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")

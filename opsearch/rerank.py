@@ -22,7 +22,6 @@ statistics (`opsearch.rerank_stats`) then keep the first one that finished and i
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
