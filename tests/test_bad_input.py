@@ -23,10 +23,11 @@ def add_finished(run, user_attrs, state, values) -> None:
         trial_id=-1))
 
 
-@pytest.fixture
-def study(tmp_path):
-    """An existing run with finished trials, as a search would have left it."""
-    url = f"sqlite:///{tmp_path}/study.db"
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """An existing run with finished trials, as a search would have left it (one for the module:
+    every case checks that it left the study unchanged, so they can share it)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('bad_input')}/study.db"
     run = Run.create_or_open(url, "r", {"space": "evonorm", "space_options": {}, "archs": ARCHS,
                                         "dataset": "synthetic"}, [])
     graph = json.dumps({"schema": "opsearch.graph/1",
