@@ -11,7 +11,9 @@ Staged (the quality filter's protocol: 100 steps, check, then the rest):
     result = session.result()
 
 Training runs through Lightning (`accelerator`, `devices`, `strategy`, `precision` are Lightning's
-own options). Two ways to use several devices:
+own options): per architecture one Trainer, one `ProxyModule` and one `ProxyDataModule`, with the
+divergence and timing callbacks; ``Evaluator(config, logger="csv")`` (or "tensorboard") writes
+learning curves to log_dir/<layer>/<architecture> (trainers/lit.py). Two ways to use several devices:
 - several candidates at once, one per device or CPU process: `EvaluatorPool` / `evaluate_many`;
 - one evaluation spread over devices with DDP: ``EvalConfig(devices=2, strategy="ddp")``. Unless
   the process was started by a launcher (torchrun, SLURM), "ddp" forks its ranks from the
