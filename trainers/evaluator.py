@@ -164,13 +164,19 @@ class EvalResult:
 _DATA_CACHE: dict[tuple, ArrayData] = {}
 
 
-def load_data(config: EvalConfig) -> ArrayData:
-    """The config's dataset, loaded once per process."""
+def dataset_options(config: EvalConfig) -> dict:
+    """The options of the config's dataset reader (its own, plus data_dir / download)."""
     options = dict(config.dataset_options)
     if config.data_dir is not None:
         options["data_dir"] = config.data_dir
     if config.download:
         options["download"] = True
+    return options
+
+
+def load_data(config: EvalConfig) -> ArrayData:
+    """The config's dataset, loaded once per process."""
+    options = dataset_options(config)
     key = (config.dataset, tuple(sorted((k, repr(v)) for k, v in options.items())))
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = data_module.load(config.dataset, **options)
@@ -358,7 +364,7 @@ class EvalSession:
                              nesterov=c.nesterov, channels_last=c.channels_last)
         datamodule = ProxyDataModule(c.dataset, batch_size=c.batch_size, seed=c.seed,
                                      val_batch_size=c.val_batch_size, steps_per_call=c.steps_per_call,
-                                     data=data)
+                                     data=data, **dataset_options(c))
         logger = make_logger(ev.logger, ev.log_dir, _log_name(self.label), arch) if ev.logger else False
         return _ArchRun(module, datamodule, ev.trainer(0, logger=logger))
 
