@@ -11,7 +11,9 @@ Staged (the quality filter's protocol: 100 steps, check, then the rest):
     result = session.result()
 
 Training runs through Lightning (`accelerator`, `devices`, `strategy`, `precision` are Lightning's
-own options). Two ways to use several devices:
+own options): per architecture one Trainer, one `ProxyModule` and one `ProxyDataModule`, with the
+divergence and timing callbacks; ``Evaluator(config, logger="csv")`` (or "tensorboard") writes
+learning curves to log_dir/<layer>/<architecture> (trainers/lit.py). Two ways to use several devices:
 - several candidates at once, one per device or CPU process: the search's workers
   (`opsearch search --workers N`, opsearch/engine.py), each with its own evaluator;
 - one evaluation spread over devices with DDP: ``EvalConfig(devices=2, strategy="ddp")``. Unless
@@ -171,13 +173,19 @@ class EvalResult:
 _DATA_CACHE: dict[tuple, ArrayData] = {}
 
 
-def load_data(config: EvalConfig) -> ArrayData:
-    """The config's dataset, loaded once per process."""
+def dataset_options(config: EvalConfig) -> dict:
+    """The options of the config's dataset reader (its own, plus data_dir / download)."""
     options = dict(config.dataset_options)
     if config.data_dir is not None:
         options["data_dir"] = config.data_dir
     if config.download:
         options["download"] = True
+    return options
+
+
+def load_data(config: EvalConfig) -> ArrayData:
+    """The config's dataset, loaded once per process."""
+    options = dataset_options(config)
     key = (config.dataset, tuple(sorted((k, repr(v)) for k, v in options.items())))
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = data_module.load(config.dataset, **options)
@@ -383,7 +391,7 @@ class EvalSession:
                              nesterov=c.nesterov, channels_last=c.channels_last)
         datamodule = ProxyDataModule(c.dataset, batch_size=c.batch_size, seed=c.seed,
                                      val_batch_size=c.val_batch_size, steps_per_call=c.steps_per_call,
-                                     data=data)
+                                     data=data, **dataset_options(c))
         logger = make_logger(ev.logger, ev.log_dir, _log_name(self.label), arch) if ev.logger else False
         return _ArchRun(module, datamodule, ev.trainer(0, logger=logger))
 
