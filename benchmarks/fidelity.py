@@ -44,8 +44,8 @@ KNOWN_LAYERS = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "re
 SETTINGS: dict[str, dict] = {
     "digits": {},  # the default search proxy
     "fashion_small8": {"dataset": "fashion_small", "dataset_options": {"image_size": 8}},
-    "digits_900": {"steps": 900},
     "fashion_small14": {"dataset": "fashion_small"},
+    "digits_900": {"steps": 900},
     "digits_w16": {"arch_options": {"width": 16}},
     "digits_b64": {"batch_size": 64},
     "fashion_small14_600": {"dataset": "fashion_small", "steps": 600},
@@ -116,9 +116,11 @@ def collect(args) -> None:
             rows.append({"trial": t.number, "formula": a["formula"], "graph": a["graph"],
                          "accuracies": accs, "mean": sum(accs.values()) / len(accs)})
         rows.sort(key=lambda r: -r["mean"])
-        # an even spread over the sorted scores: best, worst and evenly between
-        k = min(args.count, len(rows))
-        idx = sorted({round(i * (len(rows) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
+        if name in args.trials:  # chosen by hand (e.g. to skip a re-spelling of a known layer)
+            idx = [i for i, r in enumerate(rows) if r["trial"] in args.trials[name]]
+        else:  # an even spread over the sorted scores: best, worst and evenly between
+            k = min(args.count, len(rows))
+            idx = sorted({round(i * (len(rows) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
         for i in idx:
             r = rows[i]
             graph = r["graph"] if isinstance(r["graph"], dict) else json.loads(r["graph"])
@@ -174,17 +176,16 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
-def jobs_for(layers: dict[str, str], settings: list[str], custom: dict) -> list[tuple]:
-    """Reference (3 seeds) and the first setting for every layer, then each further setting for
-    every layer: a run cut short still compares complete settings."""
+def jobs_for(layers: dict[str, str], settings: list[str], custom: dict, first: int) -> list[tuple]:
+    """Per layer, the reference (3 seeds) and the `first` settings; then each further setting for
+    every layer: a run cut short still compares the main settings over the layers it reached."""
     order = interleave(list(layers))
     jobs = []
     for label in order:
         for seed in REFERENCE_SEEDS:
             jobs.append((label, layers[label], REFERENCE, seed, config_of(REFERENCE, custom)))
-        if settings:
-            jobs.append((label, layers[label], settings[0], 0, config_of(settings[0], custom)))
-    for s in settings[1:]:
+        jobs += [(label, layers[label], s, 0, config_of(s, custom)) for s in settings[:first]]
+    for s in settings[first:]:
         jobs += [(label, layers[label], s, 0, config_of(s, custom)) for label in order]
     return jobs
 
@@ -368,7 +369,7 @@ def run(args) -> None:
     settings = args.settings.split(",") if args.settings else list(SETTINGS) + list(custom)
     layers = layer_table(args.known.split(","), Path(args.found))
     path = Path(args.results)
-    run_jobs(jobs_for(layers, settings, custom), path, args.workers)
+    run_jobs(jobs_for(layers, settings, custom, args.first), path, args.workers)
     summary = summarize(read_results(path), list(layers))
     print_report(summary)
 
@@ -390,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study", action="append", required=True, help="study name (same order as --storage)")
     p.add_argument("--count", type=int, default=6, help="layers per study, spread over the scores")
     p.add_argument("--out", default=str(FOUND_DIR))
+    p.add_argument("--trials", action="append", default=[], metavar="STUDY=N,N,...",
+                   help="take these trials of a study instead of a spread over its scores")
     p.add_argument("--command-line", action="append", default=[], metavar="STUDY=COMMAND",
                    help="the search command of a study, recorded with its layers")
     p.set_defaults(func=collect)
@@ -407,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--layer", default="bn_relu")
         else:
             p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--first", type=int, default=3,
+                           help="settings run beside the reference, layer by layer (the rest follow)")
 
     p = sub.add_parser("report")
     p.add_argument("--results", default="fidelity.jsonl")
@@ -418,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(args.storage) != len(args.study):
             parser.error("give one --storage per --study")
         args.commands = dict(c.split("=", 1) for c in args.command_line)
+        args.trials = {k: {int(n) for n in v.split(",")} for k, v in (t.split("=", 1) for t in args.trials)}
     args.func(args)
 
 
