@@ -1,25 +1,36 @@
 """Fidelity of the search proxy: does its 1-seed ranking of layers predict a held-out ranking?
 
 The reference ranking is a genuinely different task trained longer: Fashion-MNIST's 60,000
-training images (validation: a fixed stratified hold-out of them) at 14x14, 3x the default
-proxy's steps, 3 seeds, scored by the mean accuracy over seeds and architectures. Each candidate
-proxy setting (steps, image size, width, batch size, dataset) scores every layer once (seed 0);
-its agreement with the reference is Spearman's rho and Kendall's tau over the layers, with a 95%
-bootstrap interval for rho, next to its cost in CPU seconds per evaluation (one torch thread,
-`time.process_time` of the evaluating process, all architectures).
+training images (validation: a fixed stratified hold-out of 3,000 of them), 3x the default
+proxy's steps (900), 3 seeds, scored by the mean accuracy over seeds and architectures. Its
+images are resized to 8x8 (the resolution the 2-core box affords; `REFERENCE_CONFIG`). No
+image of it is in `fashion_small`, which is drawn from Fashion-MNIST's test set.
 
-Layers: a set of known layers plus the graphs under benchmarks/found_layers/ (layers that real
-searches evaluated; each file records its search, seed and trial, see `collect`).
+Each candidate proxy setting (`SETTINGS`: steps, image size, width, batch size, dataset) scores
+every layer once (seed 0), as a search scores a candidate; its agreement with the reference is
+Spearman's rho and Kendall's tau over the layers (scipy.stats), with a 95% percentile bootstrap
+interval for rho (resampling layers), next to its cost in CPU seconds per evaluation (one torch
+thread, `time.process_time` of the evaluating process, summed over the architectures).
+"top half" repeats rho over the layers in the upper half of the reference ranking: a ranking
+of good layers among themselves, which the gap between normalised and unnormalised layers does
+not carry.
+
+Architectures train independently (each from its own seed), so the run goes architecture by
+architecture (resnet for every layer, then mobilenetv2, then efficientnet, then the further
+settings) and reports over the first one, the first two, and all three as results allow.
+
+Layers: known layers plus the graphs under benchmarks/found_layers/ (candidates that real
+searches evaluated; each file records its search, command, trial and search scores).
 
     # 1. store layers found by searches (graph JSON of our schema + where each came from)
-    python benchmarks/fidelity.py collect --storage sqlite:///runs/f1/study.db --study f1 ...
-    # 2. one evaluation (bn_relu) per setting: cost, to size the run
-    python benchmarks/fidelity.py plan
+    python benchmarks/fidelity.py collect --storage sqlite:///runs/f1/study.db --study f1 [--trials f1=3,7]
+    # 2. one evaluation (bn_relu) per setting: its cost, to size the run
+    python benchmarks/fidelity.py plan --results benchmarks/fidelity_results.jsonl
     # 3. the run: results are cached by (layer, setting, seed, config) in a JSON-lines file, so a
     #    re-run skips what is done and a partial run still reports
-    python benchmarks/fidelity.py run --results fidelity.jsonl --workers 2
-    # 4. the table (also printed at the end of `run`)
-    python benchmarks/fidelity.py report --results fidelity.jsonl [--json]
+    python benchmarks/fidelity.py run --results benchmarks/fidelity_results.jsonl --workers 2
+    # 4. the tables (also printed at the end of `run`)
+    python benchmarks/fidelity.py report --results benchmarks/fidelity_results.jsonl [--json]
 """
 from __future__ import annotations
 
@@ -53,13 +64,20 @@ SETTINGS: dict[str, dict] = {
 REFERENCE = "reference"
 REFERENCE_SEEDS = (0, 1, 2)
 REFERENCE_CONFIG = {"dataset": "fashion_mnist",
-                    "dataset_options": {"image_size": 14, "val_size": 3000},
+                    "dataset_options": {"image_size": 8, "val_size": 3000},
                     "steps": 900}
+ARCHS = ("resnet", "mobilenetv2", "efficientnet")
 
 
-def config_of(setting: str, custom: dict | None = None) -> dict:
+def config_of(setting: str, custom: dict | None = None, arch: str | None = None) -> dict:
+    """The setting's EvalConfig overrides; with `arch`, for that architecture alone (each
+    architecture trains independently, from its own seed, so a layer's score is the mean of its
+    per-architecture runs and a run can cover the architectures one after another)."""
     table = {**SETTINGS, REFERENCE: REFERENCE_CONFIG, **(custom or {})}
-    return {"accelerator": "cpu", "threads": 1, **table[setting]}
+    config = {"accelerator": "cpu", "threads": 1, **table[setting]}
+    if arch is not None:
+        config["archs"] = [arch]
+    return config
 
 
 def config_hash(config: dict) -> str:
@@ -159,7 +177,7 @@ def evaluate_one(layer_label: str, layer: str, setting: str, seed: int, config: 
     result = evaluator.evaluate(layer)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {"layer": layer_label, "setting": setting, "seed": seed, "config": config_hash(config),
-            "accuracies": result.accuracies, "mean": result.mean_accuracy,
+            "archs": list(result.accuracies), "accuracies": result.accuracies, "mean": result.mean_accuracy,
             "diverged": result.diverged, "cpu_s": cpu, "wall_s": wall}
 
 
@@ -176,17 +194,21 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
-def jobs_for(layers: dict[str, str], settings: list[str], custom: dict, first: int) -> list[tuple]:
-    """Per layer, the reference (3 seeds) and the `first` settings; then each further setting for
-    every layer: a run cut short still compares the main settings over the layers it reached."""
+def jobs_for(layers: dict[str, str], settings: list[str], custom: dict, first: int,
+             archs: list[str]) -> list[tuple]:
+    """Architecture by architecture: every layer's reference (3 seeds) and `first` settings on
+    archs[0], then on archs[1], ...; then the further settings. A run cut short still compares
+    the main settings over every layer, on the architectures it reached."""
     order = interleave(list(layers))
     jobs = []
-    for label in order:
-        for seed in REFERENCE_SEEDS:
-            jobs.append((label, layers[label], REFERENCE, seed, config_of(REFERENCE, custom)))
-        jobs += [(label, layers[label], s, 0, config_of(s, custom)) for s in settings[:first]]
+    for arch in archs:
+        for label in order:
+            for seed in REFERENCE_SEEDS:
+                jobs.append((label, layers[label], REFERENCE, seed, config_of(REFERENCE, custom, arch)))
+            jobs += [(label, layers[label], s, 0, config_of(s, custom, arch)) for s in settings[:first]]
     for s in settings[first:]:
-        jobs += [(label, layers[label], s, 0, config_of(s, custom)) for label in order]
+        for arch in archs:
+            jobs += [(label, layers[label], s, 0, config_of(s, custom, arch)) for label in order]
     return jobs
 
 
@@ -242,13 +264,37 @@ def agreement(x: list[float], y: list[float]) -> dict:
     return out
 
 
-def summarize(rows: list[dict], layers: list[str] | None = None) -> dict:
-    """Per setting: cost, and agreement of its seed-0 score with the reference's 3-seed mean."""
+def scores_by_key(rows: list[dict], archs: list[str], custom: dict | None = None) -> dict[tuple, dict]:
+    """(layer, setting, seed) -> {"mean": accuracy averaged over `archs`, "cpu_s": their summed
+    CPU seconds}, for the runs that cover every one of `archs` with the setting's current config."""
+    valid: dict[str, set] = {}
+    for setting in {r["setting"] for r in rows}:
+        if setting in SETTINGS or setting == REFERENCE or setting in (custom or {}):
+            valid[setting] = {config_hash(config_of(setting, custom))} | {
+                config_hash(config_of(setting, custom, a)) for a in ARCHS}
+    parts: dict[tuple, dict] = {}
+    for r in rows:
+        if r["config"] not in valid.get(r["setting"], ()):
+            continue  # made with an older definition of the setting
+        entry = parts.setdefault((r["layer"], r["setting"], r["seed"]), {})
+        for arch, acc in r["accuracies"].items():
+            entry[arch] = (acc, r["cpu_s"] / len(r["accuracies"]))
+    out = {}
+    for key, entry in parts.items():
+        if all(a in entry for a in archs):
+            out[key] = {"mean": sum(entry[a][0] for a in archs) / len(archs),
+                        "cpu_s": sum(entry[a][1] for a in archs)}
+    return out
+
+
+def summarize(rows: list[dict], layers: list[str] | None = None, archs: list[str] = ARCHS,
+              custom: dict | None = None) -> dict:
+    """Per setting: cost, and agreement of its seed-0 score with the reference's 3-seed mean,
+    both over the architectures `archs`."""
     import statistics
 
-    by: dict[tuple, dict] = {}
-    for r in rows:
-        by[(r["layer"], r["setting"], r["seed"])] = r
+    by = scores_by_key(rows, list(archs), custom)
+    rows = [{"layer": k[0], "setting": k[1], "seed": k[2]} for k in by]
     ref = {}
     for label in {r["layer"] for r in rows}:
         seeds = [by[(label, REFERENCE, s)]["mean"] for s in REFERENCE_SEEDS if (label, REFERENCE, s) in by]
@@ -284,7 +330,7 @@ def summarize(rows: list[dict], layers: list[str] | None = None) -> dict:
         table["reference seed 0 vs seeds 1-2"] = entry
     scores = {k: {"reference": ref[k], **{s: by[(k, s, 0)]["mean"] for s in settings if (k, s, 0) in by}}
               for k in sorted(ref, key=lambda k: -ref[k])}
-    return {"settings": table, "scores": scores, "reference_config": REFERENCE_CONFIG,
+    return {"archs": list(archs), "settings": table, "scores": scores, "reference_config": REFERENCE_CONFIG,
             "setting_configs": {s: SETTINGS.get(s) for s in settings}}
 
 
@@ -364,22 +410,32 @@ def plan(args) -> None:
           f"(from {args.layer}; weak layers that diverge stop early)")
 
 
+def report_all(rows: list[dict], layers: list[str] | None, custom: dict, as_json: bool) -> None:
+    """The tables over the first architecture, the first two, ... (as far as results go)."""
+    summaries = []
+    for n in range(1, len(ARCHS) + 1):
+        summary = summarize(rows, layers, ARCHS[:n], custom)
+        if summary["scores"]:
+            summaries.append(summary)
+    if as_json:
+        print(json.dumps(summaries, indent=1))
+        return
+    for summary in summaries:
+        print(f"\n### Architectures: {', '.join(summary['archs'])}\n")
+        print_report(summary)
+
+
 def run(args) -> None:
     custom = _custom(args)
     settings = args.settings.split(",") if args.settings else list(SETTINGS) + list(custom)
     layers = layer_table(args.known.split(","), Path(args.found))
     path = Path(args.results)
-    run_jobs(jobs_for(layers, settings, custom, args.first), path, args.workers)
-    summary = summarize(read_results(path), list(layers))
-    print_report(summary)
+    run_jobs(jobs_for(layers, settings, custom, args.first, args.archs.split(",")), path, args.workers)
+    report_all(read_results(path), list(layers), custom, False)
 
 
 def report(args) -> None:
-    summary = summarize(read_results(Path(args.results)))
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print_report(summary)
+    report_all(read_results(Path(args.results)), None, _custom(args), args.json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,12 +466,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--layer", default="bn_relu")
         else:
             p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--archs", default=",".join(ARCHS), help="in the order a run covers them")
             p.add_argument("--first", type=int, default=3,
                            help="settings run beside the reference, layer by layer (the rest follow)")
 
     p = sub.add_parser("report")
     p.add_argument("--results", default="fidelity.jsonl")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--setting", action="append", metavar="NAME=JSON", help="as given to run")
     p.set_defaults(func=report)
 
     args = parser.parse_args(argv)
