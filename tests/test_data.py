@@ -62,7 +62,7 @@ def test_bad_dataset_option_is_a_user_error():
 
 
 def test_registered_datasets():
-    assert {"digits", "fashion_mnist", "cifar10", "synthetic"} <= set(registry.datasets.names())
+    assert {"digits", "fashion_mnist", "fashion_small", "cifar10", "synthetic"} <= set(registry.datasets.names())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +177,52 @@ def test_debian_fashion_mnist_is_found_without_a_directory():
     resources.fashion_mnist_dir()  # skips, or fails under CI, when the package is missing
     d = data.load("fashion_mnist", validation="test", train_size=500, val_size=200)
     assert d.x_train.shape == (500, 1, 28, 28) and len(d.y_val) == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# fashion_small: Fashion-MNIST test images shipped with the package
+
+def test_fashion_small_ships_offline_balanced_and_small():
+    assert data.FASHION_SMALL_FILE.stat().st_size < 2_000_000
+    d = data.load("fashion_small")
+    assert d.x_train.shape == (4000, 1, 14, 14) and d.x_val.shape == (1000, 1, 14, 14)
+    assert np.bincount(d.y_train.numpy(), minlength=10).tolist() == [400] * 10
+    assert np.bincount(d.y_val.numpy(), minlength=10).tolist() == [100] * 10
+    assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
+    assert data.load("fashion_small", image_size=8).image_size == (8, 8)
+    assert len(data.load("fashion_small", train_size=1000).y_train) == 1000
+
+
+def test_fashion_small_missing_file_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_SMALL_FILE", tmp_path / "absent.npz")
+    with pytest.raises(UserError, match="fashion_small"):
+        data.load("fashion_small")
+
+
+def test_build_fashion_small_takes_test_images_per_class(tmp_path):
+    arrays = _write_fashion(tmp_path, n_test=60)
+    # constant images: image k of the test set is all k, so a pick is traceable after resizing
+    images = np.repeat(np.arange(60, dtype=np.uint8)[:, None, None], 28, 1).repeat(28, 2)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    data.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    out = data.build_fashion_small(tmp_path / "small.npz", data_dir=str(tmp_path), size=7, per_class=(3, 2))
+    again = data.build_fashion_small(tmp_path / "again.npz", data_dir=str(tmp_path), size=7, per_class=(3, 2))
+    with np.load(out) as f, np.load(again) as g:
+        assert all(np.array_equal(f[k], g[k]) for k in f.files)  # deterministic
+        assert f["x_train"].shape == (30, 1, 7, 7) and f["x_val"].shape == (20, 1, 7, 7)
+        picked = np.concatenate([f["x_train"][:, 0, 0, 0], f["x_val"][:, 0, 0, 0]])
+        labels = np.concatenate([f["y_train"], f["y_val"]])
+        assert len(set(picked.tolist())) == 50  # no image twice, train and validation disjoint
+        assert np.array_equal(labels, arrays["t10k-labels-idx1-ubyte"][picked])
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_shipped_fashion_small_is_rebuilt_exactly_from_the_test_set(tmp_path):
+    rebuilt = data.build_fashion_small(tmp_path / "small.npz")
+    with np.load(rebuilt) as f, np.load(data.FASHION_SMALL_FILE) as g:
+        assert sorted(f.files) == sorted(g.files)
+        assert all(np.array_equal(f[k], g[k]) for k in f.files)
 
 
 # ---------------------------------------------------------------------------------------------

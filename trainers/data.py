@@ -14,6 +14,8 @@ Built-ins:
   train/validation parts (80/20) with a fixed split seed; optionally upsampled (``image_size=16``).
 - ``fashion_mnist``: the standard IDX files (gzipped or raw) from a directory; Debian's
   ``dataset-fashion-mnist`` package is found automatically.
+- ``fashion_small``: 5,000 Fashion-MNIST test images at 14x14, shipped with the package
+  (offline, harder than digits; see `build_fashion_small`).
 - ``cifar10``: the standard python batches (``cifar-10-batches-py``) from a directory, read
   with an unpickler that only builds numpy arrays and plain containers, so a crafted file cannot
   run code; ``download=True`` fetches the official archive for users with a network.
@@ -429,6 +431,59 @@ def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
                    x_va.astype(np.float32) / 255.0, y_va, 10, image_size)
 
 
+# A subset of Fashion-MNIST's *test* images shipped with the package (Fashion-MNIST is MIT
+# licensed): an offline task harder than digits. `build_fashion_small` makes the file from the
+# IDX files, so it is reproducible; it never uses the 60,000 training images, which stay free
+# for a held-out reference (benchmarks/fidelity.py).
+FASHION_SMALL_FILE = Path(__file__).with_name("fashion_small.npz")
+FASHION_SMALL_SIZE = 14
+FASHION_SMALL_PER_CLASS = (400, 100)  # train, validation images per class
+
+
+@register_dataset("fashion_small")
+def fashion_small(*, image_size: int | None = None, train_size: int | None = None,
+                  data_dir: str | None = None, download: bool = False) -> ArrayData:
+    """5,000 Fashion-MNIST test images at 14x14 shipped with the package (4,000 train / 1,000
+    validation, stratified, 10 classes), offline; `image_size` resizes (8 for digits' cost)."""
+    if not FASHION_SMALL_FILE.is_file():
+        raise UserError(f"fashion_small: {FASHION_SMALL_FILE} is missing from the installation")
+    with np.load(FASHION_SMALL_FILE, allow_pickle=False) as f:
+        x_tr, y_tr, x_va, y_va = (f[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    x_tr, y_tr = _subset(x_tr, y_tr.astype(np.int64), train_size, SPLIT_SEED)
+    return _finish("fashion_small", x_tr.astype(np.float32) / 255.0, y_tr,
+                   x_va.astype(np.float32) / 255.0, y_va.astype(np.int64), 10, image_size)
+
+
+def build_fashion_small(out: str | os.PathLike = FASHION_SMALL_FILE, data_dir: str | None = None,
+                        size: int = FASHION_SMALL_SIZE,
+                        per_class: tuple[int, int] = FASHION_SMALL_PER_CLASS) -> Path:
+    """Write the fashion_small file: per class, `per_class` (train, val) images drawn with a fixed
+    seed from Fashion-MNIST's test set, resized (antialiased) to size x size, stored as uint8."""
+    dirs = _candidate_dirs(data_dir, ("fashion-mnist", "FashionMNIST/raw"), FASHION_MNIST_SEARCH_PATH)
+    files = _find_files({k: FASHION_MNIST_FILES[k] for k in ("test_images", "test_labels")}, dirs)
+    if files is None:
+        raise UserError("build_fashion_small: Fashion-MNIST's t10k files not found "
+                        f"in {', '.join(str(d) for d in dirs)}")
+    x, y = read_idx(files["test_images"]), read_idx(files["test_labels"]).astype(np.int64)
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, val = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        train.append(idx[:per_class[0]])
+        val.append(idx[per_class[0]:per_class[0] + per_class[1]])
+    train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+    def shrink(images: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(images[:, None].astype(np.float32))
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return t.round().clamp(0, 255).to(torch.uint8).numpy()
+
+    out = Path(out)
+    np.savez_compressed(out, x_train=shrink(x[train]), y_train=y[train].astype(np.uint8),
+                        x_val=shrink(x[val]), y_val=y[val].astype(np.uint8))
+    return out
+
+
 def _download_fashion_mnist(target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for stem in FASHION_MNIST_FILES.values():
@@ -553,4 +608,5 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 __all__ = ["ArrayData", "BatchStream", "GroupedBatches", "load", "read_idx", "read_cifar_batch", "write_idx",
-           "download_cifar10", "shard", "digits", "synthetic", "fashion_mnist", "cifar10"]
+           "download_cifar10", "shard", "digits", "synthetic", "fashion_mnist", "fashion_small",
+           "build_fashion_small", "cifar10"]

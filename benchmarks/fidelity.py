@@ -1,0 +1,489 @@
+"""Fidelity of the search proxy: does its 1-seed ranking of layers predict a held-out ranking?
+
+The reference ranking is a genuinely different task trained longer: Fashion-MNIST's 60,000
+training images (validation: a fixed stratified hold-out of 3,000 of them), 3x the default
+proxy's steps (900), 3 seeds, scored by the mean accuracy over seeds and architectures. Its
+images are resized to 8x8 (the resolution the 2-core box affords; `REFERENCE_CONFIG`). No
+image of it is in `fashion_small`, which is drawn from Fashion-MNIST's test set.
+
+Each candidate proxy setting (`SETTINGS`: steps, image size, width, batch size, dataset) scores
+every layer once (seed 0), as a search scores a candidate; its agreement with the reference is
+Spearman's rho and Kendall's tau over the layers (scipy.stats), with a 95% percentile bootstrap
+interval for rho (resampling layers), next to its cost in CPU seconds per evaluation (one torch
+thread, `time.process_time` of the evaluating process, summed over the architectures).
+"top half" repeats rho over the layers in the upper half of the reference ranking: a ranking
+of good layers among themselves, which the gap between normalised and unnormalised layers does
+not carry.
+
+Architectures train independently (each from its own seed), so the run goes architecture by
+architecture (resnet for every layer, then mobilenetv2, then efficientnet, then the further
+settings) and reports over the first one, the first two, and all three as results allow.
+
+Layers: known layers plus the graphs under benchmarks/found_layers/ (candidates that real
+searches evaluated; each file records its search, command, trial and search scores).
+
+    # 1. store layers found by searches (graph JSON of our schema + where each came from)
+    python benchmarks/fidelity.py collect --storage sqlite:///runs/f1/study.db --study f1 [--trials f1=3,7]
+    # 2. one evaluation (bn_relu) per setting: its cost, to size the run
+    python benchmarks/fidelity.py plan --results benchmarks/fidelity_results.jsonl
+    # 3. the run: results are cached by (layer, setting, seed, config) in a JSON-lines file, so a
+    #    re-run skips what is done and a partial run still reports
+    python benchmarks/fidelity.py run --results benchmarks/fidelity_results.jsonl --workers 2
+    # 4. the tables (also printed at the end of `run`)
+    python benchmarks/fidelity.py report --results benchmarks/fidelity_results.jsonl [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FOUND_DIR = HERE / "found_layers"
+
+KNOWN_LAYERS = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "relu_only", "identity")
+
+# Candidate proxies: EvalConfig overrides on top of the default (digits 8x8, width 8, 300 steps,
+# batch 32). Each is scored with one seed, as a search scores a candidate. Listed in the order a
+# run covers them (the first one for every layer together with the reference, then the others).
+SETTINGS: dict[str, dict] = {
+    "digits": {},  # the default search proxy
+    "fashion_small8": {"dataset": "fashion_small", "dataset_options": {"image_size": 8}},
+    "fashion_small14": {"dataset": "fashion_small"},
+    "digits_900": {"steps": 900},
+    "digits_w16": {"arch_options": {"width": 16}},
+    "digits_b64": {"batch_size": 64},
+    "fashion_small14_600": {"dataset": "fashion_small", "steps": 600},
+}
+REFERENCE = "reference"
+REFERENCE_SEEDS = (0, 1, 2)
+REFERENCE_CONFIG = {"dataset": "fashion_mnist",
+                    "dataset_options": {"image_size": 8, "val_size": 3000},
+                    "steps": 900}
+ARCHS = ("resnet", "mobilenetv2", "efficientnet")
+
+
+def config_of(setting: str, custom: dict | None = None, arch: str | None = None) -> dict:
+    """The setting's EvalConfig overrides; with `arch`, for that architecture alone (each
+    architecture trains independently, from its own seed, so a layer's score is the mean of its
+    per-architecture runs and a run can cover the architectures one after another)."""
+    table = {**SETTINGS, REFERENCE: REFERENCE_CONFIG, **(custom or {})}
+    config = {"accelerator": "cpu", "threads": 1, **table[setting]}
+    if arch is not None:
+        config["archs"] = [arch]
+    return config
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -- layers ----------------------------------------------------------------------------------
+
+def layer_table(known: list[str], found_dir: Path) -> dict[str, str]:
+    """label -> what the evaluator takes (a known name or a graph file's path)."""
+    table = {name: name for name in known}
+    for path in sorted(found_dir.glob("*.json")):
+        table[f"found/{path.stem}"] = str(path)
+    return table
+
+
+def interleave(labels: list[str]) -> list[str]:
+    """Known and found layers alternated, so that a partial run covers both kinds."""
+    known = [x for x in labels if not x.startswith("found/")]
+    found = [x for x in labels if x.startswith("found/")]
+    out = []
+    for i in range(max(len(known), len(found))):
+        out += known[i:i + 1] + found[i:i + 1]
+    return out
+
+
+def collect(args) -> None:
+    """Store evaluated candidates of finished searches as graph JSON files, with a spread of scores."""
+    import optuna
+
+    from opsearch import graph as graph_lib
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    picked: list[dict] = []
+    seen: set[str] = {json.loads(p.read_text())["formula"] for p in out.glob("*.json")}
+    for storage, name in zip(args.storage, args.study):
+        study = optuna.load_study(study_name=name, storage=storage)
+        search_config = study.user_attrs.get("config")
+        if isinstance(search_config, str):
+            search_config = json.loads(search_config)
+        rows = []
+        for t in study.get_trials(deepcopy=False):
+            a = t.user_attrs
+            if a.get("kind", "candidate") != "candidate" or a.get("verdict") != "evaluated":
+                continue
+            if a.get("formula") in seen or "graph" not in a:
+                continue
+            accs = {k[4:]: v for k, v in a.items() if k.startswith("acc/")}
+            if not accs:
+                continue
+            seen.add(a["formula"])
+            rows.append({"trial": t.number, "formula": a["formula"], "graph": a["graph"],
+                         "accuracies": accs, "mean": sum(accs.values()) / len(accs)})
+        rows.sort(key=lambda r: -r["mean"])
+        if name in args.trials:  # chosen by hand (e.g. to skip a re-spelling of a known layer)
+            idx = [i for i, r in enumerate(rows) if r["trial"] in args.trials[name]]
+        else:  # an even spread over the sorted scores: best, worst and evenly between
+            k = min(args.count, len(rows))
+            idx = sorted({round(i * (len(rows) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
+        for i in idx:
+            r = rows[i]
+            graph = r["graph"] if isinstance(r["graph"], dict) else json.loads(r["graph"])
+            graph_lib.plain_from_dict(graph)  # refuse anything that is not a graph of our schema
+            record = {"graph": graph, "formula": r["formula"],
+                      "source": {"study": name, "storage": storage, "trial": r["trial"],
+                                 "search_config": search_config,
+                                 "command": args.commands.get(name),
+                                 "search_accuracies": r["accuracies"], "search_mean": r["mean"]}}
+            path = out / f"{name}_t{r['trial']}.json"
+            path.write_text(json.dumps(record, indent=1) + "\n")
+            picked.append(record)
+            print(f"{path.name}: {r['mean']:.3f}  {r['formula']}")
+    print(f"{len(picked)} layers written to {out}")
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+_evaluators: dict = {}
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def evaluate_one(layer_label: str, layer: str, setting: str, seed: int, config: dict) -> dict:
+    from opsearch.trainers.evaluator import EvalConfig, Evaluator
+
+    key = (config_hash(config), seed)
+    if key not in _evaluators:
+        _evaluators[key] = Evaluator(EvalConfig.from_dict({**config, "seed": seed}))
+    evaluator = _evaluators[key]
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = evaluator.evaluate(layer)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"layer": layer_label, "setting": setting, "seed": seed, "config": config_hash(config),
+            "archs": list(result.accuracies), "accuracies": result.accuracies, "mean": result.mean_accuracy,
+            "diverged": result.diverged, "cpu_s": cpu, "wall_s": wall}
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: that job runs again
+                pass
+    return rows
+
+
+def jobs_for(layers: dict[str, str], settings: list[str], custom: dict, first: int,
+             archs: list[str]) -> list[tuple]:
+    """Architecture by architecture: every layer's reference (3 seeds) and `first` settings on
+    archs[0], then on archs[1], ...; then the further settings. A run cut short still compares
+    the main settings over every layer, on the architectures it reached."""
+    order = interleave(list(layers))
+    jobs = []
+    for arch in archs:
+        for label in order:
+            for seed in REFERENCE_SEEDS:
+                jobs.append((label, layers[label], REFERENCE, seed, config_of(REFERENCE, custom, arch)))
+            jobs += [(label, layers[label], s, 0, config_of(s, custom, arch)) for s in settings[:first]]
+    for s in settings[first:]:
+        for arch in archs:
+            jobs += [(label, layers[label], s, 0, config_of(s, custom, arch)) for label in order]
+    return jobs
+
+
+def run_jobs(jobs: list[tuple], results_path: Path, workers: int) -> None:
+    done = {(r["layer"], r["setting"], r["seed"], r["config"]) for r in read_results(results_path)}
+    todo = [j for j in jobs if (j[0], j[2], j[3], config_hash(j[4])) not in done]
+    print(f"# {len(jobs)} evaluations, {len(jobs) - len(todo)} cached, {len(todo)} to run "
+          f"on {workers} worker(s) x 1 thread", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool, \
+            open(results_path, "a") as out:
+        futures = {pool.submit(evaluate_one, *j): j for j in todo}
+        for n, future in enumerate(as_completed(futures), 1):
+            try:
+                r = future.result()
+            except Exception as e:  # one broken layer must not lose the others' results
+                j = futures[future]
+                print(f"FAILED {j[0]} {j[2]} seed {j[3]}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            out.write(json.dumps(r) + "\n")
+            out.flush()
+            print(f"[{n}/{len(todo)} {time.perf_counter() - start:.0f}s] {r['setting']:>20} seed {r['seed']} "
+                  f"{r['mean']:.3f} cpu {r['cpu_s']:.1f}s  {r['layer']}", file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+def agreement(x: list[float], y: list[float]) -> dict:
+    """Spearman rho (95% percentile bootstrap over layers), Kendall tau (scipy.stats)."""
+    import numpy as np
+    from scipy import stats
+
+    out = {"n": len(x), "spearman": math.nan, "spearman_p": math.nan, "spearman_ci": [math.nan, math.nan],
+           "kendall": math.nan, "kendall_p": math.nan}
+    if len(x) < 3:
+        return out
+    rho = stats.spearmanr(x, y)
+    tau = stats.kendalltau(x, y)
+    out.update(spearman=float(rho.statistic), spearman_p=float(rho.pvalue),
+               kendall=float(tau.statistic), kendall_p=float(tau.pvalue))
+    if len(x) >= 5:
+        def rho_of(a, b):
+            return stats.spearmanr(a, b).statistic
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ci = stats.bootstrap((np.asarray(x), np.asarray(y)), rho_of, paired=True, vectorized=False,
+                                     n_resamples=2000, method="percentile",
+                                     random_state=np.random.default_rng(0)).confidence_interval
+        out["spearman_ci"] = [float(ci.low), float(ci.high)]
+    return out
+
+
+def scores_by_key(rows: list[dict], archs: list[str], custom: dict | None = None) -> dict[tuple, dict]:
+    """(layer, setting, seed) -> {"mean": accuracy averaged over `archs`, "cpu_s": their summed
+    CPU seconds}, for the runs that cover every one of `archs` with the setting's current config."""
+    valid: dict[str, set] = {}
+    for setting in {r["setting"] for r in rows}:
+        if setting in SETTINGS or setting == REFERENCE or setting in (custom or {}):
+            valid[setting] = {config_hash(config_of(setting, custom))} | {
+                config_hash(config_of(setting, custom, a)) for a in ARCHS}
+    parts: dict[tuple, dict] = {}
+    for r in rows:
+        if r["config"] not in valid.get(r["setting"], ()):
+            continue  # made with an older definition of the setting
+        entry = parts.setdefault((r["layer"], r["setting"], r["seed"]), {})
+        for arch, acc in r["accuracies"].items():
+            entry[arch] = (acc, r["cpu_s"] / len(r["accuracies"]))
+    out = {}
+    for key, entry in parts.items():
+        if all(a in entry for a in archs):
+            out[key] = {"mean": sum(entry[a][0] for a in archs) / len(archs),
+                        "cpu_s": sum(entry[a][1] for a in archs)}
+    return out
+
+
+def summarize(rows: list[dict], layers: list[str] | None = None, archs: list[str] = ARCHS,
+              custom: dict | None = None) -> dict:
+    """Per setting: cost, and agreement of its seed-0 score with the reference's 3-seed mean,
+    both over the architectures `archs`."""
+    import statistics
+
+    by = scores_by_key(rows, list(archs), custom)
+    rows = [{"layer": k[0], "setting": k[1], "seed": k[2]} for k in by]
+    ref = {}
+    for label in {r["layer"] for r in rows}:
+        seeds = [by[(label, REFERENCE, s)]["mean"] for s in REFERENCE_SEEDS if (label, REFERENCE, s) in by]
+        if len(seeds) == len(REFERENCE_SEEDS):
+            ref[label] = statistics.fmean(seeds)
+    if layers is not None:
+        ref = {k: v for k, v in ref.items() if k in layers}
+    settings = sorted({r["setting"] for r in rows if r["setting"] != REFERENCE},
+                      key=lambda s: list(SETTINGS).index(s) if s in SETTINGS else len(SETTINGS))
+    median = statistics.median(ref.values()) if ref else math.nan
+    top = {k for k, v in ref.items() if v >= median}
+    table = {}
+    for s in settings:
+        labels = sorted(k for k in ref if (k, s, 0) in by)
+        x = [by[(k, s, 0)]["mean"] for k in labels]
+        y = [ref[k] for k in labels]
+        cost = statistics.fmean(by[(k, s, 0)]["cpu_s"] for k in labels) if labels else math.nan
+        entry = {"layers": len(labels), "cpu_s_per_eval": cost, **agreement(x, y),
+                 "top_half": agreement([by[(k, s, 0)]["mean"] for k in labels if k in top],
+                                       [ref[k] for k in labels if k in top])}
+        entry["spearman_per_cpu_s"] = entry["spearman"] / cost if cost else math.nan
+        table[s] = entry
+    # the reference's own noise: one reference seed against the mean of the other two
+    labels = sorted(ref)
+    if labels:
+        one = [by[(k, REFERENCE, 0)]["mean"] for k in labels]
+        rest = [statistics.fmean(by[(k, REFERENCE, s)]["mean"] for s in REFERENCE_SEEDS[1:]) for k in labels]
+        cost = statistics.fmean(by[(k, REFERENCE, s)]["cpu_s"] for k in labels for s in REFERENCE_SEEDS)
+        entry = {"layers": len(labels), "cpu_s_per_eval": cost, **agreement(one, rest),
+                 "top_half": agreement([o for k, o in zip(labels, one) if k in top],
+                                       [r for k, r in zip(labels, rest) if k in top])}
+        entry["spearman_per_cpu_s"] = entry["spearman"] / cost if cost else math.nan
+        table["reference seed 0 vs seeds 1-2"] = entry
+    scores = {k: {"reference": ref[k], **{s: by[(k, s, 0)]["mean"] for s in settings if (k, s, 0) in by}}
+              for k in sorted(ref, key=lambda k: -ref[k])}
+    return {"archs": list(archs), "settings": table, "scores": scores, "reference_config": REFERENCE_CONFIG,
+            "setting_configs": {s: SETTINGS.get(s) for s in settings}}
+
+
+def recommend(table: dict, goal: float = 0.8) -> str:
+    proxies = {s: e for s, e in table.items() if s in SETTINGS and not math.isnan(e["spearman"])}
+    if not proxies:
+        return "no setting has results yet"
+    reaching = {s: e for s, e in proxies.items() if e["spearman"] >= goal}
+    best_rate = max(proxies, key=lambda s: proxies[s]["spearman_per_cpu_s"])
+    lines = [f"best Spearman per CPU-second: {best_rate} "
+             f"(rho {proxies[best_rate]['spearman']:.2f}, {proxies[best_rate]['cpu_s_per_eval']:.1f} CPU-s)"]
+    if reaching:
+        cheapest = min(reaching, key=lambda s: reaching[s]["cpu_s_per_eval"])
+        lines.append(f"cheapest setting with Spearman >= {goal}: {cheapest} "
+                     f"(rho {reaching[cheapest]['spearman']:.2f}, {reaching[cheapest]['cpu_s_per_eval']:.1f} CPU-s)")
+    else:
+        best = max(proxies, key=lambda s: proxies[s]["spearman"])
+        lines.append(f"no setting reaches Spearman {goal}; the best is {best} (rho {proxies[best]['spearman']:.2f})")
+    return "\n".join(lines)
+
+
+def print_report(summary: dict) -> None:
+    def f(v, fmt=".2f"):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    print("| setting | layers | CPU s / eval | Spearman [95% CI] | Kendall | Spearman, top half | rho per CPU-s |")
+    print("|---|---|---|---|---|---|---|")
+    for s, e in summary["settings"].items():
+        lo, hi = e["spearman_ci"]
+        print(f"| {s} | {e['layers']} | {f(e['cpu_s_per_eval'], '.1f')} | {f(e['spearman'])} [{f(lo)}, {f(hi)}] "
+              f"| {f(e['kendall'])} | {f(e['top_half']['spearman'])} (n={e['top_half']['n']}) "
+              f"| {f(e['spearman_per_cpu_s'], '.3f')} |")
+    print()
+    names = [s for s in next(iter(summary["scores"].values()), {}) if s != "reference"]
+    print("| layer | reference (3 seeds) | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for k, v in summary["scores"].items():
+        print(f"| {k} | {v['reference']:.3f} | " + " | ".join(f(v.get(s), ".3f") for s in names) + " |")
+    print()
+    print(recommend(summary["settings"]))
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def _custom(args) -> dict:
+    custom = {}
+    for item in args.setting or []:
+        name, _, value = item.partition("=")
+        try:
+            custom[name] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"fidelity: --setting {name}: not JSON: {e}")
+    return custom
+
+
+def plan(args) -> None:
+    custom = _custom(args)
+    settings = args.settings.split(",") if args.settings else list(SETTINGS) + list(custom)
+    layers = layer_table(args.known.split(","), Path(args.found))
+    per_layer = 0.0
+    print("| setting | seeds | bn_relu CPU s | bn_relu mean acc |")
+    print("|---|---|---|---|")
+    _init_worker()
+    path = Path(args.results)
+    cached = {(r["layer"], r["setting"], r["seed"], r["config"]): r for r in read_results(path)}
+    for s in [REFERENCE] + settings:
+        config = config_of(s, custom)
+        r = cached.get((args.layer, s, 0, config_hash(config)))
+        if r is None:  # kept in the results file: the run then skips it
+            r = evaluate_one(args.layer, args.layer, s, 0, config)
+            with open(path, "a") as out:
+                out.write(json.dumps(r) + "\n")
+        seeds = len(REFERENCE_SEEDS) if s == REFERENCE else 1
+        per_layer += seeds * r["cpu_s"]
+        print(f"| {s} | {seeds} | {r['cpu_s']:.1f} | {r['mean']:.3f} |", flush=True)
+    print(f"\n{len(layers)} layers x {per_layer:.0f} CPU s = {len(layers) * per_layer / 60:.0f} CPU-minutes "
+          f"(from {args.layer}; weak layers that diverge stop early)")
+
+
+def report_all(rows: list[dict], layers: list[str] | None, custom: dict, as_json: bool) -> None:
+    """The tables over the first architecture, the first two, ... (as far as results go)."""
+    summaries = []
+    for n in range(1, len(ARCHS) + 1):
+        summary = summarize(rows, layers, ARCHS[:n], custom)
+        if summary["scores"]:
+            summaries.append(summary)
+    if as_json:
+        print(json.dumps(summaries, indent=1))
+        return
+    for summary in summaries:
+        print(f"\n### Architectures: {', '.join(summary['archs'])}\n")
+        print_report(summary)
+
+
+def run(args) -> None:
+    custom = _custom(args)
+    settings = args.settings.split(",") if args.settings else list(SETTINGS) + list(custom)
+    layers = layer_table(args.known.split(","), Path(args.found))
+    path = Path(args.results)
+    run_jobs(jobs_for(layers, settings, custom, args.first, args.archs.split(",")), path, args.workers)
+    report_all(read_results(path), list(layers), custom, False)
+
+
+def report(args) -> None:
+    report_all(read_results(Path(args.results)), None, _custom(args), args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("collect", help="store evaluated candidates of searches as graph JSON")
+    p.add_argument("--storage", action="append", required=True, help="Optuna storage URL (repeat per study)")
+    p.add_argument("--study", action="append", required=True, help="study name (same order as --storage)")
+    p.add_argument("--count", type=int, default=6, help="layers per study, spread over the scores")
+    p.add_argument("--out", default=str(FOUND_DIR))
+    p.add_argument("--trials", action="append", default=[], metavar="STUDY=N,N,...",
+                   help="take these trials of a study instead of a spread over its scores")
+    p.add_argument("--command-line", action="append", default=[], metavar="STUDY=COMMAND",
+                   help="the search command of a study, recorded with its layers")
+    p.set_defaults(func=collect)
+
+    for name, func in (("plan", plan), ("run", run)):
+        p = sub.add_parser(name)
+        p.add_argument("--known", default=",".join(KNOWN_LAYERS))
+        p.add_argument("--found", default=str(FOUND_DIR))
+        p.add_argument("--settings", default=None, help="comma-separated (default: all)")
+        p.add_argument("--setting", action="append", metavar="NAME=JSON",
+                       help="an extra setting: EvalConfig overrides as JSON")
+        p.set_defaults(func=func)
+        p.add_argument("--results", default="fidelity.jsonl")
+        if name == "plan":
+            p.add_argument("--layer", default="bn_relu")
+        else:
+            p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--archs", default=",".join(ARCHS), help="in the order a run covers them")
+            p.add_argument("--first", type=int, default=3,
+                           help="settings run beside the reference, layer by layer (the rest follow)")
+
+    p = sub.add_parser("report")
+    p.add_argument("--results", default="fidelity.jsonl")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--setting", action="append", metavar="NAME=JSON", help="as given to run")
+    p.set_defaults(func=report)
+
+    args = parser.parse_args(argv)
+    if args.command == "collect":
+        if len(args.storage) != len(args.study):
+            parser.error("give one --storage per --study")
+        args.commands = dict(c.split("=", 1) for c in args.command_line)
+        args.trials = {k: {int(n) for n in v.split(",")} for k, v in (t.split("=", 1) for t in args.trials)}
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
