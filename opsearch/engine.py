@@ -194,6 +194,7 @@ class Worker:
         self._last_reap = 0.0
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
+        self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
 
     def _others_running(self) -> bool:
         self.run.sync()
@@ -207,6 +208,7 @@ class Worker:
 
         self.run.sync()
         finished = [r for r in self.run.trials() if r.state.is_finished()]
+        self._fed = {r.trial_id for r in finished}
         self.context.equivalence = EquivalenceCache.from_trials(
             [_AttrView(r) for r in finished if r.kind == "candidate"])
         history = [(g, self._objectives(r)) for r in finished
@@ -239,8 +241,11 @@ class Worker:
         return tuple(record.values) if record.state == TrialState.COMPLETE and record.values else None
 
     def _absorb(self, records: list[TrialRecord]) -> None:
-        """Feed back trials other workers finished since the last sync."""
+        """Feed back trials other workers finished since the last sync (each trial once)."""
         for r in records:
+            if r.trial_id in self._fed:
+                continue
+            self._fed.add(r.trial_id)
             genome = self._history_genome(r)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r))
@@ -267,6 +272,7 @@ class Worker:
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
             done += 1
+            self._fed.add(record.trial_id)
             genome = self._history_genome(record)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(record))
@@ -281,8 +287,13 @@ class Worker:
         now = time.time()
         if force or now - self._last_reap > min(self.config.heartbeat_s, 30.0):
             self._last_reap = now
-            self.run.sync()
+            self._absorb(self.run.sync())
             self.run.reap_lost(self.config.grace_s)
+            # reap_lost reads trials that finished meanwhile without reporting them: feed back
+            # whatever finished and was not fed yet (else other workers' results are lost to
+            # this worker's algorithm)
+            self._absorb([r for r in self.run.trials()
+                          if r.state.is_finished() and r.trial_id not in self._fed])
 
     def _new_candidate(self) -> TrialRecord | None:
         with self.lock:
