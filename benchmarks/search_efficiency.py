@@ -181,6 +181,216 @@ def parse_options(text: str) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Engine mode: the real search (filters + Lightning trainer on the default proxy), 2 workers
+
+
+def _engine_worker(config_dict: dict, index: int, lock, stop, cpu, target, log_path: str,
+                   cpu_cap: float) -> None:
+    """One engine worker (a real `opsearch.engine.Worker`) that logs every finished trial.
+
+    Each log line carries the time, this worker's CPU seconds and the CPU seconds of all workers
+    (a sampler thread keeps `cpu[i]` fresh every 0.25 s), all counted from the moment the worker
+    starts working (imports and setup excluded: they are the same for every algorithm).
+    """
+    import signal
+    import threading
+
+    from opsearch.config import SearchConfig
+    from opsearch.engine import Setup, Worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    config = SearchConfig.from_dict(config_dict)
+    setup = Setup.from_config(config)
+    worker = Worker(setup, lock=lock, worker_index=index)
+    cpu0 = time.process_time()
+
+    def sample() -> None:
+        while True:
+            cpu[index] = time.process_time() - cpu0
+            time.sleep(0.25)
+
+    threading.Thread(target=sample, daemon=True).start()
+    log = open(log_path, "a", buffering=1)
+
+    def on_result(record, outcome) -> None:
+        cpu[index] = time.process_time() - cpu0
+        values = list(record.values) if record.values else None
+        score = sum(values) / len(values) if values else None
+        if record.kind == "baseline" and record.user_attrs.get("layer") == "evonorm_b0" and score:
+            target.value = score
+        log.write(json.dumps({"t": time.time(), "worker": index, "number": record.number,
+                              "kind": record.kind, "layer": record.user_attrs.get("layer"),
+                              "verdict": record.user_attrs.get("verdict"), "values": values,
+                              "score": score, "formula": record.user_attrs.get("formula"),
+                              "cpu_total": sum(cpu[:])}) + "\n")
+        if record.kind == "candidate" and score is not None and target.value > 0 and score >= target.value:
+            stop.set()  # the hardest threshold is reached: the parent ends the run
+        if sum(cpu[:]) >= cpu_cap:
+            stop.set()
+
+    worker.on_result = on_result
+    worker.run_loop()
+    stop.set()  # budget reached
+
+
+def engine_run(algorithm: str, seed: int, budget: int, cpu_cap: float, workdir: str,
+               evaluator: dict, options: dict, archs: list[str] | None = None) -> dict:
+    """One search with the real engine; returns the log of finished trials."""
+    import multiprocessing
+    import os
+
+    from opsearch.config import SearchConfig
+    from opsearch.engine import Setup, enqueue_baselines
+
+    name = f"{algorithm}-s{seed}"
+    url = f"sqlite:///{os.path.join(workdir, name + '.db')}"
+    config = SearchConfig(name=name, storage=url, algorithm=algorithm, algorithm_options=options,
+                          seed=seed, budget=budget, workers=2, evaluator=evaluator, plots=False,
+                          **({"archs": archs} if archs else {}))
+    setup = Setup.from_config(config)
+    run = setup.open_run()
+    enqueue_baselines(run, setup)
+    log_path = os.path.join(workdir, name + ".jsonl")
+    ctx = multiprocessing.get_context("spawn")
+    lock, stop = ctx.Lock(), ctx.Event()
+    cpu = ctx.Array("d", 2, lock=False)
+    target = ctx.Value("d", 0.0, lock=False)
+    start = time.time()
+    procs = [ctx.Process(target=_engine_worker, args=(config.to_dict(), i, lock, stop, cpu, target,
+                                                      log_path, cpu_cap)) for i in range(2)]
+    for p in procs:
+        p.start()
+    while not stop.is_set() and any(p.is_alive() for p in procs):
+        stop.wait(0.5)
+    for p in procs:  # a worker mid-evaluation is not waited for: its candidate does not count
+        if p.is_alive():
+            p.terminate()
+        p.join()
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    return {"algorithm": algorithm, "seed": seed, "wall_s": time.time() - start, "log": log}
+
+
+def engine_crossings(result: dict, thresholds: list[float]) -> dict:
+    """Per threshold (a number, or 'evonorm_b0' = that baseline's score in this run): candidates
+    proposed, candidates trained (verdict evaluated) and CPU seconds of both workers when a
+    candidate's mean accuracy first reached it; None if never."""
+    log = sorted(result["log"], key=lambda e: e["t"])
+    b0 = next((e["score"] for e in log if e["layer"] == "evonorm_b0" and e["score"]), None)
+    out: dict = {"evonorm_b0_score": b0}
+    for t in thresholds + ["evonorm_b0"]:
+        level = b0 if t == "evonorm_b0" else t
+        proposals = trained = 0
+        hit = None
+        for e in log:
+            if e["kind"] != "candidate":
+                continue
+            proposals += 1
+            trained += e["verdict"] == "evaluated"
+            if level is not None and e["score"] is not None and e["score"] >= level:
+                hit = {"proposals": proposals, "evaluations": trained, "cpu_s": e["cpu_total"],
+                       "formula": e["formula"], "score": e["score"]}
+                break
+        out[str(t)] = hit
+    cands = [e for e in log if e["kind"] == "candidate"]
+    out["total"] = {"proposals": len(cands), "evaluations": sum(e["verdict"] == "evaluated" for e in cands),
+                    "cpu_s": max((e["cpu_total"] for e in log), default=0.0),
+                    "best": max((e["score"] for e in cands if e["score"] is not None), default=None)}
+    return out
+
+
+def _bootstrap_ratio(a: list[float], b: list[float], reps: int = 2000, seed: int = 0):
+    """95% percentile-bootstrap interval of median(a) / median(b) (runs resampled per side)."""
+    import random
+
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(a, k=len(a))) / max(statistics.median(rng.choices(b, k=len(b))), 1e-9)
+                    for _ in range(reps))
+    return ratios[int(0.025 * reps)], ratios[int(0.975 * reps) - 1]
+
+
+def engine_report(results: list[dict], thresholds: list[float], names: list[str]) -> None:
+    rows = {(r["algorithm"], r["seed"]): engine_crossings(r, thresholds) for r in results}
+    for t in [str(x) for x in thresholds] + ["evonorm_b0"]:
+        print(f"\nThreshold {t} (mean validation accuracy over the architectures):\n")
+        print("| algorithm | reached | median evaluations | per-seed evaluations | median CPU s "
+              "| per-seed CPU s | ratio of median evaluations to random | 95% bootstrap |")
+        print("|---|---|---|---|---|---|---|---|")
+        per: dict = {}
+        for name in names:
+            seeds = sorted(s for a, s in rows if a == name)
+            ev, cpu, marks = [], [], []
+            for s in seeds:
+                c = rows[(name, s)]
+                hit = c[t]
+                ev.append(hit["evaluations"] if hit else c["total"]["evaluations"])
+                cpu.append(hit["cpu_s"] if hit else c["total"]["cpu_s"])
+                marks.append("" if hit else "+")
+            per[name] = (ev, cpu, marks)
+        base = per.get("random")
+        for name, (ev, cpu, marks) in per.items():
+            if not ev:
+                continue
+            reached = sum(m == "" for m in marks)
+            ratio = ci = "-"
+            if base and base[0] and name != "random":
+                ratio = f"{statistics.median(ev) / max(statistics.median(base[0]), 1e-9):.3f}"
+                if any(base[2]):
+                    ratio = "<= " + ratio if not any(marks) else ratio + " (both censored)"
+                lo, hi = _bootstrap_ratio(ev, base[0])
+                ci = f"{lo:.2f}-{hi:.2f}"
+            print(f"| {name} | {reached}/{len(ev)} | {statistics.median(ev):g}"
+                  f"{'+' if reached < len(ev) else ''} | "
+                  f"{', '.join(f'{e}{m}' for e, m in zip(ev, marks))} | {statistics.median(cpu):.0f} | "
+                  f"{', '.join(f'{c:.0f}{m}' for c, m in zip(cpu, marks))} | {ratio} | {ci} |")
+    b0 = [rows[k]["evonorm_b0_score"] for k in rows if rows[k]["evonorm_b0_score"]]
+    if b0:
+        print(f"\nevonorm_b0's score per run: {', '.join(f'{v:.4f}' for v in b0)}")
+
+
+def engine_main(args, names: list[str], thresholds: list[float]) -> int:
+    """Run every (algorithm, seed) in sequence, appending each result to --json as it ends."""
+    import os
+    import tempfile
+
+    evaluator = {}
+    if args.steps:
+        evaluator["steps"] = args.steps
+    options = parse_options(args.options)
+    results: list[dict] = []
+    if args.json and os.path.exists(args.json) and args.resume:
+        with open(args.json) as f:
+            results = json.load(f)["runs"]
+    done = {(r["algorithm"], r["seed"]) for r in results}
+    workdir = args.workdir or tempfile.mkdtemp(prefix="opsearch-efficiency-")
+    os.makedirs(workdir, exist_ok=True)
+    # interleave algorithms so that a run cut short still has every algorithm at the first seeds
+    for seed in range(args.seeds):
+        for name in names:
+            if (name, seed) in done:
+                continue
+            r = engine_run(name, seed, args.budget, args.cpu_cap, workdir, evaluator, options.get(name, {}),
+                           args.archs.split(",") if args.archs else None)
+            results.append(r)
+            c = engine_crossings(r, thresholds)
+            summary = ", ".join(f"{t}: {c[str(t)]['evaluations'] if c[str(t)] else '-'}"
+                                for t in thresholds + ["evonorm_b0"])
+            print(f"{name:24s} seed {seed}: evaluations to reach {{{summary}}}; "
+                  f"{c['total']['proposals']} proposals, {c['total']['evaluations']} trained, "
+                  f"{c['total']['cpu_s']:.0f} CPU s, {r['wall_s']:.0f} s wall, best {c['total']['best']}",
+                  file=sys.stderr, flush=True)
+            if args.json:
+                tmp = args.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"mode": "engine", "budget": args.budget, "cpu_cap": args.cpu_cap,
+                               "steps": args.steps, "archs": args.archs, "thresholds": thresholds, "runs": results}, f)
+                os.replace(tmp, args.json)
+    engine_report(results, thresholds, names)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--algorithms", default="regularized_evolution,pareto_evolution,nsga2,random")
@@ -195,7 +405,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-evals", type=int, default=10000, help="give up after this many evaluations")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (results identical)")
     p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON")
+    p.add_argument("--mode", choices=("surrogate", "engine"), default="surrogate",
+                   help="surrogate: the functional proxy above; engine: real searches (filters and "
+                        "training on the default proxy, 2 workers), thresholds in mean accuracy")
+    p.add_argument("--budget", type=int, default=400, help="engine mode: candidates per run at most")
+    p.add_argument("--cpu-cap", type=float, default=600.0,
+                   help="engine mode: stop a run after this many CPU seconds of its two workers")
+    p.add_argument("--steps", type=int, default=None, help="engine mode: training steps (default: "
+                   "the evaluator's, 300)")
+    p.add_argument("--archs", default=None, help="engine mode: proxy architectures (default: the "
+                   "search default, resnet,mobilenetv2,efficientnet)")
+    p.add_argument("--workdir", default=None, help="engine mode: keep the studies and logs here")
+    p.add_argument("--resume", action="store_true", help="engine mode: keep the runs already in --json")
     args = p.parse_args(argv)
+    if args.mode == "engine":
+        names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
+        thresholds = sorted(float(t) for t in args.thresholds.split(","))
+        return engine_main(args, names, thresholds)
 
     torch.set_num_threads(1)
     thresholds = sorted(float(t) for t in args.thresholds.split(","))

@@ -181,6 +181,7 @@ class Worker:
         self._rerank_evaluators: dict[tuple[str, int], Any] = {}
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
+        self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
 
     def _others_running(self) -> bool:
         self.run.sync()
@@ -194,6 +195,7 @@ class Worker:
 
         self.run.sync()
         finished = [r for r in self.run.trials() if r.state.is_finished()]
+        self._fed = {r.trial_id for r in finished}
         self.context.equivalence = EquivalenceCache.from_trials(
             [r for r in finished if r.kind in _CACHED_KINDS])
         history = [(g, self._objectives(r)) for r in finished
@@ -226,8 +228,11 @@ class Worker:
         return tuple(record.values) if record.state == TrialState.COMPLETE and record.values else None
 
     def _absorb(self, records: list[TrialRecord]) -> None:
-        """Feed back trials other workers finished since the last sync."""
+        """Feed back trials other workers finished since the last sync (each trial once)."""
         for r in records:
+            if r.trial_id in self._fed:
+                continue
+            self._fed.add(r.trial_id)
             genome = self._history_genome(r)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r))
@@ -268,6 +273,7 @@ class Worker:
             if not self.run.finish_trial(record, outcome.state, outcome.values, outcome.attrs):
                 continue  # reaped as lost meanwhile; its requeued copy carries on
             done += 1
+            self._fed.add(record.trial_id)
             genome = self._history_genome(record)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(record))
@@ -303,6 +309,11 @@ class Worker:
             self._last_reap = now
             self._absorb(self.run.sync())  # what others finished feeds the algorithm too
             self.run.reap_lost(self.config.grace_s, me=self.identity)
+            # reap_lost reads trials that finished meanwhile without reporting them: feed back
+            # whatever finished and was not fed yet (else other workers' results are lost to
+            # this worker's algorithm)
+            self._absorb([r for r in self.run.trials()
+                          if r.state.is_finished() and r.trial_id not in self._fed])
 
     def _release(self, record: TrialRecord, error: BaseException) -> None:
         try:

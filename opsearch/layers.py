@@ -102,13 +102,20 @@ def _check_options(options: dict) -> dict:
     return {"eps": DEFAULT_EPS, "groups": DEFAULT_GROUPS, "momentum": DEFAULT_MOMENTUM, **options}
 
 
-def build(name_or_graph: Any, num_channels: int, **options) -> nn.Module:
+def build(name_or_graph: Any, num_channels: int, *, compile: bool = False, **options) -> nn.Module:
     """Compiled layer for C = num_channels; options: eps, groups, momentum.
 
+    compile=True: forward and backward run through torch.compile (inductor), with the same
+    parameters and state-dict keys; where the compiler cannot run, the plain forward, with one
+    warning (see opsearch.torch_compile).
     Raises UserError for an unknown name or a bad file, InvalidCandidate for a graph that cannot
     be a layer.
     """
-    return compile_graph(resolve(name_or_graph), num_channels, **_check_options(options))
+    layer = compile_graph(resolve(name_or_graph), num_channels, **_check_options(options))
+    if compile:
+        from opsearch.torch_compile import torch_compiled
+        layer = torch_compiled(layer)
+    return layer
 
 
 class NormActFactory:

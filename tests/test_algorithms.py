@@ -242,3 +242,30 @@ def test_feedback_rejects_foreign_genomes_and_wrong_objective_counts(space):
     genome = a.propose()
     a.feedback(genome, (float("nan"), 1.0))  # unrankable: counts as a rejection
     assert a.num_rejected == 1 and a.population == []
+
+
+def test_nsga2_fast_sampling_proposes_what_optuna_study_ask_would():
+    """nsga2 calls NSGAIISampler's sampling steps directly; Optuna's own study.ask on the same
+    generation study, with the same RNG seeds, must give the same parameters, through several
+    generations, rejections included, and with a single-choice gene (sampled independently)."""
+    space = SearchSpace(LayerGraph(nodes=[
+        Node(op=pg.oneof(OPS), inputs=pg.manyof(2, list(range(4 + i)), distinct=False, sorted=False))
+        for i in range(4)] + [Node(op=pg.oneof(["mul"]), inputs=[0, 7])]), name="toy1")
+    assert 1 in space.gene_sizes
+    fast = create_algorithm("nsga2", space, 2, seed=5, population_size=6)
+    slow = create_algorithm("nsga2", space, 2, seed=5, population_size=6)
+    compared = 0
+    for step in range(200):
+        rng_fast = random.Random(f"check:{step}")
+        rng_slow = random.Random(f"check:{step}")
+        study, sampler = fast._study_for_generation()
+        sampler._rng.rng.seed(rng_fast.getrandbits(32))
+        sampler._random_sampler._rng.rng.seed(rng_fast.getrandbits(32))
+        assert fast._sample(study, sampler) == slow._ask_via_study(rng_slow)
+        compared += 1
+        genome = fast.propose()
+        assert slow.propose() == genome
+        objectives = toy_objectives(space, genome)
+        fast.feedback(genome, objectives)
+        slow.feedback(genome, objectives)
+    assert fast.generation >= 3 and compared == 200

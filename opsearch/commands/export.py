@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", default=None, metavar="FILE.py", help="write here (default: stdout)")
     p.add_argument("--class-name", default="SearchedLayer", metavar="NAME",
                    help="name of the nn.Module class (default SearchedLayer)")
+    p.add_argument("--compile", action="store_true",
+                   help="the class runs through torch.compile (inductor), falling back to plain "
+                        "PyTorch with one warning where the compiler cannot run")
     p.set_defaults(func=run)
 
 
@@ -101,7 +104,8 @@ def run(args) -> int:
     archs = report.archs_of(trials, attrs)
     trial = select_trial(trials, archs, args.trial)
     g = trial_graph(trial)
-    source = export_source(g, class_name=args.class_name, **layer_options(attrs))
+    source = export_source(g, class_name=args.class_name, torch_compile=getattr(args, "compile", False),
+                           **layer_options(attrs))
     accs = report.accuracies(trial, archs)
     from opsearch import graph
 
