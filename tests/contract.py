@@ -27,7 +27,7 @@ def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterabl
         assert t.state.is_finished(), (t.number, t.state)
         attrs = t.user_attrs
         kind, verdict = attrs.get("kind"), attrs.get("verdict")
-        assert kind in ("candidate", "baseline"), (t.number, kind)
+        assert kind in ("candidate", "baseline", "rerank"), (t.number, kind)
         assert isinstance(verdict, str), (t.number, attrs)
         assert isinstance(attrs.get("formula"), str) and attrs["formula"], (t.number, attrs)
         graph.plain_from_dict(json.loads(attrs["graph"]))  # our schema
@@ -36,6 +36,12 @@ def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterabl
         counts[f"{kind}:{category}"] = counts.get(f"{kind}:{category}", 0) + 1
         if kind == "baseline":
             assert verdict == "evaluated", (t.number, attrs.get("layer"), verdict, attrs.get("reason"))
+        if kind == "rerank":  # a held-out evaluation of an earlier evaluated trial, one seed
+            assert isinstance(attrs.get("stage"), str) and isinstance(attrs.get("seed"), int)
+            of = by_number[attrs["of_trial"]]
+            assert of.number < t.number and of.user_attrs.get("kind") in ("candidate", "baseline")
+            assert of.user_attrs.get("verdict") == "evaluated", (t.number, of.number)
+            assert attrs.get("graph") == of.user_attrs.get("graph") or attrs.get("layer")
         if verdict == "evaluated":
             assert t.state == TrialState.COMPLETE, (t.number, t.state)
             _check_accuracies(t, archs)
