@@ -265,8 +265,9 @@ class Worker:
             self._maybe_reap()
             # a requeued candidate first; else a new one (which syncs with the study under the
             # lock); at the budget, one more look for candidates that sync just revealed
-            record = (self.run.pop_waiting(self.identity) or self._new_candidate()
-                      or self.run.pop_waiting(self.identity) or self._next_rerank())
+            skip = () if self.setup.rerank is not None else ("rerank",)  # --no-rerank: leave them
+            record = (self.run.pop_waiting(self.identity, skip) or self._new_candidate()
+                      or self.run.pop_waiting(self.identity, skip) or self._next_rerank())
             if record is None:
                 break
             outcome = self.process(record)
