@@ -253,8 +253,9 @@ class Worker:
             self._maybe_reap()
             # a requeued candidate first; else a new one (which syncs with the study under the
             # lock); at the budget, one more look for candidates that sync just revealed
-            record = (self.run.pop_waiting(self.identity) or self._new_candidate()
-                      or self.run.pop_waiting(self.identity) or self._next_rerank())
+            skip = () if self.setup.rerank is not None else ("rerank",)  # --no-rerank: leave them
+            record = (self.run.pop_waiting(self.identity, skip) or self._new_candidate()
+                      or self.run.pop_waiting(self.identity, skip) or self._next_rerank())
             if record is None:
                 # At the budget. Candidates still held by other workers may yet be lost (a
                 # killed job, a preempted node): wait for them to finish or to come back

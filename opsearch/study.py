@@ -487,10 +487,13 @@ class Run:
         self._remember(TrialRecord(number, trial_id, TrialState.WAITING, None, dict(user_attrs), {}))
         return trial_id
 
-    def pop_waiting(self, worker: WorkerId) -> TrialRecord | None:
-        """Take a WAITING trial (a requeued candidate, a baseline) known since the last sync."""
+    def pop_waiting(self, worker: WorkerId, skip_kinds: Sequence[str] = ()) -> TrialRecord | None:
+        """Take a WAITING trial (a requeued candidate, a baseline) known since the last sync;
+        trials of `skip_kinds` stay waiting (rerank items when the stage is switched off)."""
         for trial_id in sorted(self._waiting):
             record = self._trials[trial_id]
+            if record.kind in skip_kinds:
+                continue
             try:
                 owned = self.storage.set_trial_state_values(record.trial_id, TrialState.RUNNING)
             except optuna.exceptions.UpdateFinishedTrialError:

@@ -26,7 +26,8 @@ def tiny(tmp_path, **overrides) -> SearchConfig:
         filters=list(CHEAP_FILTERS), baselines=["bn_relu"],
         evaluator={"steps": 3, "batch_size": 16, "val_batch_size": 128, "warmup_steps": 1,
                    "arch_options": {"width": 4, "depth": 1}},
-        storage=f"sqlite:///{tmp_path}/study.db", plots=False, seed=3)
+        storage=f"sqlite:///{tmp_path}/study.db", plots=False, seed=3,
+        rerank={"enabled": False})  # the stage has its own tests (test_rerank.py)
     values.update(overrides)
     return SearchConfig.from_dict(values)
 

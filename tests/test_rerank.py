@@ -278,3 +278,17 @@ def test_rerank_task_defaults_and_stage_names():
         RerankTask.from_config(SearchConfig(rerank={"accelerator": "gpu"}))
     with pytest.raises(UserError, match="archs"):
         SearchConfig.from_dict({"rerank": {"archs": ["resnet"]}})
+
+
+def test_switched_off_stage_leaves_waiting_items_alone(tmp_path):
+    from opsearch.study import Run, WorkerId
+
+    storage = hand_made_study(tmp_path)
+    run = Run(open_run(storage, "rr")._storage, "rr", storage)
+    run.enqueue({"kind": "rerank", "stage": "s", "seed": 0, "of_trial": 1})
+    run.enqueue({"kind": "baseline", "layer": "identity"})
+    run.sync()
+    me = WorkerId.current()
+    taken = run.pop_waiting(me, skip_kinds=("rerank",))
+    assert taken.kind == "baseline" and run.pop_waiting(me, skip_kinds=("rerank",)) is None
+    assert run.pop_waiting(me).kind == "rerank"

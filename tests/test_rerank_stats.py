@@ -141,3 +141,33 @@ def test_duplicated_item_first_finished_wins_and_pending_failed_counted():
 def test_no_rerank_is_none():
     assert rerank_stats.summarize(search_trials(), ARCHS, {}) is None
     assert report.summary(search_trials(), {"archs": ARCHS})["rerank"] is None
+
+
+def test_plots_add_rerank_png_only_with_a_stage(tmp_path):
+    import os
+
+    from opsearch.commands.plot import write_plots
+
+    identity = {0: [0.40, 0.10, 0.10], 1: [0.35, 0.12, 0.10], 2: [0.38, 0.11, 0.10]}
+    with_stage = write_plots(stage_trials(identity), {"archs": ARCHS}, str(tmp_path / "a"))
+    assert [os.path.basename(p) for p in with_stage][-1] == "rerank.png"
+    assert os.path.getsize(with_stage[-1]) > 0
+    without = write_plots(search_trials(), {"archs": ARCHS}, str(tmp_path / "b"))
+    assert "rerank.png" not in [os.path.basename(p) for p in without]
+
+
+def test_export_defaults_to_the_reranked_best(capsys):
+    from opsearch.commands.export import select_trial
+
+    identity = {0: [0.40, 0.10, 0.10], 1: [0.35, 0.12, 0.10], 2: [0.38, 0.11, 0.10]}
+    trials = stage_trials(identity)
+    # trial 6 was the search's best candidate (0.98); on the held-out task it stays ahead of 2
+    assert select_trial(trials, ARCHS, None).number == 6
+    assert "after re-ranking" in capsys.readouterr().err
+    # held out, trial 2 wins: export follows the re-ranking, not the search
+    for t in trials:
+        if t.user_attrs.get("kind") == "rerank" and t.user_attrs["of_trial"] == 2:
+            t.values = [0.999, 0.999, 0.999]
+    assert select_trial(trials, ARCHS, None).number == 2
+    assert "trial 2" in capsys.readouterr().err
+    assert select_trial(search_trials(), ARCHS, None).number == 6  # no stage: the search's best

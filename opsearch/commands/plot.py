@@ -213,30 +213,40 @@ def _empty(ax, text: str) -> None:
 
 
 def _rerank(plt, result):
-    """Search score (one seed, search proxy) against held-out score (mean over seeds, 95% t-interval)."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for kind, color, marker in (("candidate", "tab:red", "o"), ("baseline", "tab:blue", "*")):
-        rows = [r for r in result["layers"] if r["kind"] == kind and r["search_mean"] is not None]
-        if not rows:
-            continue
-        xs = [r["search_mean"] for r in rows]
-        ys = [r["overall"]["mean"] for r in rows]
-        err = [[0 if r["overall"]["low"] is None else r["overall"]["mean"] - r["overall"]["low"] for r in rows],
-               [0 if r["overall"]["high"] is None else r["overall"]["high"] - r["overall"]["mean"] for r in rows]]
-        ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, ecolor=color, capsize=3,
-                    ms=9 if marker == "*" else 6, label=f"{kind}s")
-        for r, x, y in zip(rows, xs, ys):
-            label = r["name"] if kind == "baseline" else f"#{r['of_trial']}"
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    """Search score (one seed, search proxy) against held-out score (mean over seeds, 95%
+    t-interval): every re-ranked layer, and a zoom on the contenders (within 0.05 of the best
+    held-out mean), where the question of the stage is decided."""
+    layers = [r for r in result["layers"] if r["search_mean"] is not None]
+    best = max((r["overall"]["mean"] for r in layers), default=0.0)
+    top = [r for r in layers if r["overall"]["mean"] >= best - 0.05]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, rows_all, title in ((axes[0], layers, "all re-ranked layers"),
+                                (axes[1], top, "contenders (held-out mean within 0.05 of the best)")):
+        for kind, color, marker in (("candidate", "tab:red", "o"), ("baseline", "tab:blue", "*")):
+            rows = [r for r in rows_all if r["kind"] == kind]
+            if not rows:
+                continue
+            xs = [r["search_mean"] for r in rows]
+            ys = [r["overall"]["mean"] for r in rows]
+            o = [r["overall"] for r in rows]
+            err = [[0 if d["low"] is None else d["mean"] - d["low"] for d in o],
+                   [0 if d["high"] is None else d["high"] - d["mean"] for d in o]]
+            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, ecolor=color, capsize=3,
+                        ms=9 if marker == "*" else 6, label=f"{kind}s")
+            for r, x, y in zip(rows, xs, ys):
+                label = r["name"] if kind == "baseline" else f"#{r['of_trial']}"
+                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("search score (mean accuracy over the architectures, 1 seed)")
+        ax.set_ylabel("held-out score (mean over seeds, 95% interval)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+        else:
+            _empty(ax, "no re-ranked layer yet")
     a = result["agreement"]
-    agreement = (f"Kendall tau {a['kendall_tau']:.2f}, Spearman {a['spearman']:.2f}"
+    agreement = (f"Kendall tau {a['kendall_tau']:.2f}, Spearman {a['spearman']:.2f} over {a['n']} layers"
                  if a.get("spearman") is not None else "too few layers for a rank agreement")
-    ax.set_xlabel("search score (mean accuracy over the architectures, 1 seed)")
-    ax.set_ylabel("held-out score (mean over seeds, 95% interval)")
-    ax.set_title(f"Re-ranking, stage {result['stage']}: {agreement}", fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
-    else:
-        _empty(ax, "no re-ranked layer yet")
+    fig.suptitle(f"Re-ranking, stage {result['stage']}: {agreement}", fontsize=10)
+    fig.tight_layout()
     return fig
