@@ -2,9 +2,11 @@
 
 Throughput: the same search run with --workers 1, 2, ... on a fresh SQLite study each, the
 worker counts interleaved (1, 2, 1, 2, ...) so that a busy shared machine distorts them alike.
-Two searches: `cheap` (synthetic data, tiny networks, 3 training steps, validity + numerics +
-equivalence: the engine's own costs dominate) and `default` (the default proxy, the default
-filters, real training). For each run:
+Three searches: `cheap` (synthetic data, tiny networks, 3 training steps, validity + numerics +
+equivalence: the engine's own costs dominate), `default` (the default search: default proxy
+and filters, no baselines; most random candidates die in the filters) and `proxy` (real
+training: the seven known layers, each trained on the default proxy's three architectures, plus
+one candidate; every trial counts). For each run:
 
   rate      candidates per minute from the first trial's start to the last one's end;
   busy rate candidates per minute while every worker was working (from the last worker's first
@@ -21,7 +23,7 @@ it) and a resume (a fresh Worker's recovery: open, sync, rebuild the algorithm a
 cache) are timed.
 
     python benchmarks/scale.py                                   # cheap, workers 1 2, 3 rounds
-    python benchmarks/scale.py --search default --budget 12 --repeats 1
+    python benchmarks/scale.py --search proxy --repeats 2 --trials 0      # real training
     python benchmarks/scale.py --workers 1 2 4 --trials 0        # no big study
 """
 from __future__ import annotations
@@ -56,6 +58,15 @@ warmup_steps = 1
 arch_options = {{ width = 4, depth = 1 }}
 """
 
+PROXY = """
+name = "scale"
+budget = 1
+storage = "{storage}"
+workers = {workers}
+plots = false
+seed = {seed}
+"""
+
 DEFAULT = """
 name = "scale"
 budget = {budget}
@@ -74,7 +85,7 @@ def throughput(tmp: str, search: str, workers: int, budget: int, seed: int) -> d
     storage = f"sqlite:///{tmp}/{tag}.db"
     path = os.path.join(tmp, f"{tag}.toml")
     with open(path, "w") as f:
-        f.write((CHEAP if search == "cheap" else DEFAULT).format(
+        f.write({"cheap": CHEAP, "default": DEFAULT, "proxy": PROXY}[search].format(
             budget=budget, storage=storage, workers=workers, seed=seed))
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -85,7 +96,8 @@ def throughput(tmp: str, search: str, workers: int, budget: int, seed: int) -> d
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     trials = [t for t in open_run(storage, "scale").get_trials()
-              if t.datetime_complete is not None and t.user_attrs.get("kind") == "candidate"]
+              if t.datetime_complete is not None
+              and (search == "proxy" or t.user_attrs.get("kind") == "candidate")]
     first = min(t.datetime_start for t in trials).timestamp()
     last = max(t.datetime_complete for t in trials).timestamp()
     by_worker: dict[int, list] = {}
@@ -105,7 +117,8 @@ def throughput(tmp: str, search: str, workers: int, budget: int, seed: int) -> d
 def scaling(tmp: str, search: str, workers: list[int], budget: int, repeats: int) -> None:
     import statistics
 
-    print(f"\n{search} search, budget {budget}, {os.cpu_count()} cores, rounds interleaved "
+    what = "1 candidate + 7 baselines" if search == "proxy" else f"budget {budget}"
+    print(f"\n{search} search, {what}, {os.cpu_count()} cores, rounds interleaved "
           f"({', '.join(map(str, workers))}) x {repeats}")
     print(f"{'round':>5} {'workers':>7} {'rate/min':>9} {'busy/min':>9} {'cpu s/cand':>10} "
           f"{'start-up s':>10} {'wall s':>7} {'load':>5}")
@@ -164,13 +177,13 @@ def big_study(tmp: str, n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--search", choices=("cheap", "default", "both"), default="cheap")
+    parser.add_argument("--search", choices=("cheap", "default", "proxy", "all"), default="cheap")
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for search in (("cheap", "default") if args.search == "both" else (args.search,)):
+        for search in (("cheap", "default", "proxy") if args.search == "all" else (args.search,)):
             scaling(tmp, search, args.workers, args.budget, args.repeats)
         if args.trials <= 0:
             return

@@ -151,7 +151,8 @@ class Worker:
     def __init__(self, setup: Setup, run: Run | None = None, lock: Any = None,
                  on_result: Callable[[TrialRecord, Outcome], None] | None = None,
                  device_index: int | None = None, worker_index: int = 0,
-                 on_other: Callable[[TrialRecord], None] | None = None):
+                 on_other: Callable[[TrialRecord], None] | None = None,
+                 start_line: "StartLine | None" = None):
         from opsearch.rejection import EquivalenceCache, FilterContext
 
         self.setup = setup
@@ -160,6 +161,7 @@ class Worker:
         self.lock = lock or contextlib.nullcontext()
         self.on_result = on_result
         self.on_other = on_other  # trials other workers finished, as this one learns of them
+        self.start_line = start_line
         self.archs = list(self.config.archs)
         self.eval_config = (make_eval_config(self.config, device_index) if device_index is not None
                             else setup.eval_config)
@@ -248,6 +250,8 @@ class Worker:
         if not self._recovered:
             self.recover()
         self._warm_up()
+        if self.start_line is not None:
+            self.start_line.wait()
         done = 0
         while max_candidates is None or done < max_candidates:
             self._maybe_reap()
@@ -486,6 +490,30 @@ class Worker:
 _CACHED_KINDS = ("candidate", "baseline")
 
 
+class StartLine:
+    """Local workers start taking candidates together, once all have started up.
+
+    Why: a worker's start-up (imports, data, the evaluator) takes seconds; without a start line
+    the first one ready takes every candidate of a short search while the others still import,
+    and `--workers N` silently means one. Shared counter, polled; the parent releases everyone
+    when a worker died before reaching the line (`give_up`), and nobody waits past `timeout_s`."""
+
+    def __init__(self, ready, expected: int, give_up: Callable[[], bool] | None = None,
+                 timeout_s: float = 600.0):
+        self.ready, self.expected, self.give_up, self.timeout_s = ready, expected, give_up, timeout_s
+
+    def wait(self) -> None:
+        with self.ready.get_lock():
+            self.ready.value += 1
+        deadline = time.time() + self.timeout_s
+        while self.ready.value < self.expected and time.time() < deadline:
+            if self.give_up is not None and self.give_up():
+                with self.ready.get_lock():
+                    self.ready.value = max(self.ready.value, self.expected)
+                break
+            time.sleep(0.05)
+
+
 def describe_graph(plain) -> dict[str, Any]:
     """The graph attributes stored with every candidate (contract: graph, formula; plus hash)."""
     from opsearch import graph as graph_mod
@@ -547,12 +575,13 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     return queued
 
 
-def _worker_process(config_dict: dict, index: int, lock, device_index) -> None:
+def _worker_process(config_dict: dict, index: int, lock, device_index, ready, expected: int) -> None:
     """Entry point of a local worker process (its environment pins its device and threads)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     config = SearchConfig.from_dict(config_dict)
     setup = Setup.from_config(config)
-    Worker(setup, lock=lock, device_index=device_index, worker_index=index).run_loop()
+    Worker(setup, lock=lock, device_index=device_index, worker_index=index,
+           start_line=StartLine(ready, expected)).run_loop()
 
 
 def run_search(config: SearchConfig, progress=None, worker_index: int = 0,
@@ -618,18 +647,21 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     workers = resolved_workers(config)
+    ready = ctx.Value("i", 0)
     procs = []
     for i in range(1, workers):
         device = _device_for(config, i)
         child = pinned_config(config, device)
         p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
-                        args=(child.to_dict(), i, lock, None if device is None else 0))
+                        args=(child.to_dict(), i, lock, None if device is None else 0, ready, workers))
         with devices.environment(devices.worker_environment(device)):
             p.start()
         procs.append(p)
+    start_line = StartLine(ready, workers, give_up=lambda: any(p.exitcode is not None for p in procs))
     worker = Worker(setup, run=run, lock=lock, device_index=_device_for(config, 0), worker_index=0,
                     on_result=(progress.on_result if progress is not None else None),
-                    on_other=(progress.on_record if progress is not None else None))
+                    on_other=(progress.on_record if progress is not None else None),
+                    start_line=start_line)
     try:
         worker.run_loop()
         for p in procs:  # at the budget: the others end with their last candidate
