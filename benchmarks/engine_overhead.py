@@ -30,7 +30,7 @@ import time
 from datetime import datetime
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from opsearch import registry
 from opsearch.space import SearchSpace
@@ -38,26 +38,6 @@ from opsearch.study import Run, WorkerId
 
 ARCHS = ["resnet", "mobilenetv2", "efficientnet"]
 ALGORITHMS = ["regularized_evolution", "pareto_evolution", "random", "nsga2"]
-
-
-def fill_history(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
-    """H finished candidate trials written straight into the storage (bulk, one write each)."""
-    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
-    rng = random.Random(seed)
-    storage = run.storage
-    now = datetime.now()
-    for i in range(n):
-        genome = space.random_genome(rng)
-        rejected = rng.random() < 0.8
-        attrs = {"kind": "candidate", "genome": json.dumps(list(genome)), "formula": "f",
-                 "verdict": "rejected:numerics" if rejected else "evaluated", "elapsed_s": 0.01}
-        values = None if rejected else [rng.random() for _ in ARCHS]
-        template = FrozenTrial(number=-1, state=TrialState.PRUNED if rejected else TrialState.COMPLETE,
-                               value=None, values=values, datetime_start=now, datetime_complete=now,
-                               params={}, distributions={}, user_attrs=attrs, system_attrs={},
-                               intermediate_values={}, trial_id=-1)
-        storage.create_new_trial(run.study_id, template_trial=template)
-    return run
 
 
 def _sqlite_path(url: str) -> str:
@@ -94,7 +74,8 @@ def _bulk_insert(url: str, study_id: int, trials: list[dict]) -> None:
 
 
 def fill_history_fast(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
-    """`fill_history`'s trials (same random stream) written in one SQLite transaction."""
+    """H finished candidate trials (random genomes, 80% rejected, random objectives), written in
+    one SQLite transaction."""
     run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
     rng = random.Random(seed)
     trials = []
