@@ -12,6 +12,8 @@ rebuilding the algorithm from H trials (what a restarted worker does).
     python benchmarks/engine_overhead.py                 # H = 100, 1000, 10000
     python benchmarks/engine_overhead.py --history 100 1000 --candidates 50
 
+"median CPU ms" is the process CPU time per candidate (time.process_time): on a loaded machine
+the wall times inflate with other processes, the CPU times much less.
 Rows marked * rebuilt pyglove's generator from only the last `--pyglove-recover-max` trials.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from datetime import datetime
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from opsearch import registry
 from opsearch.config import DEFAULT_ARCHS
@@ -37,26 +39,6 @@ from opsearch.study import Run, WorkerId
 
 ARCHS = list(DEFAULT_ARCHS)
 ALGORITHMS = ["regularized_evolution", "pareto_evolution", "random", "nsga2"]
-
-
-def fill_history(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
-    """H finished candidate trials written straight into the storage (bulk, one write each)."""
-    run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
-    rng = random.Random(seed)
-    storage = run.storage
-    now = datetime.now()
-    for i in range(n):
-        genome = space.random_genome(rng)
-        rejected = rng.random() < 0.8
-        attrs = {"kind": "candidate", "genome": json.dumps(list(genome)), "formula": "f",
-                 "verdict": "rejected:numerics" if rejected else "evaluated", "elapsed_s": 0.01}
-        values = None if rejected else [rng.random() for _ in ARCHS]
-        template = FrozenTrial(number=-1, state=TrialState.PRUNED if rejected else TrialState.COMPLETE,
-                               value=None, values=values, datetime_start=now, datetime_complete=now,
-                               params={}, distributions={}, user_attrs=attrs, system_attrs={},
-                               intermediate_values={}, trial_id=-1)
-        storage.create_new_trial(run.study_id, template_trial=template)
-    return run
 
 
 def _sqlite_path(url: str) -> str:
@@ -93,7 +75,8 @@ def _bulk_insert(url: str, study_id: int, trials: list[dict]) -> None:
 
 
 def fill_history_fast(url: str, name: str, space: SearchSpace, n: int, seed: int) -> Run:
-    """`fill_history`'s trials (same random stream) written in one SQLite transaction."""
+    """H finished candidate trials (random genomes, 80% rejected, random objectives), written in
+    one SQLite transaction."""
     run = Run.create_or_open(url, name, {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}, [])
     rng = random.Random(seed)
     trials = []
@@ -127,7 +110,9 @@ def time_engine(url: str, name: str, space: SearchSpace, algorithm: str, candida
     recovery = time.perf_counter() - t0
     rng = random.Random(1)
     times: list[float] = []
+    cpu_times: list[float] = []
     last = [time.perf_counter()]
+    last_cpu = [time.process_time()]
 
     def fake_process(record):
         values = [rng.random() for _ in ARCHS]
@@ -135,15 +120,16 @@ def time_engine(url: str, name: str, space: SearchSpace, algorithm: str, candida
             "verdict": "evaluated", "elapsed_s": 0.0, **{f"acc/{a}": v for a, v in zip(ARCHS, values)}})
 
     def on_result(record, outcome):
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         times.append(now - last[0])
-        last[0] = now
+        cpu_times.append(now_cpu - last_cpu[0])
+        last[0], last_cpu[0] = now, now_cpu
 
     worker.process = fake_process
     worker.on_result = on_result
-    last[0] = time.perf_counter()
+    last[0], last_cpu[0] = time.perf_counter(), time.process_time()
     worker.run_loop(max_candidates=candidates)
-    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3, statistics.median(cpu_times) * 1e3
 
 
 def time_pyglove(url: str, name: str, space: SearchSpace, history: int, candidates: int,
@@ -169,10 +155,10 @@ def time_pyglove(url: str, name: str, space: SearchSpace, history: int, candidat
     gen.recover(items)
     recovery = time.perf_counter() - t0
     me = WorkerId.current()
-    times = []
+    times, cpu_times = [], []
     rng = random.Random(1)
     for _ in range(candidates):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         dna = gen.propose()
         genome = space.from_dna(dna)
         record = run.start_trial({"kind": "candidate", "genome": json.dumps(list(genome))}, me)
@@ -180,7 +166,8 @@ def time_pyglove(url: str, name: str, space: SearchSpace, history: int, candidat
         run.finish_trial(record, TrialState.COMPLETE, values, {"verdict": "evaluated"})
         gen.feedback(dna, sum(values) / len(values))
         times.append(time.perf_counter() - t)
-    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+        cpu_times.append(time.process_time() - c)
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3, statistics.median(cpu_times) * 1e3
 
 
 def time_optuna_nsga2(url: str, name: str, space: SearchSpace, history: int, candidates: int):
@@ -203,13 +190,14 @@ def time_optuna_nsga2(url: str, name: str, space: SearchSpace, history: int, can
                               sampler=optuna.samplers.NSGAIISampler(seed=0))
     study.trials  # what a restarted worker reads
     recovery = time.perf_counter() - t0
-    times = []
+    times, cpu_times = [], []
     for _ in range(candidates):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         trial = study.ask(dists)
         study.tell(trial, [rng.random() for _ in ARCHS])
         times.append(time.perf_counter() - t)
-    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3
+        cpu_times.append(time.process_time() - c)
+    return recovery, statistics.median(times) * 1e3, statistics.mean(times) * 1e3, statistics.median(cpu_times) * 1e3
 
 
 def main() -> None:
@@ -228,7 +216,7 @@ def main() -> None:
     space = SearchSpace.from_name("evonorm")
     print(f"evonorm space: {len(space.gene_sizes)} genes; {args.candidates} candidates timed per row; "
           f"SQLite (WAL) on {tempfile.gettempdir()}")
-    print(f"{'history':>8} {'method':<34} {'recover s':>10} {'median ms':>10} {'mean ms':>9}")
+    print(f"{'history':>8} {'method':<34} {'recover s':>10} {'median ms':>10} {'mean ms':>9} {'median CPU ms':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for h in args.history:
             base = os.path.join(tmp, f"h{h}.db")
@@ -241,19 +229,19 @@ def main() -> None:
                 return f"sqlite:///{path}"
 
             for algorithm in args.algorithms:
-                rec, med, mean = time_engine(fresh_copy(algorithm.replace(":", "_")), "base", space,
-                                             algorithm, args.candidates)
-                print(f"{h:>8} {'opsearch ' + algorithm:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
+                rec, med, mean, cpu = time_engine(fresh_copy(algorithm.replace(":", "_")), "base", space,
+                                                  algorithm, args.candidates)
+                print(f"{h:>8} {'opsearch ' + algorithm:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f} {cpu:>14.2f}",
                       flush=True)
             if args.skip_references or h > args.reference_max_history:
                 continue
             n = args.candidates if h <= 1000 else max(10, args.candidates // 5)
-            rec, med, mean = time_pyglove(fresh_copy("pg"), "base", space, h, n, args.pyglove_recover_max)
+            rec, med, mean, cpu = time_pyglove(fresh_copy("pg"), "base", space, h, n, args.pyglove_recover_max)
             label = "pyglove regularized_evolution" + ("*" if h > args.pyglove_recover_max else "")
-            print(f"{h:>8} {label:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}", flush=True)
-            rec, med, mean = time_optuna_nsga2(f"sqlite:///{tmp}/optuna{h}.db", "optuna", space, h,
-                                               args.candidates)
-            print(f"{h:>8} {'optuna NSGAIISampler ask/tell':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f}",
+            print(f"{h:>8} {label:<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f} {cpu:>14.2f}", flush=True)
+            rec, med, mean, cpu = time_optuna_nsga2(f"sqlite:///{tmp}/optuna{h}.db", "optuna", space, h,
+                                                    args.candidates)
+            print(f"{h:>8} {'optuna NSGAIISampler ask/tell':<34} {rec:>10.3f} {med:>10.2f} {mean:>9.2f} {cpu:>14.2f}",
                   flush=True)
 
 

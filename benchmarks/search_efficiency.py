@@ -21,6 +21,19 @@ A threshold is reached when min over the K objectives >= it; several thresholds 
 
     python benchmarks/search_efficiency.py                      # the recorded run
     python benchmarks/search_efficiency.py --seeds 2 --max-evals 2000 --thresholds 0.7   # quick
+
+`--mode engine` runs real searches instead: the engine's own workers (2 processes, one torch
+thread each), the default rejection pipeline and the Lightning evaluator, baselines first as in
+`opsearch search` (with `seed_with_baselines`), one study per (algorithm, seed). Every finished
+trial is logged with the CPU seconds of both workers so far (imports excluded); a threshold is a
+mean validation accuracy over the architectures, plus `evonorm_b0`'s own score in that run. A
+run ends when a candidate reaches every threshold, at `--budget` candidates or at `--cpu-cap`
+CPU seconds; results are appended to `--json` after each run (`--resume` continues, `--report`
+recomputes the tables from the logs):
+
+    python benchmarks/search_efficiency.py --mode engine --algorithms regularized_evolution,random \
+        --seeds 3 --budget 3000 --cpu-cap 150 --steps 150 --archs resnet,mobilenetv2 \
+        --thresholds 0.6,0.75 --json engine.json --resume
 """
 from __future__ import annotations
 
@@ -186,7 +199,7 @@ def parse_options(text: str) -> dict:
 
 
 def _engine_worker(config_dict: dict, index: int, lock, stop, cpu, target, log_path: str,
-                   cpu_cap: float) -> None:
+                   cpu_cap: float, highest: float) -> None:
     """One engine worker (a real `opsearch.engine.Worker`) that logs every finished trial.
 
     Each log line carries the time, this worker's CPU seconds and the CPU seconds of all workers
@@ -225,8 +238,9 @@ def _engine_worker(config_dict: dict, index: int, lock, stop, cpu, target, log_p
                               "verdict": record.user_attrs.get("verdict"), "values": values,
                               "score": score, "formula": record.user_attrs.get("formula"),
                               "cpu_total": sum(cpu[:])}) + "\n")
-        if record.kind == "candidate" and score is not None and target.value > 0 and score >= target.value:
-            stop.set()  # the hardest threshold is reached: the parent ends the run
+        if record.kind == "candidate" and score is not None and target.value > 0 \
+                and score >= max(target.value, highest):
+            stop.set()  # every threshold is reached: the parent ends the run
         if sum(cpu[:]) >= cpu_cap:
             stop.set()
 
@@ -236,7 +250,8 @@ def _engine_worker(config_dict: dict, index: int, lock, stop, cpu, target, log_p
 
 
 def engine_run(algorithm: str, seed: int, budget: int, cpu_cap: float, workdir: str,
-               evaluator: dict, options: dict, archs: list[str] | None = None) -> dict:
+               evaluator: dict, options: dict, archs: list[str] | None = None,
+               highest: float = 0.0) -> dict:
     """One search with the real engine; returns the log of finished trials."""
     import multiprocessing
     import os
@@ -259,7 +274,7 @@ def engine_run(algorithm: str, seed: int, budget: int, cpu_cap: float, workdir: 
     target = ctx.Value("d", 0.0, lock=False)
     start = time.time()
     procs = [ctx.Process(target=_engine_worker, args=(config.to_dict(), i, lock, stop, cpu, target,
-                                                      log_path, cpu_cap)) for i in range(2)]
+                                                      log_path, cpu_cap, highest)) for i in range(2)]
     for p in procs:
         p.start()
     while not stop.is_set() and any(p.is_alive() for p in procs):
@@ -360,10 +375,13 @@ def engine_main(args, names: list[str], thresholds: list[float]) -> int:
         evaluator["steps"] = args.steps
     options = parse_options(args.options)
     results: list[dict] = []
-    if args.json and os.path.exists(args.json) and args.resume:
+    if args.json and os.path.exists(args.json) and (args.resume or args.report):
         with open(args.json) as f:
             results = json.load(f)["runs"]
     done = {(r["algorithm"], r["seed"]) for r in results}
+    if args.report:
+        engine_report(results, thresholds, names)
+        return 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="opsearch-efficiency-")
     os.makedirs(workdir, exist_ok=True)
     # interleave algorithms so that a run cut short still has every algorithm at the first seeds
@@ -372,7 +390,7 @@ def engine_main(args, names: list[str], thresholds: list[float]) -> int:
             if (name, seed) in done:
                 continue
             r = engine_run(name, seed, args.budget, args.cpu_cap, workdir, evaluator, options.get(name, {}),
-                           args.archs.split(",") if args.archs else None)
+                           args.archs.split(",") if args.archs else None, max(thresholds))
             results.append(r)
             c = engine_crossings(r, thresholds)
             summary = ", ".join(f"{t}: {c[str(t)]['evaluations'] if c[str(t)] else '-'}"
@@ -396,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithms", default="regularized_evolution,pareto_evolution,nsga2,random")
     p.add_argument("--options", default="", help="per-algorithm options, 'algo:key=value;...'")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-list", default=None, help="surrogate mode: these seeds (e.g. 3,4) instead of 0..seeds-1")
     p.add_argument("--target", default="evonorm_s0", help="known layer to approximate")
     p.add_argument("--thresholds", default="0.7,0.75,0.8",
                    help="targets: min over objectives of affine R^2 (comma-separated)")
@@ -417,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                    "search default, resnet,mobilenetv2,efficientnet)")
     p.add_argument("--workdir", default=None, help="engine mode: keep the studies and logs here")
     p.add_argument("--resume", action="store_true", help="engine mode: keep the runs already in --json")
+    p.add_argument("--report", action="store_true",
+                   help="engine mode: only print the tables of the runs in --json (thresholds may "
+                        "differ from the run's: crossings are recomputed from the logs)")
     args = p.parse_args(argv)
     if args.mode == "engine":
         names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
@@ -425,12 +447,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
+    seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     space_options = {} if args.num_nodes is None else {"num_nodes": args.num_nodes}
     space = SearchSpace.from_name(args.space, **space_options)
     options = parse_options(args.options)
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
     tasks = [(name, options.get(name, {}), seed, args.space, space_options, args.target, args.objectives,
-              thresholds, args.max_evals) for name in names for seed in range(args.seeds)]
+              thresholds, args.max_evals) for name in names for seed in seeds]
     if args.jobs > 1:
         import multiprocessing
 
@@ -440,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [_run_task(task) for task in tasks]
 
     print(f"\nTarget layer {args.target}; score = min over {args.objectives} probe batches of the "
-          f"per-channel affine R^2; space {space.name} ({space.num_nodes} nodes); {args.seeds} seeds; "
+          f"per-channel affine R^2; space {space.name} ({space.num_nodes} nodes); seeds {seeds}; "
           f"cap {args.max_evals} evaluations (a run that did not reach a threshold counts as the "
           f"cap, marked +).\n")
     for t in thresholds:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from opsearch import cli, layers, torch_compile
-from opsearch.compile import export_source
 from test_export import _load_class, url  # noqa: F401  (the export tests' study fixture)
 
 # x / max(std_b(x), v0*x + rms_b(v0*x)): a layer the default search found (batch statistics)
