@@ -3,24 +3,15 @@ and nothing in an existing study changed."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 import pytest
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from opsearch.cli import main
 from opsearch.study import Run, open_run
+from studies import add_finished
 
 ARCHS = ["resnet", "mobilenetv2"]
-
-
-def add_finished(run, user_attrs, state, values) -> None:
-    """A finished trial written in one go, as a worker's last write leaves it."""
-    now = datetime.now()
-    run.storage.create_new_trial(run.study_id, template_trial=FrozenTrial(
-        number=-1, state=state, value=None, values=values, datetime_start=now, datetime_complete=now,
-        params={}, distributions={}, user_attrs=user_attrs, system_attrs={}, intermediate_values={},
-        trial_id=-1))
 
 
 @pytest.fixture(scope="module")

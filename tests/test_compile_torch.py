@@ -34,7 +34,11 @@ def broken_compiler(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setitem(torch_compile.guard_namespace(), "_TORCH_COMPILE_FAILURE", [])
-    return calls
+    # each compiled class keeps the forward torch.compile gave it: classes made with the fake
+    # compiler must not outlive the test (they would fail every later test's layers)
+    torch_compile._compiled_class.cache_clear()
+    yield calls
+    torch_compile._compiled_class.cache_clear()
 
 
 def _pair(name, channels=8):

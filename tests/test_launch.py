@@ -363,7 +363,7 @@ def test_cuda_out_of_memory_fails_the_candidate_not_the_worker(tmp_path):
     config = SearchConfig(name="oom", storage=f"sqlite:///{tmp_path}/s.db", budget=4,
                           dataset="synthetic", archs=["resnet"], baselines=[],
                           filters=["oom_once_t11", "validity"], plots=False,
-                          space_options={"num_nodes": 4},
+                          space_options={"num_nodes": 4}, rerank={"enabled": False},
                           evaluator={"steps": 2, "batch_size": 16, "val_batch_size": 64,
                                      "warmup_steps": 1, "arch_options": {"width": 4, "depth": 1}})
     run = run_search(config)

@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.study import open_run
+from studies import add_finished
 
 TINY = """
 name = "rr"
@@ -199,13 +200,13 @@ def hand_made_study(tmp_path, evaluated=True):
     attrs = {"space": config.space, "space_options": {}, "algorithm": config.algorithm,
              "archs": ["resnet"], "dataset": "synthetic", "config": json.dumps(config.to_dict())}
     run = Run.create_or_open(storage, "rr", attrs, ("archs",))
-    run.add_finished({"kind": "baseline", "layer": "bn_relu", "verdict": "evaluated",
+    add_finished(run, {"kind": "baseline", "layer": "bn_relu", "verdict": "evaluated",
                       "acc/resnet": 0.9}, TrialState.COMPLETE, [0.9])
     if evaluated:
-        run.add_finished({"kind": "candidate", "verdict": "evaluated", "acc/resnet": 0.8,
+        add_finished(run, {"kind": "candidate", "verdict": "evaluated", "acc/resnet": 0.8,
                           "formula": "x", "graph": "{}"}, TrialState.COMPLETE, [0.8])
     else:
-        run.add_finished({"kind": "candidate", "verdict": "rejected:numerics"}, TrialState.PRUNED, None)
+        add_finished(run, {"kind": "candidate", "verdict": "rejected:numerics"}, TrialState.PRUNED, None)
     return storage
 
 
