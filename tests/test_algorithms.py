@@ -252,8 +252,8 @@ def test_nsga2_fast_sampling_proposes_what_optuna_study_ask_would():
         Node(op=pg.oneof(OPS), inputs=pg.manyof(2, list(range(4 + i)), distinct=False, sorted=False))
         for i in range(4)] + [Node(op=pg.oneof(["mul"]), inputs=[0, 7])]), name="toy1")
     assert 1 in space.gene_sizes
-    fast = create_algorithm("nsga2", space, 2, seed=5, population_size=6)
-    slow = create_algorithm("nsga2", space, 2, seed=5, population_size=6)
+    fast = create_algorithm("nsga2", space, 2, 5, population_size=6)
+    slow = create_algorithm("nsga2", space, 2, 5, population_size=6)
     compared = 0
     for step in range(200):
         rng_fast = random.Random(f"check:{step}")
