@@ -59,8 +59,10 @@ def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
     assert "Leaderboard" in out.out + out.err and "plots: " in out.err
     assert not os.path.exists(tmp_path / "runs"), "a URL search wrote under ./runs"
     plots = tmp_path / "store" / "pipe" / "plots"  # beside the study
-    for name in ("best_so_far.png", "pareto.png", "rejections.png"):
+    for name in ("best_so_far.png", "pareto.png", "rejections.png", "rerank.png"):
         _png_ok(plots / name)
+    # the re-ranking stage ran after the budget and its table ended the search
+    assert "Re-ranked on" in out.out + out.err and "Kendall tau" in out.out + out.err
 
     # the study: every filter of the default pipeline ran, candidates trained, baselines learned
     trials = open_run(url, "pipe").get_trials()
@@ -76,6 +78,9 @@ def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
     assert cli.main(["show", "pipe", "--storage", url, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["study"] == "pipe" and len(shown["trials"]) == len(trials)
+    reranked = {t.user_attrs["of_trial"] for t in trials if t.user_attrs["kind"] == "rerank"}
+    assert shown["rerank"] and {"bn_relu", "relu_only"} <= {
+        t.user_attrs.get("layer") for t in trials if t.number in reranked}
     evaluated = [t for t in shown["trials"] if t["user_attrs"]["verdict"] == "evaluated"
                  and t["user_attrs"]["kind"] == "candidate"]
     assert evaluated
@@ -121,7 +126,7 @@ def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
     # plot: to --out, PNGs with content
     assert cli.main(["plot", "pipe", "--storage", url, "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 3
+    assert len(printed) == 4  # the search's three, and the re-ranking's
     for path in printed:
         assert path.startswith(str(tmp_path / "figs"))
         _png_ok(path)
