@@ -185,9 +185,14 @@ def test_debian_fashion_mnist_is_found_without_a_directory():
 def test_fashion_small_ships_offline_balanced_and_small():
     assert data.FASHION_SMALL_FILE.stat().st_size < 2_000_000
     d = data.load("fashion_small")
-    assert d.x_train.shape == (4000, 1, 14, 14) and d.x_val.shape == (1000, 1, 14, 14)
+    assert d.x_train.shape == (4000, 1, 14, 14) and d.x_val.shape == (500, 1, 14, 14)
     assert np.bincount(d.y_train.numpy(), minlength=10).tolist() == [400] * 10
-    assert np.bincount(d.y_val.numpy(), minlength=10).tolist() == [100] * 10
+    assert np.bincount(d.y_val.numpy(), minlength=10).tolist() == [50] * 10
+    # the held-out half: same training images, validation images the search never sees
+    held = data.load("fashion_small", split="heldout")
+    assert torch.equal(held.x_train, d.x_train) and held.x_val.shape == (500, 1, 14, 14)
+    seen = {bytes(v.numpy().tobytes()) for v in d.x_val}
+    assert not any(bytes(v.numpy().tobytes()) in seen for v in held.x_val)
     assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
     assert data.load("fashion_small", image_size=8).image_size == (8, 8)
     assert len(data.load("fashion_small", train_size=1000).y_train) == 1000

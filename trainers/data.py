@@ -442,13 +442,21 @@ FASHION_SMALL_PER_CLASS = (400, 100)  # train, validation images per class
 
 @register_dataset("fashion_small")
 def fashion_small(*, image_size: int | None = None, train_size: int | None = None,
-                  data_dir: str | None = None, download: bool = False) -> ArrayData:
+                  split: str = "search", data_dir: str | None = None,
+                  download: bool = False) -> ArrayData:
     """5,000 Fashion-MNIST test images at 14x14 shipped with the package (4,000 train / 1,000
-    validation, stratified, 10 classes), offline; `image_size` resizes (8 for digits' cost)."""
+    validation, stratified, 10 classes), offline; `image_size` resizes (8 for digits' cost).
+
+    ``split="heldout"`` validates on a fixed stratified half of the 1,000 validation images
+    that a search on this dataset never sees (``split="search"`` validates on the other half),
+    so it is also an offline held-out task for re-ranking (`--rerank-dataset fashion_small`)."""
     if not FASHION_SMALL_FILE.is_file():
         raise UserError(f"fashion_small: {FASHION_SMALL_FILE} is missing from the installation")
     with np.load(FASHION_SMALL_FILE, allow_pickle=False) as f:
         x_tr, y_tr, x_va, y_va = (f[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    searched, held = _heldout_split(y_va.astype(np.int64), split, 0.5)
+    keep = held if split == "heldout" else searched
+    x_va, y_va = x_va[keep], y_va[keep]
     x_tr, y_tr = _subset(x_tr, y_tr.astype(np.int64), train_size, SPLIT_SEED)
     return _finish("fashion_small", x_tr.astype(np.float32) / 255.0, y_tr,
                    x_va.astype(np.float32) / 255.0, y_va.astype(np.int64), 10, image_size)
