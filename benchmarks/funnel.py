@@ -1,0 +1,173 @@
+"""The funnel against flat evaluation: CPU seconds of the search and the held-out score of the
+best candidate each one finds, side by side on the same seeds in one run.
+
+For each seed, two searches with the same config apart from the funnel (opsearch/funnel.py):
+``flat`` trains every candidate that passes the filters to ``--steps``; ``funnel`` trains it to
+rung 1 and promotes the top 1/eta of each rung (rung 0 = the quality filter, the top rung =
+``--steps``). Each search runs as `opsearch search` in a child process (one worker, one torch
+thread), its CPU seconds measured from the child's rusage; then `opsearch rerank --top 1`
+re-trains the best candidate (the leaderboard's: for the funnel, at its highest rung) on the
+held-out split with several seeds, and its mean held-out accuracy over seeds and architectures is
+the score. The searches of one seed run back to back, in alternating order, so that both see
+the same machine load; CPU seconds are robust to other processes on a shared machine.
+
+Results go to ``--out`` as one JSON line per search as soon as it ends (a long run can be
+stopped and read), then a summary: per-seed CPU ratio funnel/flat and held-out difference, with
+means and 95% t intervals over seeds (scipy.stats).
+
+    python benchmarks/funnel.py --seeds 0,1,2 --budget 12 --steps 900 --rungs 100,150,900 --eta 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIG = """
+name = "{name}"
+budget = {budget}
+dataset = "{dataset}"
+storage = "{storage}"
+baselines = {baselines}
+plots = false
+seed = {seed}
+workers = 1
+
+[evaluator]
+steps = {steps}
+
+[rerank]
+enabled = false
+
+[funnel]
+enabled = {funnel}
+eta = {eta}
+steps = {rungs}
+min_candidates = {min_candidates}
+"""
+
+
+def child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def opsearch(args: list[str], timeout: float) -> tuple[float, float]:
+    """Run one opsearch command; (CPU seconds, wall seconds) of the child."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("OPSEARCH_FAULT", None)
+    cpu0, t0 = child_cpu(), time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"opsearch {' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
+    return child_cpu() - cpu0, time.perf_counter() - t0
+
+
+def held_out(storage: str, name: str) -> dict:
+    """The re-ranked candidate: trial, formula, mean held-out accuracy (seeds x archs) and the
+    spread of its per-seed means."""
+    from opsearch.study import open_run
+
+    trials = open_run(storage, name).get_trials()
+    items = [t for t in trials if t.user_attrs.get("kind") == "rerank" and t.state.name == "COMPLETE"]
+    by_number = {t.number: t for t in trials}
+    cands = [t for t in items if by_number[int(t.user_attrs["of_trial"])].user_attrs.get("kind") == "candidate"]
+    if not cands:
+        return {"trial": None, "score": None}
+    of = int(cands[0].user_attrs["of_trial"])
+    per_seed = [statistics.fmean(t.values) for t in cands if int(t.user_attrs["of_trial"]) == of]
+    promoted = [t for t in trials if t.user_attrs.get("kind") == "promotion"]
+    candidates = [t for t in trials if t.user_attrs.get("kind") == "candidate"]
+    return {"trial": of, "formula": by_number[of].user_attrs.get("formula"),
+            "score": statistics.fmean(per_seed), "seed_scores": per_seed,
+            "evaluated": sum(1 for t in candidates if t.user_attrs.get("verdict") == "evaluated"),
+            "promotions": len(promoted),
+            "top_rung": max([t.user_attrs.get("rung", 0) for t in promoted], default=None)}
+
+
+def one_search(mode: str, seed: int, args, workdir: str) -> dict:
+    name = f"{mode}-s{seed}"
+    storage = f"sqlite:///{workdir}/{name}.db"
+    rungs = [int(s) for s in args.rungs.split(",")]
+    path = os.path.join(workdir, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(CONFIG.format(name=name, budget=args.budget, dataset=args.dataset, storage=storage,
+                              baselines=json.dumps(args.baselines.split(",") if args.baselines else []),
+                              seed=seed, steps=args.steps, funnel=str(mode == "funnel").lower(),
+                              eta=args.eta, rungs=json.dumps(rungs), min_candidates=args.min_candidates))
+    search_cpu, search_wall = opsearch(["search", "--config", path, "--quiet"], args.timeout)
+    rerank_cpu, _ = opsearch(["rerank", name, "--storage", storage, "--top", "1", "--seeds",
+                              str(args.rerank_seeds), "--quiet", "-O", "rerank.baselines=[]"], args.timeout)
+    return {"mode": mode, "seed": seed, "search_cpu_s": round(search_cpu, 1),
+            "search_wall_s": round(search_wall, 1), "rerank_cpu_s": round(rerank_cpu, 1),
+            **held_out(storage, name)}
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t interval (nan half-width with one value)."""
+    from scipy import stats
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--budget", type=int, default=12)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--steps", type=int, default=900, help="flat training steps = the funnel's top rung")
+    p.add_argument("--rungs", default="100,150,900", help="funnel steps per rung (rung 0 = quality)")
+    p.add_argument("--eta", type=int, default=4)
+    p.add_argument("--min-candidates", type=int, default=3)
+    p.add_argument("--baselines", default="bn_relu,evonorm_b0",
+                   help="known layers evaluated in both searches (evolution starts from them)")
+    p.add_argument("--rerank-seeds", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=7200)
+    p.add_argument("--out", default="benchmarks/funnel_results.jsonl")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    if int(args.rungs.split(",")[-1]) != args.steps:
+        p.error("the last rung must equal --steps (the flat search's training)")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="funnel-bench-")
+    rows = []
+    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+        for mode in (("flat", "funnel") if i % 2 == 0 else ("funnel", "flat")):
+            row = one_search(mode, seed, args, workdir)
+            rows.append(row)
+            with open(args.out, "a") as f:
+                f.write(json.dumps({**row, "args": vars(args)}) + "\n")
+            print(json.dumps(row), flush=True)
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r["seed"], {})[r["mode"]] = r
+    ratios, diffs = [], []
+    print("\nseed  flat CPU s  funnel CPU s  ratio   flat held-out  funnel held-out")
+    for seed, pair in sorted(pairs.items()):
+        a, b = pair["flat"], pair["funnel"]
+        ratios.append(b["search_cpu_s"] / a["search_cpu_s"])
+        if a["score"] is not None and b["score"] is not None:
+            diffs.append(b["score"] - a["score"])
+        print(f"{seed:4d}  {a['search_cpu_s']:10.1f}  {b['search_cpu_s']:12.1f}  {ratios[-1]:5.2f}   "
+              f"{a['score'] if a['score'] is not None else float('nan'):13.4f}  "
+              f"{b['score'] if b['score'] is not None else float('nan'):15.4f}")
+    m, lo, hi = interval(ratios)
+    print(f"CPU ratio funnel/flat: {m:.2f} (95% t interval {lo:.2f}..{hi:.2f}, {len(ratios)} seeds)")
+    if diffs:
+        m, lo, hi = interval(diffs)
+        print(f"held-out score funnel - flat: {m:+.4f} (95% t interval {lo:+.4f}..{hi:+.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
