@@ -15,19 +15,21 @@ Results go to ``--out`` as one JSON line per search as soon as it ends (a long r
 stopped and read), then a summary: per-seed CPU ratio funnel/flat and held-out difference, with
 means and 95% t intervals over seeds (scipy.stats).
 
-    python benchmarks/funnel.py --seeds 0,1,2 --budget 12 --steps 900 --rungs 100,150,900 --eta 4
+    python benchmarks/funnel.py --seeds 0,1 --budget 10 --steps 600 --rungs 100,150,600 --eta 4 \
+        --baselines bn_relu --parallel 4
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 CONFIG = """
 name = "{name}"
@@ -42,6 +44,9 @@ workers = 1
 [evaluator]
 steps = {steps}
 
+[filter_options.quality]
+steps = {quality_steps}
+
 [rerank]
 enabled = false
 
@@ -53,21 +58,21 @@ min_candidates = {min_candidates}
 """
 
 
-def child_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def opsearch(args: list[str], timeout: float) -> tuple[float, float]:
-    """Run one opsearch command; (CPU seconds, wall seconds) of the child."""
+def opsearch(args: list[str], log: str) -> tuple[float, float]:
+    """Run one opsearch command; (CPU seconds, wall seconds) of that child alone (wait4's
+    rusage, so that searches running at the same time are told apart)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("OPSEARCH_FAULT", None)
-    cpu0, t0 = child_cpu(), time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(f"opsearch {' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
-    return child_cpu() - cpu0, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "opsearch", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(log) as f:
+            raise RuntimeError(f"opsearch {args[0]} failed ({proc.returncode}):\n{f.read()[-3000:]}")
+    return usage.ru_utime + usage.ru_stime, time.perf_counter() - t0
 
 
 def held_out(storage: str, name: str) -> dict:
@@ -100,11 +105,12 @@ def one_search(mode: str, seed: int, args, workdir: str) -> dict:
     with open(path, "w") as f:
         f.write(CONFIG.format(name=name, budget=args.budget, dataset=args.dataset, storage=storage,
                               baselines=json.dumps(args.baselines.split(",") if args.baselines else []),
-                              seed=seed, steps=args.steps, funnel=str(mode == "funnel").lower(),
+                              seed=seed, steps=args.steps, quality_steps=rungs[0], funnel=str(mode == "funnel").lower(),
                               eta=args.eta, rungs=json.dumps(rungs), min_candidates=args.min_candidates))
-    search_cpu, search_wall = opsearch(["search", "--config", path, "--quiet"], args.timeout)
+    log = os.path.join(workdir, f"{name}.log")
+    search_cpu, search_wall = opsearch(["search", "--config", path, "--quiet"], log)
     rerank_cpu, _ = opsearch(["rerank", name, "--storage", storage, "--top", "1", "--seeds",
-                              str(args.rerank_seeds), "--quiet", "-O", "rerank.baselines=[]"], args.timeout)
+                              str(args.rerank_seeds), "--quiet", "-O", "rerank.baselines=[]"], log)
     return {"mode": mode, "seed": seed, "search_cpu_s": round(search_cpu, 1),
             "search_wall_s": round(search_wall, 1), "rerank_cpu_s": round(rerank_cpu, 1),
             **held_out(storage, name)}
@@ -124,30 +130,41 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--budget", type=int, default=12)
+    p.add_argument("--budget", type=int, default=10)
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--steps", type=int, default=900, help="flat training steps = the funnel's top rung")
-    p.add_argument("--rungs", default="100,150,900", help="funnel steps per rung (rung 0 = quality)")
+    p.add_argument("--steps", type=int, default=600, help="flat training steps = the funnel's top rung")
+    p.add_argument("--rungs", default="100,150,600", help="funnel steps per rung (rung 0 = quality)")
     p.add_argument("--eta", type=int, default=4)
     p.add_argument("--min-candidates", type=int, default=3)
-    p.add_argument("--baselines", default="bn_relu,evonorm_b0",
+    p.add_argument("--baselines", default="bn_relu",
                    help="known layers evaluated in both searches (evolution starts from them)")
     p.add_argument("--rerank-seeds", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=7200)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="searches at once (CPU seconds are per search; both modes of a seed "
+                        "start together, so they share the load)")
     p.add_argument("--out", default="benchmarks/funnel_results.jsonl")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     if int(args.rungs.split(",")[-1]) != args.steps:
         p.error("the last rung must equal --steps (the flat search's training)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="funnel-bench-")
+    jobs = [(mode, seed) for i, seed in enumerate(int(s) for s in args.seeds.split(","))
+            for mode in (("flat", "funnel") if i % 2 == 0 else ("funnel", "flat"))]
+    print(f"work directory {workdir}", flush=True)
     rows = []
-    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-        for mode in (("flat", "funnel") if i % 2 == 0 else ("funnel", "flat")):
-            row = one_search(mode, seed, args, workdir)
+    lock = threading.Lock()
+
+    def job(item):
+        row = one_search(*item, args, workdir)
+        with lock:
             rows.append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps({**row, "args": vars(args)}) + "\n")
             print(json.dumps(row), flush=True)
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        for future in [pool.submit(job, item) for item in jobs]:
+            future.result()
     pairs = {}
     for r in rows:
         pairs.setdefault(r["seed"], {})[r["mode"]] = r
