@@ -35,6 +35,7 @@ CONFIG = """
 name = "{name}"
 space = "{space}"
 budget = {budget}
+archs = {archs}
 dataset = "{dataset}"
 storage = "{storage}"
 baselines = {baselines}
@@ -104,7 +105,7 @@ def one_search(mode: str, seed: int, args, workdir: str) -> dict:
     rungs = [int(s) for s in args.rungs.split(",")]
     path = os.path.join(workdir, f"{name}.toml")
     with open(path, "w") as f:
-        f.write(CONFIG.format(name=name, space=args.space, budget=args.budget, dataset=args.dataset, storage=storage,
+        f.write(CONFIG.format(name=name, space=args.space, archs=json.dumps(args.archs.split(",")), budget=args.budget, dataset=args.dataset, storage=storage,
                               baselines=json.dumps(args.baselines.split(",") if args.baselines else []),
                               seed=seed, steps=args.steps, quality_steps=rungs[0], funnel=str(mode == "funnel").lower(),
                               eta=args.eta, rungs=json.dumps(rungs), min_candidates=args.min_candidates))
@@ -137,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--budget", type=int, default=16)
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--space", default="activation",
-                   help="search space (activation: most candidates pass the filters, so a small "
-                        "budget fills the rungs; evonorm rejects ~90%%)")
+    p.add_argument("--archs", default="resnet,mobilenetv2,efficientnet")
+    p.add_argument("--space", default="evonorm",
+                   help="search space")
     p.add_argument("--steps", type=int, default=300, help="flat training steps = the funnel's top rung")
     p.add_argument("--rungs", default="50,75,300", help="funnel steps per rung (rung 0 = quality)")
     p.add_argument("--eta", type=int, default=4)
     p.add_argument("--min-candidates", type=int, default=3)
-    p.add_argument("--baselines", default="bn_relu",
+    p.add_argument("--baselines", default="bn_relu,gn_relu,ln_relu,evonorm_b0,evonorm_s0,relu_only,identity",
                    help="known layers evaluated in both searches (evolution starts from them)")
     p.add_argument("--rerank-seeds", type=int, default=2)
     p.add_argument("--parallel", type=int, default=1,
