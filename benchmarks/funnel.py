@@ -91,7 +91,9 @@ def held_out(storage: str, name: str) -> dict:
     trials = open_run(storage, name).get_trials()
     items = [t for t in trials if t.user_attrs.get("kind") == "rerank" and t.state.name == "COMPLETE"]
     by_number = {t.number: t for t in trials}
-    cands = [t for t in items if by_number[int(t.user_attrs["of_trial"])].user_attrs.get("kind") == "candidate"]
+    # baselines are not re-ranked here (rerank.baselines=[]): every item is of the chosen layer,
+    # a candidate, or the baseline a duplicate candidate rediscovered
+    cands = items
     if not cands:
         return {"trial": None, "score": None, "evaluated": sum(
             1 for t in trials if t.user_attrs.get("kind") == "candidate"
@@ -102,7 +104,8 @@ def held_out(storage: str, name: str) -> dict:
     candidates = [t for t in trials if t.user_attrs.get("kind") == "candidate"]
     own = sum(float(t.user_attrs.get("elapsed_s") or 0) for t in trials
               if t.user_attrs.get("kind") in ("candidate", "promotion"))
-    return {"candidates_wall_s": round(own, 1), "trial": of, "formula": by_number[of].user_attrs.get("formula"),
+    return {"candidates_wall_s": round(own, 1), "trial": of,
+            "formula": by_number[of].user_attrs.get("layer") or by_number[of].user_attrs.get("formula"),
             "score": statistics.fmean(per_seed), "seed_scores": per_seed,
             "evaluated": sum(1 for t in candidates if t.user_attrs.get("verdict") == "evaluated"),
             "promotions": len(promoted),
