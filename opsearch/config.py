@@ -9,6 +9,7 @@ tables for the pluggable parts:
     [evaluator]          steps = 300          # its options (lightning: EvalConfig fields)
     [filter_options.quality]  min_accuracy = 0.2
     [rerank]             top_k = 10, seeds = 3, dataset = "fashion_mnist", steps = 900
+    [funnel]             enabled = true, eta = 3, steps = [100, 300, 900]
 
 `-O section.key=value` on the command line sets one option. Every command reads ``-O`` with
 `parse_assignment` (the value is a TOML value, as in the config file: ``3``, ``0.1``, ``true``,
@@ -34,7 +35,8 @@ DEFAULT_EVALUATOR = "lightning"  # registry `evaluators`; trainers/plugin.py
 DEFAULT_BASELINES = ("bn_relu", "gn_relu", "ln_relu", "evonorm_b0", "evonorm_s0", "relu_only",
                      "identity")
 OPTION_SECTIONS = {"space": "space_options", "algorithm": "algorithm_options",
-                   "evaluator": "evaluator", "filter": "filter_options", "rerank": "rerank"}
+                   "evaluator": "evaluator", "filter": "filter_options", "rerank": "rerank",
+                   "funnel": "funnel"}
 
 
 @dataclass
@@ -73,6 +75,9 @@ class SearchConfig:
     # The re-ranking stage after the budget (opsearch/rerank.py): enabled, top_k, seeds,
     # baselines, dataset, data_dir, stage, plus any [evaluator] key for the held-out task.
     rerank: dict[str, Any] = field(default_factory=dict)
+    # Successive halving over training length inside the search (opsearch/funnel.py): enabled
+    # (default false), eta, steps (rung 0 = the quality filter's), min_candidates.
+    funnel: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +124,7 @@ class SearchConfig:
         need(isinstance(self.seed_with_baselines, bool), "seed_with_baselines must be true or false")
         need(isinstance(self.baselines, list) and all(isinstance(b, str) for b in self.baselines),
              "baselines must be a list of layer names")
-        for key in ("space_options", "algorithm_options", "evaluator", "filter_options", "rerank"):
+        for key in ("space_options", "algorithm_options", "evaluator", "filter_options", "rerank", "funnel"):
             need(isinstance(getattr(self, key), dict), f"{key} must be a table")
         for fname, opts in self.filter_options.items():
             need(isinstance(opts, dict), f"filter_options.{fname} must be a table")
@@ -133,6 +138,8 @@ class SearchConfig:
         need(isinstance(self.devices, (str, int, list)), "devices must be a string, int or list")
         from opsearch.rerank import check_rerank_options
         check_rerank_options(self.rerank, source)
+        from opsearch.funnel import check_funnel_options
+        check_funnel_options(self.funnel, source)
 
 
 def load_toml(path: str) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class Setup:
     study_name: str
     evaluator_cls: Any = None  # the evaluator plugin (opsearch.evaluation.Evaluator subclass)
     rerank: Any = None  # opsearch.rerank.RerankTask, or None when the stage is off
+    funnel: Any = None  # opsearch.funnel.Funnel, or None when off (the default)
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
@@ -90,7 +91,10 @@ class Setup:
         registry.datasets.get(config.dataset)
         for layer in config.baselines:
             registry.layers.get(layer)
-        pipeline = RejectionPipeline.from_spec(config.filters, config.filter_options)
+        from opsearch.funnel import Funnel
+        funnel = Funnel.from_config(config)
+        pipeline = RejectionPipeline.from_spec(
+            config.filters, funnel.filter_options(config.filter_options) if funnel else config.filter_options)
         evaluator_cls = registry.evaluators.get(config.evaluator_plugin)
         eval_config = make_eval_config(config)
         _device_for(config, 0)  # no such device: say so now
@@ -104,7 +108,7 @@ class Setup:
         if rerank is not None:
             rerank.check_data(eval_config)  # no held-out data: say so before the search starts
         setup = cls(config, space, algorithm_cls, pipeline, eval_config, url, study_name,
-                    evaluator_cls, rerank)
+                    evaluator_cls, rerank, funnel)
         setup.new_algorithm(config.seed)  # unknown or bad algorithm options: say so now
         return setup
 
@@ -177,10 +181,14 @@ class Worker:
         if getattr(self.eval_config, "threads", None):
             import torch
             torch.set_num_threads(self.eval_config.threads)  # the filters train too
-        self.context = FilterContext(eval_config=self.eval_config, equivalence=EquivalenceCache(),
+        funnel = setup.funnel  # candidates train to rung 1; the quality filter's session too
+        self.context = FilterContext(eval_config=(self.eval_config if funnel is None else funnel.eval_config(
+                                         self.eval_config, 1, self.config.evaluator_plugin)),
+                                     equivalence=EquivalenceCache(),
                                      seed=self.config.seed, evaluator_plugin=self.config.evaluator_plugin)
         self._last_reap = 0.0
         self._rerank_evaluators: dict[tuple[str, int], Any] = {}
+        self._rung_evaluators: dict[int, Any] = {}
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
         self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
@@ -252,6 +260,7 @@ class Worker:
         self._warm_up()
         if self.start_line is not None:
             self.start_line.wait()
+        self._enqueue_promotions()  # a resumed search: what the rungs call for now
         done = 0
         while max_candidates is None or done < max_candidates:
             self._maybe_reap()
@@ -285,6 +294,8 @@ class Worker:
             if record.kind in _CACHED_KINDS:
                 self._record_equivalence(record)
             faults.point("recorded")
+            if record.kind in ("candidate", "promotion"):
+                self._enqueue_promotions()
             if self.on_result is not None:
                 self.on_result(record, outcome)
         return done
@@ -357,6 +368,8 @@ class Worker:
                     outcome = self._evaluate_baseline(record)
                 elif record.kind == "rerank":
                     outcome = self._evaluate_rerank(record)
+                elif record.kind == "promotion":
+                    outcome = self._evaluate_promotion(record)
                 else:
                     outcome = self._evaluate_candidate(record)
         except CandidateTimeout as e:
@@ -392,6 +405,8 @@ class Worker:
             return Outcome(TrialState.COMPLETE, values, attrs)
         result = self._train(candidate, outcome.warm_start)
         attrs.update(result)
+        if self.setup.funnel is not None:
+            attrs.update({"rung": 1, "rung_steps": self.setup.funnel.steps[1]})
         return Outcome(TrialState.COMPLETE, [result[f"acc/{a}"] for a in self.archs], attrs)
 
     def _train(self, candidate, warm_start=None) -> dict[str, Any]:
@@ -411,10 +426,13 @@ class Worker:
         return {f"acc/{a}": float(v) for a, v in zip(self.archs, values)}
 
     def _evaluate_baseline(self, record: TrialRecord) -> Outcome:
-        evaluator = self.context.get_evaluator()
+        funnel = self.setup.funnel  # with the funnel, baselines stand at the top rung
+        evaluator = self.context.get_evaluator() if funnel is None else self._rung_evaluator(funnel.top)
         result = evaluator.evaluate(record.user_attrs["layer"])
         values = [float(result.accuracies[a]) for a in self.archs]
         attrs = {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()}
+        if funnel is not None:
+            attrs.update({"rung": funnel.top, "rung_steps": funnel.steps[-1]})
         attrs.update(self._known_layer_keys(record))
         return Outcome(TrialState.COMPLETE, values, attrs)
 
@@ -447,6 +465,9 @@ class Worker:
                 return record
             with self.lock:
                 self._absorb(self.run.sync())
+                if self.setup.funnel is not None:  # promotions due from the last results first
+                    from opsearch import funnel
+                    funnel.enqueue_missing(self.run, self.setup.funnel)
                 pending = rerank.search_pending(self.run)
                 if not pending:
                     rerank.enqueue_missing(self.run, self.setup.rerank)
@@ -479,6 +500,46 @@ class Worker:
         values = [float(result.accuracies[a]) for a in self.archs]
         return Outcome(TrialState.COMPLETE, values,
                        {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()})
+
+    # -- the funnel (opsearch/funnel.py) --------------------------------------------------------
+
+    def _enqueue_promotions(self) -> None:
+        """Enqueue the promotions the study's rungs call for (idempotent, under the lock)."""
+        from opsearch import funnel
+
+        if self.setup.funnel is None:
+            return
+        with self.lock:
+            self._absorb(self.run.sync())
+            funnel.enqueue_missing(self.run, self.setup.funnel)
+
+    def _rung_evaluator(self, rung: int):
+        evaluator = self._rung_evaluators.get(rung)
+        if evaluator is None:
+            from opsearch.rejection import FilterContext
+
+            config = self.setup.funnel.eval_config(self.eval_config, rung, self.config.evaluator_plugin)
+            evaluator = FilterContext(eval_config=config,
+                                      evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
+            self._rung_evaluators[rung] = evaluator
+        return evaluator
+
+    def _evaluate_promotion(self, record: TrialRecord) -> Outcome:
+        """A candidate trained from scratch to its new rung's steps (the flat evaluation's seed)."""
+        from opsearch import graph as graph_mod
+
+        funnel = self.setup.funnel
+        rung = int(record.user_attrs["rung"])
+        if funnel is None or not 1 <= rung <= funnel.top:
+            raise ValueError(f"promotion to rung {rung}, but this search's funnel has "
+                             f"{'none' if funnel is None else funnel.top}")
+        faults.point("promotion")
+        layer = graph_mod.from_dict(json.loads(record.user_attrs["graph"]))  # our schema, never pickle
+        result = self._rung_evaluator(rung).evaluate(layer)
+        values = [float(result.accuracies[a]) for a in self.archs]
+        return Outcome(TrialState.COMPLETE, values,
+                       {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs(),
+                        "rung_steps": funnel.steps[rung]})
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""

@@ -47,3 +47,18 @@ def pareto_mask(points: Sequence[Sequence[float]]) -> list[bool]:
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the non-dominated points, in order."""
     return [i for i, on_front in enumerate(pareto_mask(points)) if on_front]
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
+    """Non-dominated sorting: 0 for the Pareto front, 1 for the front of what remains, ..."""
+    ranks = [-1] * len(points)
+    left = list(range(len(points)))
+    rank = 0
+    while left:
+        mask = pareto_mask([points[i] for i in left])
+        for i, on_front in zip(left, mask):
+            if on_front:
+                ranks[i] = rank
+        left = [i for i, on_front in zip(left, mask) if not on_front]
+        rank += 1
+    return ranks

@@ -102,6 +102,7 @@ class Row:
     mean: float
     pareto: bool = False
     elapsed_s: float | None = None
+    rung: int | None = None  # with the funnel: the highest rung the accuracies come from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,9 +110,12 @@ class Row:
 
 def scored_rows(trials: Sequence[Any], archs: Sequence[str]) -> list[Row]:
     """Every evaluated candidate and baseline with its accuracies (duplicates are left out: they
-    repeat the trial they equal), Pareto marks over all of them, best mean first."""
+    repeat the trial they equal), Pareto marks over all of them, best mean first. With the funnel
+    (opsearch/funnel.py), each candidate at the highest rung it finished."""
+    from opsearch.funnel import at_highest_rung, rung_of
+
     rows = []
-    for t in search_trials(trials):
+    for t in search_trials(at_highest_rung(trials)):
         k = kind(t)
         if k != "baseline" and category(t) != "evaluated":
             continue
@@ -121,7 +125,7 @@ def scored_rows(trials: Sequence[Any], archs: Sequence[str]) -> list[Row]:
         elapsed = t.user_attrs.get("elapsed_s")
         rows.append(Row(t.number, k, name_of(t), verdict(t), dict(zip(archs, accs)),
                         float(np.mean(accs)) if accs else float("nan"), False,
-                        float(elapsed) if isinstance(elapsed, (int, float)) else None))
+                        float(elapsed) if isinstance(elapsed, (int, float)) else None, rung_of(t)))
     for row, on_front in zip(rows, pareto_mask([list(r.accuracies.values()) for r in rows])):
         row.pareto = bool(on_front)
     rows.sort(key=lambda r: (-r.mean, r.trial))
@@ -138,9 +142,12 @@ def leaderboard(trials: Sequence[Any], archs: Sequence[str], top: int | None = 1
 
 def best_trial(trials: Sequence[Any], archs: Sequence[str]) -> Any | None:
     """The candidate with the best mean accuracy over the architectures (evaluated or
-    duplicate; a duplicate's graph is a different spelling of the same function)."""
+    duplicate; a duplicate's graph is a different spelling of the same function), at the highest
+    rung it finished when the search ran the funnel."""
+    from opsearch.funnel import at_highest_rung
+
     best, best_mean = None, -math.inf
-    for t in search_trials(trials):
+    for t in search_trials(at_highest_rung(trials)):
         if kind(t) == "baseline" or category(t) not in ("evaluated", "duplicate"):
             continue
         accs = accuracies(t, archs)

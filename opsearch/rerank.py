@@ -270,7 +270,7 @@ def _item_attrs(trial: Any) -> dict[str, Any]:
 
 def search_pending(run) -> list[Any]:
     """Candidates and baselines still waiting or running: the top K is chosen after them."""
-    return [r for r in run.unfinished() if r.kind in ("candidate", "baseline")]
+    return [r for r in run.unfinished() if r.kind in ("candidate", "baseline", "promotion")]
 
 
 def existing_items(trials: Sequence[Any]) -> set[tuple[int, int, str]]:
@@ -291,8 +291,10 @@ def enqueue_missing(run, task: RerankTask) -> int:
 
     Call after `run.sync()` under the workers' lock, once `search_pending(run)` is empty. Items
     go in seed-major order, so every layer has its first seed before any has its second."""
+    from opsearch.funnel import at_highest_rung
+
     trials = run.trials()
-    chosen = select(trials, run.archs, task.top_k, task.baselines)
+    chosen = select(at_highest_rung(trials), run.archs, task.top_k, task.baselines)
     if not chosen:
         return 0
     present = existing_items(trials)

@@ -199,9 +199,10 @@ def _accs(t: Any, archs: Sequence[str]) -> tuple[float, ...] | None:
 def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems,
                   task: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per layer: intervals, paired tests against each baseline, ranks; and the agreement."""
+    from opsearch.funnel import at_highest_rung
     from opsearch.rerank import search_mean
 
-    by_number = {t.number: t for t in trials}
+    by_number = {t.number: t for t in at_highest_rung(trials)}  # the funnel: highest rung's score
     layers = []
     for of_trial, by_seed in items.results.items():
         origin = by_number.get(of_trial)

@@ -43,7 +43,8 @@ WORKER_KEY = "opsearch:worker"
 HEARTBEAT_KEY = "opsearch:heartbeat"
 LOST = "failed:worker_lost"
 # What a lost trial hands to its requeued copy: the candidate, or the rerank item (stage, seed, of_trial)
-REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial")
+REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial",
+                 "rung")
 STUDY_FORMAT = "opsearch.study/1"
 
 

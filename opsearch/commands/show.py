@@ -72,13 +72,17 @@ def print_summary(summary: dict[str, Any], title: str = "", file=None) -> None:
         table.add_column(arch, justify="right")
     table.add_column("mean", justify="right")
     table.add_column("pareto", justify="center")
+    rungs = any(row.get("rung") is not None for row in summary["leaderboard"])  # the funnel's
+    if rungs:
+        table.add_column("rung", justify="right")
     for row in summary["leaderboard"]:
         name = escape(row["name"])
         if row["kind"] == "baseline":
             name = f"[dim]{name} (baseline)[/dim]"
         table.add_row(str(row["trial"]), name,
                       *(f"{row['accuracies'][a]:.3f}" for a in archs),
-                      f"{row['mean']:.3f}", "*" if row["pareto"] else "")
+                      f"{row['mean']:.3f}", "*" if row["pareto"] else "",
+                      *([str(row.get("rung") if row.get("rung") is not None else "-")] if rungs else []))
     console.print(table)
 
     counts = summary["verdicts"]
