@@ -32,7 +32,6 @@ from datetime import datetime
 import optuna
 from optuna.trial import TrialState
 
-from opsearch import registry
 from opsearch.config import DEFAULT_ARCHS
 from opsearch.space import SearchSpace
 from opsearch.study import Run, WorkerId
