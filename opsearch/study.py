@@ -113,18 +113,23 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     return storage
 
 
+CREATION_LOCK_SUFFIX = ".create-lock"
+
+
 @contextlib.contextmanager
 def creation_lock(path: str):
     """Hold an exclusive lock beside a storage file while it is opened (and maybe created).
 
     Why: workers of a job array start at the same instant on a brand-new study; each would create
     the schema, and all but one died with `UNIQUE constraint failed: alembic_version`. The lock
-    file (PATH.lock) is left in place: removing it would reopen the race."""
+    file (PATH.create-lock) is left in place: removing it would reopen the race. Its name must
+    not be PATH.lock: Optuna's journal file backend takes that name for its own lock, and a file
+    left there made every journal write wait 30 s before Optuna broke the "stale" lock."""
     import fcntl
 
     _ensure_parent(path)
     try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path + CREATION_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # a read-only folder: nobody can create the storage there anyway
         yield
         return

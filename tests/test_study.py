@@ -206,3 +206,14 @@ def test_an_unknown_table_layout_turns_the_fast_reader_off(tmp_path, monkeypatch
     assert not study_mod._RDB_FAST_READ
     assert run.trials()[0].user_attrs["formula"] == "x" and fresh == []
     assert study_mod._read_rdb_trials(run.storage, run.study_id, -1, set()) is None
+
+
+def test_opening_a_journal_leaves_optunas_lock_name_free(tmp_path):
+    """Optuna's journal backend locks with a PATH.lock symlink; a file of ours left under that
+    name made each write wait 30 s for Optuna to break a lock nobody held."""
+    path = tmp_path / "study.log"
+    open_storage(f"journal:///{path}", create=True)
+    assert not os.path.lexists(str(path) + ".lock")
+    run = Run.create_or_open(f"journal:///{path}", "j", ATTRS, ["space", "archs"])
+    run.start_trial({"kind": "candidate"})
+    assert not os.path.lexists(str(path) + ".lock")
