@@ -28,7 +28,7 @@ from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
-COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset")
+COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin")
 MAX_REPROPOSALS = 20
 RERANK_POLL_S = 1.0  # how often a worker at the budget looks whether the last candidates ended
 
@@ -119,7 +119,8 @@ class Setup:
     def study_attrs(self) -> dict[str, Any]:
         c = self.config
         return {"space": c.space, "space_options": c.space_options, "algorithm": c.algorithm,
-                "archs": list(c.archs), "dataset": c.dataset, "config": json.dumps(c.to_dict())}
+                "archs": list(c.archs), "dataset": c.dataset, "evaluator_plugin": c.evaluator_plugin,
+                "config": json.dumps(c.to_dict())}
 
     def open_run(self) -> Run:
         return Run.create_or_open(self.url, self.study_name, self.study_attrs(), COMPATIBLE_KEYS)

@@ -77,6 +77,14 @@ def test_bad_evaluator_names_and_options_fail_before_anything_is_written(tmp_pat
     assert not (tmp_path / "study.db").exists()
 
 
+def test_resuming_with_another_evaluator_is_refused(tmp_path):
+    """Scores of two evaluators are not comparable: one study holds one evaluator's."""
+    surrogate_module()
+    Setup.from_config(config(tmp_path)).open_run()
+    with pytest.raises(UserError, match="evaluator_plugin"):
+        Setup.from_config(config(tmp_path, evaluator_plugin="lightning", evaluator={})).open_run()
+
+
 def test_the_registry_names_the_plugin_class():
     module = surrogate_module()
     assert registry.evaluators.get("surrogate") is module.SurrogateEvaluator

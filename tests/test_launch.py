@@ -152,15 +152,13 @@ def test_one_devices_parser():
 
 
 def test_every_caller_uses_the_one_parser():
-    """engine, the evaluator pool and `opsearch evaluate` agree because they share the code."""
+    """engine and `opsearch evaluate` agree because they share the code."""
     import inspect
 
     from opsearch import engine
     from opsearch.commands import evaluate
-    from opsearch.trainers import evaluator
 
     assert not hasattr(evaluate, "parse_devices") or evaluate.parse_devices is devices.parse_devices
-    assert "gpu_ids(" in inspect.getsource(evaluator._gpu_ids)
     assert "devices.gpu_ids(" in inspect.getsource(engine.device_ids)
 
 

@@ -455,14 +455,3 @@ class EvalSession:
         per_arch = {arch: self._arch_result(arch) for arch in self.evaluator.config.archs if arch in self.runs}
         return EvalResult(self.label, {a: r.accuracy for a, r in per_arch.items()}, per_arch,
                           sum(r.seconds for r in per_arch.values()))
-
-
-# ---------------------------------------------------------------------------------------------
-
-def _gpu_ids(config: EvalConfig) -> list[int] | None:
-    from opsearch.devices import gpu_ids  # the one --devices parser (no CUDA init: fork-safe)
-
-    # a pool spreads its workers over the devices listed, or over all of them
-    return gpu_ids(config.accelerator, config.devices if isinstance(config.devices, (list, tuple))
-                   else "auto")
-
