@@ -1,4 +1,5 @@
-"""Hand-made studies for tests that read a run without searching."""
+"""What several test files share: hand-made studies for tests that read a run without
+searching, and the tiny proxy of the test searches."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -13,3 +14,22 @@ def add_finished(run, user_attrs, state, values) -> None:
         number=-1, state=state, value=None, values=values, datetime_start=now, datetime_complete=now,
         params={}, distributions={}, user_attrs=user_attrs, system_attrs={}, intermediate_values={},
         trial_id=-1))
+
+
+# The tiny search of the end-to-end tests (4-node graphs, 3 training steps of a width-4 network):
+# a str.format template fragment (braces doubled), appended to a test's own TOML header.
+TINY_PROXY_TOML = """
+[space_options]
+num_nodes = 4
+
+[algorithm_options]
+population_size = 4
+tournament_size = 2
+
+[evaluator]
+steps = 3
+batch_size = 16
+val_batch_size = 128
+warmup_steps = 1
+arch_options = {{ width = 4, depth = 1 }}
+"""

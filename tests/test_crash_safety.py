@@ -12,6 +12,7 @@ from opsearch.study import open_run
 
 import contract
 import resources
+from studies import TINY_PROXY_TOML
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +29,7 @@ storage = "{storage}"
 workers = {workers}
 plots = false
 seed = 1
-
-[space_options]
-num_nodes = 4
-
-[algorithm_options]
-population_size = 4
-tournament_size = 2
-
-[evaluator]
-steps = 3
-batch_size = 16
-val_batch_size = 128
-warmup_steps = 1
-arch_options = {{ width = 4, depth = 1 }}
-"""
+""" + TINY_PROXY_TOML
 
 
 ARCHS = ["resnet"]

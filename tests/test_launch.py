@@ -15,6 +15,7 @@ from opsearch import devices
 from opsearch.cli import main
 from opsearch.config import SearchConfig
 from opsearch.errors import UserError
+from studies import TINY_PROXY_TOML
 
 TINY = """
 space = "evonorm"
@@ -27,21 +28,7 @@ plots = false
 seed = 1
 heartbeat_s = 2
 grace_s = 30
-
-[space_options]
-num_nodes = 4
-
-[algorithm_options]
-population_size = 4
-tournament_size = 2
-
-[evaluator]
-steps = 3
-batch_size = 16
-val_batch_size = 128
-warmup_steps = 1
-arch_options = {{ width = 4, depth = 1 }}
-"""
+""" + TINY_PROXY_TOML
 
 
 def tiny_config(tmp_path, budget=6, baselines='["bn_relu"]'):

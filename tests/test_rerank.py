@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.study import open_run
-from studies import add_finished
+from studies import TINY_PROXY_TOML, add_finished
 
 TINY = """
 name = "rr"
@@ -25,21 +25,7 @@ storage = "{storage}"
 workers = {workers}
 plots = false
 seed = 1
-
-[space_options]
-num_nodes = 4
-
-[algorithm_options]
-population_size = 4
-tournament_size = 2
-
-[evaluator]
-steps = 3
-batch_size = 16
-val_batch_size = 128
-warmup_steps = 1
-arch_options = {{ width = 4, depth = 1 }}
-
+""" + TINY_PROXY_TOML + """
 [rerank]
 top_k = 2
 seeds = 3

@@ -134,31 +134,36 @@ def owners(trials):
     return [(t.system_attrs.get("opsearch:worker") or {}) for t in trials]
 
 
-def test_cancelled_job_loses_nothing(tmp_path, pg_url):
-    """scancel one job while it holds a candidate (held 12 s, longer than SLURM's KillWait): that
-    candidate is failed as lost, handed out again and finished by the other worker; nothing is
-    left RUNNING."""
-    name = f"slurm_cancel_{os.getpid()}_{int(time.time())}"
-    jobs = launch(tmp_path, pg_url, name, slow_config(tmp_path, budget=4, seconds=12))
+def signal_a_busy_job(tmp_path, url, name, seconds, scancel_args):
+    """Launch 2 workers on a 4-candidate search whose candidates take `seconds`, send
+    `scancel *scancel_args JOB` to a job while it holds a candidate, wait for the search to end.
+    Returns (its trials, the candidate's trial number, the job, the retry of that candidate)."""
+    jobs = launch(tmp_path, url, name, slow_config(tmp_path, budget=4, seconds=seconds))
     try:
         try:
-            number, job = wait_for_held_candidate(pg_url, name, jobs)
-        except AssertionError:
-            raise AssertionError(logs_of(tmp_path))
-        subprocess.run(["scancel", job], check=True, timeout=60)
-        try:
-            wait_done(pg_url, name, 4, timeout=420)
+            number, job = wait_for_held_candidate(url, name, jobs)
+            subprocess.run(["scancel", *scancel_args, job], check=True, timeout=60)
+            wait_done(url, name, 4, timeout=420)
         except AssertionError:
             raise AssertionError(logs_of(tmp_path))
     finally:
         cleanup(jobs)
-    trials = trials_of(pg_url, name)
+    trials = trials_of(url, name)
     assert_accounted(trials, 4)
     victim = next(t for t in trials if t.number == number)
     assert victim.user_attrs.get("verdict") == "failed:worker_lost", victim.user_attrs
     retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
     assert len(retries) == 1 and retries[0].state.is_finished()
-    assert owners(retries)[0].get("job") != job  # the surviving worker finished it
+    return victim, job, retries[0]
+
+
+def test_cancelled_job_loses_nothing(tmp_path, pg_url):
+    """scancel one job while it holds a candidate (held 12 s, longer than SLURM's KillWait): that
+    candidate is failed as lost, handed out again and finished by the other worker; nothing is
+    left RUNNING."""
+    name = f"slurm_cancel_{os.getpid()}_{int(time.time())}"
+    _, job, retry = signal_a_busy_job(tmp_path, pg_url, name, 12, [])
+    assert owners([retry])[0].get("job") != job  # the surviving worker finished it
 
 
 def test_preempted_job_is_requeued_and_hands_its_candidate_back(tmp_path, pg_url):
@@ -166,25 +171,7 @@ def test_preempted_job_is_requeued_and_hands_its_candidate_back(tmp_path, pg_url
     the worker hands its candidate back at once, submitit requeues the same job, and the
     requeued job (same job id, new process) carries on; the candidate is finished once."""
     name = f"slurm_requeue_{os.getpid()}_{int(time.time())}"
-    jobs = launch(tmp_path, pg_url, name, slow_config(tmp_path, budget=4, seconds=6))
-    try:
-        try:
-            number, job = wait_for_held_candidate(pg_url, name, jobs)
-        except AssertionError:
-            raise AssertionError(logs_of(tmp_path))
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
-        try:
-            wait_done(pg_url, name, 4, timeout=420)
-        except AssertionError:
-            raise AssertionError(logs_of(tmp_path))
-    finally:
-        cleanup(jobs)
-    trials = trials_of(pg_url, name)
-    assert_accounted(trials, 4)
-    victim = next(t for t in trials if t.number == number)
-    assert victim.user_attrs.get("verdict") == "failed:worker_lost", victim.user_attrs
+    victim, job, _ = signal_a_busy_job(tmp_path, pg_url, name, 6, ["--signal=USR2"])
     assert "stopped" in victim.user_attrs.get("reason", ""), victim.user_attrs  # handed back
-    retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
-    assert len(retries) == 1 and retries[0].state.is_finished()
     log = logs_of(tmp_path)
     assert log.count(f"job {job}") >= 2, log  # the same job started twice: requeued
