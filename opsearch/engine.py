@@ -427,13 +427,14 @@ class Worker:
         return {f"acc/{a}": float(v) for a, v in zip(self.archs, values)}
 
     def _evaluate_baseline(self, record: TrialRecord) -> Outcome:
-        funnel = self.setup.funnel  # with the funnel, baselines stand at the top rung
-        evaluator = self.context.get_evaluator() if funnel is None else self._rung_evaluator(funnel.top)
+        funnel = self.setup.funnel  # with the funnel, baselines stand at funnel.baseline_rung
+        evaluator = (self.context.get_evaluator() if funnel is None
+                     else self._rung_evaluator(funnel.baseline_rung))
         result = evaluator.evaluate(record.user_attrs["layer"])
         values = [float(result.accuracies[a]) for a in self.archs]
         attrs = {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()}
         if funnel is not None:
-            attrs.update({"rung": funnel.top, "rung_steps": funnel.steps[-1]})
+            attrs.update({"rung": funnel.baseline_rung, "rung_steps": funnel.steps[funnel.baseline_rung]})
         attrs.update(self._known_layer_keys(record))
         return Outcome(TrialState.COMPLETE, values, attrs)
 
@@ -515,6 +516,8 @@ class Worker:
             funnel.enqueue_missing(self.run, self.setup.funnel)
 
     def _rung_evaluator(self, rung: int):
+        if rung == 1:  # the candidates' own evaluator already trains to rung 1
+            return self.context.get_evaluator()
         evaluator = self._rung_evaluators.get(rung)
         if evaluator is None:
             from opsearch.rejection import FilterContext

@@ -22,8 +22,12 @@ What sees which rung: the search algorithm gets every candidate's rung-1 objecti
 fidelity for all, so its comparisons are fair; a promotion is not fed back). The leaderboard,
 the Pareto front, `export` and the re-ranking stage's selection see each candidate at the
 highest rung it finished (`at_highest_rung`), ranked by rung first, then mean accuracy (ASHA's
-incumbent: the best candidate of the highest rung). Baselines are evaluated at the top rung.
-The budget counts candidates; promotions are extra work within it.
+incumbent: the best candidate of the highest rung). Baselines (option ``baselines``) are
+evaluated at the top rung (``"top"``, the default: the leaderboard compares the best candidates
+with them at full length) or at rung 1 (``"first"``: the fidelity the candidates are compared
+at and the algorithm is fed, for a fraction of the cost; they are references, never promoted,
+and the re-ranking stage trains them at full length on held-out data). The budget counts
+candidates; promotions are extra work within it.
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ from opsearch.pareto import nondominated_ranks
 
 KIND = "promotion"
 LOST = "failed:worker_lost"
-DEFAULTS: dict[str, Any] = {"enabled": False, "eta": 3, "steps": None, "min_candidates": 3}
+DEFAULTS: dict[str, Any] = {"enabled": False, "eta": 3, "steps": None, "min_candidates": 3,
+                            "baselines": "top"}
+BASELINE_RUNGS = ("top", "first")
 QUALITY_STEPS = 100  # the quality filter's default steps: rung 0
 
 
@@ -62,6 +68,10 @@ def check_funnel_options(options: dict[str, Any], source: str = "config") -> Non
     if "min_candidates" in options:
         need(_int(options["min_candidates"], 1),
              f"min_candidates must be a positive integer, got {options['min_candidates']!r}")
+    if "baselines" in options:
+        need(options["baselines"] in BASELINE_RUNGS,
+             f"baselines must be one of {', '.join(map(repr, BASELINE_RUNGS))} (the rung baselines are "
+             f"evaluated at), got {options['baselines']!r}")
     steps = options.get("steps")
     if steps is not None:
         need(isinstance(steps, list) and len(steps) >= 2 and all(_int(s, 1) for s in steps)
@@ -85,6 +95,7 @@ class Funnel:
     steps: list[int]
     eta: int = 3
     min_candidates: int = 3
+    baselines: str = "top"
 
     @property
     def top(self) -> int:
@@ -119,7 +130,11 @@ class Funnel:
         if "steps" in quality and int(quality["steps"]) != steps[0]:
             raise UserError(f"funnel: rung 0 is the quality filter: funnel.steps[0] = {steps[0]} "
                             f"but filter_options.quality.steps = {quality['steps']}")
-        return cls(steps, own["eta"], own["min_candidates"])
+        return cls(steps, own["eta"], own["min_candidates"], own["baselines"])
+
+    @property
+    def baseline_rung(self) -> int:
+        return self.top if self.baselines == "top" else 1
 
     def filter_options(self, filter_options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The search's filter options with the quality filter at rung 0's steps."""
@@ -138,7 +153,8 @@ class Funnel:
 
     def describe(self) -> str:
         return (f"funnel: rungs {' -> '.join(map(str, self.steps))} steps, eta {self.eta}, "
-                f"promoting from {self.min_candidates} candidates per rung")
+                f"promoting from {self.min_candidates} candidates per rung, baselines at rung "
+                f"{self.baseline_rung}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,6 +138,12 @@ def test_bad_funnel_options_are_one_clear_error():
     assert funnel.Funnel.from_config(SearchConfig()) is None  # off by default
     on = funnel.Funnel.from_config(SearchConfig(funnel={"enabled": True}, evaluator={"steps": 900}))
     assert on.steps == [100, 300, 900] and on.filter_options({})["quality"]["steps"] == 100
+    assert on.baseline_rung == 2  # baselines at the top rung unless asked
+    first = funnel.Funnel.from_config(SearchConfig(funnel={"enabled": True, "baselines": "first"},
+                                                   evaluator={"steps": 900}))
+    assert first.baseline_rung == 1
+    with pytest.raises(UserError, match="baselines must be one of 'top', 'first'"):
+        SearchConfig.from_dict({"funnel": {"baselines": "bottom"}})
 
 
 def test_funnel_option_from_the_command_line():
@@ -182,6 +188,7 @@ enabled = true
 eta = 2
 steps = [2, 4, 8]
 min_candidates = 2
+baselines = "{baselines}"
 
 [rerank]
 enabled = {rerank}
@@ -200,11 +207,11 @@ def opsearch(args, cwd, fault=None, timeout=600):
                           text=True, timeout=timeout, cwd=cwd)
 
 
-def tiny(tmp_path, budget=10, workers=1, rerank=False):
+def tiny(tmp_path, budget=10, workers=1, rerank=False, baselines="top"):
     storage = f"sqlite:///{tmp_path}/study.db"
     path = tmp_path / "run.toml"
     path.write_text(TINY.format(budget=budget, storage=storage, workers=workers,
-                                rerank=str(rerank).lower()))
+                                rerank=str(rerank).lower(), baselines=baselines))
     return path, storage
 
 
@@ -229,7 +236,7 @@ def promotions_done_once(storage):
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["promotion:1", "promotion_enqueue:1"])
 def test_funnel_killed_and_resumed_loses_and_repeats_no_promotion(tmp_path, fault):
-    config, storage = tiny(tmp_path)
+    config, storage = tiny(tmp_path, baselines="first")
     killed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = {t.number: t for t in open_run(storage, "fn").get_trials() if t.state.is_finished()}
@@ -244,6 +251,21 @@ def test_funnel_killed_and_resumed_loses_and_repeats_no_promotion(tmp_path, faul
     counted = [t for t in trials if t.user_attrs.get("kind") == "candidate"
                and t.user_attrs.get("verdict") != LOST]
     assert len(counted) == 10, "promotions must not count toward the budget"
+    # baselines = "first": references at rung 1, never promoted
+    baselines = [t for t in trials if t.user_attrs.get("kind") == "baseline"]
+    assert baselines and all(t.user_attrs["rung"] == 1 and t.user_attrs["rung_steps"] == 4
+                             and t.state == TrialState.COMPLETE for t in baselines)
+    assert not {t.number for t in baselines} & {of for of, _ in keys}
+    # ... and trained to rung 1's steps, not only labelled so: the same accuracies as bn_relu
+    # trained for 4 steps with this search's evaluator
+    from opsearch.config import build_config
+    from opsearch.engine import make_eval_config
+    from opsearch.rejection import FilterContext
+
+    search = build_config(str(config), {}, ["evaluator.steps=4"])
+    at_rung_1 = FilterContext(eval_config=make_eval_config(search)).get_evaluator().evaluate("bn_relu")
+    (bn,) = [t for t in baselines if t.user_attrs["layer"] == "bn_relu"]
+    assert bn.values == pytest.approx([at_rung_1.accuracies[a] for a in search.archs])
     if fault.startswith("promotion:"):  # the promotion in flight was handed out again
         lost = [t for t in trials if t.user_attrs.get("verdict") == LOST]
         assert len(lost) == 1 and lost[0].user_attrs["kind"] == "promotion"
