@@ -18,11 +18,13 @@ means and 95% t intervals over seeds (scipy.stats).
     python benchmarks/funnel.py --seeds 0,1 --budget 20 --archs resnet,mobilenetv2 --steps 480 \
         --rungs 100,120,480 --eta 4 --parallel 4
 
-The baselines are evaluated in both searches (at the top rung): evolution starts from them
-(`seed_with_baselines`), without which ~96% of random evonorm graphs die in the filters and a
-small budget trains nothing. They cost the same in both modes, so they dilute the ratio; the
-summary also gives the ratio of the candidates' own wall seconds (`elapsed_s` of candidates
-and promotions), the part the funnel acts on.
+The baselines are evaluated in both searches: evolution starts from them (`seed_with_baselines`),
+without which ~96% of random evonorm graphs die in the filters and a small budget trains
+nothing. Flat trains them to ``--steps``; the funnel at rung 1 (``--funnel-baselines first``,
+the default: the fidelity its candidates are compared at) or at the top rung (``top``: then
+they cost the same in both modes and dilute the ratio). The summary also gives the ratio of the
+candidates' own wall seconds (`elapsed_s` of candidates and promotions), the part the funnel
+acts on.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ enabled = {funnel}
 eta = {eta}
 steps = {rungs}
 min_candidates = {min_candidates}
+baselines = "{funnel_baselines}"
 """
 
 
@@ -121,7 +124,8 @@ def one_search(mode: str, seed: int, args, workdir: str) -> dict:
         f.write(CONFIG.format(name=name, space=args.space, archs=json.dumps(args.archs.split(",")), budget=args.budget, dataset=args.dataset, storage=storage,
                               baselines=json.dumps(args.baselines.split(",") if args.baselines else []),
                               seed=seed, steps=args.steps, quality_steps=rungs[0], funnel=str(mode == "funnel").lower(),
-                              eta=args.eta, rungs=json.dumps(rungs), min_candidates=args.min_candidates))
+                              eta=args.eta, rungs=json.dumps(rungs), min_candidates=args.min_candidates,
+                              funnel_baselines=args.funnel_baselines))
     log = os.path.join(workdir, f"{name}.log")
     search_cpu, search_wall = opsearch(["search", "--config", path, "--quiet"], log)
     try:
@@ -160,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-candidates", type=int, default=3)
     p.add_argument("--baselines", default="bn_relu,gn_relu,ln_relu,evonorm_b0,evonorm_s0,relu_only,identity",
                    help="known layers evaluated in both searches (evolution starts from them)")
+    p.add_argument("--funnel-baselines", default="first", choices=("top", "first"),
+                   help="the funnel search's funnel.baselines: 'first' evaluates the baselines at "
+                        "rung 1 (flat evaluates them at --steps), 'top' at the top rung like flat")
     p.add_argument("--rerank-seeds", type=int, default=2)
     p.add_argument("--parallel", type=int, default=1,
                    help="searches at once (CPU seconds are per search; both modes of a seed "
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(args.rungs.split(",")[-1]) != args.steps:
         p.error("the last rung must equal --steps (the flat search's training)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="funnel-bench-")
+    os.makedirs(workdir, exist_ok=True)
     jobs = [(mode, seed) for i, seed in enumerate(int(s) for s in args.seeds.split(","))
             for mode in (("flat", "funnel") if i % 2 == 0 else ("funnel", "flat"))]
     print(f"work directory {workdir}", flush=True)
