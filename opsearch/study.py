@@ -18,6 +18,7 @@ candidate enqueued again as a WAITING trial that the next free worker pops.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -646,24 +647,53 @@ class Run:
 
 def _upsert_attrs(storage: RDBStorage, session, model_cls, trial_id: int,
                   attrs: dict[str, Any]) -> None:
-    """All attributes of a trial in one multi-row upsert (Optuna writes one row per statement,
-    with a SELECT before each: about 1 ms per attribute here)."""
+    """All attributes of a trial in one upsert statement executed for many rows (Optuna writes
+    one row per statement, with a SELECT before each: about 1 ms per attribute here). The
+    statement is built once per table and dialect, so SQLAlchemy compiles it once: a statement
+    built with the rows inline (``.values(rows)``) was compiled anew on every write, ~0.4 ms
+    each, three writes per candidate."""
     if not attrs:
         return
-    dialect = storage.engine.name
     rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-    if dialect in ("sqlite", "postgresql"):
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
-        stmt = insert(model_cls).values(rows)
-        stmt = stmt.on_conflict_do_update(index_elements=[model_cls.trial_id, model_cls.key],
-                                          set_={"value_json": stmt.excluded.value_json})
-        session.execute(stmt)
+    stmt = _upsert_statement(storage.engine.name, model_cls)
+    if stmt is not None:
+        session.execute(stmt, rows)
         return
     for key, value in attrs.items():
         storage._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _upsert_statement(dialect: str, model_cls, keys: tuple[str, ...] = ("trial_id", "key"),
+                      updated: tuple[str, ...] = ("value_json",)):
+    """INSERT ... ON CONFLICT (keys) DO UPDATE (updated columns) for SQLite and PostgreSQL;
+    None for other databases (they take Optuna's row-by-row path)."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        return None
+    stmt = insert(model_cls)
+    return stmt.on_conflict_do_update(index_elements=[getattr(model_cls, k) for k in keys],
+                                      set_={c: getattr(stmt.excluded, c) for c in updated})
+
+
+def _upsert_values(storage: RDBStorage, session, models, trial, values: Sequence[float]) -> None:
+    """A trial's objective values in one statement (Optuna's path reads, then writes, each)."""
+    stmt = _upsert_statement(storage.engine.name, models.TrialValueModel, ("trial_id", "objective"),
+                             ("value", "value_type"))
+    if stmt is None:
+        for objective, value in enumerate(values):
+            storage._set_trial_value_without_commit(session, trial, objective, value)
+        return
+    rows = []
+    for objective, value in enumerate(values):
+        stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
+        rows.append({"trial_id": trial.trial_id, "objective": objective, "value": stored,
+                     "value_type": value_type})
+    if rows:
+        session.execute(stmt, rows)
 
 
 def _create_running(storage: BaseStorage, study_id: int, template: FrozenTrial) -> tuple[int, int]:
@@ -708,8 +738,7 @@ def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
                 storage.check_trial_is_updatable(trial_id, trial.state)
                 _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial_id, user_attrs)
-                for objective, value in enumerate(values or ()):
-                    storage._set_trial_value_without_commit(session, trial, objective, value)
+                _upsert_values(storage, session, models, trial, values or ())
                 trial.state = state
                 trial.datetime_complete = datetime.now()
             return
