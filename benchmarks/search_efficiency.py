@@ -376,8 +376,10 @@ def engine_main(args, names: list[str], thresholds: list[float]) -> int:
     options = parse_options(args.options)
     results: list[dict] = []
     if args.json and os.path.exists(args.json) and (args.resume or args.report):
-        with open(args.json) as f:
-            results = json.load(f)["runs"]
+        import gzip
+
+        with (gzip.open(args.json, "rt") if args.json.endswith(".gz") else open(args.json)) as f:
+            results = json.load(f)["runs"]  # a kept record may be gzipped (--report)
     done = {(r["algorithm"], r["seed"]) for r in results}
     if args.report:
         engine_report(results, thresholds, names)
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-evals", type=int, default=10000, help="give up after this many evaluations")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (results identical)")
-    p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON (--report and --resume also read a .gz)")
     p.add_argument("--mode", choices=("surrogate", "engine"), default="surrogate",
                    help="surrogate: the functional proxy above; engine: real searches (filters and "
                         "training on the default proxy, 2 workers), thresholds in mean accuracy")
