@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-evals", type=int, default=10000, help="give up after this many evaluations")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (results identical)")
-    p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON (--report and --resume also read a .gz)")
+    p.add_argument("--json", metavar="FILE", help="also write the per-run results as JSON (--report also reads a .gz)")
     p.add_argument("--mode", choices=("surrogate", "engine"), default="surrogate",
                    help="surrogate: the functional proxy above; engine: real searches (filters and "
                         "training on the default proxy, 2 workers), thresholds in mean accuracy")
