@@ -1,7 +1,10 @@
 """What several test files share: hand-made studies for tests that read a run without
-searching, and the tiny proxy of the test searches."""
+searching, the tiny proxy of the test searches, and running the CLI in a child process."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime
 
 from optuna.trial import FrozenTrial
@@ -33,3 +36,15 @@ val_batch_size = 128
 warmup_steps = 1
 arch_options = {{ width = 4, depth = 1 }}
 """
+
+
+def run_opsearch(args, cwd, fault=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m opsearch ARGS` in a child process, one torch thread, with the fault injection
+    point `fault` (opsearch/faults.py) armed, or none even if this process has one."""
+    env = dict(os.environ)
+    env.pop("OPSEARCH_FAULT", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if fault:
+        env["OPSEARCH_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)

@@ -1,10 +1,6 @@
 """Crash safety and many workers: SIGKILL at chosen moments, resume; 4 workers on one study."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import optuna
 import pytest
 
@@ -12,7 +8,7 @@ from opsearch.study import open_run
 
 import contract
 import resources
-from studies import TINY_PROXY_TOML
+from studies import TINY_PROXY_TOML, run_opsearch
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +40,8 @@ def write_config(tmp_path, storage, budget=6, workers=1, baselines='["bn_relu"]'
 
 
 def search(config_path, fault=None, timeout=300):
-    env = dict(os.environ)
-    env.pop("OPSEARCH_FAULT", None)
-    if fault:
-        env["OPSEARCH_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "opsearch", "search", "--config", str(config_path),
-                           "--quiet"], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=config_path.parent)
+    return run_opsearch(["search", "--config", str(config_path), "--quiet"], config_path.parent,
+                        fault, timeout)
 
 
 def all_trials(storage):

@@ -2,9 +2,6 @@
 study (idempotent, resumable), surviving SIGKILL, shared by two workers."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 from optuna.trial import TrialState
@@ -14,6 +11,7 @@ from opsearch.config import SearchConfig
 from opsearch.errors import UserError
 from opsearch.pareto import nondominated_ranks
 from opsearch.study import LOST, Run, open_run
+from studies import run_opsearch
 
 ARCHS = ["resnet", "mobilenetv2"]
 
@@ -197,16 +195,6 @@ seeds = 1
 """
 
 
-def opsearch(args, cwd, fault=None, timeout=600):
-    env = dict(os.environ)
-    env.pop("OPSEARCH_FAULT", None)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if fault:
-        env["OPSEARCH_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
-
-
 def tiny(tmp_path, budget=10, workers=1, rerank=False, baselines="top"):
     storage = f"sqlite:///{tmp_path}/study.db"
     path = tmp_path / "run.toml"
@@ -237,10 +225,10 @@ def promotions_done_once(storage):
 @pytest.mark.parametrize("fault", ["promotion:1", "promotion_enqueue:1"])
 def test_funnel_killed_and_resumed_loses_and_repeats_no_promotion(tmp_path, fault):
     config, storage = tiny(tmp_path, baselines="first")
-    killed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
+    killed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = {t.number: t for t in open_run(storage, "fn").get_trials() if t.state.is_finished()}
-    resumed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    resumed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trials, keys = promotions_done_once(storage)
     assert keys
@@ -277,7 +265,7 @@ def test_funnel_killed_and_resumed_loses_and_repeats_no_promotion(tmp_path, faul
 @pytest.mark.slow
 def test_funnel_with_two_workers_does_every_promotion_once_before_the_rerank(tmp_path):
     config, storage = tiny(tmp_path, budget=12, workers=2, rerank=True)
-    result = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    result = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials, keys = promotions_done_once(storage)
     assert keys
@@ -290,6 +278,6 @@ def test_funnel_with_two_workers_does_every_promotion_once_before_the_rerank(tmp
     assert {t.user_attrs["rung"] for t in trials if t.user_attrs.get("kind") == "baseline"} == {2}
     assert {t.user_attrs.get("rung") for t in trials if t.user_attrs.get("kind") == "candidate"
             and t.user_attrs.get("verdict") == "evaluated"} == {1}
-    again = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    again = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(open_run(storage, "fn").get_trials()) == len(trials)

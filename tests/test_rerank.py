@@ -3,15 +3,12 @@ and `opsearch rerank` refusing bad input without touching the study."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from optuna.trial import TrialState
 
 from opsearch.study import open_run
-from studies import TINY_PROXY_TOML, add_finished
+from studies import TINY_PROXY_TOML, add_finished, run_opsearch
 
 TINY = """
 name = "rr"
@@ -64,16 +61,6 @@ warmup_steps = 5
 """
 
 
-def opsearch(args, cwd, fault=None, timeout=600):
-    env = dict(os.environ)
-    env.pop("OPSEARCH_FAULT", None)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if fault:
-        env["OPSEARCH_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
-
-
 def tiny(tmp_path, budget=5, workers=1):
     storage = f"sqlite:///{tmp_path}/study.db"
     path = tmp_path / "run.toml"
@@ -112,10 +99,10 @@ def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_pa
     storage = f"sqlite:///{tmp_path}/study.db"
     config = tmp_path / "run.toml"
     config.write_text(DIGITS.format(storage=storage, plugin=plugin))
-    result = opsearch(["search", "--config", str(config)], tmp_path)
+    result = run_opsearch(["search", "--config", str(config)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Re-ranked on digits held-out split" in result.stdout
-    shown = opsearch(["show", storage, "--json"], tmp_path)
+    shown = run_opsearch(["show", storage, "--json"], tmp_path)
     rerank = json.loads(shown.stdout)["rerank"]
     assert rerank["complete"] and rerank["task"]["dataset_options"]["split"] == "heldout"
     layers = {r["name"]: r for r in rerank["layers"]}
@@ -132,11 +119,11 @@ def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_pa
 @pytest.mark.parametrize("fault", ["rerank:3", "rerank_enqueue:4"])
 def test_rerank_killed_and_resumed_loses_and_repeats_nothing(tmp_path, fault):
     config, storage = tiny(tmp_path)
-    killed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
+    killed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = {t.number: t for t in items(storage) if t.state.is_finished()}
     assert before or fault.startswith("rerank_enqueue")
-    resumed = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    resumed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = {t.number: t for t in items(storage)}
     for n, t in before.items():  # finished before the kill: intact
@@ -156,7 +143,7 @@ def test_rerank_killed_and_resumed_loses_and_repeats_nothing(tmp_path, fault):
 @pytest.mark.slow
 def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
     config, storage = tiny(tmp_path, budget=8, workers=2)
-    result = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    result = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = open_run(storage, "rr").get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))
@@ -167,7 +154,7 @@ def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
         kinds[t.user_attrs["kind"]] = kinds.get(t.user_attrs["kind"], 0) + 1
     assert kinds == {"candidate": 8, "baseline": 2, "rerank": len(expected_items(storage))}
     # run again: nothing new to do, nothing added
-    again = opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
+    again = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(open_run(storage, "rr").get_trials()) == len(trials)
 
