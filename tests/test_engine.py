@@ -1,7 +1,6 @@
 """End-to-end searches on a tiny proxy: every algorithm, resume, determinism, user plugins."""
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest

@@ -137,7 +137,7 @@ def owners(trials):
 def signal_a_busy_job(tmp_path, url, name, seconds, scancel_args):
     """Launch 2 workers on a 4-candidate search whose candidates take `seconds`, send
     `scancel *scancel_args JOB` to a job while it holds a candidate, wait for the search to end.
-    Returns (its trials, the candidate's trial number, the job, the retry of that candidate)."""
+    Returns (the candidate's lost trial, the job signalled, the retry that finished it)."""
     jobs = launch(tmp_path, url, name, slow_config(tmp_path, budget=4, seconds=seconds))
     try:
         try:
