@@ -188,8 +188,7 @@ class Worker:
                                      equivalence=EquivalenceCache(),
                                      seed=self.config.seed, evaluator_plugin=self.config.evaluator_plugin)
         self._last_reap = 0.0
-        self._rerank_evaluators: dict[tuple[str, int], Any] = {}
-        self._rung_evaluators: dict[int, Any] = {}
+        self._derived_evaluators: dict[tuple, Any] = {}  # (what, ...) -> evaluator, built once
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
         self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
@@ -430,13 +429,39 @@ class Worker:
         funnel = self.setup.funnel  # with the funnel, baselines stand at funnel.baseline_rung
         evaluator = (self.context.get_evaluator() if funnel is None
                      else self._rung_evaluator(funnel.baseline_rung))
-        result = evaluator.evaluate(record.user_attrs["layer"])
-        values = [float(result.accuracies[a]) for a in self.archs]
-        attrs = {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()}
+        outcome = self._evaluated(evaluator.evaluate(record.user_attrs["layer"]))
         if funnel is not None:
-            attrs.update({"rung": funnel.baseline_rung, "rung_steps": funnel.steps[funnel.baseline_rung]})
-        attrs.update(self._known_layer_keys(record))
-        return Outcome(TrialState.COMPLETE, values, attrs)
+            outcome.attrs.update({"rung": funnel.baseline_rung,
+                                  "rung_steps": funnel.steps[funnel.baseline_rung]})
+        outcome.attrs.update(self._known_layer_keys(record))
+        return outcome
+
+    def _evaluated(self, result, **attrs: Any) -> Outcome:
+        """An evaluator's result as the outcome of a trial: the K accuracies as its values."""
+        values = [float(result.accuracies[a]) for a in self.archs]
+        return Outcome(TrialState.COMPLETE, values, {"verdict": "evaluated", **self._acc_attrs(values),
+                                                     **result.trial_attrs(), **attrs})
+
+    def _derived_evaluator(self, key: tuple, make_config: Callable[[], Any]):
+        """An evaluator for another config than the search's (a rung's steps, a re-ranking
+        task), built on first use and kept: building one loads its data."""
+        evaluator = self._derived_evaluators.get(key)
+        if evaluator is None:
+            from opsearch.rejection import FilterContext
+
+            evaluator = FilterContext(eval_config=make_config(),
+                                      evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
+            self._derived_evaluators[key] = evaluator
+        return evaluator
+
+    @staticmethod
+    def _stored_layer(attrs: dict[str, Any]):
+        """The layer a WAITING trial names: a known layer, or its graph (our schema, never pickle)."""
+        if attrs.get("layer"):
+            return attrs["layer"]
+        from opsearch import graph as graph_mod
+
+        return graph_mod.from_dict(json.loads(attrs["graph"]))
 
     def _known_layer_keys(self, record: TrialRecord) -> dict[str, Any]:
         """A baseline's equivalence keys (hash, output fingerprint with the equivalence filter's
@@ -483,25 +508,10 @@ class Worker:
 
         attrs = record.user_attrs
         stage, seed = str(attrs["stage"]), int(attrs["seed"])
-        evaluator = self._rerank_evaluators.get((stage, seed))
-        if evaluator is None:
-            from opsearch.rejection import FilterContext
-
-            config = rerank.task_eval_config(rerank.stage_task(self.run, stage), seed, self.eval_config,
-                                             self.config.evaluator_plugin)
-            evaluator = FilterContext(eval_config=config,
-                                      evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
-            self._rerank_evaluators[(stage, seed)] = evaluator
+        evaluator = self._derived_evaluator(("rerank", stage, seed), lambda: rerank.task_eval_config(
+            rerank.stage_task(self.run, stage), seed, self.eval_config, self.config.evaluator_plugin))
         faults.point("rerank")
-        if attrs.get("layer"):
-            layer = attrs["layer"]
-        else:
-            from opsearch import graph as graph_mod
-            layer = graph_mod.from_dict(json.loads(attrs["graph"]))  # our schema, never pickle
-        result = evaluator.evaluate(layer)
-        values = [float(result.accuracies[a]) for a in self.archs]
-        return Outcome(TrialState.COMPLETE, values,
-                       {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs()})
+        return self._evaluated(evaluator.evaluate(self._stored_layer(attrs)))
 
     # -- the funnel (opsearch/funnel.py) --------------------------------------------------------
 
@@ -518,32 +528,19 @@ class Worker:
     def _rung_evaluator(self, rung: int):
         if rung == 1:  # the candidates' own evaluator already trains to rung 1
             return self.context.get_evaluator()
-        evaluator = self._rung_evaluators.get(rung)
-        if evaluator is None:
-            from opsearch.rejection import FilterContext
-
-            config = self.setup.funnel.eval_config(self.eval_config, rung, self.config.evaluator_plugin)
-            evaluator = FilterContext(eval_config=config,
-                                      evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
-            self._rung_evaluators[rung] = evaluator
-        return evaluator
+        return self._derived_evaluator(("rung", rung), lambda: self.setup.funnel.eval_config(
+            self.eval_config, rung, self.config.evaluator_plugin))
 
     def _evaluate_promotion(self, record: TrialRecord) -> Outcome:
         """A candidate trained from scratch to its new rung's steps (the flat evaluation's seed)."""
-        from opsearch import graph as graph_mod
-
         funnel = self.setup.funnel
         rung = int(record.user_attrs["rung"])
         if funnel is None or not 1 <= rung <= funnel.top:
             raise ValueError(f"promotion to rung {rung}, but this search's funnel has "
                              f"{'none' if funnel is None else funnel.top}")
         faults.point("promotion")
-        layer = graph_mod.from_dict(json.loads(record.user_attrs["graph"]))  # our schema, never pickle
-        result = self._rung_evaluator(rung).evaluate(layer)
-        values = [float(result.accuracies[a]) for a in self.archs]
-        return Outcome(TrialState.COMPLETE, values,
-                       {"verdict": "evaluated", **self._acc_attrs(values), **result.trial_attrs(),
-                        "rung_steps": funnel.steps[rung]})
+        result = self._rung_evaluator(rung).evaluate(self._stored_layer(record.user_attrs))
+        return self._evaluated(result, rung_steps=funnel.steps[rung])
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""
