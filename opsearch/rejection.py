@@ -132,8 +132,8 @@ class PipelineOutcome:
 
     def user_attrs(self, candidate: "Candidate | None" = None) -> dict[str, Any]:
         """Trial user attributes to store (team contract): ``filter_s/<f>``, ``reason``, and, when
-        the candidate went through the equivalence filter, ``hash``, ``equiv_hash``, ``equiv_fp``
-        (so that `EquivalenceCache.from_trials` can rebuild the cache from the study)."""
+        the candidate went through the equivalence filter, ``hash``, ``equiv_hash``, ``equiv_fp``,
+        ``equiv_fp_limit`` (so that `EquivalenceCache.from_trials` can rebuild the cache from the study)."""
         attrs: dict[str, Any] = {f"filter_s/{k}": round(s, 6) for k, s in self.filter_seconds.items()}
         if not self.passed:
             attrs["reason"] = self.reason
@@ -149,6 +149,8 @@ class PipelineOutcome:
             if candidate.equiv_hash is not None:
                 attrs["equiv_hash"] = candidate.equiv_hash
                 attrs["equiv_fp"] = fingerprint_to_json(candidate.equiv_fp)
+            if candidate.equiv_fp_limit is not None:
+                attrs["equiv_fp_limit"] = fingerprint_to_json(candidate.equiv_fp_limit)
         return attrs
 
 
@@ -175,6 +177,7 @@ class Candidate:
         self._formula: str | None = None
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
+        self.equiv_fp_limit: np.ndarray | None = None
 
     @property
     def canonical_hash(self) -> str:
@@ -190,10 +193,11 @@ class Candidate:
             self._formula = graph_mod.formula(self.plain)
         return self._formula
 
-    def build(self, num_channels: int) -> Any:
-        """A fresh compiled layer (its own parameters and running statistics)."""
+    def build(self, num_channels: int, **overrides: Any) -> Any:
+        """A fresh compiled layer (its own parameters and running statistics); ``overrides``
+        replace layer options (the equivalence filter's eps limit)."""
         from opsearch import layers
-        options = {k: v for k, v in self.layer_options.items() if k in layers.OPTIONS}
+        options = {k: v for k, v in {**self.layer_options, **overrides}.items() if k in layers.OPTIONS}
         return layers.build(self.plain, num_channels, **options)
 
     def norm_act(self):
@@ -386,12 +390,13 @@ class CacheEntry:
 class EquivalenceCache:
     """Maps functions already seen to the trial that first had them.
 
-    Two keys find an earlier equal function: the canonical graph hash (exact: same graph after
-    dropping dead nodes and sorting commutative inputs), then the output fingerprint (values that
-    are relative by construction: log-scales and scale-normalised projections, see
-    plugins/rejection/equivalence.py), compared with an absolute tolerance ``atol`` by one
-    vectorised scan. A tolerance, not rounding to a grid: rounding splits equal functions whose
-    values straddle a grid boundary, however fine or coarse the grid.
+    Three keys find an earlier equal function: the canonical graph hash (exact: same graph after
+    dropping dead nodes and sorting commutative inputs); the output fingerprint (values that are
+    relative by construction, see plugins/rejection/equivalence.py), compared with an absolute
+    tolerance ``atol`` by one vectorised scan; and the fingerprint in the eps limit, which
+    matches within ``atol`` when the plain fingerprints are also within the caller's looser
+    tolerance. A tolerance, not rounding to a grid: rounding splits equal functions whose values
+    straddle a grid boundary, however fine or coarse the grid.
 
     Only final outcomes are cached: evaluated trials (with objectives, so duplicates reuse them)
     and trials rejected by a filter after equivalence (stability, quality), so an equal function
@@ -401,14 +406,16 @@ class EquivalenceCache:
     def __init__(self, atol: float = 1e-4):
         self.atol = atol
         self._by_hash: dict[str, CacheEntry] = {}
-        # fingerprints grouped by length (a run's probes fix it): a row-growing matrix per group
-        # (capacity doubles, so adding n entries costs O(n) copies) and the entries of its rows
-        self._rows: dict[int, tuple[np.ndarray, list[CacheEntry]]] = {}
+        # fingerprints grouped by length (a run's probes fix it): row-growing matrices per group
+        # (capacity doubles, so adding n entries costs O(n) copies) of the plain and the limit
+        # fingerprints (NaN rows where a trial has no limit one), and the entries of their rows
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray, list[CacheEntry]]] = {}
 
     def __len__(self) -> int:
-        return sum(len(entries) for _, entries in self._rows.values())
+        return sum(len(entries) for _, _, entries in self._rows.values())
 
-    def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry) -> None:
+    def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry,
+            fp_limit: np.ndarray | None = None) -> None:
         """Remember a function; an earlier entry for the same function keeps precedence."""
         if canonical_hash and canonical_hash not in self._by_hash:
             self._by_hash[canonical_hash] = entry
@@ -416,14 +423,14 @@ class EquivalenceCache:
             return
         fp = np.asarray(fp, dtype=np.float64)
         width = fp.shape[0]
-        matrix, entries = self._rows.get(width, (np.empty((16, width)), []))
+        matrix, limits, entries = self._rows.get(width, (np.empty((16, width)), np.empty((16, width)), []))
         if len(entries) == len(matrix):
-            grown = np.empty((2 * len(matrix), width))
-            grown[:len(matrix)] = matrix
-            matrix = grown
+            matrix, limits = _grown(matrix), _grown(limits)
         matrix[len(entries)] = fp
+        limit = None if fp_limit is None else np.asarray(fp_limit, dtype=np.float64)
+        limits[len(entries)] = limit if limit is not None and limit.shape == fp.shape else np.nan
         entries.append(entry)
-        self._rows[width] = (matrix, entries)
+        self._rows[width] = (matrix, limits, entries)
 
     def record(self, candidate: Candidate, trial: int, verdict: str,
                objectives: Sequence[float] | None = None) -> None:
@@ -436,25 +443,37 @@ class EquivalenceCache:
             return
         if candidate.equiv_fp is None and candidate._canonical_hash is None:
             return  # never went through the equivalence filter
-        self.add(candidate._canonical_hash, candidate.equiv_fp, entry)
+        self.add(candidate._canonical_hash, candidate.equiv_fp, entry, candidate.equiv_fp_limit)
 
     def lookup_hash(self, canonical_hash: str) -> CacheEntry | None:
         return self._by_hash.get(canonical_hash)
 
-    def match(self, fp: np.ndarray) -> CacheEntry | None:
-        """The earliest cached function whose fingerprint equals ``fp`` within ``atol``."""
+    def match(self, fp: np.ndarray, fp_limit: np.ndarray | None = None,
+              limit_atol: float | None = None) -> tuple[CacheEntry | None, str]:
+        """The earliest cached function equal to ``fp`` and how: ``(entry, "exact")`` within
+        ``atol``; ``(entry, "limit")`` when the limit fingerprints are within ``atol`` and the
+        plain ones within ``limit_atol``; ``(None, "")`` otherwise."""
         fp = np.asarray(fp, dtype=np.float64)
         rows = self._rows.get(fp.shape[0])
         if rows is None:
-            return None
-        matrix, entries = rows
-        close = np.abs(matrix[:len(entries)] - fp[None, :]) <= self.atol
-        hits = np.flatnonzero(close.all(axis=1))
-        return entries[hits[0]] if len(hits) else None
+            return None, ""
+        matrix, limits, entries = rows
+        distance = np.abs(matrix[:len(entries)] - fp[None, :]).max(axis=1)
+        exact = distance <= self.atol
+        hits = exact
+        if fp_limit is not None and limit_atol is not None:
+            fp_limit = np.asarray(fp_limit, dtype=np.float64)
+            if fp_limit.shape == fp.shape:
+                near = np.abs(limits[:len(entries)] - fp_limit[None, :]) <= self.atol  # NaN: False
+                hits = exact | (near.all(axis=1) & (distance <= limit_atol))
+        found = np.flatnonzero(hits)
+        if not len(found):
+            return None, ""
+        return entries[found[0]], "exact" if exact[found[0]] else "limit"
 
     def add_trial(self, trial: StoredTrial) -> bool:
-        """Remember one finished trial by its ``hash`` and ``equiv_fp`` attributes, when its
-        verdict is cacheable; returns whether it was added."""
+        """Remember one finished trial by its ``hash``, ``equiv_fp`` and ``equiv_fp_limit``
+        attributes, when its verdict is cacheable; returns whether it was added."""
         attrs = trial.user_attrs or {}
         verdict = attrs.get("verdict")
         if not isinstance(verdict, str):
@@ -466,11 +485,11 @@ class EquivalenceCache:
             entry = CacheEntry(trial.number, verdict)
         else:
             return False
-        fp = fingerprint_from_json(attrs["equiv_fp"]) if isinstance(attrs.get("equiv_fp"), str) else None
+        fp = _stored_fingerprint(attrs, "equiv_fp")
         h = attrs.get("hash") if isinstance(attrs.get("hash"), str) and attrs.get("hash") else None
         if fp is None and h is None:
             return False
-        self.add(h, fp, entry)
+        self.add(h, fp, entry, _stored_fingerprint(attrs, "equiv_fp_limit"))
         return True
 
     @classmethod
@@ -480,6 +499,16 @@ class EquivalenceCache:
         for t in sorted(trials, key=lambda t: t.number):
             cache.add_trial(t)
         return cache
+
+
+def _grown(matrix: np.ndarray) -> np.ndarray:
+    grown = np.empty((2 * len(matrix), matrix.shape[1]))
+    grown[:len(matrix)] = matrix
+    return grown
+
+
+def _stored_fingerprint(attrs: Mapping[str, Any], key: str) -> np.ndarray | None:
+    return fingerprint_from_json(attrs[key]) if isinstance(attrs.get(key), str) else None
 
 
 # Rejections decided before (or by) equivalence come from the graph alone and are re-derived

@@ -229,5 +229,5 @@ def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
     assert worker.context.equivalence.lookup_hash(bn_hash).trial == baseline.number
     from opsearch.rejection import fingerprint_from_json
     fp = fingerprint_from_json(baseline.user_attrs["equiv_fp"])
-    assert worker.context.equivalence.match(fp).trial == baseline.number
+    assert worker.context.equivalence.match(fp)[0].trial == baseline.number
     check_contract(config)

@@ -1,25 +1,34 @@
-"""`equivalence`: functional-equivalence dedup (AutoML-Zero's cache).
+"""`equivalence`: the same layer is not trained twice (AutoML-Zero's functional-equivalence cache).
 
-Many graphs compute the same function (dead nodes, swapped operands, ``max(x, x)``, ...).
-Training one again only repeats a result, so a candidate equal to an earlier trial takes that
-trial's objectives with verdict ``duplicate:<trial>`` and is not trained.
+Two candidates are the same layer when training cannot tell them apart: the same function of x
+for every value their trainable vectors can reach from their initial values. Such a candidate
+takes the earlier trial's objectives with verdict ``duplicate:<trial>`` and is not trained.
+Layers that can differ after training are never merged (``x + v1 * x`` is not ``x``: v1 starts
+at 0, but its gradient does not).
 
-Two tests, cheapest first, against `FilterContext.equivalence` (an `EquivalenceCache`):
+Three tests, cheapest first, against `FilterContext.equivalence` (an `EquivalenceCache`):
 1. the canonical graph hash (`graph.canonical_hash`: dead nodes dropped, commutative inputs
-   sorted) — exact, no tensors;
-2. a fingerprint of the outputs on fixed probes: several shapes (odd channels; 64 channels so
-   that group statistics differ from instance statistics), with the parameters set to fixed
-   random values (``x * v0`` and ``x`` are equal only while v0 = 1), in training mode, then in
-   eval mode after two training passes have moved the running statistics. Each output y gives
-   a block [log rms(y), mean(y/rms), 6 random projections of y/rms / sqrt(n)]: every value is
-   relative to the output's scale, so one absolute tolerance (1e-4, `EquivalenceCache.atol`)
-   matches functions equal up to float noise (~1e-7 relative) and separates functions whose
-   outputs differ by more than ~1e-4 of their scale. Computed in float64, so the noise of the
-   fingerprint itself does not matter.
+   sorted): exact, no tensors;
+2. a fingerprint of the outputs on fixed probes, with the parameters where training can take
+   them (`_reach`): a vector whose gradient is identically zero stays at its initial value (so
+   ``rms_i(std_l(v0))`` is the constant ``rms_i(rms_i(0))`` it is during training), live ones
+   move along their own gradients. Outputs are taken at the initial values, at the reached
+   values in training mode, and in eval mode with another batch's running statistics
+   (momentum 1: the state after a long run, not the first steps' transient); several
+   shapes (odd channels; 64 channels, so that group statistics differ from instance ones). Each
+   output y gives [log rms(y), mean(y/rms), 6 random projections of y/rms / sqrt(n)]: relative
+   to the output's scale, so one absolute tolerance (1e-4) matches functions equal up to float
+   noise. Computed in float64;
+3. the same fingerprint with the safety eps taken to ``limit_eps`` (1e-12): functions that
+   differ only by eps-sized terms (``max(x, sqrt(0))`` and ``max(x, 0)``: sqrt(0) is
+   sqrt(eps) = 0.003) match there; they are merged when their fingerprints at the run's eps are
+   also within ``limit_atol`` (0.02), so a function that eps changes visibly is never merged.
+   Training cannot separate such pairs: on the proxies they score exactly alike.
 
-The fingerprint and its short hash are stored as trial attributes (``equiv_fp``, ``equiv_hash``)
-so that a resumed or parallel run rebuilds the cache from the study
-(`EquivalenceCache.from_trials`).
+The fingerprints are stored as trial attributes (``equiv_fp``, ``equiv_fp_limit``,
+``equiv_hash``) so that a resumed or parallel run rebuilds the cache from the study
+(`EquivalenceCache.from_trials`). Fingerprints of an older rule have another length and are
+never compared with these (the cache groups rows by length); such trials still match by hash.
 """
 from __future__ import annotations
 
@@ -28,12 +37,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from opsearch.plugins.rejection import _probes
+from opsearch.plugins.rejection import _probes, _reach
 from opsearch.registry import register_filter
 from opsearch.rejection import Candidate, CacheEntry, Filter, FilterContext, Verdict, fingerprint_hash
 
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
 NUM_PROJECTIONS = 6
+LIMIT_EPS = 1e-12
+LIMIT_ATOL = 0.02
 
 
 @register_filter("equivalence")
@@ -42,10 +53,15 @@ class EquivalenceFilter(Filter):
 
     cost = 0.02
 
-    def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True):
+    def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True,
+                 limit_eps: float | None = LIMIT_EPS, limit_atol: float = LIMIT_ATOL):
         super().__init__()
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         self.use_hash = bool(use_hash)
+        if limit_eps is not None and not 0.0 < float(limit_eps) < 1e-5:
+            raise ValueError(f"limit_eps must be in (0, 1e-5) or none, got {limit_eps!r}")
+        self.limit_eps = None if limit_eps is None else float(limit_eps)
+        self.limit_atol = float(limit_atol)
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         cache = context.equivalence
@@ -54,20 +70,19 @@ class EquivalenceFilter(Filter):
             entry = cache.lookup_hash(h)
             if entry is not None:
                 return _same_as(self, entry, "graph")
-        fp = fingerprint(candidate, self.shapes, context.seed)
-        candidate.equiv_fp = fp
-        candidate.equiv_hash = fingerprint_hash(fp)
-        entry = cache.match(fp)
+        self.describe_known(candidate, context)
+        entry, how = cache.match(candidate.equiv_fp, candidate.equiv_fp_limit, self.limit_atol)
         if entry is not None:
-            return _same_as(self, entry, "outputs")
+            return _same_as(self, entry, "outputs" if how == "exact" else "outputs as eps -> 0")
         return self.accept()
 
-
     def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
-        """A known layer's hash and fingerprint, computed with this filter's probes."""
+        """A layer's hash and fingerprints, computed with this filter's probes."""
         candidate.canonical_hash  # computed and kept on the candidate
         candidate.equiv_fp = fingerprint(candidate, self.shapes, context.seed)
         candidate.equiv_hash = fingerprint_hash(candidate.equiv_fp)
+        candidate.equiv_fp_limit = (None if self.limit_eps is None else
+                                    fingerprint(candidate, self.shapes, context.seed, eps=self.limit_eps))
 
 
 def _same_as(flt: Filter, entry: CacheEntry, how: str) -> Verdict:
@@ -78,23 +93,33 @@ def _same_as(flt: Filter, entry: CacheEntry, how: str) -> Verdict:
                       same_as=entry.trial)
 
 
-def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int) -> np.ndarray:
-    """The output fingerprint described in the module docstring (float64 vector)."""
+def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int,
+                eps: float | None = None) -> np.ndarray:
+    """The output fingerprint described in the module docstring (float64 vector); ``eps``
+    overrides the run's safety eps (the limit fingerprint)."""
+    # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
+    # the first steps' transient (rms_b(0) and rms_i(0) are one constant once trained)
+    overrides = {"momentum": 1.0} if eps is None else {"momentum": 1.0, "eps": eps}
     blocks = []
     for index, shape in enumerate(shapes):
         n, c, h, w = shape
         gen = _probes.generator(seed, 31, index)
-        layer = candidate.build(c)
-        _probes.randomize_parameters(layer, gen)
-        probes = [_probes.probe_input(shape, gen) for _ in range(2)]
+        probes = [_probes.probe_input(shape, gen, torch.float64) for _ in range(2)]
         projections = torch.randn((NUM_PROJECTIONS, n * c * h * w), generator=gen, dtype=torch.float64)
+        gradient_probes = [_probes.probe_input(shape, _probes.generator(seed, 47, index, k), torch.float64)
+                           for k in range(_reach.GRADIENT_PROBES)]
+        reached = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index)
+        layer = candidate.build(c, **overrides).double()
         layer.train()
         with torch.no_grad():
+            y_init = layer(probes[0])
+            for name, p in layer.named_parameters():
+                p.copy_(reached[name])
             y_train = layer(probes[0])
             layer(probes[1])
             layer.eval()
             y_eval = layer(probes[0])
-        for y in (y_train, y_eval):
+        for y in (y_init, y_train, y_eval):
             blocks.append(_block(y, projections))
     return np.concatenate(blocks)
 

@@ -1,0 +1,89 @@
+"""The parameter values training can reach from a layer's initial values.
+
+Training moves a trainable vector only along its gradient. A vector whose gradient is
+identically zero at the start (v0 read only through ``std_l(v0)``, which is constant while v0 is
+channel-constant, or through ``abs(v1)`` at v1 = 0) never moves, so what it feeds is a constant
+for the whole run, whatever value a random probe would give it. Probing such a layer with random
+parameters (as a plain fingerprint does) makes ``max(rms_i(std_l(v0)), x)`` look different from
+``max(rms_i(rms_i(0)), x)``, though training cannot tell them apart.
+
+`reach` finds the frozen vectors by a fixed point (one frozen at the start can come alive once
+others move: in ``x + v1 * v0 * x``, v0's gradient is zero until v1 moves) and moves each live
+vector along its own gradients, so a vector read only through ``mean_l(v0)`` stays
+channel-constant. The result depends only on the function of (x, parameters) the layer computes
+and on the seed, never on how its graph is written: two graphs of one function reach the same
+values, which is what the equivalence fingerprint needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from opsearch.plugins.rejection import _probes
+
+GRADIENT_PROBES = 3  # gradient directions per round: a live vector moves in their span
+STEP = 0.5  # how far a live vector moves (in units of its initial scale, 1)
+FROZEN_RTOL = 1e-9  # a gradient below this share of the largest one is zero (float64 noise)
+
+
+def reach(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int) -> dict[str, torch.Tensor]:
+    """Parameter values reachable by training: frozen vectors at their initial values, live ones
+    moved along their gradients. ``layer`` is used for gradients only (its running statistics
+    move); returns name -> value for every parameter."""
+    params = dict(layer.named_parameters())
+    live: set[str] = set()
+    for round_ in range(len(params) + 1):
+        grads = _gradients(layer, probes, _probes.generator(seed, salt, 41, round_))
+        scale = max((float(g.abs().max()) for gs in grads.values() for g in gs), default=0.0)
+        if scale == 0.0 or not torch.isfinite(torch.tensor(scale)):
+            break
+        waking = [n for n in params if n not in live
+                  and max(float(g.abs().max()) for g in grads[n]) > FROZEN_RTOL * scale]
+        if not waking:
+            break
+        with torch.no_grad():
+            for name in waking:
+                params[name].add_(_step(grads[name], _probes.generator(seed, salt, 43, _name_salt(name))))
+        live.update(waking)
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def frozen(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int = 0) -> set[str]:
+    """Names of the parameters training never moves (for tests and reports)."""
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    after = reach(layer, probes, seed, salt)
+    return {n for n in before if torch.equal(before[n], after[n])}
+
+
+def _gradients(layer: nn.Module, probes: list[torch.Tensor], gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    """Per parameter, the gradient of a random projection of the output, one per probe."""
+    layer.train()
+    out: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layer.named_parameters()}
+    for probe in probes[:GRADIENT_PROBES]:
+        layer.zero_grad(set_to_none=True)
+        y = layer(probe)
+        direction = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+        (y * direction).sum().backward()
+        for name, p in layer.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            out[name].append(torch.nan_to_num(g.detach().clone(), nan=0.0, posinf=0.0, neginf=0.0))
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+def _step(grads: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """A random move in the span of the gradients, about STEP per entry."""
+    move = torch.zeros_like(grads[0])
+    for g in grads:
+        norm = float(g.norm())
+        if norm > 0:
+            move += torch.randn((), generator=gen, dtype=g.dtype) * g / norm
+    norm = float(move.norm())
+    if norm == 0.0:
+        return move
+    return move / norm * STEP * move.numel() ** 0.5
+
+
+def _name_salt(name: str) -> int:
+    """A stable small integer per parameter name (Python's str hash changes between runs)."""
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(name))
