@@ -127,10 +127,13 @@ class Algorithm:
         self._pending += 1
         return self._propose(rng)
 
-    def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None) -> None:
+    def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None,
+                 duplicate: bool = False) -> None:
         """Result of one candidate: K objectives (maximised), or None if rejected/failed.
 
-        A NaN objective counts as a rejection (it cannot be ranked).
+        A NaN objective counts as a rejection (it cannot be ranked). ``duplicate``: the candidate
+        computed the same function as an earlier trial and carries that trial's objectives
+        (`_feedback_duplicate` decides what that teaches the algorithm).
         """
         genome = tuple(genome)
         if not self.space.is_valid(genome):
@@ -140,7 +143,10 @@ class Algorithm:
         self._pending = 0
         if objectives is None:
             self.num_rejected += 1
-        self._feedback(genome, objectives)
+        if duplicate and objectives is not None:
+            self._feedback_duplicate(genome, objectives)
+        else:
+            self._feedback(genome, objectives)
 
     def checked_objectives(self, objectives: Sequence[float] | None) -> Objectives | None:
         """K floats, or None for a rejection (a NaN objective cannot be ranked: a rejection too);
@@ -153,10 +159,11 @@ class Algorithm:
                             f"got {len(objectives)}")
         return None if any(math.isnan(v) for v in objectives) else objectives
 
-    def recover(self, history: Iterable[tuple[Sequence[int], Sequence[float] | None]]) -> None:
-        """Replay finished trials in trial order (same state as live feedback)."""
-        for genome, objectives in history:
-            self.feedback(genome, objectives)
+    def recover(self, history: Iterable[tuple]) -> None:
+        """Replay finished trials in trial order (same state as live feedback): items are
+        ``(genome, objectives)`` or ``(genome, objectives, duplicate)``."""
+        for item in history:
+            self.feedback(*item)
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -165,6 +172,10 @@ class Algorithm:
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
         """Default: the algorithm does not learn (e.g. random search)."""
+
+    def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
+        """A candidate that repeated an earlier trial's function. Default: like any result."""
+        self._feedback(genome, objectives)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

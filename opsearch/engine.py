@@ -208,7 +208,7 @@ class Worker:
         self._fed = {r.trial_id for r in finished}
         self.context.equivalence = EquivalenceCache.from_trials(
             [r for r in finished if r.kind in _CACHED_KINDS])
-        history = [(g, self._objectives(r)) for r in finished
+        history = [(g, self._objectives(r), _is_duplicate(r)) for r in finished
                    if (g := self._history_genome(r)) is not None]
         self.algorithm.recover(history)
         self._recovered = True
@@ -245,7 +245,7 @@ class Worker:
             self._fed.add(r.trial_id)
             genome = self._history_genome(r)
             if genome is not None:
-                self.algorithm.feedback(genome, self._objectives(r))
+                self.algorithm.feedback(genome, self._objectives(r), _is_duplicate(r))
             if r.kind in _CACHED_KINDS and r.verdict != LOST:
                 self.context.equivalence.add_trial(r)
             if self.on_other is not None:
@@ -290,7 +290,7 @@ class Worker:
             self._fed.add(record.trial_id)
             genome = self._history_genome(record)
             if genome is not None:
-                self.algorithm.feedback(genome, self._objectives(record))
+                self.algorithm.feedback(genome, self._objectives(record), _is_duplicate(record))
             if record.kind in _CACHED_KINDS:
                 self._record_equivalence(record)
             faults.point("recorded")
@@ -574,6 +574,12 @@ class StartLine:
                     self.ready.value = max(self.ready.value, self.expected)
                 break
             time.sleep(0.05)
+
+
+def _is_duplicate(record: TrialRecord) -> bool:
+    """Whether a finished trial repeated an earlier trial's function (verdict duplicate:<n>)."""
+    verdict = record.user_attrs.get("verdict")
+    return isinstance(verdict, str) and verdict.startswith("duplicate:")
 
 
 def describe_graph(plain) -> dict[str, Any]:

@@ -76,10 +76,13 @@ def test_proposes_valid_genomes_and_is_deterministic(space, name):
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_recover_gives_the_same_next_proposals_as_live_feedback(space, name):
-    live = create_algorithm(name, space, 2, 3, **SMALL.get(name, {}))
+    # uniform genomes, so that the history holds rejections (the default generator's are valid)
+    uniform = {"generator": "uniform"} if "generator" in registry.algorithms.get(name).OPTIONS else {}
+    options = {**SMALL.get(name, {}), **uniform}
+    live = create_algorithm(name, space, 2, 3, **options)
     history = run(live, 150)
     assert any(o is None for _, o in history) and any(o is not None for _, o in history)
-    recovered = create_algorithm(name, space, 2, 3, **SMALL.get(name, {}))
+    recovered = create_algorithm(name, space, 2, 3, **options)
     recovered.recover(history)
     assert run(recovered, 20) == run(live, 20)
 
@@ -215,7 +218,7 @@ def test_mutation_of_a_plain_space_changes_one_gene():
 def test_unknown_option_lists_the_accepted_ones(space):
     with pytest.raises(UserError, match=r"unknown option 'populaton_size' \(did you mean 'population_size'\?\); known: .*population_size"):
         create_algorithm("regularized_evolution", space, 2, populaton_size=10)
-    with pytest.raises(UserError, match="known: \\(none\\)"):
+    with pytest.raises(UserError, match="known: generator, init_nodes"):
         create_algorithm("random", space, 2, population_size=10)
 
 
@@ -269,3 +272,39 @@ def test_nsga2_fast_sampling_proposes_what_optuna_study_ask_would():
         fast.feedback(genome, objectives)
         slow.feedback(genome, objectives)
     assert fast.generation >= 3 and compared == 200
+
+
+# ---------------------------------------------------------------------- the generator
+
+
+def test_generator_proposes_valid_graphs_small_first():
+    from opsearch.plugins.algorithms.generator import GraphGenerator, live_size
+
+    space = layer_space(8)
+    rng = random.Random(0)
+    uniform = [space.random_genome(rng) for _ in range(300)]
+    generated = [GraphGenerator(space, init_nodes=3).random_genome(rng) for _ in range(300)]
+    sizes = [live_size(space, g) for g in generated]
+    assert all(s is not None for s in sizes)  # every one depends on x
+    assert sum(live_size(space, g) is None for g in uniform) > 60  # where uniform draws do not
+    assert max(sizes) <= 3 and set(sizes) == {1, 2, 3}  # ramped: every size up to init_nodes
+
+
+def test_duplicates_neither_enter_nor_age_the_population(space):
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2)
+    members = []
+    rng = random.Random(1)
+    while len(members) < 4:
+        g = space.random_genome(rng)
+        if toy_objectives(space, g) is not None:
+            evo.feedback(g, toy_objectives(space, g))
+            members.append(g)
+    before = evo.members()
+    evo.feedback(members[0], toy_objectives(space, members[0]), duplicate=True)
+    assert evo.members() == before
+    added = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                             duplicates="add")
+    for g in members:
+        added.feedback(g, toy_objectives(space, g))
+    added.feedback(members[0], toy_objectives(space, members[0]), duplicate=True)
+    assert [g for g, _ in added.members()] == members[1:] + members[:1]

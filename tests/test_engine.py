@@ -205,7 +205,8 @@ def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
             ])
     """))
     config = tiny(tmp_path, space="bn_relu_rewritten", space_options={}, plugins=[str(plugin)],
-                  budget=6, algorithm="random", baselines=["bn_relu"])
+                  budget=6, algorithm="random", algorithm_options={"generator": "uniform"},
+                  baselines=["bn_relu"])
     run_search(config)
     baseline = [t for t in trials(config) if t.user_attrs["kind"] == "baseline"][0]
     assert baseline.user_attrs["verdict"] == "evaluated"

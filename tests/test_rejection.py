@@ -109,7 +109,7 @@ def test_validity_rejects_output_without_x():
     ((("mean_l", (X, X)), ("neg", (4, 4)), ("add", (X, 5)), ("mean_l", (6, 6))), "does not depend"),
 ])
 def test_numerics_rejects(graph, reason):
-    outcome = run_filter("numerics", graph)
+    outcome = run_filter("numerics", graph, reject_statistics=False)  # each check on its own
     assert outcome.status == "rejected:numerics" and reason in outcome.reason
 
 
@@ -302,3 +302,13 @@ def test_verdict_labels():
     assert Verdict(True, "a").label == "passed"
     assert Verdict(False, "a").label == "rejected:a"
     assert Verdict(False, "equivalence", duplicate_of=3, objectives=(1.0,)).label == "duplicate:3"
+
+
+@pytest.mark.parametrize("stat", ["std_i", "rms_g", "mean_l"])
+def test_numerics_rejects_a_statistic_of_x_posing_as_a_layer(stat):
+    """One value per sample and channel erases every spatial feature below the layer."""
+    graph = ((stat, (X,)), ("tanh", (4,)))
+    outcome = run_filter("numerics", graph)
+    assert outcome.status == "rejected:numerics" and "statistic" in outcome.reason
+    assert run_filter("numerics", graph, reject_statistics=False).passed
+    assert run_filter("numerics", ((stat, (X,)), ("div", (X, 4)))).passed  # x / statistic: a layer

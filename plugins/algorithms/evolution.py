@@ -2,7 +2,7 @@
 
 The population holds the last `population_size` evaluated candidates (oldest removed first,
 Real et al.'s regularized / aging evolution). Until it holds `min_population` members, proposals
-are uniform random genomes; afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
+are random graphs from the generator (generator.py: valid and small first, or uniform); afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
 selected from it (`select_parent`, which subclasses define), and the graph-aware mutator makes
 the child. Rejected or failed candidates (objectives None) are skipped by default — they never
 enter the population, as in the paper where rejected layers are discarded. `min_population`
@@ -12,7 +12,10 @@ proposals before any evolution, and members fed back first (the engine's seed la
 idle; `min_population=<population_size>` restores the classic all-random start; `rejected=worst` puts
 them in with -inf objectives instead (they then only age out good members). With
 `avoid_duplicates` (default) the canonical hashes of every candidate fed back are remembered and
-mutation retries children that would repeat one (see mutation.py).
+mutation retries children that would repeat one (see mutation.py). A candidate the equivalence
+filter found to repeat an earlier trial's function (`duplicates`, default skip) neither enters
+nor ages the population: a copy would only crowd out other members with a clone of a function
+already there.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, ClassVar
 
 from opsearch.algorithm import Algorithm, Objectives, Option
 from opsearch.errors import UserError
+from opsearch.plugins.algorithms.generator import GENERATOR_OPTIONS, GraphGenerator
 from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator
 from opsearch.space import Genome
 
@@ -32,13 +36,16 @@ POPULATION_OPTIONS: dict[str, Option] = {
                              minimum=1, allow_none=True),
     "rejected": Option("skip", "rejected/failed candidates: skip (never in the population) or worst "
                        "(enter with -inf objectives)", str, choices=("skip", "worst")),
+    "duplicates": Option("skip", "candidates that repeat an earlier trial's function: skip (they "
+                         "neither enter nor age the population) or add (a copy of the earlier "
+                         "member enters)", str, choices=("skip", "add")),
 }
 
 
 class AgingEvolution(Algorithm):
     """Population bookkeeping + mutation; subclasses pick the parent from a tournament."""
 
-    OPTIONS: ClassVar[dict[str, Option]] = {**POPULATION_OPTIONS, **MUTATION_OPTIONS}
+    OPTIONS: ClassVar[dict[str, Option]] = {**POPULATION_OPTIONS, **MUTATION_OPTIONS, **GENERATOR_OPTIONS}
 
     def __init__(self, space, num_objectives: int, seed: int = 0, **options: Any):
         super().__init__(space, num_objectives, seed, **options)
@@ -50,6 +57,7 @@ class AgingEvolution(Algorithm):
         self.min_population: int = min(self.population_size,
                                        self.options["min_population"] or self.tournament_size)
         self.mutator = GraphMutator.from_options(space, self.options)
+        self.generator = GraphGenerator.from_options(space, self.options)
         # ring buffer of (genome, objectives); _oldest is the next slot to overwrite once full
         self.population: list[tuple[Genome, Objectives]] = []
         self._oldest = 0
@@ -59,7 +67,7 @@ class AgingEvolution(Algorithm):
 
     def _propose(self, rng: random.Random) -> Genome:
         if len(self.population) < self.min_population:
-            return self.space.random_genome(rng)
+            return self.generator.random_genome(rng)
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
@@ -67,6 +75,12 @@ class AgingEvolution(Algorithm):
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
         raise NotImplementedError
+
+    def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
+        if self.options["duplicates"] == "add":
+            self._feedback(genome, objectives)
+        elif self._track_seen and (key := self.mutator.hash_of(genome)) is not None:
+            self._seen.add(key)
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
         if self._track_seen:

@@ -8,7 +8,8 @@ op, change one input the op actually reads, or replace the node (all its genes r
 the child's canonical hash equals the parent's (e.g. `add(a, b)` -> `add(b, a)`), it retries a
 few times; given the set of canonical hashes already evaluated (`seen`), it also retries
 children that would only repeat an earlier candidate (the engine would not train them again,
-but the step would be wasted and the copy would crowd the population). Spaces that are not
+but the step would be wasted and the copy would crowd the population), and children whose
+output no longer depends on x (the validity filter would reject them). Spaces that are not
 LayerGraphs get a plain one-gene uniform mutation.
 """
 from __future__ import annotations
@@ -81,10 +82,14 @@ class GraphMutator:
             child = self._mutate_once(parent, plain, live, rng)
             if child == parent:
                 continue
+            child_plain = self.space.decode(child)
+            if not _is_valid(child_plain):  # rejected for free, but the step would be lost
+                best = best if best != parent else child
+                continue
             best = child
             if parent_hash is None:
                 return child
-            child_hash = canonical_hash(self.space.decode(child))
+            child_hash = canonical_hash(child_plain)
             if child_hash is None or (child_hash != parent_hash and child_hash not in seen):
                 return child
         return best
@@ -162,6 +167,13 @@ class GraphMutator:
 def _arity(op: str) -> int | None:
     spec = ops.OPS.get(op) if isinstance(op, str) else None
     return getattr(spec, "arity", None) if spec is not None else None
+
+
+def _is_valid(plain) -> bool:
+    try:
+        return graph.is_valid(plain)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return False
 
 
 def canonical_hash(plain) -> str | None:

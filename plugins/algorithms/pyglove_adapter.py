@@ -99,7 +99,7 @@ class PygloveAlgorithm(Algorithm):
     def recover(self, history) -> None:
         """pyglove's own `generator.recover` on the history (slow: one DNA per item)."""
         items = []
-        for genome, objectives in history:
+        for genome, objectives, *_ in history:
             genome = self.space.check_genome(genome)
             objectives = self.checked_objectives(objectives)
             self.num_feedbacks += 1

@@ -7,7 +7,11 @@ moved the running statistics, batch size 1 as at inference):
   ``sigmoid(exp(exp(x)))``, or ``std_b(x)`` in eval mode, where it reads only running statistics),
   or the input gradient is zero everywhere (nothing below the layer would train).
   These two are tested with the layer's parameters moved off their initial values, so that a
-  layer that is merely zero at initialisation (``x * v1``, v1 = 0) is not rejected: it can train.
+  layer that is merely zero at initialisation (``x * v1``, v1 = 0) is not rejected: it can train;
+- (``reject_statistics``, default on) the output is one value per sample and channel, constant
+  over the positions in training mode (``std_i(x)``, ``rms_g(x)``): a statistic of x, which
+  erases every spatial feature below it. Small random graphs are often such statistics; the
+  quality filter would reject them too, at 100 training steps each.
 
 Probe shapes include odd channel counts (groups fall back to a divisor) and a group size > 1.
 """
@@ -31,7 +35,7 @@ class NumericsFilter(Filter):
     cost = 0.01
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, train_passes: int = 2,
-                 constant_rtol: float = 1e-6):
+                 constant_rtol: float = 1e-6, reject_statistics: bool = True):
         super().__init__()
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         if not self.shapes or any(len(s) != 4 or min(s) < 1 for s in self.shapes):
@@ -39,6 +43,7 @@ class NumericsFilter(Filter):
             raise UserError(f"numerics: shapes must be lists of 4 positive ints (N, C, H, W), got {shapes!r}")
         self.train_passes = max(1, int(train_passes))
         self.constant_rtol = float(constant_rtol)
+        self.reject_statistics = bool(reject_statistics)
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         max_abs = 0.0
@@ -84,9 +89,17 @@ class NumericsFilter(Filter):
             scale = max(float(y1.abs().max()), float(y2.abs().max()), 1e-30)
             if float((y1 - y2).abs().max()) <= self.constant_rtol * scale:
                 return f"output does not depend on the input in {mode} mode", 0.0
+            if self.reject_statistics and mode == "training" and h * w > 1 and _flat_per_instance(y1, scale):
+                return "output is one value per channel and instance (a statistic of x, not a layer)", 0.0
             if x1.grad is None or not bool((x1.grad != 0).any()):
                 return f"zero input gradient in {mode} mode", 0.0
         return "", peak
+
+
+def _flat_per_instance(y: torch.Tensor, scale: float) -> bool:
+    """Whether y holds one value per (sample, channel): constant over the positions."""
+    spread = (y - y.mean(dim=(2, 3), keepdim=True)).abs().max()
+    return float(spread) <= 1e-6 * scale
 
 
 def _forward_backward(layer, x: torch.Tensor, gen: torch.Generator, mode: str) -> tuple[str, float]:
