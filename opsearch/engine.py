@@ -28,7 +28,7 @@ from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate
 from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
-COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin")
+COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
 RERANK_POLL_S = 1.0  # how often a worker at the budget looks whether the last candidates ended
 
@@ -81,6 +81,8 @@ class Setup:
         """Resolve and check every part before anything is written: bad input loses nothing."""
         for path in config.plugins:
             registry.load_plugin_file(path)
+        from opsearch import surround
+        config = surround.configured(config)  # the space's surround, into the stored config
         from opsearch.rejection import RejectionPipeline
         from opsearch.space import SearchSpace
 
@@ -120,10 +122,16 @@ class Setup:
         c = self.config
         return {"space": c.space, "space_options": c.space_options, "algorithm": c.algorithm,
                 "archs": list(c.archs), "dataset": c.dataset, "evaluator_plugin": c.evaluator_plugin,
-                "config": json.dumps(c.to_dict())}
+                "surround": surround_of_run(c), "config": json.dumps(c.to_dict())}
 
     def open_run(self) -> Run:
         return Run.create_or_open(self.url, self.study_name, self.study_attrs(), COMPATIBLE_KEYS)
+
+
+def surround_of_run(config: SearchConfig) -> str:
+    """What surrounds this run's candidates (opsearch/surround.py), as `Setup.from_config` set it."""
+    from opsearch import surround
+    return surround.of_config(config)
 
 
 def make_eval_config(config: SearchConfig, device_index: int | None = None):
@@ -223,7 +231,7 @@ class Worker:
         if record.kind == "candidate":
             return record.genome
         if record.kind != "baseline" or not self.config.seed_with_baselines \
-                or record.state != TrialState.COMPLETE:
+                or record.state != TrialState.COMPLETE or not self._built_like_candidates(record):
             return None
         key = record.user_attrs.get("graph")
         if key not in self._encoded:
@@ -469,11 +477,24 @@ class Worker:
         from opsearch import layers
         from opsearch.rejection import Candidate
 
+        if not self._built_like_candidates(record):  # no candidate can be it
+            return {}
         try:
             candidate = Candidate(layers.resolve(record.user_attrs["layer"]))
             return self.setup.pipeline.known_layer_attrs(candidate, self.context)
         except (InvalidCandidate, ValueError, RuntimeError):  # still a fine baseline
             return {}
+
+    def _built_like_candidates(self, record: TrialRecord) -> bool:
+        """Whether a baseline's known layer has this run's surround (opsearch/surround.py): a
+        graph shared with a candidate is the same layer, or a start for evolution, only then."""
+        from opsearch import layers
+        from opsearch.errors import UserError
+
+        try:
+            return layers.surround_of(record.user_attrs.get("layer")) == surround_of_run(self.config)
+        except UserError:
+            return False
 
     # -- the re-ranking stage (opsearch/rerank.py) ---------------------------------------------
 
@@ -636,6 +657,8 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
             continue
         attrs = {"kind": "baseline", "layer": name}
         attrs.update(describe_graph(layers.get_graph(name)))
+        if layers.surround_of(name) != surround_of_run(setup.config):
+            attrs.pop("hash", None)  # the equivalence's key: a layer built unlike the candidates
         run.enqueue(attrs)
         queued.append(name)
     if queued:

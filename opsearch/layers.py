@@ -5,6 +5,8 @@ plain graph or a graph JSON file with the same compiler every candidate goes thr
 `norm_act(...)` makes the `factory(num_channels, act)` the proxy architectures take: slots with
 no activation (the last norm of a residual block, a projection shortcut) get the layer's
 no-activation companion, as the EvoNorm reference code does.
+A layer option `surround` (opsearch/surround.py) puts a module around a graph: "batchnorm" keeps
+the network's BatchNorm before the candidate (the Swish-paper setup of an activation search).
 """
 from __future__ import annotations
 
@@ -16,16 +18,19 @@ from torch import nn
 
 from opsearch import graph as _graph
 from opsearch import registry
+from opsearch import surround as _surround
 from opsearch.compile import DEFAULT_EPS, DEFAULT_GROUPS, DEFAULT_MOMENTUM, compile_graph
 from opsearch.errors import InvalidCandidate, UserError
 from opsearch.graph import LayerGraph, PlainGraph
 
-OPTIONS = ("eps", "groups", "momentum")
+OPTIONS = ("eps", "groups", "momentum", "surround")
 NO_ACT_MODES = ("affine", "bn", "same")
 MAX_GRAPH_FILE_BYTES = 1 << 20
 
 # known layer -> the known layer used where the architecture wants no activation
 _NO_ACT: dict[str, str] = {}
+# known layer -> its surround (opsearch/surround.py); absent: none
+_SURROUND: dict[str, str] = {}
 
 
 def declare_no_act(name: str, companion: str) -> None:
@@ -36,6 +41,59 @@ def declare_no_act(name: str, companion: str) -> None:
 def no_act_companion(name: str) -> str | None:
     registry.layers.load_builtins()
     return _NO_ACT.get(name)
+
+
+def declare_surround(name: str, surround: str) -> None:
+    """Declare that a known layer is its graph inside `surround` (e.g. bn_then_relu: ReLU after
+    BatchNorm). A known layer is a whole layer: it keeps its own surround in any run."""
+    _SURROUND[name] = _surround.check(surround)
+
+
+def surround_of(layer: Any, default: str | None = None) -> str:
+    """The surround `layer` is built with: a known layer's own (none unless declared), for
+    anything else (a graph, a graph file) `default`, the run's choice for its candidates."""
+    if isinstance(layer, str) and layer in registry.layers:
+        return _SURROUND.get(layer, _surround.NONE)
+    return _surround.check(default)
+
+
+class Surrounded(nn.Module):
+    """A surround's module (``norm``: BatchNorm2d) then the compiled graph (``layer``, with the
+    v0, v1, weight, bias every compiled layer has); see opsearch/surround.py."""
+
+    def __init__(self, norm: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(self.norm(x))
+
+    @property
+    def graph(self) -> PlainGraph:
+        return self.layer.graph
+
+    @property
+    def formula(self) -> str:
+        return self.layer.formula
+
+    @property
+    def num_channels(self) -> int:
+        return self.layer.num_channels
+
+
+def surround_module(surround: str, num_channels: int, options: dict) -> nn.Module | None:
+    """What `surround` puts before the graph, alone (None for none): also what a surrounded
+    layer puts where the architecture wants no activation."""
+    if _surround.check(surround) == _surround.NONE:
+        return None
+    return nn.BatchNorm2d(num_channels, eps=options["eps"], momentum=options["momentum"])
+
+
+def _compile(plain: PlainGraph, num_channels: int, surround: str, options: dict) -> nn.Module:
+    layer = compile_graph(plain, num_channels, **options)
+    before = surround_module(surround, num_channels, options)
+    return layer if before is None else Surrounded(before, layer)
 
 
 def known_layers() -> list[str]:
@@ -95,47 +153,65 @@ def get_graph(name_or_graph: Any) -> LayerGraph:
     return LayerGraph.from_tuple(resolve(name_or_graph))
 
 
-def _check_options(options: dict) -> dict:
+def _check_options(options: dict) -> tuple[dict, str | None]:
+    """(compile options with their defaults, the surround option or None when not given)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise UserError(f"unknown layer option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTIONS)}")
-    return {"eps": DEFAULT_EPS, "groups": DEFAULT_GROUPS, "momentum": DEFAULT_MOMENTUM, **options}
+    options = dict(options)
+    surround = options.pop("surround", None)
+    if surround is not None:
+        _surround.check(surround)
+    return {"eps": DEFAULT_EPS, "groups": DEFAULT_GROUPS, "momentum": DEFAULT_MOMENTUM, **options}, surround
 
 
 def build(name_or_graph: Any, num_channels: int, *, compile: bool = False, **options) -> nn.Module:
-    """Compiled layer for C = num_channels; options: eps, groups, momentum.
+    """Compiled layer for C = num_channels; options: eps, groups, momentum, surround.
 
+    surround ("none", "batchnorm"; opsearch/surround.py) applies to a graph; a known layer's
+    name keeps its own (`surround_of`): a surrounded layer is `Surrounded(norm, layer)`.
     compile=True: forward and backward run through torch.compile (inductor), with the same
     parameters and state-dict keys; where the compiler cannot run, the plain forward, with one
     warning (see opsearch.torch_compile).
     Raises UserError for an unknown name or a bad file, InvalidCandidate for a graph that cannot
     be a layer.
     """
-    layer = compile_graph(resolve(name_or_graph), num_channels, **_check_options(options))
+    options, surround = _check_options(options)
+    layer = compile_graph(resolve(name_or_graph), num_channels, **options)
     if compile:
         from opsearch.torch_compile import torch_compiled
         layer = torch_compiled(layer)
-    return layer
+    before = surround_module(surround_of(name_or_graph, surround), num_channels, options)
+    return layer if before is None else Surrounded(before, layer)
 
 
 class NormActFactory:
-    """`factory(num_channels, act=True) -> nn.Module`, picklable (holds plain graphs only)."""
+    """`factory(num_channels, act=True) -> nn.Module`, picklable (holds plain graphs only).
 
-    def __init__(self, graph: PlainGraph, no_act_graph: PlainGraph, options: dict, name: str = ""):
+    With a surround, act=True slots hold the surrounded graph and act=False slots the surround
+    alone (`no_act_graph` None), or the surrounded `no_act_graph` when one is given."""
+
+    def __init__(self, graph: PlainGraph, no_act_graph: PlainGraph | None, options: dict, name: str = "",
+                 surround: str = _surround.NONE):
         self.graph = graph
         self.no_act_graph = no_act_graph
         self.options = dict(options)
         self.name = name or _graph.formula(graph)
+        self.surround = _surround.check(surround)
 
     def __call__(self, num_channels: int, act: bool = True) -> nn.Module:
-        return compile_graph(self.graph if act else self.no_act_graph, num_channels, **self.options)
+        if not act and self.no_act_graph is None:
+            return surround_module(self.surround, num_channels, self.options)
+        return _compile(self.graph if act else self.no_act_graph, num_channels, self.surround, self.options)
 
     @property
     def formula(self) -> str:
         return _graph.formula(self.graph)
 
     def __repr__(self) -> str:
-        return f"NormActFactory({self.name!r}, no_act={_graph.formula(self.no_act_graph)!r})"
+        no_act = self.surround if self.no_act_graph is None else _graph.formula(self.no_act_graph)
+        around = "" if self.surround == _surround.NONE else f", surround={self.surround!r}"
+        return f"NormActFactory({self.name!r}, no_act={no_act!r}{around})"
 
 
 def is_factory(layer: Any) -> bool:
@@ -155,10 +231,15 @@ def norm_act(name_or_graph: Any, *, no_act: str = "affine", **options) -> NormAc
     act=False slots use the known layer's declared companion (bn_relu -> bn, evonorm_* -> the
     per-channel affine alone, ...); any other graph uses `no_act`: "affine" (default; identity
     then the affine), "bn", or "same" (the candidate itself).
+
+    `surround` (option) surrounds a graph (a known layer keeps its own, `surround_of`). A
+    surrounded layer's act=False slots hold the surround alone (BatchNorm where the network has
+    no activation, as in the Swish paper), or with no_act="same" the surrounded candidate.
     """
     if no_act not in NO_ACT_MODES:
         raise UserError(f"no_act must be one of {', '.join(NO_ACT_MODES)}, got {no_act!r}")
-    options = _check_options(options)
+    options, surround = _check_options(options)
+    surround = surround_of(name_or_graph, surround)
     plain = resolve(name_or_graph)
     _graph.validate(plain)
     companion = no_act_companion(name_or_graph) if isinstance(name_or_graph, str) else None
@@ -166,7 +247,9 @@ def norm_act(name_or_graph: Any, *, no_act: str = "affine", **options) -> NormAc
         no_act_plain = resolve(companion)
     elif no_act == "same":
         no_act_plain = plain
+    elif surround != _surround.NONE:
+        no_act_plain = None  # the surround alone
     else:
         no_act_plain = resolve("identity" if no_act == "affine" else "bn")
     name = name_or_graph if isinstance(name_or_graph, str) else ""
-    return NormActFactory(plain, no_act_plain, options, name=name)
+    return NormActFactory(plain, no_act_plain, options, name=name, surround=surround)

@@ -183,9 +183,23 @@ ALL = {
 }
 
 
-def search_space(name: str | None = None, *, replace: bool = False):
-    """Register a function returning a pyglove hyper-value whose materialisation is a candidate."""
-    return search_spaces.register(name, replace=replace)
+def search_space(name: str | None = None, *, replace: bool = False, surround: str = "none"):
+    """Register a function returning a pyglove hyper-value whose materialisation is a candidate.
+
+    `surround` says what the compiled layer puts around its candidates (opsearch/surround.py):
+    "none" (the candidate is the whole norm-act layer) or "batchnorm" (the network keeps its
+    BatchNorm and the candidate replaces the activation, as in an activation search); it is
+    kept on the function as ``surround``."""
+    from opsearch import surround as _surround
+
+    checked = _surround.check(surround)
+    register = search_spaces.register(name, replace=replace)
+
+    def decorator(fn: T) -> T:
+        fn.surround = checked
+        return register(fn)
+
+    return decorator
 
 
 register_layer = layers.register

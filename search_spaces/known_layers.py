@@ -8,7 +8,7 @@ slots that want none (see `opsearch.layers.norm_act`; the EvoNorm reference uses
 from __future__ import annotations
 
 from opsearch.graph import GraphBuilder, LayerGraph
-from opsearch.layers import declare_no_act
+from opsearch.layers import declare_no_act, declare_surround
 from opsearch.registry import register_layer
 
 
@@ -84,3 +84,16 @@ KNOWN = {
 for _name, (_layer_graph, _companion) in KNOWN.items():
     register_layer(_name)(_layer_graph)
     declare_no_act(_name, _companion)
+
+# The references of an activation search (the `activation` space, surround "batchnorm"): the
+# activation alone inside BatchNorm, built exactly as that space's candidates are (BatchNorm2d ->
+# f -> affine; BatchNorm alone where the architecture wants no activation).
+SURROUNDED = {
+    "bn_then_relu": (_relu_only(), "batchnorm"),
+    "bn_then_swish": (_swish_only(), "batchnorm"),
+    "bn_then_silu": (_silu_only(), "batchnorm"),
+}
+
+for _name, (_layer_graph, _surround) in SURROUNDED.items():
+    register_layer(_name)(_layer_graph)
+    declare_surround(_name, _surround)

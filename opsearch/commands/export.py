@@ -80,6 +80,20 @@ def layer_options(study_attrs: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def trial_surround(trial: Any, study_attrs: dict[str, Any]) -> str:
+    """What surrounds the trial's graph (opsearch/surround.py): a baseline's known layer keeps its
+    own; a candidate has the run's (stored with the run)."""
+    from opsearch import layers, surround
+
+    name = trial.user_attrs.get("layer")
+    if report.kind(trial) == "baseline" and isinstance(name, str):
+        try:
+            return layers.surround_of(name)
+        except UserError:
+            pass  # a layer from a plugin not loaded here: the graph as stored
+    return surround.of_run(study_attrs)
+
+
 def trial_graph(trial: Any):
     """The trial's LayerGraph, through our schema check (never pyglove's from_json)."""
     from opsearch import graph
@@ -105,7 +119,7 @@ def run(args) -> int:
     trial = select_trial(trials, archs, args.trial)
     g = trial_graph(trial)
     source = export_source(g, class_name=args.class_name, torch_compile=getattr(args, "compile", False),
-                           **layer_options(attrs))
+                           surround=trial_surround(trial, attrs), **layer_options(attrs))
     accs = report.accuracies(trial, archs)
     from opsearch import graph
 

@@ -21,12 +21,20 @@ def describe(kind: str, name: str) -> dict[str, Any]:
     """What `list` shows of one plugin: ``formula`` for a known layer, else ``doc`` (the first
     line of its docstring) and ``options`` (name -> default)."""
     reg = registry.ALL[kind]
+    from opsearch import surround
+
     if reg is registry.layers:
         from opsearch import graph, layers
 
-        return {"formula": graph.formula(layers.get_graph(name))}
-    doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
-    return {"doc": doc[0] if doc else "", "options": reg.options(name)}
+        info = {"formula": graph.formula(layers.get_graph(name))}
+        around = layers.surround_of(name)
+    else:
+        doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
+        info = {"doc": doc[0] if doc else "", "options": reg.options(name)}
+        around = surround.of_space(name) if reg is registry.search_spaces else surround.NONE
+    if around != surround.NONE:  # what the compiled layer puts around the graph
+        info["surround"] = around
+    return info
 
 
 def listing() -> dict[str, dict[str, dict[str, Any]]]:
@@ -42,10 +50,11 @@ def run(args) -> int:
     for kind, entries in everything.items():
         print(f"{kind}:")
         for name, info in entries.items():
+            around = f"  (surround: {info['surround']})" if "surround" in info else ""
             if "formula" in info:
-                print(f"  {name:<30} {info['formula']}")
+                print(f"  {name:<30} {info['formula']}{around}")
                 continue
-            print(f"  {name:<30} {info['doc']}")
+            print(f"  {name:<30} {info['doc']}{around}")
             if info["options"]:
                 options = ", ".join(f"{k}={_show(v)}" for k, v in info["options"].items())
                 print(f"  {'':<30} options: {options}")

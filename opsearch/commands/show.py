@@ -46,6 +46,11 @@ def run(args) -> int:
         sys.stdout.write("\n")
         return 0
     print_summary(summary, title=f"run {args.run}")
+    from opsearch import surround
+    around = surround.of_run(attrs)
+    if around != surround.NONE:  # the formulas above are what goes inside it
+        print(f"candidates are surrounded: {around} ({surround.SURROUNDS[around]}); "
+              "baselines are their known layers")
     return 0
 
 
