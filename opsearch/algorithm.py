@@ -128,12 +128,14 @@ class Algorithm:
         return self._propose(rng)
 
     def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None,
-                 duplicate: bool = False) -> None:
+                 duplicate: bool = False, grade: float | None = None) -> None:
         """Result of one candidate: K objectives (maximised), or None if rejected/failed.
 
         A NaN objective counts as a rejection (it cannot be ranked). ``duplicate``: the candidate
         computed the same function as an earlier trial and carries that trial's objectives
-        (`_feedback_duplicate` decides what that teaches the algorithm).
+        (`_feedback_duplicate` decides what that teaches the algorithm). ``grade``: for a
+        rejection, how far it got through the filters (filters passed + closeness to passing the
+        one that rejected it; higher is nearer to being trained), None when unknown.
         """
         genome = tuple(genome)
         if not self.space.is_valid(genome):
@@ -143,7 +145,9 @@ class Algorithm:
         self._pending = 0
         if objectives is None:
             self.num_rejected += 1
-        if duplicate and objectives is not None:
+        if objectives is None:
+            self._feedback_rejected(genome, grade)
+        elif duplicate:
             self._feedback_duplicate(genome, objectives)
         else:
             self._feedback(genome, objectives)
@@ -161,7 +165,7 @@ class Algorithm:
 
     def recover(self, history: Iterable[tuple]) -> None:
         """Replay finished trials in trial order (same state as live feedback): items are
-        ``(genome, objectives)`` or ``(genome, objectives, duplicate)``."""
+        ``(genome, objectives)`` or ``(genome, objectives, duplicate, grade)``."""
         for item in history:
             self.feedback(*item)
 
@@ -176,6 +180,10 @@ class Algorithm:
     def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
         """A candidate that repeated an earlier trial's function. Default: like any result."""
         self._feedback(genome, objectives)
+
+    def _feedback_rejected(self, genome: Genome, grade: float | None) -> None:
+        """A rejected or failed candidate with its grade. Default: ``_feedback(genome, None)``."""
+        self._feedback(genome, None)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -216,7 +216,7 @@ class Worker:
         self._fed = {r.trial_id for r in finished}
         self.context.equivalence = EquivalenceCache.from_trials(
             [r for r in finished if r.kind in _CACHED_KINDS])
-        history = [(g, self._objectives(r), _is_duplicate(r)) for r in finished
+        history = [(g, self._objectives(r), _is_duplicate(r), _grade(r)) for r in finished
                    if (g := self._history_genome(r)) is not None]
         self.algorithm.recover(history)
         self._recovered = True
@@ -253,7 +253,7 @@ class Worker:
             self._fed.add(r.trial_id)
             genome = self._history_genome(r)
             if genome is not None:
-                self.algorithm.feedback(genome, self._objectives(r), _is_duplicate(r))
+                self.algorithm.feedback(genome, self._objectives(r), _is_duplicate(r), _grade(r))
             if r.kind in _CACHED_KINDS and r.verdict != LOST:
                 self.context.equivalence.add_trial(r)
             if self.on_other is not None:
@@ -298,7 +298,8 @@ class Worker:
             self._fed.add(record.trial_id)
             genome = self._history_genome(record)
             if genome is not None:
-                self.algorithm.feedback(genome, self._objectives(record), _is_duplicate(record))
+                self.algorithm.feedback(genome, self._objectives(record), _is_duplicate(record),
+                                        _grade(record))
             if record.kind in _CACHED_KINDS:
                 self._record_equivalence(record)
             faults.point("recorded")
@@ -601,6 +602,12 @@ def _is_duplicate(record: TrialRecord) -> bool:
     """Whether a finished trial repeated an earlier trial's function (verdict duplicate:<n>)."""
     verdict = record.user_attrs.get("verdict")
     return isinstance(verdict, str) and verdict.startswith("duplicate:")
+
+
+def _grade(record: TrialRecord) -> float | None:
+    """A rejected trial's grade (`RejectionPipeline.run`); None for anything else."""
+    grade = record.user_attrs.get("grade")
+    return float(grade) if isinstance(grade, (int, float)) and not isinstance(grade, bool) else None
 
 
 def describe_graph(plain) -> dict[str, Any]:

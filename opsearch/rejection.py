@@ -126,6 +126,8 @@ class PipelineOutcome:
     def seconds(self) -> float:
         return sum(v.seconds for v in self.verdicts)
 
+    grade: float | None = None  # set by `RejectionPipeline.run` for a rejection (see there)
+
     @property
     def filter_seconds(self) -> dict[str, float]:
         return {v.filter: v.seconds for v in self.verdicts}
@@ -137,6 +139,8 @@ class PipelineOutcome:
         attrs: dict[str, Any] = {f"filter_s/{k}": round(s, 6) for k, s in self.filter_seconds.items()}
         if not self.passed:
             attrs["reason"] = self.reason
+            if self.grade is not None and self.duplicate_of is None:
+                attrs["grade"] = round(self.grade, 6)
         for v in self.verdicts:
             for key, value in v.metrics.items():
                 if isinstance(value, float) and not math.isfinite(value):
@@ -263,6 +267,12 @@ class Filter:
         """Leave on `candidate` what this filter would remember about it, for a layer that
         skips the filters (a baseline), so that later candidates can match it. Default: nothing."""
 
+    def closeness(self, verdict: Verdict) -> float | None:
+        """How close a candidate this filter rejected came to passing, in [0, 1) (e.g. the
+        quality filter's accuracy against its bar), from the verdict's metrics; None when the
+        rejection says nothing about the candidate (a repeat of an earlier one). Default 0."""
+        return 0.0
+
     def accept(self, **metrics: Any) -> Verdict:
         return Verdict(True, self.name, "", metrics)
 
@@ -315,10 +325,15 @@ class RejectionPipeline:
         return [f.name for f in self.filters]
 
     def run(self, candidate: Candidate, context: FilterContext) -> PipelineOutcome:
+        """Filters cheapest first, up to the first that does not pass. A rejection gets a
+        ``grade``: the number of filters passed plus the rejecting filter's `closeness`, so
+        that a search with no trained layer yet can still tell a near miss (100-step accuracy
+        0.18) from a hopeless graph (NaN), and climb (`grade` trial attribute)."""
         if not candidate.layer_options:
             candidate.layer_options = context.layer_options()
         verdicts: list[Verdict] = []
-        for flt in self.filters:
+        grade = None
+        for position, flt in enumerate(self.filters):
             start = time.perf_counter()
             try:
                 verdict = flt.check(candidate, context)
@@ -328,8 +343,14 @@ class RejectionPipeline:
             verdict.filter = flt.name
             verdicts.append(verdict)
             if not verdict.passed:
+                if verdict.duplicate_of is None:
+                    closeness = flt.closeness(verdict)
+                    if closeness is not None:
+                        grade = position + min(max(float(closeness), 0.0), 0.999)
                 break
-        return PipelineOutcome(verdicts)
+        outcome = PipelineOutcome(verdicts)
+        outcome.grade = grade
+        return outcome
 
     def known_layer_attrs(self, candidate: Candidate, context: FilterContext) -> dict[str, Any]:
         """The attributes (``hash``, ``equiv_hash``, ``equiv_fp``) that put a layer evaluated

@@ -308,3 +308,29 @@ def test_duplicates_neither_enter_nor_age_the_population(space):
         added.feedback(g, toy_objectives(space, g))
     added.feedback(members[0], toy_objectives(space, members[0]), duplicate=True)
     assert [g for g, _ in added.members()] == members[1:] + members[:1]
+
+
+def test_graded_start_climbs_from_the_best_near_miss(space):
+    """Before any layer trains, proposals mutate the rejected candidate that got furthest."""
+    rng = random.Random(4)
+    rejected = []
+    while len(rejected) < 4:
+        g = space.random_genome(rng)
+        if toy_objectives(space, g) is not None:
+            rejected.append(g)
+    grades = [0.1, 2.5, 1.0, 0.2]
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=4,
+                           start_mutation=1.0)
+    for g, grade in zip(rejected, grades):
+        evo.feedback(g, None, grade=grade)
+    for _ in range(5):
+        child = evo.propose()
+        changed = {space.node_of_gene[i] for i, (a, b) in enumerate(zip(rejected[1], child)) if a != b}
+        assert len(changed) == 1, "a one-node mutation of the 2.5 near miss"
+    skip = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=4,
+                            rejected="skip")
+    for g, grade in zip(rejected, grades):
+        skip.feedback(g, None, grade=grade)
+    children = [skip.propose() for _ in range(5)]
+    assert not all(len({space.node_of_gene[i] for i, (a, b) in enumerate(zip(rejected[1], c)) if a != b}) == 1
+                   for c in children)

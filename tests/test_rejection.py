@@ -312,3 +312,24 @@ def test_numerics_rejects_a_statistic_of_x_posing_as_a_layer(stat):
     assert outcome.status == "rejected:numerics" and "statistic" in outcome.reason
     assert run_filter("numerics", graph, reject_statistics=False).passed
     assert run_filter("numerics", ((stat, (X,)), ("div", (X, 4)))).passed  # x / statistic: a layer
+
+
+def test_a_rejection_is_graded_by_how_far_it_got():
+    """Filters passed, plus how near the rejecting filter came to passing it."""
+
+    class Near(Fixed):
+        def closeness(self, verdict):
+            return 0.25
+
+    early = RejectionPipeline([Fixed("a", 1, passed=False), Fixed("b", 2)]).run(Candidate(plain("bn_relu")), FilterContext())
+    late = RejectionPipeline([Fixed("a", 1), Near("b", 2, passed=False)]).run(Candidate(plain("bn_relu")), FilterContext())
+    assert early.grade == 0.0 and late.grade == 1.25
+    assert late.user_attrs()["grade"] == 1.25
+    assert RejectionPipeline([Fixed("a", 1)]).run(Candidate(plain("bn_relu")), FilterContext()).grade is None
+    from opsearch import registry
+    quality = registry.rejection_filters.create("quality")
+    low = Verdict(False, "quality", metrics={"acc/resnet": 0.25, "acc/mobilenetv2": 0.1, "num_archs": 3})
+    assert quality.closeness(low) == pytest.approx((1.0 + 0.5) / 3)
+    stability = registry.rejection_filters.create("stability")
+    assert stability.closeness(Verdict(False, "stability", metrics={"grad_norm": 1e9})) == pytest.approx(0.5)
+    assert stability.closeness(Verdict(False, "stability", metrics={"grad_norm": "inf"})) == 0.0

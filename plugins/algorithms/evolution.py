@@ -1,19 +1,27 @@
 """Aging evolution over a fixed-size population: the shared core of the evolutionary plugins.
 
-The population holds the last `population_size` evaluated candidates (oldest removed first,
-Real et al.'s regularized / aging evolution). Until it holds `min_population` members, proposals
-are random graphs from the generator (generator.py: valid and small first, or uniform); afterwards a tournament of `tournament_size` distinct members is sampled, a parent is
-selected from it (`select_parent`, which subclasses define), and the graph-aware mutator makes
-the child. Rejected or failed candidates (objectives None) are skipped by default — they never
-enter the population, as in the paper where rejected layers are discarded. `min_population`
-defaults to `tournament_size`, not `population_size`: in a space where ~1 random graph in 25
-survives the filters, waiting for a full population of random survivors would spend hundreds of
-proposals before any evolution, and members fed back first (the engine's seed layers) would sit
-idle; `min_population=<population_size>` restores the classic all-random start; `rejected=worst` puts
-them in with -inf objectives instead (they then only age out good members). With
-`avoid_duplicates` (default) the canonical hashes of every candidate fed back are remembered and
-mutation retries children that would repeat one (see mutation.py). A candidate the equivalence
-filter found to repeat an earlier trial's function (`duplicates`, default skip) neither enters
+The population holds the last `population_size` trained candidates (oldest removed first, Real
+et al.'s regularized / aging evolution). Once it holds `min_population` members, a tournament of
+`tournament_size` distinct members is sampled, a parent is selected from it (`select_parent`,
+which subclasses define) and the graph-aware mutator makes the child (mutation.py).
+
+Before that, the search has little or nothing trained to climb from: in a user's own space, one
+random graph in hundreds survives the filters. Proposals are then new graphs from the generator
+(generator.py: valid, small first) and, with `rejected=graded` (default), for a share
+`start_mutation` of them, mutations of the winner of a tournament over the trained members and
+the best *near misses*: rejected candidates carry a grade (how far they got through the filters,
+numerics < stability < quality, and how near they came to passing the one that stopped them),
+and rank below every trained member. So the search climbs from a layer that nearly trained
+instead of waiting for luck. Once the population is ready, rejections enter nothing, as in the
+paper, where rejected layers are discarded (`rejected=skip`: never, also at the start;
+`rejected=worst`: they enter with -inf objectives and only age out good members).
+
+`min_population` defaults to `tournament_size`, not `population_size`: waiting for a full
+population of random survivors would spend hundreds of proposals before any evolution, and
+members fed back first (the engine's seed layers, with `seed_with_baselines`) would sit idle.
+With `avoid_duplicates` (default) the canonical hashes of every candidate fed back are
+remembered and mutation retries children that would repeat one. A candidate the equivalence
+filter found to repeat an earlier trial's function (`duplicates=skip`, default) neither enters
 nor ages the population: a copy would only crowd out other members with a clone of a function
 already there.
 """
@@ -28,14 +36,21 @@ from opsearch.plugins.algorithms.generator import GENERATOR_OPTIONS, GraphGenera
 from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator
 from opsearch.space import Genome
 
+GRADE_OFFSET = 100.0  # a near miss's objectives: grade - GRADE_OFFSET, below any trained score
+
 POPULATION_OPTIONS: dict[str, Option] = {
     "population_size": Option(20, "candidates kept in the aging population (random until full)", int, minimum=2),
     "tournament_size": Option(5, "population members sampled per tournament", int, minimum=1),
     "min_population": Option(None, "members needed before tournaments start (default: "
                              "tournament_size; population_size for an all-random start)", int,
                              minimum=1, allow_none=True),
-    "rejected": Option("skip", "rejected/failed candidates: skip (never in the population) or worst "
-                       "(enter with -inf objectives)", str, choices=("skip", "worst")),
+    "rejected": Option("graded", "rejected/failed candidates: graded (until the population holds "
+                       "min_population trained members, the best near misses are parents too), "
+                       "skip (never in the population) or worst (enter with -inf objectives)", str,
+                       choices=("graded", "skip", "worst")),
+    "start_mutation": Option(0.5, "rejected=graded: share of the proposals before min_population that "
+                             "mutate a near miss rather than draw a new graph", float,
+                             minimum=0.0, maximum=1.0),
     "duplicates": Option("skip", "candidates that repeat an earlier trial's function: skip (they "
                          "neither enter nor age the population) or add (a copy of the earlier "
                          "member enters)", str, choices=("skip", "add")),
@@ -62,12 +77,22 @@ class AgingEvolution(Algorithm):
         self.population: list[tuple[Genome, Objectives]] = []
         self._oldest = 0
         self._worst = (float("-inf"),) * num_objectives
+        # rejected candidates with a grade, as members whose objectives rank below every trained
+        # one (grade - GRADE_OFFSET); only used before the population is ready (a ring buffer)
+        self.near_misses: list[tuple[Genome, Objectives]] = []
+        self._oldest_miss = 0
         self._seen: set[str] = set()  # canonical hashes of every candidate fed back
         self._track_seen = self.options["avoid_duplicates"] and self.mutator.graph_aware
 
     def _propose(self, rng: random.Random) -> Genome:
         if len(self.population) < self.min_population:
-            return self.generator.random_genome(rng)
+            pool = self.population + self.near_misses
+            if (self.options["rejected"] != "graded" or len(pool) < self.tournament_size
+                    or rng.random() >= self.options["start_mutation"]):
+                return self.generator.random_genome(rng)
+            picks = rng.sample(range(len(pool)), self.tournament_size)
+            parent = self.select_parent([pool[i] for i in picks], rng)
+            return self.mutator.mutate(parent, rng, self._seen)
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
@@ -75,6 +100,21 @@ class AgingEvolution(Algorithm):
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
         raise NotImplementedError
+
+    def _feedback_rejected(self, genome: Genome, grade: float | None) -> None:
+        if self.options["rejected"] != "graded":
+            self._feedback(genome, None)
+            return
+        if self._track_seen and (key := self.mutator.hash_of(genome)) is not None:
+            self._seen.add(key)
+        if grade is None or len(self.population) >= self.min_population:
+            return
+        member = (genome, (float(grade) - GRADE_OFFSET,) * self.num_objectives)
+        if len(self.near_misses) < self.population_size:
+            self.near_misses.append(member)
+        else:
+            self.near_misses[self._oldest_miss] = member
+            self._oldest_miss = (self._oldest_miss + 1) % self.population_size
 
     def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
         if self.options["duplicates"] == "add":

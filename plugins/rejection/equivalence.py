@@ -76,6 +76,10 @@ class EquivalenceFilter(Filter):
             return _same_as(self, entry, "outputs" if how == "exact" else "outputs as eps -> 0")
         return self.accept()
 
+    def closeness(self, verdict: Verdict) -> None:
+        """A repeat of a rejected function: nothing new about the candidate."""
+        return None
+
     def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
         """A layer's hash and fingerprints, computed with this filter's probes."""
         candidate.canonical_hash  # computed and kept on the candidate

@@ -103,8 +103,17 @@ class QualityFilter(Filter):
         low = {a: acc for a, acc in accuracies.items() if acc < self.min_accuracy}
         if low:
             worst = min(low, key=low.get)
+            num_archs = len(evaluators) if evaluators is not None else len(accuracies)
             return self.reject(f"{worst} validation accuracy {low[worst]:.3f} < {self.min_accuracy:g} "
-                               f"after {self.steps} steps", **metrics)
+                               f"after {self.steps} steps", num_archs=num_archs, **metrics)
         verdict = self.accept(**metrics)
         verdict.warm_start = session  # the evaluation resumes it
         return verdict
+
+    def closeness(self, verdict: Verdict) -> float:
+        """Architectures passed plus the failing one's accuracy against the bar, over K."""
+        accs = [v for k, v in verdict.metrics.items() if k.startswith("acc/")]
+        if not accs or self.min_accuracy <= 0:
+            return 0.0
+        num_archs = max(int(verdict.metrics.get("num_archs", len(accs))), len(accs))
+        return sum(min(a / self.min_accuracy, 1.0) for a in accs) / num_archs

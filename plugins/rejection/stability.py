@@ -58,6 +58,16 @@ class StabilityFilter(Filter):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
 
+    def closeness(self, verdict: Verdict) -> float:
+        """1 at the threshold, falling with each decade above it (0 for an infinite norm)."""
+        try:
+            norm = float(verdict.metrics.get("grad_norm", "inf"))
+        except (TypeError, ValueError):
+            return 0.0
+        if not math.isfinite(norm):
+            return 0.0
+        return 1.0 / (1.0 + math.log10(max(norm / self.threshold, 1.0)))
+
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         with flush_denormals():  # perturbed weights drive values into denormals: slow
             return self._check(candidate, context)
