@@ -1,0 +1,618 @@
+"""Discovery from scratch: search algorithms compared fairly, with real training (issue 17, DESIGN 11).
+
+One run = (arm, seed). An arm is an algorithm with its options under a label. Every run searches
+the `evonorm` space with the default filters, evaluator and proxy (`SearchConfig` defaults), ONE
+worker process with one torch thread, `seed_with_baselines = false` (no algorithm gets the known
+layers), the baselines bn_relu, evonorm_b0 and evonorm_s0 trained first as references only, a
+large candidate budget and a fixed CPU budget (`--cpu-cap`: CPU seconds of the worker process,
+counted from when its Worker is built; the baselines are part of it, the same for every arm).
+Each run is its own SQLite study under `--workdir`; each finished trial is appended to the run's
+JSONL log (cpu_total, verdict, values, score, formula, number, kind, layer).
+
+The cap is checked after each finished trial, so the candidate in flight when it passes still
+finishes and counts (for the best and the re-ranking, as any search's last candidate would);
+the times (to the first trained candidate, to the target) count only what finished within the
+cap, so a censored run counts exactly as the cap.
+
+After the search, unless `--no-rerank`: `opsearch rerank RUN --top 1 --seeds 3` (a child
+process, one worker, baselines bn_relu, evonorm_b0, evonorm_s0) re-trains the run's best
+candidate (the search's own rule: best mean accuracy over the architectures) on held-out data;
+its verdicts against the three baselines go into the result line, and its CPU seconds are
+counted apart from the search budget.
+
+Per run: CPU seconds to the first trained candidate and to the first candidate whose search score
+(mean accuracy over the architectures) is within 0.01 of bn_relu's in the same run; the best
+score; candidates proposed / trained / duplicates / rejected; the share of trained candidates
+whose values repeat an earlier trained candidate's exactly.
+
+`--known` adds two arms with the known layers: `known` (the default algorithm fed the evaluated
+known layers, `seed_with_baselines = true`, the default baselines, as a user gets that mode) and
+its fair counterpart `known_mutations` (the same known layers; each proposal is one graph-aware
+mutation of a uniformly chosen known layer, scores ignored: no selection).
+
+Runs go seed-major (seed 0 of every arm, then seed 1, ...) so that a benchmark stopped early has
+balanced arms. One JSON line per finished run is appended to `--results`; a run already there is
+skipped (a run cut short starts again from scratch; one whose search ended but whose re-ranking
+did not resumes at the re-ranking).
+
+    python benchmarks/discovery.py --algorithms regularized_evolution,pareto_evolution,nsga2,random \
+        --seeds 0-4 --known --cpu-cap 1800
+    python benchmarks/discovery.py --report
+    python benchmarks/discovery.py --algorithms regularized_evolution --label re_pop50 \
+        --options 'regularized_evolution:population_size=50,tournament_size=10' --seeds 0-4
+    python benchmarks/discovery.py --quick --algorithms random --seeds 0 --cpu-cap 10   # smoke
+
+`--options` is 'algo:key=value,key=value;algo2:key=value'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from search_efficiency import _bootstrap_ratio, parse_options  # noqa: E402
+
+from opsearch import registry  # noqa: E402
+from opsearch.algorithm import Algorithm, Option  # noqa: E402
+from opsearch.errors import UserError  # noqa: E402
+from opsearch.plugins.algorithms.generator import GENERATOR_OPTIONS, GraphGenerator  # noqa: E402
+from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator  # noqa: E402
+from opsearch.registry import register_algorithm  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+THIS_FILE = os.path.abspath(__file__)
+DEFAULT_ALGORITHMS = "regularized_evolution,pareto_evolution,nsga2,random"
+REFERENCES = ["bn_relu", "evonorm_b0", "evonorm_s0"]
+TARGET_LAYER = "bn_relu"
+TARGET_MARGIN = 0.01
+KNOWN_LABEL = "known"
+KNOWN_COUNTERPART = "known_mutations"
+# --quick: a smoke test's search (the tiny proxy of the test searches, tests/studies.py)
+QUICK = {"dataset": "synthetic", "space_options": {"num_nodes": 4},
+         "evaluator": {"steps": 3, "batch_size": 16, "val_batch_size": 128, "warmup_steps": 1,
+                       "arch_options": {"width": 4, "depth": 1}},
+         "filter_options": {"quality": {"steps": 3}}}
+
+
+# --------------------------------------------------------------------------------------------
+# The fair counterpart of the mode with known layers
+
+
+@register_algorithm(KNOWN_COUNTERPART, replace=True)
+class KnownMutations(Algorithm):
+    """One graph-aware mutation of a uniformly chosen known layer (fed back as a baseline); no
+    selection. A random graph of the generator while no known layer has been fed back."""
+
+    OPTIONS: ClassVar[dict[str, Option]] = {**MUTATION_OPTIONS, **GENERATOR_OPTIONS}
+
+    def __init__(self, space, num_objectives: int, seed: int = 0, **options: Any):
+        super().__init__(space, num_objectives, seed, **options)
+        self.mutator = GraphMutator.from_options(space, self.options)
+        self.generator = GraphGenerator.from_options(space, self.options)
+        self.known_hashes = _known_layer_hashes()
+        self.known: list = []  # genomes of the known layers fed back, in order
+        self._known_keys: set[str] = set()
+        self._seen: set[str] = set()  # what the evolutions' mutation avoids too
+
+    def _propose(self, rng: random.Random):
+        if not self.known:
+            return self.generator.random_genome(rng)
+        parent = self.known[int(rng.random() * len(self.known))]
+        return self.mutator.mutate(parent, rng, self._seen)
+
+    def _feedback(self, genome, objectives) -> None:
+        key = self.mutator.hash_of(genome)
+        if key is None:
+            return
+        self._seen.add(key)
+        if objectives is not None and key in self.known_hashes and key not in self._known_keys:
+            self._known_keys.add(key)
+            self.known.append(tuple(genome))
+
+
+def _known_layer_hashes() -> set[str]:
+    from opsearch import graph, layers
+
+    out = set()
+    for name in layers.known_layers():
+        try:
+            out.add(graph.canonical_hash(layers.resolve(name)))
+        except Exception:  # a plugin's layer that is not a graph
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Arms and runs
+
+
+@dataclass
+class Arm:
+    label: str
+    algorithm: str
+    options: dict = field(default_factory=dict)
+    known: bool = False  # seed_with_baselines with the default baselines
+
+    @property
+    def reference(self) -> str:
+        """The arm this one is tested against in the report."""
+        return KNOWN_COUNTERPART if self.known else "random"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,5' -> [0, 2, 5]; '3' -> [3]."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    return seeds
+
+
+def parse_arm_options(text: str) -> dict[str, dict]:
+    """'re:a=1,b=2;nsga2:c=3' -> {'re': {'a': '1', 'b': '2'}, 'nsga2': {'c': '3'}} (parse_options
+    with several assignments per algorithm)."""
+    items = []
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        algo, _, rest = item.partition(":")
+        items += [f"{algo}:{kv.strip()}" for kv in rest.split(",") if kv.strip()]
+    return parse_options(";".join(items))
+
+
+def make_arms(args) -> list[Arm]:
+    from opsearch.config import SearchConfig
+
+    options = parse_arm_options(args.options)
+    names = [n.strip() for n in args.algorithms.split(",") if n.strip() and n.strip() != "none"]
+    if args.label and len(names) != 1:
+        raise SystemExit("--label names one arm: give exactly one algorithm with it")
+    arms = [Arm(args.label or name, name, options.get(name, {})) for name in names]
+    if args.known:
+        default = SearchConfig().algorithm
+        arms += [Arm(KNOWN_LABEL, default, options.get(default, {}), known=True),
+                 Arm(KNOWN_COUNTERPART, KNOWN_COUNTERPART, options.get(KNOWN_COUNTERPART, {}), known=True)]
+    for arm in arms:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", arm.label):
+            raise SystemExit(f"arm label {arm.label!r}: letters, digits, '_', '.', '-' only")
+    if len({a.label for a in arms}) != len(arms):
+        raise SystemExit(f"two arms share a label: {[a.label for a in arms]}")
+    for arm in arms:  # an unknown algorithm or option: say so before the first run
+        registry.algorithms.get(arm.algorithm).validate_options(arm.options)
+    return arms
+
+
+def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: bool) -> dict:
+    """The run's SearchConfig as a dict: defaults except what makes the comparison fair."""
+    from opsearch.config import SearchConfig
+
+    values: dict[str, Any] = dict(name=name, storage=url, space="evonorm", algorithm=arm.algorithm,
+                                  algorithm_options=dict(arm.options), seed=seed, budget=budget,
+                                  workers=1, plots=False, rerank={"enabled": False},
+                                  seed_with_baselines=arm.known, plugins=[THIS_FILE])
+    if not arm.known:
+        values["baselines"] = list(REFERENCES)
+    if quick:
+        values.update(json.loads(json.dumps(QUICK)))
+    # checks every name and option now; as JSON keeps it (a resumed run compares it)
+    return json.loads(json.dumps(SearchConfig.from_dict(values).to_dict()))
+
+
+class _CapReached(Exception):
+    pass
+
+
+def _search_worker(config_dict: dict, log_path: str, cpu_cap: float) -> None:
+    """The run's one worker (a real `opsearch.engine.Worker`, in a child process): baselines
+    first, then candidates until the CPU cap; every finished trial is logged."""
+    import signal
+
+    import torch
+
+    from opsearch.config import SearchConfig
+    from opsearch.engine import Setup, Worker, enqueue_baselines
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    torch.set_num_threads(1)
+    setup = Setup.from_config(SearchConfig.from_dict(config_dict))
+    run = setup.open_run()
+    enqueue_baselines(run, setup)
+    log = open(log_path, "a", buffering=1)
+
+    def on_result(record, outcome) -> None:
+        cpu = time.process_time() - cpu0
+        values = list(record.values) if record.values else None
+        log.write(json.dumps({"t": time.time(), "cpu_total": round(cpu, 3), "number": record.number,
+                              "kind": record.kind, "layer": record.user_attrs.get("layer"),
+                              "verdict": record.user_attrs.get("verdict"), "values": values,
+                              "score": sum(values) / len(values) if values else None,
+                              "formula": record.user_attrs.get("formula")}) + "\n")
+        if cpu >= cpu_cap:
+            raise _CapReached  # the trial is recorded: the worker leaves nothing running
+
+    worker = Worker(setup, run=run, on_result=on_result)
+    cpu0 = time.process_time()
+    try:
+        worker.run_loop()
+    except _CapReached:
+        pass
+    log.close()
+
+
+def run_search(config: dict, log_path: str, cpu_cap: float) -> float:
+    """The search of one run in a spawned child process; returns its wall seconds."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time()
+    proc = ctx.Process(target=_search_worker, args=(config, log_path, cpu_cap), name="discovery-worker")
+    proc.start()
+    try:
+        proc.join()
+    except BaseException:
+        proc.terminate()
+        proc.join()
+        raise
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the search worker of {config['name']} exited with {proc.exitcode}")
+    return time.time() - start
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics of one run
+
+
+def run_metrics(log: list[dict], cpu_cap: float, margin: float = TARGET_MARGIN) -> dict:
+    """The figures of one run from its trial log (in the order the trials finished)."""
+    baselines = {e["layer"]: e["score"] for e in log if e["kind"] == "baseline"}
+    target_score = baselines.get(TARGET_LAYER)
+    level = target_score - margin if target_score is not None else None
+    cands = [e for e in log if e["kind"] == "candidate"]
+    trained = [e for e in cands if e["verdict"] == "evaluated"]
+    first_trained = next((e["cpu_total"] for e in trained if e["cpu_total"] <= cpu_cap), None)
+    hit = next((e for e in cands if level is not None and e["score"] is not None
+                and e["score"] >= level and e["cpu_total"] <= cpu_cap), None)
+    seen: set[tuple] = set()
+    repeats = 0
+    for e in trained:
+        key = tuple(e["values"])
+        repeats += key in seen
+        seen.add(key)
+    scored = [e for e in cands if e["score"] is not None]
+    best = max(scored, key=lambda e: e["score"], default=None)
+    return {
+        "baselines": baselines,
+        "target": level,
+        "cpu_to_first_trained": first_trained,
+        "cpu_to_target": hit["cpu_total"] if hit else None,
+        "target_hit": ({"number": hit["number"], "score": hit["score"], "formula": hit["formula"]}
+                       if hit else None),
+        "best": ({"number": best["number"], "score": best["score"], "formula": best["formula"]}
+                 if best else None),
+        "proposed": len(cands),
+        "trained": len(trained),
+        "duplicates": sum(str(e["verdict"]).startswith("duplicate") for e in cands),
+        "rejected": sum(str(e["verdict"]).startswith("rejected") for e in cands),
+        "failed": sum(str(e["verdict"]).startswith("failed") for e in cands),
+        "repeats": repeats,
+        "repeat_share": repeats / len(trained) if trained else None,
+        "cpu_total": max((e["cpu_total"] for e in log), default=0.0),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Re-ranking
+
+
+def rerank_run(url: str, name: str, seeds: int) -> dict:
+    """`opsearch rerank` of the run's best candidate against the references (a child process;
+    its CPU seconds measured apart); the verdicts of the best against each reference."""
+    import resource
+
+    cmd = [sys.executable, "-m", "opsearch", "rerank", name, "--storage", url, "--top", "1",
+           "--seeds", str(seeds), "--workers", "1", "--json", "--quiet",
+           "-O", "rerank.baselines=" + json.dumps(REFERENCES)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out: dict[str, Any] = {"command": "python " + shlex.join(cmd[1:]), "wall_s": round(time.time() - start, 1),
+                           "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        out["error"] = (proc.stderr or proc.stdout).strip()[-1500:] or f"exit {proc.returncode}"
+        return out
+    result = json.loads(lines[-1])["rerank"]
+    out.update(rerank_verdicts(result))
+    return out
+
+
+def rerank_verdicts(result: dict | None) -> dict:
+    """From `opsearch rerank --json`'s statistics: the best candidate's held-out mean and, per
+    reference, the difference, p and word; each reference's held-out mean."""
+    if not result or result.get("best_trial") is None:
+        return {"error": "no re-ranked candidate"}
+    layers = result["layers"]
+    best = next(r for r in layers if r["of_trial"] == result["best_trial"])
+    out = {"stage": result.get("stage"), "complete": result.get("complete"),
+           "best_trial": best["of_trial"], "best_formula": best["name"],
+           "best_mean": best["overall"]["mean"], "best_seeds": len(best["seeds"]),
+           "references": {r["name"]: r["overall"]["mean"] for r in layers if r["kind"] == "baseline"},
+           "vs": {}}
+    for ref in REFERENCES:
+        v = best["vs"].get(ref)
+        if v is not None:
+            out["vs"][ref] = {"word": v.get("word"), "p": v.get("p"), "diff": v.get("diff")}
+    out["level_with_target"] = _level(out["vs"].get(TARGET_LAYER))
+    return out
+
+
+def _level(versus: dict | None) -> bool:
+    """Not distinguishable from the reference, or better."""
+    return bool(versus) and versus.get("word") in ("not distinguishable", "better")
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run_key(arm_label: str, seed: int) -> str:
+    return f"{arm_label}-s{seed}"
+
+
+def read_results(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a line cut short by a crash: its run is redone
+                    continue
+    return out
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def one_run(arm: Arm, seed: int, args, command: str) -> dict:
+    name = run_key(arm.label, seed)
+    base = os.path.join(os.path.abspath(args.workdir), name)
+    url = f"sqlite:///{base}.db"
+    log_path, done_path = base + ".jsonl", base + ".search.json"
+    config = search_config(arm, seed, url, name, args.budget, args.quick)
+    done = None
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            done = json.load(f)
+    if done is not None and (done.get("config"), done.get("cpu_cap")) == (config, args.cpu_cap):
+        wall = done["wall_s"]  # the search ended; the re-ranking (if any) resumes
+        print(f"{name}: search done earlier, re-ranking", file=sys.stderr, flush=True)
+    else:  # a search cut short (its CPU is unknown) or with other settings starts again
+        _remove(base + ".db", log_path, done_path)
+        print(f"{name}: searching ({args.cpu_cap:g} CPU s)", file=sys.stderr, flush=True)
+        wall = run_search(config, log_path, args.cpu_cap)
+        with open(done_path, "w") as f:
+            json.dump({"wall_s": wall, "cpu_cap": args.cpu_cap, "config": config}, f)
+    log = read_log(log_path)
+    metrics = run_metrics(log, args.cpu_cap)
+    rerank = None
+    if not args.no_rerank:
+        if metrics["best"] is None:
+            rerank = {"error": "no trained candidate"}
+        else:
+            print(f"{name}: re-ranking the best ({metrics['best']['formula']})", file=sys.stderr, flush=True)
+            rerank = rerank_run(url, name, args.rerank_seeds)
+    return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
+            "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
+            "budget": args.budget, "quick": args.quick, "command": command, "study": url,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
+            **metrics, "rerank": rerank,
+            "log": [{k: e[k] for k in ("number", "kind", "layer", "verdict", "cpu_total", "values",
+                                        "formula")} for e in log]}
+
+
+def settings_of(r: dict) -> tuple:
+    return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"])
+
+
+def bench_main(args, command: str) -> int:
+    arms = make_arms(args)
+    seeds = parse_seeds(args.seeds)
+    os.makedirs(args.workdir, exist_ok=True)
+    done = {(r["arm"], r["seed"]): r for r in read_results(args.results)}
+    for seed in seeds:  # seed-major: a benchmark stopped early has every arm at the first seeds
+        for arm in arms:
+            old = done.get((arm.label, seed))
+            if old is not None:
+                mine = (arm.algorithm, json.dumps(arm.options, sort_keys=True), arm.known, args.cpu_cap, args.quick)
+                if settings_of(old) != mine:
+                    raise SystemExit(f"{args.results} holds {run_key(arm.label, seed)} with other settings "
+                                     f"{settings_of(old)}; give this arm another --label or another --results")
+                continue
+            result = one_run(arm, seed, args, command)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(result, allow_nan=False, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            rr = result["rerank"] or {}
+            print(f"{result['run']}: first trained {_fmt(result['cpu_to_first_trained'], args.cpu_cap)} CPU s, "
+                  f"target {_fmt(result['cpu_to_target'], args.cpu_cap)} CPU s, best "
+                  f"{_num(result['best'] and result['best']['score'])} (bn_relu "
+                  f"{_num(result['baselines'].get(TARGET_LAYER))}), {result['proposed']} proposed, "
+                  f"{result['trained']} trained, repeats {_pct(result['repeat_share'])}; rerank vs bn_relu: "
+                  f"{rr.get('vs', {}).get(TARGET_LAYER, {}).get('word', rr.get('error', '-'))}",
+                  file=sys.stderr, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _num(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _fmt(cpu, cap) -> str:
+    """A time, or the cap marked '>' when the run never got there (censored)."""
+    return f">{cap:.0f}" if cpu is None else f"{cpu:.0f}"
+
+
+def censored(runs: list[dict], key: str) -> list[float]:
+    return [r[key] if r[key] is not None else r["cpu_cap"] for r in runs]
+
+
+def _median(runs: list[dict], key: str) -> str:
+    """Median of the censored times, marked '>' when it is censored: a censored run counts as
+    the cap, which is above every time reached, so the median is exact only when more than half
+    of the runs got there."""
+    med = statistics.median(censored(runs, key))
+    reached = sum(r[key] is not None for r in runs)
+    return f"{med:.0f}" if reached >= len(runs) // 2 + 1 else f">{med:.0f}"
+
+
+def _versus(v: dict | None) -> str:
+    if not v:
+        return "-"
+    word = {"not distinguishable": "n.d."}.get(v.get("word"), v.get("word"))
+    diff = f"{v['diff']:+.3f} " if v.get("diff") is not None else ""
+    p = f" p={v['p']:.2g}" if v.get("p") is not None else ""
+    return f"{diff}{word}{p}"
+
+
+def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
+    """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval."""
+    from scipy.stats import mannwhitneyu
+
+    if not times or not ref:
+        return "-", "-", "-"
+    p = mannwhitneyu(times, ref, alternative="two-sided").pvalue
+    ratio = statistics.median(times) / max(statistics.median(ref), 1e-9)
+    lo, hi = _bootstrap_ratio(times, ref)
+    return ("-" if math.isnan(p) else f"{p:.3g}"), f"{ratio:.2f}", f"{lo:.2f}-{hi:.2f}"
+
+
+def report(results: list[dict], path: str, command: str) -> str:
+    lines = [f"# Discovery from scratch: {path}", "", f"Report: `{command}`", ""]
+    for cmd in dict.fromkeys(r["command"] for r in results):
+        lines.append(f"Benchmark: `{cmd}`")
+    arms: dict[str, list[dict]] = {}
+    for r in results:
+        arms.setdefault(r["arm"], []).append(r)
+    for runs in arms.values():
+        runs.sort(key=lambda r: r["seed"])
+    caps = sorted({r["cpu_cap"] for r in results})
+    lines += ["", f"CPU cap per run: {', '.join(f'{c:g}' for c in caps)} s (one worker, one torch thread). "
+              f"Target: a candidate's search score (mean accuracy over the architectures) within "
+              f"{TARGET_MARGIN} of bn_relu's in the same run. '>' = never reached within the cap "
+              "(counted as the cap). Mann-Whitney U (two-sided) and the ratio of medians of the "
+              "censored times to the target compare each arm with its reference (random; "
+              "known_mutations for the arm with known layers). Repeats: trained candidates whose "
+              "values equal an earlier trained candidate's exactly. Re-ranked: the run's best "
+              "re-trained on held-out data; 'level' = not distinguishable or better.", ""]
+    lines += ["| arm | runs | median CPU s to first trained | median CPU s to target | reached | "
+              "vs reference: MWU p | ratio of medians | 95% bootstrap | median best | repeats (pooled) "
+              "| re-ranked best level with bn_relu, evonorm_b0, evonorm_s0 |", "|---" * 11 + "|"]
+    for label, runs in arms.items():
+        ref_label = runs[0].get("reference", "random")
+        ref = arms.get(ref_label) if ref_label != label else None
+        p, ratio, ci = compare(censored(runs, "cpu_to_target"), censored(ref, "cpu_to_target")) \
+            if ref else ("-", "-", "-")
+        trained = sum(r["trained"] for r in runs)
+        repeats = sum(r["repeats"] for r in runs)
+        reranked = [r for r in runs if r.get("rerank") and "vs" in r["rerank"]]
+        level = ", ".join(str(sum(_level(r["rerank"]["vs"].get(name)) for r in reranked)) for name in REFERENCES)
+        missing = len(runs) - len(reranked)
+        bests = [r["best"]["score"] for r in runs if r["best"]]
+        lines.append(f"| {label} | {len(runs)} | {_median(runs, 'cpu_to_first_trained')} | "
+                     f"{_median(runs, 'cpu_to_target')} | {sum(r['cpu_to_target'] is not None for r in runs)}"
+                     f"/{len(runs)} | {p}{f' (vs {ref_label})' if ref else ''} | {ratio} | {ci} | "
+                     f"{_num(statistics.median(bests) if bests else None)} | "
+                     f"{_pct(repeats / trained if trained else None)} ({repeats}/{trained}) | "
+                     f"{level} of {len(reranked)}{f' ({missing} not re-ranked)' if missing else ''} |")
+    for label, runs in arms.items():
+        r0 = runs[0]
+        lines += ["", f"## {label}: {r0['algorithm']} {json.dumps(r0['options'])}"
+                  f"{' (known layers fed back)' if r0['known'] else ''}", "",
+                  "| seed | CPU s to first trained | CPU s to target | bn_relu | b0 | s0 | best | best formula "
+                  "| proposed | trained | duplicates | rejected | repeats | re-ranked best mean | vs bn_relu "
+                  "| vs evonorm_b0 | vs evonorm_s0 | rerank CPU s |",
+                  "|---" * 18 + "|"]
+        for r in runs:
+            rr = r.get("rerank") or {}
+            vs = rr.get("vs", {})
+            b = r["baselines"]
+            rerank_cells = (f"{_num(rr.get('best_mean'))} | {_versus(vs.get('bn_relu'))} | "
+                            f"{_versus(vs.get('evonorm_b0'))} | {_versus(vs.get('evonorm_s0'))}"
+                            if "vs" in rr else f"{rr.get('error', 'not run')[:60]} | - | - | -")
+            formula = (r["best"]["formula"] if r["best"] else "-").replace("|", "\\|")
+            lines.append(f"| {r['seed']} | {_fmt(r['cpu_to_first_trained'], r['cpu_cap'])} | "
+                         f"{_fmt(r['cpu_to_target'], r['cpu_cap'])} | {_num(b.get('bn_relu'))} | "
+                         f"{_num(b.get('evonorm_b0'))} | {_num(b.get('evonorm_s0'))} | "
+                         f"{_num(r['best'] and r['best']['score'])} | `{formula}` | {r['proposed']} | "
+                         f"{r['trained']} | {r['duplicates']} | {r['rejected']} | {_pct(r['repeat_share'])} | "
+                         f"{rerank_cells} | {rr.get('cpu_s', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/discovery.py " + shlex.join(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--algorithms", default=DEFAULT_ALGORITHMS, help="comma-separated ('none': only --known)")
+    p.add_argument("--seeds", default="0-4", help="'0-4' or a list '0,1,2'")
+    p.add_argument("--options", default="", help="'algo:key=value,key=value;algo2:key=value'")
+    p.add_argument("--label", default=None, help="the arm's name (one algorithm only): the same "
+                   "algorithm with other options is another arm")
+    p.add_argument("--known", action="store_true", help="also the arms with known layers: "
+                   f"'{KNOWN_LABEL}' (the default algorithm, seed_with_baselines) and '{KNOWN_COUNTERPART}'")
+    p.add_argument("--cpu-cap", type=float, default=None,
+                   help="CPU seconds of the worker per run (default 600; --quick: 10)")
+    p.add_argument("--budget", type=int, default=1_000_000, help="candidates per run at most")
+    p.add_argument("--workdir", default=os.path.join(HERE, "discovery_runs"))
+    p.add_argument("--results", default=os.path.join(HERE, "discovery_results.jsonl"))
+    p.add_argument("--no-rerank", action="store_true", help="skip the re-ranking of each run's best")
+    p.add_argument("--rerank-seeds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="smoke test: synthetic data, tiny proxy and space")
+    p.add_argument("--report", action="store_true", help="only print the tables of --results")
+    args = p.parse_args(argv)
+    if args.report:
+        sys.stdout.write(report(read_results(args.results), args.results, command))
+        return 0
+    if args.cpu_cap is None:
+        args.cpu_cap = 10.0 if args.quick else 600.0
+    try:
+        return bench_main(args, command)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

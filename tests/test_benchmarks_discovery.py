@@ -1,0 +1,120 @@
+"""benchmarks/discovery.py: the figures of a run from its trial log, the report, and one tiny arm
+end to end (search, re-ranking, result line, resume, report)."""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "discovery.py"
+
+
+@pytest.fixture(scope="module")
+def discovery():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("discovery")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def entry(number, kind, verdict, cpu, values=None, layer=None, formula="f"):
+    return {"number": number, "kind": kind, "layer": layer, "verdict": verdict, "cpu_total": cpu,
+            "values": values, "score": sum(values) / len(values) if values else None, "formula": formula}
+
+
+def log_of(scores_at: list[tuple[float, float | None]], bn_relu: float | None = 0.90) -> list[dict]:
+    """Baselines, then candidates (cpu, score or None = rejected), each score on 2 archs."""
+    log = [entry(0, "baseline", "evaluated", 2.0, [0.70, 0.70], layer="evonorm_b0")]
+    if bn_relu is not None:
+        log.append(entry(1, "baseline", "evaluated", 3.0, [bn_relu, bn_relu], layer="bn_relu"))
+    for i, (cpu, score) in enumerate(scores_at, start=2):
+        if score is None:
+            log.append(entry(i, "candidate", "rejected:numerics", cpu))
+        else:
+            log.append(entry(i, "candidate", "evaluated", cpu, [score, score], formula=f"c{i}"))
+    return log
+
+
+def test_time_to_target_is_the_first_candidate_within_the_margin_of_bn_relu(discovery):
+    log = log_of([(5.0, None), (10.0, 0.85), (20.0, 0.895), (30.0, 0.95)])
+    m = discovery.run_metrics(log, cpu_cap=100.0)
+    assert m["cpu_to_first_trained"] == 10.0
+    assert m["cpu_to_target"] == 20.0  # 0.895 is within 0.01 of bn_relu's 0.90; 0.85 is not
+    assert m["target_hit"]["formula"] == "c4"
+    assert m["best"]["score"] == pytest.approx(0.95)
+    assert (m["proposed"], m["trained"], m["rejected"]) == (4, 3, 1)
+    # a candidate exactly at the margin counts; one just below does not
+    assert discovery.run_metrics(log_of([(7.0, 0.89)]), 100.0)["cpu_to_target"] == 7.0
+    assert discovery.run_metrics(log_of([(7.0, 0.8899)]), 100.0)["cpu_to_target"] is None
+    # the target is bn_relu's score in the same run, not another baseline's (evonorm_b0: 0.70)
+    assert discovery.run_metrics(log_of([(7.0, 0.75)]), 100.0)["cpu_to_target"] is None
+    # reached after the cap: censored; no bn_relu score: no target
+    assert discovery.run_metrics(log, cpu_cap=15.0)["cpu_to_target"] is None
+    assert discovery.run_metrics(log, cpu_cap=15.0)["cpu_to_first_trained"] == 10.0
+    assert discovery.run_metrics(log_of([(20.0, 0.95)], bn_relu=None), 100.0)["cpu_to_target"] is None
+
+
+def test_repeats_count_trained_candidates_with_an_earlier_trained_candidates_values(discovery):
+    log = log_of([(1.0, 0.5), (2.0, 0.6), (3.0, 0.5), (4.0, 0.5), (5.0, None)])
+    log.append(entry(9, "candidate", "duplicate:2", 6.0, [0.5, 0.5]))  # not trained: not counted
+    m = discovery.run_metrics(log, 100.0)
+    assert (m["trained"], m["repeats"], m["duplicates"]) == (4, 2, 1)
+    assert m["repeat_share"] == pytest.approx(0.5)
+
+
+def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
+    def result(arm, seed, times, cap=100.0):
+        m = discovery.run_metrics(log_of([(t, 0.95) for t in times]), cap)
+        return {"run": f"{arm}-s{seed}", "arm": arm, "algorithm": arm, "options": {}, "known": False,
+                "reference": "random", "seed": seed, "cpu_cap": cap, "command": "python benchmarks/discovery.py X",
+                "rerank": None, **m}
+
+    results = [result("random", s, [200.0]) for s in range(3)]  # never within the cap
+    results += [result("regularized_evolution", s, [10.0 * (s + 1)]) for s in range(3)]
+    text = discovery.report(results, "r.jsonl", "python benchmarks/discovery.py --report")
+    assert "python benchmarks/discovery.py X" in text and "--report" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    random_row = rows["random"].split("|")
+    assert random_row[4].strip() == ">100" and random_row[5].strip() == "0/3"
+    evo = rows["regularized_evolution"].split("|")
+    assert evo[4].strip() == "20" and evo[5].strip() == "3/3"
+    assert evo[7].strip() == "0.20"  # median 20 against the censored 100
+    assert float(evo[6].split()[0]) < 0.11  # Mann-Whitney: 3 against 3, all apart
+    assert "| 0 | >100 | >100 |" in text  # a seed that never got there, marked
+
+
+@pytest.mark.slow
+def test_one_tiny_arm_end_to_end(tmp_path):
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--algorithms", "random", "--seeds", "0",
+           "--cpu-cap", "6", "--rerank-seeds", "2", "--workdir", str(tmp_path / "runs"),
+           "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = results.read_text().splitlines()
+    r = json.loads(line)
+    assert (r["arm"], r["algorithm"], r["seed"], r["known"], r["cpu_cap"]) == ("random", "random", 0, False, 6.0)
+    assert set(r["baselines"]) == {"bn_relu", "evonorm_b0", "evonorm_s0"}
+    assert r["cpu_total"] >= 6.0 and r["proposed"] == sum(e["kind"] == "candidate" for e in r["log"])
+    assert r["trained"] >= 1 and 0 < r["cpu_to_first_trained"] <= 6.0
+    for e in r["log"]:
+        assert {"cpu_total", "verdict", "values", "formula", "number", "kind", "layer"} <= set(e)
+    assert [e["kind"] for e in r["log"][:3]] == ["baseline"] * 3  # references first
+    rr = r["rerank"]
+    assert "error" not in rr, rr
+    assert set(rr["vs"]) == {"bn_relu", "evonorm_b0", "evonorm_s0"} and rr["cpu_s"] > 0
+    assert rr["best_trial"] == r["best"]["number"]
+    # resumable: the run in the results file is not run again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "searching" not in again.stderr
+    assert len(results.read_text().splitlines()) == 1
+    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", "--results", str(results)],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert "--cpu-cap 6" in rep.stdout and "| random | 1 |" in rep.stdout
