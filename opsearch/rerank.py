@@ -15,6 +15,22 @@ number), plus ``layer`` (baselines), ``graph``, ``formula``, ``hash``, and once 
 stored as the study attribute ``rerank:<stage>``, so that any worker runs any stage's items with
 the same settings.
 
+Seeds (**contract**: ``seed`` is the seed the item trains with): the search trains every
+candidate and baseline with the run's ``seed`` (0 by default), so a stage's seeds are drawn from
+elsewhere: ``SEED_BASE`` (1,000,000), 1,000,001, ..., skipping the search's seed. The rule is
+stored with the stage's task (``rerank_seeds = {"first": ..., "skip": [...]}``, which also makes
+the stage's default name differ from one trained with the search's seeds), so every worker and
+every resume draws the same seeds. A stage stored before this rule (no ``rerank_seeds``) keeps
+its seeds 0, 1, 2, ...: resuming it completes what is there; its statistics say
+``seeds_disjoint: false``, and re-ranking the run again with the default stage name is a new
+stage with disjoint seeds.
+
+Adaptive seeds: once a stage's items have all finished, when the best candidate and the
+runner-up are not distinguishable (`opsearch.rerank_stats.contest`), both are trained with one
+more seed, and so on up to ``max_seeds`` (default 8); then the contest reports a tie with the
+number of seeds it took. Only those two get the extra seeds, so the default run's stage grows by
+at most 2 x 5 evaluations.
+
 Enqueueing is idempotent: an (of_trial, seed, stage) that already exists (waiting, running or
 finished, a lost worker's copy apart) is never enqueued again. Workers on one machine enqueue
 under the local lock; two machines may still race and enqueue the same item twice: the
@@ -36,8 +52,13 @@ STAGE_ATTR_PREFIX = "rerank:"
 LOST = "failed:worker_lost"
 
 # The stage's own keys in the [rerank] table; every other key is an [evaluator] key of the task.
-DEFAULTS: dict[str, Any] = {"enabled": True, "top_k": 5, "seeds": 3, "baselines": "all",
-                            "dataset": None, "data_dir": None, "stage": None}
+DEFAULTS: dict[str, Any] = {"enabled": True, "top_k": 5, "seeds": 3, "max_seeds": 8,
+                            "correction": "holm", "baselines": "all", "dataset": None,
+                            "data_dir": None, "stage": None}
+# The first seed of a stage: far from the search's seed (the run's `seed`, 0 by default), so that
+# a candidate's lucky initialisation at the search does not carry over into its held-out score.
+SEED_BASE = 1_000_000
+SEEDS_KEY = "rerank_seeds"  # the stage task's seed rule (not an evaluator key)
 # Settings of the machine a worker runs on, not of the task: each worker uses its own.
 MACHINE_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "threads", "seed")
 # Item attributes a reaped (lost) item keeps when it is enqueued again.
@@ -56,13 +77,18 @@ def check_rerank_options(options: dict[str, Any], source: str = "config") -> Non
 
     if "enabled" in options:
         need(isinstance(options["enabled"], bool), f"enabled must be true or false, got {options['enabled']!r}")
-    for key in ("top_k", "seeds"):
+    for key in ("top_k", "seeds", "max_seeds"):
         if key in options:
             need(_positive_int(options[key]), f"{key} must be a positive integer, got {options[key]!r}")
     if "baselines" in options:
         b = options["baselines"]
         need(b == "all" or (isinstance(b, list) and all(isinstance(x, str) for x in b)),
              f"baselines must be \"all\" or a list of layer names, got {b!r}")
+    if "correction" in options:
+        from opsearch.rerank_stats import CORRECTIONS
+
+        need(options["correction"] in CORRECTIONS,
+             f"correction must be one of {', '.join(CORRECTIONS)}, got {options['correction']!r}")
     for key in ("dataset", "data_dir", "stage"):
         if options.get(key) is not None:
             need(isinstance(options[key], str) and options[key], f"{key} must be a non-empty string")
@@ -79,8 +105,10 @@ class RerankTask:
     top_k: int
     seeds: int
     baselines: list[str] | None  # None: every baseline of the run
-    task: dict[str, Any]  # the evaluator's config, machine keys apart (stored with the study)
+    task: dict[str, Any]  # the evaluator's config, machine keys apart, + the seed rule (stored)
     evaluator_plugin: str = "lightning"  # registry `evaluators`: whose config `task` is
+    max_seeds: int = 8  # the contest of the two best candidates: at most this many seeds each
+    correction: str = "holm"  # the table's multiple-comparison correction (rerank_stats)
 
     @classmethod
     def from_config(cls, config) -> "RerankTask | None":
@@ -120,12 +148,14 @@ class RerankTask:
         task["dataset_options"] = {"split": "heldout", **dict(task.get("dataset_options") or {})}
         task = {k: v for k, v in task.items() if k not in MACHINE_KEYS}
         task["archs"] = list(config.archs)
+        task[SEEDS_KEY] = {"first": SEED_BASE, "skip": [int(config.seed)]}
         registry.datasets.get(task["dataset"])  # an unknown dataset: one line, the known ones
         baselines = None if own["baselines"] == "all" else list(own["baselines"])
         for name in baselines or ():
             registry.layers.get(name)
         stage = own["stage"] or default_stage(task)
-        result = cls(stage, own["top_k"], own["seeds"], baselines, task, config.evaluator_plugin)
+        result = cls(stage, own["top_k"], own["seeds"], baselines, task, config.evaluator_plugin,
+                     own["max_seeds"], own["correction"])
         result.eval_config(0, make_eval_config(config))  # bad values: say so now
         return result
 
@@ -147,7 +177,8 @@ class RerankTask:
         return (f"{t['dataset']}{' (held-out split)' if split == 'heldout' else ''}, "
                 f"{t.get('steps')} steps, top {self.top_k} candidates + "
                 f"{'every baseline' if self.baselines is None else ', '.join(self.baselines) or 'no baseline'}"
-                f", {self.seeds} seeds")
+                f", {self.seeds} seeds"
+                + (f" (the two best up to {self.max_seeds})" if self.max_seeds > self.seeds else ""))
 
 
 def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin: str = "lightning"):
@@ -155,7 +186,7 @@ def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin:
     from opsearch import registry
 
     plugin = registry.evaluators.get(evaluator_plugin)
-    values = {k: v for k, v in task.items() if k not in MACHINE_KEYS}
+    values = {k: v for k, v in task.items() if k not in MACHINE_KEYS and k != SEEDS_KEY}
     if machine is not None:
         own = machine if isinstance(machine, dict) else plugin.config_to_dict(machine)
         values.update({k: own[k] for k in MACHINE_KEYS if k != "seed" and k in own})
@@ -164,6 +195,20 @@ def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin:
         return plugin.config_from_dict(values)
     except (TypeError, ValueError) as e:  # UserError included: say it is the rerank's
         raise UserError(f"rerank options: {e}") from None
+
+
+def stage_seeds(task: dict[str, Any], count: int) -> list[int]:
+    """The first `count` seeds of a stage, by the rule stored with its task: from ``first`` up,
+    skipping the search's seeds; a stage stored without a rule: 0, 1, 2, ... (as it was trained)."""
+    rule = task.get(SEEDS_KEY) if isinstance(task.get(SEEDS_KEY), dict) else {"first": 0, "skip": []}
+    skip = {int(s) for s in rule.get("skip") or ()}
+    out: list[int] = []
+    seed = int(rule.get("first", 0))
+    while len(out) < count:
+        if seed not in skip:
+            out.append(seed)
+        seed += 1
+    return out
 
 
 def default_stage(task: dict[str, Any]) -> str:
@@ -303,19 +348,57 @@ def enqueue_missing(run, task: RerankTask) -> int:
     if stored is None:
         stored = run.storage.get_study_user_attrs(run.study_id).get(key)
     if stored is None:  # the task first, so that a worker popping an item can read it
-        run.storage.set_study_user_attr(run.study_id, key, json.dumps(task.task, sort_keys=True))
-        run.attrs[key] = json.dumps(task.task, sort_keys=True)
+        stored = json.dumps(task.task, sort_keys=True)
+        run.storage.set_study_user_attr(run.study_id, key, stored)
+        run.attrs[key] = stored
+    try:  # the stored task's seed rule, not this process's: a stage keeps its seeds
+        stored_task = json.loads(stored) if isinstance(stored, str) else task.task
+    except ValueError:
+        stored_task = task.task
+    if not isinstance(stored_task, dict):
+        stored_task = task.task
+    seeds = stage_seeds(stored_task, max(task.seeds, task.max_seeds))
     queued = 0
-    for seed in range(task.seeds):
+    for seed in seeds[:task.seeds]:
         for s in chosen:
-            if (s.of_trial, seed, task.stage) in present:
-                continue
-            attrs = {"kind": KIND, "stage": task.stage, "seed": seed, "of_trial": s.of_trial,
-                     **s.attrs}
-            run.enqueue(attrs)
-            queued += 1
-            faults.point("rerank_enqueue")
+            queued += _enqueue_item(run, task.stage, seed, s, present)
+    if queued:
+        return queued
+    due = extra_seeds_due(trials, run.archs, task.stage, chosen, task.max_seeds)
+    if due is not None:
+        layers, want = due
+        by_trial = {s.of_trial: s for s in chosen}
+        for of_trial in layers:
+            for seed in seeds[:want]:
+                queued += _enqueue_item(run, task.stage, seed, by_trial[of_trial], present)
     return queued
+
+
+def extra_seeds_due(trials: Sequence[Any], archs: Sequence[str], stage: str,
+                    chosen: Sequence[Selected], max_seeds: int) -> tuple[list[int], int] | None:
+    """The adaptive seeds: ((best, runner-up), seeds each should have) when the stage's items
+    have all finished and the two best candidates are not distinguishable yet with fewer than
+    `max_seeds` seeds; None otherwise (still training, decided, a tie, or fewer than two
+    candidates)."""
+    from opsearch import rerank_stats
+
+    items = rerank_stats.collect(trials, archs).get(stage)
+    if items is None or items.pending:
+        return None
+    candidates = [s.of_trial for s in chosen if s.kind == "candidate"]
+    c = rerank_stats.contest(items.results, candidates, max_seeds)
+    if c is None or c["status"] != "undecided":
+        return None
+    return [c["best"], c["runner_up"]], c["want"]
+
+
+def _enqueue_item(run, stage: str, seed: int, s: Selected, present: set) -> int:
+    if (s.of_trial, seed, stage) in present:
+        return 0
+    run.enqueue({"kind": KIND, "stage": stage, "seed": seed, "of_trial": s.of_trial, **s.attrs})
+    present.add((s.of_trial, seed, stage))
+    faults.point("rerank_enqueue")
+    return 1
 
 
 def stage_task(run, stage: str) -> dict[str, Any]:

@@ -1,26 +1,46 @@
 """Statistics of the re-ranking stage: pure functions over the study's trials (scipy.stats).
 
-For each layer of a stage (a re-ranked candidate or baseline): the mean accuracy and a 95%
-t-interval per architecture and overall (the overall score of a seed is its mean over the
-architectures, so the overall interval is over seeds); the difference to each baseline with a
-paired test; the rank at the search against the rank on the held-out task, and the agreement of
-the two rankings (Kendall's tau and Spearman's rho, scipy.stats.kendalltau / spearmanr).
+The unit is the seed. The architectures of a run are fixed, not sampled from a population, so
+they are a blocking factor, never replicates: the score of a (layer, seed) is its mean accuracy
+over the architectures, and every test and interval of a layer's overall score is over seeds
+(degrees of freedom = seeds - 1).
 
-The paired test is Student's paired t-test (scipy.stats.ttest_rel) over the (seed, architecture)
-pairs both layers have. Why not Wilcoxon's signed-rank test: what a user asks is whether the mean
-accuracy differs, which is what the t-test tests (and gives an interval for), while the
-signed-rank test looks at ranks only and, with the default 3 seeds x 3 architectures = 9 pairs, is
-coarse (its smallest two-sided p is 0.004, and six pairs all of one sign are needed to reach
-0.05). The pairs of one seed share the seed, so they are not fully independent: read p as a
-guide, uncorrected for the several comparisons of a table. Degenerate cases are decided without a
-test: identical results on every pair -> p = 1, "not distinguishable"; the same non-zero
-difference on every pair (no variance to test against) -> p = 0; fewer than 2 pairs -> no p.
+For each layer of a stage (a re-ranked candidate or baseline):
+
+- the mean accuracy and a 95% Student-t interval per architecture (over seeds) and overall (over
+  the per-seed means), clipped to [0, 1]: an accuracy cannot leave it, and intersecting an
+  interval with the parameter's range keeps its coverage. Clipping rather than a transformed scale
+  (logit, arcsine) because accuracies of exactly 0 or 1 occur and because the interval then stays
+  one around the arithmetic mean that the table prints;
+- the difference to each baseline: Student's paired t-test over the seeds both layers have, on
+  the per-seed means over the architectures (scipy.stats.ttest_rel of the two seed-mean vectors;
+  df = common seeds - 1), with a 95% interval of the mean difference (clipped to [-1, 1]);
+- every such comparison of the stage is one family, corrected for multiple comparisons (Holm's
+  step-down by default, Benjamini-Hochberg on request, `rerank.correction`): each comparison
+  carries its raw p, its corrected p, and the word (better / worse / not distinguishable) that
+  the corrected p at alpha 0.05 gives;
+- the rank at the search against the rank on the held-out task, and the agreement of the two
+  rankings (Kendall's tau and Spearman's rho, scipy.stats.kendalltau / spearmanr).
+
+Why not Wilcoxon's signed-rank test: what a user asks is whether the mean accuracy differs, which
+is what the t-test tests (and gives an interval for); with 3 seeds the signed-rank test cannot
+reach p < 0.25. Degenerate cases are decided without a test: identical results on every seed ->
+p = 1, "not distinguishable"; the same non-zero difference on every seed (no variance to test
+against) -> p = 0; fewer than 2 common seeds -> no p (left out of the family).
+
+The contest (`contest`): the best candidate against the runner-up (the question the stage
+answers), with the same paired seed test, uncorrected (one planned comparison, outside the
+table's family). When they are not distinguishable, the stage trains both with more seeds, one
+at a time, up to `rerank.max_seeds` (opsearch/rerank.py), and reports "distinguishable" or a
+"tie" with the number of seeds it took. Looking again after each seed makes the contest's
+error rate somewhat larger than alpha; it decides where to spend seeds, the table decides claims.
 
 A rerank item may exist twice when workers on two machines enqueued it at once (opsearch/rerank.py
 explains why that race is allowed): the first one finished counts, the other is ignored.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +52,15 @@ ALPHA = 0.05
 CONFIDENCE = 0.95
 KIND = "rerank"
 WORDS = ("better", "worse", "not distinguishable")
+UNIT = "seed"
+TEST = ("paired t-test over per-seed means across architectures (scipy.stats.ttest_rel over "
+        "seeds, df = seeds - 1; architectures are a blocking factor)")
+INTERVALS = "Student t over seeds, clipped to [0, 1]"
+CORRECTIONS = {"holm": "Holm step-down (family-wise error rate)",
+               "bh": "Benjamini-Hochberg (false discovery rate)",
+               "none": "none"}
+DEFAULT_CORRECTION = "holm"
+DEFAULT_MAX_SEEDS = 8
 
 
 def _kind(t: Any) -> str:
@@ -42,9 +71,16 @@ def _kind(t: Any) -> str:
 # Elementary statistics
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """n, mean and a Student-t interval of the mean (None below 2 values; zero width when every
-    value is equal)."""
+def _clip(value: float, bounds: tuple[float, float] | None) -> float:
+    if bounds is None:
+        return value
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE,
+                  bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
+    """n, mean and a Student-t interval of the mean, clipped to `bounds` (accuracies: [0, 1]);
+    None below 2 values; zero width when every value is equal."""
     from scipy import stats
 
     v = np.asarray([float(x) for x in values], dtype=float)
@@ -58,12 +94,13 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> di
     if sem == 0.0 or not math.isfinite(sem):
         return {"n": n, "mean": mean, "low": mean, "high": mean}
     low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
-    return {"n": n, "mean": mean, "low": float(low), "high": float(high)}
+    return {"n": n, "mean": mean, "low": _clip(float(low), bounds), "high": _clip(float(high), bounds)}
 
 
 def paired_test(x: Sequence[float], y: Sequence[float], alpha: float = ALPHA) -> dict[str, Any]:
-    """x against y over the same pairs: mean difference x - y with a 95% interval, the paired
-    t-test's p, and a word (better / worse / not distinguishable)."""
+    """x against y over the same units (pairs): mean difference x - y with a 95% interval
+    (within [-1, 1]), the paired t-test's p (df = pairs - 1), and an uncorrected word (better /
+    worse / not distinguishable)."""
     from scipy import stats
 
     a = np.asarray(x, dtype=float)
@@ -72,8 +109,9 @@ def paired_test(x: Sequence[float], y: Sequence[float], alpha: float = ALPHA) ->
         raise ValueError("paired samples must have the same length")
     d = a - b
     n = len(d)
-    out: dict[str, Any] = {"n": n, "diff": float(d.mean()) if n else None, "low": None,
-                           "high": None, "p": None, "word": "not distinguishable"}
+    out: dict[str, Any] = {"n": n, "df": n - 1 if n >= 2 else None,
+                           "diff": float(d.mean()) if n else None, "low": None, "high": None,
+                           "p": None, "word": "not distinguishable"}
     if n == 0:
         out["word"] = "no common seeds"
         return out
@@ -81,9 +119,9 @@ def paired_test(x: Sequence[float], y: Sequence[float], alpha: float = ALPHA) ->
         out.update(p=1.0, low=0.0, high=0.0)
         return out
     if n < 2:
-        out["word"] = "too few pairs"
+        out["word"] = "too few seeds"
         return out
-    ci = mean_interval(d)
+    ci = mean_interval(d, bounds=(-1.0, 1.0))
     out["low"], out["high"] = ci["low"], ci["high"]
     if np.all(d == d[0]):
         p = 0.0  # the same non-zero difference on every pair: no variance to weigh it against
@@ -93,6 +131,66 @@ def paired_test(x: Sequence[float], y: Sequence[float], alpha: float = ALPHA) ->
     if math.isfinite(p) and p < alpha:
         out["word"] = "better" if out["diff"] > 0 else "worse"
     return out
+
+
+def seed_means(by_seed: dict[int, Sequence[float]], seeds: Sequence[int]) -> list[float]:
+    """A layer's score per seed: its mean accuracy over the architectures (the blocks)."""
+    return [float(np.mean(by_seed[s])) for s in seeds]
+
+
+def seed_test(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]],
+              alpha: float = ALPHA) -> dict[str, Any]:
+    """Layer a against layer b, the seed as the unit: the paired t-test over the seeds both have,
+    on each seed's mean over the architectures (`paired_test`; ``n`` = common seeds)."""
+    seeds = sorted(set(a) & set(b))
+    return paired_test(seed_means(a, seeds), seed_means(b, seeds), alpha)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: the i-th smallest (from 0) of m
+    is multiplied by m - i, made non-decreasing along that order, capped at 1."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
+def adjust(pvalues: Sequence[float], method: str = DEFAULT_CORRECTION) -> list[float]:
+    """The family's adjusted p-values: holm, bh (Benjamini-Hochberg) or none."""
+    if not len(pvalues):
+        return []
+    if method == "holm":
+        return holm(pvalues)
+    if method == "bh":
+        from scipy import stats
+
+        return [float(p) for p in stats.false_discovery_control(np.asarray(pvalues, dtype=float),
+                                                                method="bh")]
+    if method == "none":
+        return [float(p) for p in pvalues]
+    raise ValueError(f"unknown correction {method!r}; known: {', '.join(CORRECTIONS)}")
+
+
+def correct(tests: Sequence[dict[str, Any]], method: str = DEFAULT_CORRECTION,
+            alpha: float = ALPHA) -> int:
+    """Correct a family of `paired_test` results in place: ``p_corrected`` and ``word`` (from the
+    corrected p; the raw test's word is kept as ``word_uncorrected``). Tests without a p (too few
+    seeds) are not part of the family. Returns the family's size."""
+    family = [t for t in tests if t.get("p") is not None]
+    for t in tests:
+        t.setdefault("word_uncorrected", t["word"])
+        t.setdefault("p_corrected", None)
+    for t, q in zip(family, adjust([t["p"] for t in family], method)):
+        t["p_corrected"] = q
+        if math.isfinite(q) and q < alpha and t["diff"] != 0:
+            t["word"] = "better" if t["diff"] > 0 else "worse"
+        else:
+            t["word"] = "not distinguishable"
+    return len(family)
 
 
 def rank_agreement(search: Sequence[float], heldout: Sequence[float]) -> dict[str, Any]:
@@ -120,6 +218,44 @@ def ranks(scores: Sequence[float]) -> list[int]:
     if not len(scores):
         return []
     return [int(r) for r in stats.rankdata([-s for s in scores], method="min")]
+
+
+# --------------------------------------------------------------------------------------------
+# The contest: the best candidate against the runner-up, with more seeds while undecided
+
+
+def contest(results: dict[int, dict[int, tuple[float, ...]]], candidates: Sequence[int],
+            max_seeds: int = DEFAULT_MAX_SEEDS, alpha: float = ALPHA) -> dict[str, Any] | None:
+    """The best candidate and the runner-up by held-out mean (over each one's seeds), their seed
+    test (uncorrected), and where it stands: ``distinguishable``, ``tie`` (not distinguishable
+    with `max_seeds` common seeds) or ``undecided`` (fewer seeds so far). ``want`` is how many
+    seeds each of the two should have next (more than now only while undecided). None below two
+    candidates with results."""
+    scored = []
+    for c in candidates:
+        by_seed = results.get(c)
+        if by_seed:
+            scored.append((-float(np.mean(seed_means(by_seed, sorted(by_seed)))), c))
+    if len(scored) < 2:
+        return None
+    scored.sort()
+    best, runner = scored[0][1], scored[1][1]
+    a, b = results[best], results[runner]
+    test = seed_test(a, b, alpha)
+    common = test["n"]
+    if test["word"] in ("better", "worse"):
+        status = "distinguishable"
+    elif common >= max_seeds:
+        status = "tie"
+    else:
+        status = "undecided"
+    have = max(len(a), len(b))
+    want = have
+    if status == "undecided" and len(a) == len(b) == common:
+        want = have + 1  # both have every seed the other has: one more for both
+    return {"best": best, "runner_up": runner, "seeds": common, "max_seeds": max_seeds,
+            "diff": test["diff"], "low": test["low"], "high": test["high"], "p": test["p"],
+            "word": test["word"], "status": status, "want": min(want, max(max_seeds, have))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +333,11 @@ def _accs(t: Any, archs: Sequence[str]) -> tuple[float, ...] | None:
 
 
 def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems,
-                  task: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per layer: intervals, paired tests against each baseline, ranks; and the agreement."""
+                  task: dict[str, Any] | None = None, correction: str = DEFAULT_CORRECTION,
+                  max_seeds: int = DEFAULT_MAX_SEEDS,
+                  search_seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """Per layer: intervals, seed-unit tests against each baseline (corrected over the stage's
+    family), ranks; the agreement of the rankings; the contest of the two best candidates."""
     from opsearch.funnel import at_highest_rung
     from opsearch.rerank import search_mean
 
@@ -215,17 +354,20 @@ def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems
             name = str(origin.user_attrs.get("formula") or "?")
         seeds = sorted(by_seed)
         per_arch = {a: mean_interval([by_seed[s][i] for s in seeds]) for i, a in enumerate(archs)}
-        overall = mean_interval([float(np.mean(by_seed[s])) for s in seeds])
+        overall = mean_interval(seed_means(by_seed, seeds))
         layers.append({"of_trial": of_trial, "kind": kind, "name": name, "seeds": seeds,
                        "search_mean": search_mean(origin, archs) if origin is not None else None,
                        "per_arch": per_arch, "overall": overall, "vs": {}})
     baselines = [layer for layer in layers if layer["kind"] == "baseline"]
+    family = []
     for layer in layers:
         for base in baselines:
             if base is layer:
                 continue
-            x, y = _pairs(items.results[layer["of_trial"]], items.results[base["of_trial"]])
-            layer["vs"][base["name"]] = paired_test(x, y)
+            test = seed_test(items.results[layer["of_trial"]], items.results[base["of_trial"]])
+            layer["vs"][base["name"]] = test
+            family.append(test)
+    family_size = correct(family, correction)
     layers.sort(key=lambda r: (-(r["overall"]["mean"] if r["overall"]["mean"] is not None else -1),
                                r["of_trial"]))
     for layer, rank in zip(layers, ranks([r["overall"]["mean"] for r in layers])):
@@ -239,14 +381,24 @@ def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems
                                [r["overall"]["mean"] for r in scored])
     candidates = [r for r in layers if r["kind"] == "candidate"]
     best = candidates[0] if candidates else None
+    used = sorted({s for by_seed in items.results.values() for s in by_seed})
     return {
         "stage": items.stage,
         "task": task,
         "archs": list(archs),
         "alpha": ALPHA,
-        "test": "paired t-test (scipy.stats.ttest_rel) over common (seed, architecture) pairs",
+        "unit": UNIT,
+        "test": TEST,
+        "intervals": INTERVALS,
+        "correction": correction,
+        "correction_method": CORRECTIONS.get(correction, correction),
+        "family": family_size,
+        "seeds_used": used,
+        "search_seeds": sorted(set(int(s) for s in search_seeds)),
+        "seeds_disjoint": not set(used) & set(int(s) for s in search_seeds),
         "layers": layers,
         "agreement": agreement,
+        "contest": contest(items.results, [r["of_trial"] for r in candidates], max_seeds),
         "best_trial": best["of_trial"] if best else None,
         "pending": items.pending,
         "failed": items.failed,
@@ -255,20 +407,30 @@ def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems
     }
 
 
-def _pairs(a: dict[int, tuple[float, ...]], b: dict[int, tuple[float, ...]]
-           ) -> tuple[list[float], list[float]]:
-    x, y = [], []
-    for seed in sorted(set(a) & set(b)):
-        for va, vb in zip(a[seed], b[seed]):
-            x.append(va)
-            y.append(vb)
-    return x, y
+def run_settings(study_attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """What the statistics need from the run's stored config: the search's seed, the correction
+    and the contest's maximum seeds (defaults where the config does not say)."""
+    try:
+        config = json.loads((study_attrs or {}).get("config") or "{}")
+    except (TypeError, ValueError):
+        config = {}
+    if not isinstance(config, dict):
+        config = {}
+    table = config.get("rerank") if isinstance(config.get("rerank"), dict) else {}
+    seed = config.get("seed", 0)
+    return {"search_seeds": [seed] if isinstance(seed, int) and not isinstance(seed, bool) else [0],
+            "correction": table.get("correction", DEFAULT_CORRECTION)
+            if table.get("correction") in CORRECTIONS else DEFAULT_CORRECTION,
+            "max_seeds": max(int(table.get("max_seeds") or DEFAULT_MAX_SEEDS),
+                             int(table.get("seeds") or 0))}
 
 
 def summarize(trials: Sequence[Any], archs: Sequence[str], study_attrs: dict | None = None,
-              stage: str | None = None) -> dict[str, Any] | None:
+              stage: str | None = None, correction: str | None = None,
+              max_seeds: int | None = None) -> dict[str, Any] | None:
     """The report of one stage (the given one, else the latest); None when the run has none.
-    ``stages`` lists every stage of the run."""
+    ``stages`` lists every stage of the run. `correction` and `max_seeds` default to the run's
+    stored ``[rerank]`` settings."""
     from opsearch.rerank import stage_tasks
 
     stages = collect(trials, archs)
@@ -276,15 +438,20 @@ def summarize(trials: Sequence[Any], archs: Sequence[str], study_attrs: dict | N
         return None
     chosen = stages[stage] if stage is not None else max(stages.values(), key=lambda s: s.last_number)
     tasks = stage_tasks(study_attrs or {})
-    out = stage_summary(trials, archs, chosen, tasks.get(chosen.stage))
+    settings = run_settings(study_attrs)
+    out = stage_summary(trials, archs, chosen, tasks.get(chosen.stage),
+                        correction=correction or settings["correction"],
+                        max_seeds=max_seeds or settings["max_seeds"],
+                        search_seeds=settings["search_seeds"])
     out["stages"] = sorted(stages, key=lambda name: stages[name].last_number)
     return out
 
 
-def reranked_best(trials: Sequence[Any], archs: Sequence[str]) -> tuple[int, str] | None:
+def reranked_best(trials: Sequence[Any], archs: Sequence[str],
+                  study_attrs: dict | None = None) -> tuple[int, str] | None:
     """(trial number, why) of the best candidate after re-ranking (latest stage), or None when
     the run has no re-ranked candidate: what `opsearch export` picks by default."""
-    result = summarize(trials, archs)
+    result = summarize(trials, archs, study_attrs)
     if not result or result["best_trial"] is None:
         return None
     best = next(r for r in result["layers"] if r["of_trial"] == result["best_trial"])
@@ -292,6 +459,11 @@ def reranked_best(trials: Sequence[Any], archs: Sequence[str]) -> tuple[int, str
     why = (f"the best candidate after re-ranking (stage {result['stage']}: held-out mean "
            f"{o['mean']:.4f} over {o['n']} seed{'s' if o['n'] != 1 else ''}, rank "
            f"#{best['search_rank']} at the search)")
+    c = result.get("contest")
+    if c and c["best"] == best["of_trial"] and c["status"] == "tie":
+        why += (f"; tied with trial {c['runner_up']} after {c['seeds']} seeds "
+                f"(p={c['p']:.2g})" if c.get("p") is not None else
+                f"; tied with trial {c['runner_up']} after {c['seeds']} seeds")
     if not result["complete"]:
         why += f"; re-ranking incomplete ({result['pending']} items left)"
     return best["of_trial"], why

@@ -73,13 +73,24 @@ def items(storage):
 
 
 def expected_items(storage):
-    """(of_trial, seed) the stage should hold: the selection, times the seeds."""
-    from opsearch import rerank, report
+    """(of_trial, seed) the stage should hold: the selection times its first 3 seeds (none of
+    them the search's), plus the adaptive seeds of the two candidates, which end settled."""
+    from opsearch import report, rerank, rerank_stats
 
-    trials = open_run(storage, "rr").get_trials()
-    archs = report.archs_of(trials, open_run(storage, "rr").user_attrs)
+    study = open_run(storage, "rr")
+    trials = study.get_trials()
+    archs = report.archs_of(trials, study.user_attrs)
     chosen = rerank.select(trials, archs, top_k=2)
-    return {(c.of_trial, seed) for c in chosen for seed in range(3)}
+    (task,) = rerank.stage_tasks(study.user_attrs).values()
+    seeds = rerank.stage_seeds(task, 8)
+    assert 1 not in seeds  # the search's seed (TINY: seed = 1)
+    expected = {(c.of_trial, seed) for c in chosen for seed in seeds[:3]}
+    contest = rerank_stats.summarize(trials, archs, study.user_attrs)["contest"]
+    if contest is not None:
+        assert contest["status"] in ("distinguishable", "tie"), contest
+        expected |= {(o, seed) for o in (contest["best"], contest["runner_up"])
+                     for seed in seeds[:contest["seeds"]]}
+    return expected
 
 
 def finished_once(storage):
@@ -107,8 +118,9 @@ def test_identity_is_worse_than_bn_relu_and_a_copy_is_not_distinguishable(tmp_pa
     assert rerank["complete"] and rerank["task"]["dataset_options"]["split"] == "heldout"
     layers = {r["name"]: r for r in rerank["layers"]}
     assert all(len(layers[n]["seeds"]) == 3 for n in ("bn_relu", "bn_relu_copy", "identity"))
-    worse = layers["identity"]["vs"]["bn_relu"]
-    assert worse["word"] == "worse" and worse["p"] < 0.05 and worse["n"] == 9
+    worse = layers["identity"]["vs"]["bn_relu"]  # the unit is the seed: 3, df 2; Holm-corrected
+    assert worse["word"] == "worse" and worse["p_corrected"] < 0.05 and worse["n"] == 3
+    assert rerank["unit"] == "seed" and rerank["correction"] == "holm" and rerank["seeds_disjoint"]
     same = layers["bn_relu_copy"]["vs"]["bn_relu"]
     assert same["word"] == "not distinguishable" and same["p"] == 1.0
     assert layers["bn_relu"]["overall"]["mean"] > 0.5  # trained, not at chance
@@ -195,6 +207,8 @@ def snapshot(storage):
     (["--rerank-dataset", "mnits"], "unknown dataset 'mnits'"),
     (["-O", "rerank.seeds=0"], "seeds must be a positive integer"),
     (["-O", "rerank.stepz=10"], "unknown rerank option 'stepz'"),
+    (["--max-seeds", "0"], "--max-seeds must be positive"),
+    (["-O", "rerank.correction=\"bonferroni\""], "correction must be one of holm, bh, none"),
 ])
 def test_rerank_bad_input_is_one_line_and_leaves_the_study(tmp_path, capsys, args, message):
     from opsearch.cli import main
@@ -266,3 +280,139 @@ def test_switched_off_stage_leaves_waiting_items_alone(tmp_path):
     taken = run.pop_waiting(me, skip_kinds=("rerank",))
     assert taken.kind == "baseline" and run.pop_waiting(me, skip_kinds=("rerank",)) is None
     assert run.pop_waiting(me).kind == "rerank"
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: disjoint from the search's, kept by a resumed stage; adaptive seeds for the two best
+# (hand-made studies: items are "trained" by writing their results)
+
+
+def two_candidate_study(tmp_path, seed=0, rerank_options=None):
+    """A finished search of 2 candidates and bn_relu on one architecture, and its RerankTask."""
+    from opsearch.config import SearchConfig
+    from opsearch.rerank import RerankTask
+    from opsearch.study import Run
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = SearchConfig(name="rr", dataset="synthetic", archs=["resnet"], storage=storage,
+                          baselines=["bn_relu"], seed=seed, rerank=dict(rerank_options or {}))
+    attrs = {"space": config.space, "space_options": {}, "algorithm": config.algorithm,
+             "archs": ["resnet"], "dataset": "synthetic", "config": json.dumps(config.to_dict())}
+    run = Run.create_or_open(storage, "rr", attrs, ("archs",))
+    add_finished(run, {"kind": "baseline", "layer": "bn_relu", "verdict": "evaluated",
+                       "acc/resnet": 0.9}, TrialState.COMPLETE, [0.9])
+    for n, acc in ((1, 0.95), (2, 0.94)):
+        add_finished(run, {"kind": "candidate", "verdict": "evaluated", "acc/resnet": acc,
+                           "formula": f"f{n}", "hash": f"h{n}", "graph": "{}"}, TrialState.COMPLETE, [acc])
+    run.sync()
+    return run, RerankTask.from_config(config)
+
+
+def train_waiting(run, accuracy, hold=None, held=()):
+    """Take every waiting item and finish it with accuracy(of_trial, seed), but leave those of
+    the trials in `hold` running (appended to `held`); finish the records in `held` too.
+    Returns the (of_trial, seed) finished."""
+    from opsearch.study import WorkerId
+
+    run.sync()
+    me, done = WorkerId.current(), []
+    records = list(held)
+    while (record := run.pop_waiting(me)) is not None:
+        if hold is not None and record.user_attrs["of_trial"] in hold[0]:
+            hold[1].append(record)  # still training
+        else:
+            records.append(record)
+    for record in records:
+        key = (record.user_attrs["of_trial"], record.user_attrs["seed"])
+        acc = accuracy(*key)
+        assert run.finish_trial(record, TrialState.COMPLETE, [acc],
+                                {"acc/resnet": acc, "verdict": "evaluated"})
+        done.append(key)
+    run.sync()
+    return done
+
+
+@pytest.mark.parametrize("search_seed", [0, 7, 1_000_000, 1_000_002])
+def test_rerank_seeds_never_equal_a_search_seed(tmp_path, search_seed):
+    from opsearch import rerank
+
+    run, task = two_candidate_study(tmp_path, seed=search_seed, rerank_options={"max_seeds": 8})
+    seeds = rerank.stage_seeds(task.task, 8)
+    assert search_seed not in seeds and len(set(seeds)) == 8
+    assert rerank.enqueue_missing(run, task) == 3 * 3  # 2 candidates + bn_relu, 3 seeds each
+    enqueued = [t.user_attrs for t in run.trials() if t.user_attrs.get("kind") == "rerank"]
+    assert {a["seed"] for a in enqueued} == set(seeds[:3])
+    assert all(a["seed"] != search_seed for a in enqueued)
+    assert all(a["stage"] == task.stage and a["kind"] == "rerank" for a in enqueued)
+    # the items train with the seed they carry: the evaluator config gets exactly it
+    assert task.eval_config(seeds[0], None).seed == seeds[0] != search_seed
+    # a stage trained with the search's seeds would have another default name
+    old_style = {k: v for k, v in task.task.items() if k != rerank.SEEDS_KEY}
+    assert rerank.default_stage(old_style) != task.stage
+
+
+def test_a_stage_stored_before_disjoint_seeds_resumes_with_its_own_seeds(tmp_path):
+    from opsearch import rerank, rerank_stats
+
+    run, task = two_candidate_study(tmp_path, rerank_options={"stage": "old", "max_seeds": 3})
+    old_task = {k: v for k, v in task.task.items() if k != rerank.SEEDS_KEY}
+    run.storage.set_study_user_attr(run.study_id, "rerank:old", json.dumps(old_task))
+    run.attrs = run.storage.get_study_user_attrs(run.study_id)
+    run.enqueue({"kind": "rerank", "stage": "old", "seed": 0, "of_trial": 1, "formula": "f1", "hash": "h1"})
+    train_waiting(run, lambda of_trial, seed: 0.9)
+    assert rerank.enqueue_missing(run, task) == 3 * 3 - 1  # what was missing, seeds 0, 1, 2
+    train_waiting(run, lambda of_trial, seed: 0.9 + 0.01 * of_trial)
+    keys = {(t.user_attrs["of_trial"], t.user_attrs["seed"]) for t in run.trials()
+            if t.user_attrs.get("kind") == "rerank"}
+    assert keys == {(o, s) for o in (0, 1, 2) for s in (0, 1, 2)}
+    out = rerank_stats.summarize(run.trials(), ["resnet"], run.attrs)
+    assert out["stage"] == "old" and out["complete"]
+    assert out["seeds_disjoint"] is False and out["search_seeds"] == [0]
+
+
+def test_adaptive_seeds_for_the_two_best_until_a_tie(tmp_path):
+    from opsearch import rerank, rerank_stats
+
+    run, task = two_candidate_study(tmp_path, rerank_options={"max_seeds": 6})
+    seeds = rerank.stage_seeds(task.task, 6)
+
+    def tied(of_trial, seed):  # the two candidates differ by +-0.01, alternating over the seeds
+        k = seeds.index(seed)
+        return {0: 0.5, 1: 0.9 + 0.005 * (-1) ** k, 2: 0.9 - 0.005 * (-1) ** k}[of_trial]
+
+    assert rerank.enqueue_missing(run, task) == 9
+    assert rerank.enqueue_missing(run, task) == 0  # idempotent
+    running = []
+    train_waiting(run, tied, hold=({0}, running))  # the candidates' items done, bn_relu's not
+    assert rerank.enqueue_missing(run, task) == 0  # the stage first: who is best is not known yet
+    train_waiting(run, tied, held=running)
+    rounds = []
+    while rerank.enqueue_missing(run, task):
+        assert rerank.enqueue_missing(run, task) == 0  # nothing more while those train
+        rounds.append(sorted(train_waiting(run, tied)))
+    # one more seed for the best and the runner-up each round, never for the baseline
+    assert rounds == [[(1, seeds[k]), (2, seeds[k])] for k in range(3, 6)]
+    out = rerank_stats.summarize(run.trials(), ["resnet"], run.attrs)
+    c = out["contest"]
+    assert c["status"] == "tie" and c["seeds"] == 6 and c["max_seeds"] == 6
+    assert {c["best"], c["runner_up"]} == {1, 2}
+    assert out["seeds_disjoint"] and 0 not in out["seeds_used"]
+    layers = {r["of_trial"]: r for r in out["layers"]}
+    assert len(layers[0]["seeds"]) == 3 and len(layers[1]["seeds"]) == len(layers[2]["seeds"]) == 6
+
+
+def test_adaptive_seeds_stop_when_the_two_best_are_distinguishable(tmp_path):
+    from opsearch import rerank, rerank_stats
+
+    run, task = two_candidate_study(tmp_path)
+    assert task.max_seeds == 8  # the default
+    noise = {0: 0.0, 1: 0.004, 2: -0.003}
+
+    def apart(of_trial, seed):
+        return {0: 0.5, 1: 0.95, 2: 0.90}[of_trial] + noise[seed - rerank.SEED_BASE] * (of_trial == 1)
+
+    rerank.enqueue_missing(run, task)
+    train_waiting(run, apart)
+    assert rerank.enqueue_missing(run, task) == 0
+    c = rerank_stats.summarize(run.trials(), ["resnet"], run.attrs)["contest"]
+    assert c["status"] == "distinguishable" and c["seeds"] == 3 and c["best"] == 1

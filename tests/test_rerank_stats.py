@@ -171,3 +171,137 @@ def test_export_defaults_to_the_reranked_best(capsys):
     assert select_trial(trials, ARCHS, None).number == 2
     assert "trial 2" in capsys.readouterr().err
     assert select_trial(search_trials(), ARCHS, None).number == 6  # no stage: the search's best
+
+
+# --------------------------------------------------------------------------------------------
+# The unit is the seed; a corrected family; intervals inside [0, 1]; the contest
+
+
+def by_seed(rows):
+    """{seed: accs per architecture} from a list of per-seed rows."""
+    return {seed: tuple(row) for seed, row in enumerate(rows)}
+
+
+def test_seed_test_hand_computed():
+    # per-seed differences of the means over the architectures: 0.01, 0.02, 0.03
+    base = by_seed([[0.90, 0.90, 0.90], [0.80, 0.85, 0.90], [0.95, 0.95, 0.95]])
+    layer = by_seed([[0.93, 0.90, 0.90], [0.80, 0.91, 0.90], [0.98, 0.98, 0.98]])
+    got = rerank_stats.seed_test(layer, base)
+    # by hand: mean 0.02, sd 0.01, sem 0.01/sqrt(3), t = 2 sqrt(3), df = 3 seeds - 1 = 2;
+    # Student's t with 2 df in closed form: two-sided p = 1 - t / sqrt(t^2 + 2) = 1 - sqrt(6/7),
+    # the 97.5% quantile = 0.95 sqrt(2 / (1 - 0.95^2)) = 4.3027
+    assert got["n"] == 3 and got["df"] == 2
+    assert got["diff"] == pytest.approx(0.02)
+    assert got["p"] == pytest.approx(1 - math.sqrt(6 / 7))  # 0.0742
+    half = 0.95 * math.sqrt(2 / (1 - 0.95 ** 2)) * 0.01 / math.sqrt(3)
+    assert got["low"] == pytest.approx(0.02 - half) and got["high"] == pytest.approx(0.02 + half)
+    assert got["word"] == "not distinguishable"
+    # only the seeds both layers have are paired
+    more = {**layer, 3: (0.5, 0.5, 0.5)}
+    assert rerank_stats.seed_test(more, base)["n"] == 3
+
+
+def test_holm_and_bh_hand_computed():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06
+    assert rerank_stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # Benjamini-Hochberg: 0.005 x 4/1, 0.01 x 4/2, 0.03 x 4/3, 0.04 x 4/4, then the running minimum
+    assert rerank_stats.adjust(p, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert rerank_stats.adjust(p, "none") == p
+    assert rerank_stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    tests = [{"p": q, "diff": d, "word": "better" if d > 0 else "worse"}
+             for q, d in zip(p, [0.01, 0.02, -0.03, -0.04])]
+    tests.append({"p": None, "diff": 0.1, "word": "too few seeds"})  # not in the family
+    assert rerank_stats.correct(tests, "holm") == 4
+    assert [t["word"] for t in tests[:4]] == ["better", "not distinguishable", "not distinguishable", "worse"]
+    assert [t["p_corrected"] for t in tests[:4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [t["word_uncorrected"] for t in tests[:4]] == ["better", "better", "worse", "worse"]
+    assert tests[4]["p_corrected"] is None and tests[4]["word"] == "too few seeds"
+
+
+def test_the_unit_matters_architectures_are_blocks():
+    # Better on architecture a only, by 0.03 on every seed, equal on b and c: the mean over the
+    # architectures is higher on every seed. Pairs over (seed, architecture) count the fixed
+    # difference between the architectures as noise (df 8, t <= 2 here): not significant. The
+    # seeds see a consistent gain (df 2): better.
+    base = by_seed([[0.90, 0.95, 0.97], [0.91, 0.94, 0.97], [0.89, 0.95, 0.96]])
+    layer = by_seed([[0.930, 0.951, 0.969], [0.942, 0.939, 0.970], [0.918, 0.950, 0.961]])
+    old_x = [v for s in range(3) for v in layer[s]]
+    old_y = [v for s in range(3) for v in base[s]]
+    assert stats.ttest_rel(old_x, old_y).pvalue > 0.05  # the old df-8 test: not distinguishable
+    new = rerank_stats.seed_test(layer, base)
+    assert new["df"] == 2 and new["p"] < 0.05 and new["word"] == "better"
+    # The other way round: a seed that is good for the layer on every architecture at once (a
+    # shared initialisation or batch order) gives 3 correlated pairs, not 3 replicates. The old
+    # test takes 9 pairs for 9 replicates and calls the layer better; over the seeds it is not.
+    layer = by_seed([[0.92, 0.97, 0.99], [0.91, 0.94, 0.97], [0.90, 0.96, 0.97]])
+    old_x = [v for s in range(3) for v in layer[s]]
+    assert stats.ttest_rel(old_x, old_y).pvalue < 0.05  # df 8: "better"
+    new = rerank_stats.seed_test(layer, base)
+    assert new["p"] > 0.05 and new["word"] == "not distinguishable"
+
+
+def test_intervals_stay_inside_0_1():
+    wide = rerank_stats.mean_interval([0.99, 0.62, 0.92])  # a t-interval of [0.46, 1.23]
+    assert 0.0 <= wide["low"] < wide["mean"] < wide["high"] == 1.0
+    low = rerank_stats.mean_interval([0.01, 0.30, 0.02])
+    assert low["low"] == 0.0 and low["high"] <= 1.0
+    diff = rerank_stats.paired_test([1.0, 0.1, 1.0], [0.0, 0.9, 0.0])
+    assert -1.0 <= diff["low"] and diff["high"] <= 1.0
+    # a whole stage: every interval it reports, per architecture and overall
+    trials = search_trials()
+    n = 100
+    for seed, accs in enumerate([[1.0, 0.99, 0.35], [0.72, 1.0, 0.98], [1.0, 0.60, 0.99]]):
+        trials.append(item(n, 6, seed, accs)); n += 1
+        trials.append(item(n, 0, seed, [0.05, 0.40, 0.0 if seed else 0.3])); n += 1
+    out = rerank_stats.summarize(trials, ARCHS, {})
+    intervals = ([r["overall"] for r in out["layers"]]
+                 + [d for r in out["layers"] for d in r["per_arch"].values()])
+    assert any(d["high"] == 1.0 for d in intervals) and any(d["low"] == 0.0 for d in intervals)
+    assert all(0.0 <= d["low"] <= d["mean"] <= d["high"] <= 1.0 for d in intervals)
+    assert out["intervals"] == "Student t over seeds, clipped to [0, 1]"
+
+
+def test_stage_json_carries_unit_test_and_corrected_words():
+    identity = {0: [0.40, 0.10, 0.10], 1: [0.35, 0.12, 0.10], 2: [0.38, 0.11, 0.10]}
+    attrs = {"archs": ARCHS, "config": json.dumps({"seed": 0, "rerank": {"correction": "holm"}})}
+    out = rerank_stats.summarize(stage_trials(identity), ARCHS, attrs)
+    assert out["unit"] == "seed" and "per-seed means" in out["test"] and "df = seeds - 1" in out["test"]
+    assert out["correction"] == "holm"
+    by_trial = {layer["of_trial"]: layer for layer in out["layers"]}
+    tests = [t for layer in out["layers"] for t in layer["vs"].values()]
+    # 2 candidates x 3 baselines + 3 baselines x the 2 others
+    assert out["family"] == len(tests) == 2 * 3 + 3 * 2
+    worse = by_trial[1]["vs"]["bn_relu"]
+    assert worse["n"] == 3 and worse["df"] == 2  # seeds, not (seed, architecture) pairs
+    assert worse["p_corrected"] >= worse["p"] and worse["word"] == "worse"
+    family = [t for t in tests if t["p"] is not None]
+    assert [t["p_corrected"] for t in family] == pytest.approx(rerank_stats.holm([t["p"] for t in family]))
+    assert any(t["p_corrected"] > t["p"] for t in family)
+    bh_attrs = {"archs": ARCHS, "config": json.dumps({"rerank": {"correction": "bh"}})}
+    bh = rerank_stats.summarize(stage_trials(identity), ARCHS, bh_attrs)  # the run's setting
+    bh_family = [t for layer in bh["layers"] for t in layer["vs"].values() if t["p"] is not None]
+    assert bh["correction"] == "bh" and [t["p_corrected"] for t in bh_family] == pytest.approx(
+        rerank_stats.adjust([t["p"] for t in bh_family], "bh"))
+    # the same stage uncorrected: at least as many claims
+    plain = rerank_stats.summarize(stage_trials(identity), ARCHS, attrs, correction="none")
+    claims = lambda s: sum(t["word"] != "not distinguishable"  # noqa: E731
+                           for layer in s["layers"] for t in layer["vs"].values())
+    assert claims(plain) >= claims(out)
+    assert json.loads(json.dumps(out)) == out  # plain JSON
+
+
+def test_contest_adds_seeds_until_distinguishable_or_a_tie():
+    a = by_seed([[0.95, 0.95, 0.95], [0.96, 0.96, 0.96], [0.95, 0.95, 0.95]])
+    b = by_seed([[0.96, 0.96, 0.96], [0.94, 0.94, 0.94], [0.94, 0.94, 0.94]])
+    c = by_seed([[0.50, 0.50, 0.50]] * 3)
+    undecided = rerank_stats.contest({1: a, 2: b, 3: c}, [1, 2, 3], max_seeds=8)
+    assert (undecided["best"], undecided["runner_up"]) == (1, 2)
+    assert undecided["status"] == "undecided" and undecided["seeds"] == 3 and undecided["want"] == 4
+    assert rerank_stats.contest({1: a, 2: b}, [1, 2], max_seeds=3)["status"] == "tie"
+    # the runner-up has fewer seeds (it was third before): it catches up first
+    more = {**a, 3: (0.95, 0.95, 0.95)}
+    assert rerank_stats.contest({1: more, 2: b}, [1, 2], max_seeds=8)["want"] == 4
+    decided = rerank_stats.contest({1: a, 3: c}, [1, 3], max_seeds=8)
+    assert decided["status"] == "distinguishable" and decided["want"] == 3
+    assert rerank_stats.contest({1: a}, [1, 2], max_seeds=8) is None

@@ -1,8 +1,10 @@
 """`opsearch rerank RUN`: the re-ranking stage on an existing study (DESIGN section 9).
 
 Trains the top K candidates of the run (by the search's own rule) and its baselines again with
-S seeds on a held-out task, as trials of the same study, then prints the re-ranked table. Running
-it again resumes: finished items are kept, missing ones are trained. The search itself is not
+S seeds on a held-out task, as trials of the same study (seeds disjoint from the search's; the
+two best candidates with more seeds, up to --max-seeds, while they are not distinguishable),
+then prints the re-ranked table. Running it again resumes: finished items are kept, missing ones
+are trained. The search itself is not
 continued (its budget is taken as what the study holds).
 """
 from __future__ import annotations
@@ -30,12 +32,16 @@ def add_parser(subparsers) -> None:
                    help="candidates to re-rank (default: the run's rerank.top_k, else 5)")
     p.add_argument("--seeds", type=int, default=None, metavar="S",
                    help="seeds per layer (default: the run's rerank.seeds, else 3)")
+    p.add_argument("--max-seeds", dest="max_seeds", type=int, default=None, metavar="M",
+                   help="seeds the best candidate and the runner-up get at most while they are "
+                        "not distinguishable (default: the run's rerank.max_seeds, else 8)")
     p.add_argument("--rerank-dataset", "--dataset", dest="dataset", default=None, metavar="D",
                    help="held-out dataset (default: the held-out split of the run's dataset)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="directory of that dataset's files")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
     p.add_argument("-O", "--option", action="append", default=[], metavar="rerank.KEY=VALUE",
-                   help="a rerank option: top_k, seeds, baselines, dataset, stage, or any "
+                   help="a rerank option: top_k, seeds, max_seeds, correction (holm, bh, "
+                        "none), baselines, dataset, stage, or any "
                         "evaluator key of the held-out task (e.g. -O rerank.steps=600)")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -59,11 +65,12 @@ def rerank_config(stored: dict[str, Any], args, url: str, study_name: str, count
             if not isinstance(node, dict):
                 raise UserError(f"option {text!r}: rerank.{part} is not a table")
         node[path[-1]] = value
-    for key in ("top_k", "seeds"):
-        value = getattr(args, key)
+    for key in ("top_k", "seeds", "max_seeds"):
+        value = getattr(args, key, None)
         if value is not None:
             if value <= 0:
-                raise UserError(f"--{'top' if key == 'top_k' else key} must be positive, got {value}")
+                flag = {"top_k": "top", "max_seeds": "max-seeds"}.get(key, key)
+                raise UserError(f"--{flag} must be positive, got {value}")
             table[key] = value
     if args.dataset is not None:
         table["dataset"] = args.dataset
@@ -113,7 +120,8 @@ def run(args) -> int:
     from opsearch import rerank_stats
 
     result = rerank_stats.summarize(trials, archs, done.storage.get_study_user_attrs(done.study_id),
-                                    stage=task.stage)
+                                    stage=task.stage, correction=task.correction,
+                                    max_seeds=max(task.max_seeds, task.seeds))
     if args.json:
         json.dump({"run": args.run, "study": study.study_name, "rerank": result}, sys.stdout,
                   allow_nan=False, default=str)
@@ -131,10 +139,14 @@ def run(args) -> int:
 
 
 def _interval(d: dict[str, Any]) -> str:
+    """mean ± half the interval; an interval clipped at 0 or 1 is not symmetric: [low, high]."""
     if d.get("mean") is None:
         return "-"
     if d.get("low") is None:
         return f"{d['mean']:.3f}"
+    below, above = d["mean"] - d["low"], d["high"] - d["mean"]
+    if abs(below - above) > 5e-4:
+        return f"{d['mean']:.3f} [{d['low']:.2f}, {d['high']:.2f}]"
     return f"{d['mean']:.3f}±{(d['high'] - d['low']) / 2:.3f}"
 
 
@@ -143,10 +155,24 @@ def _versus(d: dict[str, Any] | None) -> str:
         return ""
     if d.get("diff") is None:
         return d.get("word", "")
-    p = d.get("p")
+    p = d.get("p_corrected", d.get("p"))  # the word follows the corrected p
     colour = {"better": "green", "worse": "red"}.get(d["word"], "dim")
     word = "n.d." if d["word"] == "not distinguishable" else d["word"]
-    return f"[{colour}]{d['diff']:+.3f} {word}[/]" + (f" p={p:.2g}" if p is not None else "")
+    return f"[{colour}]{d['diff']:+.3f} {word}[/]" + (f" p_adj={p:.2g}" if p is not None else "")
+
+
+def _contest(c: dict[str, Any] | None) -> str | None:
+    if not c:
+        return None
+    p = f", p={c['p']:.2g}" if c.get("p") is not None else ""
+    diff = f"{c['diff']:+.4f}" if c.get("diff") is not None else "?"
+    head = (f"best candidate (trial {c['best']}) vs runner-up (trial {c['runner_up']}) over "
+            f"{c['seeds']} seeds: {diff}{p}")
+    if c["status"] == "distinguishable":
+        return f"{head}: distinguishable"
+    if c["status"] == "tie":
+        return f"{head}: [yellow]a tie[/] (not distinguishable after {c['seeds']} seeds, the maximum)"
+    return f"{head}: not distinguishable yet (up to {c['max_seeds']} seeds)"
 
 
 def print_rerank(result: dict[str, Any] | None, file=None) -> None:
@@ -168,8 +194,10 @@ def print_rerank(result: dict[str, Any] | None, file=None) -> None:
     split = (task.get("dataset_options") or {}).get("split")
     what = (f"{task.get('dataset', '?')}{' held-out split' if split == 'heldout' else ''}, "
             f"{task.get('steps', '?')} steps" if task else "")
-    seeds = max((len(r["seeds"]) for r in layers), default=0)
-    table = Table(title=f"Re-ranked on {escape(what)} ({seeds} seeds; stage {escape(result['stage'])})",
+    counts = sorted({len(r["seeds"]) for r in layers})
+    seeds = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}") if counts else "0"
+    table = Table(title=f"Re-ranked on {escape(what)} ({seeds} seeds; the unit is the seed; "
+                        f"stage {escape(result['stage'])})",
                   title_justify="left")
     for col in ("held-out", "search", "trial", "layer"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -200,8 +228,20 @@ def print_rerank(result: dict[str, Any] | None, file=None) -> None:
         console.print(line)
     else:
         console.print(f"rank agreement: too few layers ({a.get('n', 0)}) or constant scores")
-    notes = [f"{result['test']}, alpha {result['alpha']} (uncorrected); ± is half the 95% "
-             "t-interval over seeds"]
+    contest = _contest(result.get("contest"))
+    if contest:
+        console.print(contest)
+    correction = result.get("correction_method") or "uncorrected"
+    notes = [f"unit: {result.get('unit', 'seed')}; vs: {result['test']}, alpha {result['alpha']}, "
+             f"p and word corrected over the stage's {result.get('family', '?')} comparisons, "
+             f"every layer against every baseline ({correction}; --json has them all)",
+             f"± is half the 95% interval ({result.get('intervals', 'Student t over seeds')}; "
+             "one clipped at 0 or 1 is printed as its two ends)"]
+    if result.get("seeds_disjoint") is False:
+        notes.append("[yellow]this stage's seeds include the search's seed "
+                     f"({', '.join(map(str, result.get('search_seeds') or []))}): a lucky "
+                     "initialisation may carry over; run opsearch rerank again for a stage with "
+                     "disjoint seeds[/]")
     if result.get("pending"):
         notes.append(f"{result['pending']} items still to train (run opsearch rerank again to finish)")
     if result.get("failed"):
