@@ -47,6 +47,7 @@ did not resumes at the re-ranking).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -377,10 +378,12 @@ def run_key(arm_label: str, seed: int) -> str:
 
 
 def read_results(path: str) -> list[dict]:
+    """The result lines of `path` (a .gz file reads as the text it compresses: the recorded
+    results are kept gzipped, their per-trial logs are most of their size)."""
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             if line.strip():
                 try:

@@ -118,3 +118,15 @@ def test_one_tiny_arm_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
     assert "--cpu-cap 6" in rep.stdout and "| random | 1 |" in rep.stdout
+
+
+def test_recorded_results_read_gzipped(tmp_path, discovery):
+    import gzip
+
+    rows = [{"run": "random-s0", "seed": 0}, {"run": "random-s1", "seed": 1}]
+    plain = tmp_path / "r.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    packed = tmp_path / "r.jsonl.gz"
+    with gzip.open(packed, "wt") as f:
+        f.write(plain.read_text())
+    assert discovery.read_results(str(packed)) == discovery.read_results(str(plain)) == rows
