@@ -105,39 +105,40 @@ class AgingEvolution(Algorithm):
         if self.options["rejected"] != "graded":
             self._feedback(genome, None)
             return
-        if self._track_seen and (key := self.mutator.hash_of(genome)) is not None:
-            self._seen.add(key)
+        self._remember(genome)
         if grade is None or len(self.population) >= self.min_population:
             return
         member = (genome, (float(grade) - GRADE_OFFSET,) * self.num_objectives)
-        if len(self.near_misses) < self.population_size:
-            self.near_misses.append(member)
-        else:
-            self.near_misses[self._oldest_miss] = member
-            self._oldest_miss = (self._oldest_miss + 1) % self.population_size
+        self._oldest_miss = _ring_push(self.near_misses, self._oldest_miss, member, self.population_size)
 
     def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
         if self.options["duplicates"] == "add":
             self._feedback(genome, objectives)
-        elif self._track_seen and (key := self.mutator.hash_of(genome)) is not None:
-            self._seen.add(key)
+        else:
+            self._remember(genome)
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
-        if self._track_seen:
-            key = self.mutator.hash_of(genome)
-            if key is not None:
-                self._seen.add(key)
+        self._remember(genome)
         if objectives is None:
             if self.options["rejected"] == "skip":
                 return
             objectives = self._worst
-        member = (genome, objectives)
-        if len(self.population) < self.population_size:
-            self.population.append(member)
-        else:
-            self.population[self._oldest] = member
-            self._oldest = (self._oldest + 1) % self.population_size
+        self._oldest = _ring_push(self.population, self._oldest, (genome, objectives), self.population_size)
+
+    def _remember(self, genome: Genome) -> None:
+        """Keep the canonical hash of a genome fed back, so mutation avoids repeating it."""
+        if self._track_seen and (key := self.mutator.hash_of(genome)) is not None:
+            self._seen.add(key)
 
     def members(self) -> list[tuple[Genome, Objectives]]:
         """The population, oldest first."""
         return self.population[self._oldest:] + self.population[:self._oldest]
+
+
+def _ring_push(ring: list, oldest: int, member, size: int) -> int:
+    """Append `member` to an aging ring of `size`, or overwrite its oldest; the next oldest index."""
+    if len(ring) < size:
+        ring.append(member)
+        return oldest
+    ring[oldest] = member
+    return (oldest + 1) % size
