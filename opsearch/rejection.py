@@ -84,6 +84,7 @@ class PipelineOutcome:
     """What the pipeline decided: every verdict in order and the final status."""
 
     verdicts: list[Verdict]
+    grade: float | None = None  # a rejection's grade (see `RejectionPipeline.run`)
 
     @property
     def last(self) -> Verdict | None:
@@ -125,8 +126,6 @@ class PipelineOutcome:
     @property
     def seconds(self) -> float:
         return sum(v.seconds for v in self.verdicts)
-
-    grade: float | None = None  # set by `RejectionPipeline.run` for a rejection (see there)
 
     @property
     def filter_seconds(self) -> dict[str, float]:
@@ -348,9 +347,7 @@ class RejectionPipeline:
                     if closeness is not None:
                         grade = position + min(max(float(closeness), 0.0), 0.999)
                 break
-        outcome = PipelineOutcome(verdicts)
-        outcome.grade = grade
-        return outcome
+        return PipelineOutcome(verdicts, grade)
 
     def known_layer_attrs(self, candidate: Candidate, context: FilterContext) -> dict[str, Any]:
         """The attributes (``hash``, ``equiv_hash``, ``equiv_fp``) that put a layer evaluated
