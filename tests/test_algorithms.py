@@ -310,6 +310,46 @@ def test_duplicates_neither_enter_nor_age_the_population(space):
     assert [g for g, _ in added.members()] == members[1:] + members[:1]
 
 
+def _is_mutation(space, child, members) -> bool:
+    """Whether `child` differs from some member in the genes of exactly one node."""
+    return any(len({space.node_of_gene[i] for i, (a, b) in enumerate(zip(m, child)) if a != b}) == 1
+               for m, _ in members)
+
+
+def test_immigrants_explore_until_one_of_them_trains(space):
+    """Once tournaments run, a streak of new graphs lasts while they are rejected and ends when
+    one is trained; with immigrants=0 every proposal is a mutation."""
+    rng = random.Random(7)
+    members = [space.random_genome(rng) for _ in range(4)]
+    plain = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                             immigrants=0.0)
+    for g in members:
+        plain.feedback(g, (0.5, 0.5))
+    assert all(_is_mutation(space, plain.propose(), plain.members()) for _ in range(20))
+
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                           immigrants=0.3)
+    for g in members:
+        evo.feedback(g, (0.5, 0.5))
+    kinds = []
+    rejected_immigrants = 0
+    for _ in range(60):
+        child = evo.propose()
+        immigrant = not _is_mutation(space, child, evo.members())
+        kinds.append("I" if immigrant else "M")
+        if immigrant and rejected_immigrants < 3:
+            rejected_immigrants += 1
+            evo.feedback(child, None)  # rejected: the streak goes on
+        else:
+            evo.feedback(child, (0.4, 0.4))  # trained: a trained immigrant ends the streak
+    text = "".join(kinds)
+    assert "IIII" in text, text  # three rejected immigrants, then the one that trained
+    first = text.index("I")
+    assert text[first:first + 4] == "IIII", text
+    assert "M" in text[first + 4:], text  # mutations again after the streak
+    assert 0.05 < text.count("I") / len(text) < 0.8, text
+
+
 def test_graded_start_climbs_from_the_best_near_miss(space):
     """Before any layer trains, proposals mutate the rejected candidate that got furthest."""
     rng = random.Random(4)

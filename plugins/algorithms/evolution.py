@@ -16,6 +16,14 @@ instead of waiting for luck. Once the population is ready, rejections enter noth
 paper, where rejected layers are discarded (`rejected=skip`: never, also at the start;
 `rejected=worst`: they enter with -inf objectives and only age out good members).
 
+Once tournaments run, selection climbs from the first layers that trained, which in a space of
+many shallow optima is the first basin found (from scratch, evolution spent its trainings on
+near copies of an instance normalizer while random search found batch normalizers). With
+probability `immigrants` a proposal starts a streak of new graphs from the generator that lasts
+until one of them is trained: random search's exploration, paid for in the CPU random search
+pays per trained layer (hundreds of cheap rejections), not in one proposal slot that would
+almost always die in the filters.
+
 `min_population` defaults to `tournament_size`, not `population_size`: waiting for a full
 population of random survivors would spend hundreds of proposals before any evolution, and
 members fed back first (the engine's seed layers, with `seed_with_baselines`) would sit idle.
@@ -51,6 +59,10 @@ POPULATION_OPTIONS: dict[str, Option] = {
     "start_mutation": Option(0.5, "rejected=graded: share of the proposals before min_population that "
                              "mutate a near miss rather than draw a new graph", float,
                              minimum=0.0, maximum=1.0),
+    "immigrants": Option(0.2, "once tournaments run: chance that a proposal starts a streak of new "
+                         "graphs from the generator that lasts until one of them is trained (random "
+                         "search's exploration inside evolution; 0: mutations only)", float,
+                         minimum=0.0, maximum=1.0),
     "duplicates": Option("skip", "candidates that repeat an earlier trial's function: skip (they "
                          "neither enter nor age the population) or add (a copy of the earlier "
                          "member enters)", str, choices=("skip", "add")),
@@ -83,6 +95,8 @@ class AgingEvolution(Algorithm):
         self._oldest_miss = 0
         self._seen: set[str] = set()  # canonical hashes of every candidate fed back
         self._track_seen = self.options["avoid_duplicates"] and self.mutator.graph_aware
+        self._streak = False  # proposing immigrants until one of them is trained
+        self._immigrants: set[tuple] = set()  # keys of immigrants not yet fed back
 
     def _propose(self, rng: random.Random) -> Genome:
         if len(self.population) < self.min_population:
@@ -93,6 +107,11 @@ class AgingEvolution(Algorithm):
             picks = rng.sample(range(len(pool)), self.tournament_size)
             parent = self.select_parent([pool[i] for i in picks], rng)
             return self.mutator.mutate(parent, rng, self._seen)
+        if self._streak or rng.random() < self.options["immigrants"]:
+            self._streak = True
+            genome = self.generator.random_genome(rng)
+            self._immigrants.add(_key(genome))
+            return genome
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
@@ -106,6 +125,7 @@ class AgingEvolution(Algorithm):
             self._feedback(genome, None)
             return
         self._remember(genome)
+        self._immigrant_back(genome, trained=False)
         if grade is None or len(self.population) >= self.min_population:
             return
         member = (genome, (float(grade) - GRADE_OFFSET,) * self.num_objectives)
@@ -116,9 +136,19 @@ class AgingEvolution(Algorithm):
             self._feedback(genome, objectives)
         else:
             self._remember(genome)
+            self._immigrant_back(genome, trained=False)
+
+    def _immigrant_back(self, genome: Genome, trained: bool) -> None:
+        """An immigrant's result: a trained one ends the streak (a rejected one or a copy of an
+        earlier function does not: the streak is for a new trained layer)."""
+        if self._immigrants and (key := _key(genome)) in self._immigrants:
+            self._immigrants.discard(key)
+            if trained:
+                self._streak = False
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
         self._remember(genome)
+        self._immigrant_back(genome, trained=objectives is not None)
         if objectives is None:
             if self.options["rejected"] == "skip":
                 return
@@ -133,6 +163,11 @@ class AgingEvolution(Algorithm):
     def members(self) -> list[tuple[Genome, Objectives]]:
         """The population, oldest first."""
         return self.population[self._oldest:] + self.population[:self._oldest]
+
+
+def _key(genome: Genome) -> tuple:
+    """A genome's identity (immigrants are recognised when fed back)."""
+    return tuple(genome)
 
 
 def _ring_push(ring: list, oldest: int, member, size: int) -> int:

@@ -18,7 +18,13 @@ Three tests, cheapest first, against `FilterContext.equivalence` (an `Equivalenc
    shapes (odd channels; 64 channels, so that group statistics differ from instance ones). Each
    output y gives [log rms(y), mean(y/rms), 6 random projections of y/rms / sqrt(n)]: relative
    to the output's scale, so one absolute tolerance (1e-4) matches functions equal up to float
-   noise. Computed in float64;
+   noise. Computed in float64. With ``absorb_affine`` (default) the outputs are the graph's,
+   before the final per-channel affine (weight 1, bias 0 at every parameter state), in units
+   fixed at init (per channel: minus the mean, over the std of the initial output on the first
+   probe), and a second probe batch is seen in every state: ``g / sigmoid(0)``, ``g + 0.5`` and
+   ``2 g + 1`` are ``g`` with another start of the final affine, which absorbs them (an
+   evolution from scratch spent a third of its trainings on such copies); a scale or shift that
+   depends on the batch, on a live vector or is negative is never absorbed;
 3. the same fingerprint with the safety eps taken to ``limit_eps`` (1e-12): functions that
    differ only by eps-sized terms (``max(x, sqrt(0))`` and ``max(x, 0)``: sqrt(0) is
    sqrt(eps) = 0.003) match there; they are merged when their fingerprints at the run's eps are
@@ -54,8 +60,10 @@ class EquivalenceFilter(Filter):
     cost = 0.02
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True,
-                 limit_eps: float | None = LIMIT_EPS, limit_atol: float = LIMIT_ATOL):
+                 limit_eps: float | None = LIMIT_EPS, limit_atol: float = LIMIT_ATOL,
+                 absorb_affine: bool = True):
         super().__init__()
+        self.absorb_affine = bool(absorb_affine)
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         self.use_hash = bool(use_hash)
         if limit_eps is not None and not 0.0 < float(limit_eps) < 1e-5:
@@ -73,7 +81,8 @@ class EquivalenceFilter(Filter):
         self.describe_known(candidate, context)
         entry, how = cache.match(candidate.equiv_fp, candidate.equiv_fp_limit, self.limit_atol)
         if entry is not None:
-            return _same_as(self, entry, "outputs" if how == "exact" else "outputs as eps -> 0")
+            what = "outputs up to the final affine" if self.absorb_affine else "outputs"
+            return _same_as(self, entry, what if how == "exact" else f"{what} as eps -> 0")
         return self.accept()
 
     def closeness(self, verdict: Verdict) -> None:
@@ -83,10 +92,12 @@ class EquivalenceFilter(Filter):
     def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
         """A layer's hash and fingerprints, computed with this filter's probes."""
         candidate.canonical_hash  # computed and kept on the candidate
-        candidate.equiv_fp = fingerprint(candidate, self.shapes, context.seed)
+        candidate.equiv_fp = fingerprint(candidate, self.shapes, context.seed,
+                                         absorb_affine=self.absorb_affine)
         candidate.equiv_hash = fingerprint_hash(candidate.equiv_fp)
         candidate.equiv_fp_limit = (None if self.limit_eps is None else
-                                    fingerprint(candidate, self.shapes, context.seed, eps=self.limit_eps))
+                                    fingerprint(candidate, self.shapes, context.seed, eps=self.limit_eps,
+                                                absorb_affine=self.absorb_affine))
 
 
 def _same_as(flt: Filter, entry: CacheEntry, how: str) -> Verdict:
@@ -98,7 +109,7 @@ def _same_as(flt: Filter, entry: CacheEntry, how: str) -> Verdict:
 
 
 def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int,
-                eps: float | None = None) -> np.ndarray:
+                eps: float | None = None, absorb_affine: bool = True) -> np.ndarray:
     """The output fingerprint described in the module docstring (float64 vector); ``eps``
     overrides the run's safety eps (the limit fingerprint)."""
     # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
@@ -114,18 +125,63 @@ def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]
                            for k in range(_reach.GRADIENT_PROBES)]
         reached = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index)
         layer = candidate.build(c, **overrides).double()
-        layer.train()
-        with torch.no_grad():
-            y_init = layer(probes[0])
-            for name, p in layer.named_parameters():
-                p.copy_(reached[name])
-            y_train = layer(probes[0])
-            layer(probes[1])
-            layer.eval()
-            y_eval = layer(probes[0])
-        for y in (y_init, y_train, y_eval):
-            blocks.append(_block(y, projections))
+        outputs = (_affine_free_outputs if absorb_affine else _outputs)(layer, probes, reached)
+        blocks += [_block(y, projections) for y in outputs]
     return np.concatenate(blocks)
+
+
+@torch.no_grad()
+def _outputs(layer: torch.nn.Module, probes: list[torch.Tensor],
+             reached: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The layer's outputs as they are: at init, at the reached values, in eval mode."""
+    layer.train()
+    y_init = layer(probes[0])
+    _load(layer, reached)
+    y_train = layer(probes[0])
+    layer(probes[1])
+    layer.eval()
+    return [y_init, y_train, layer(probes[0])]
+
+
+@torch.no_grad()
+def _affine_free_outputs(layer: torch.nn.Module, probes: list[torch.Tensor],
+                         reached: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The graph's outputs before the final affine, in units fixed at init: per channel, minus
+    the mean and over the std of the initial output on the first probe. Two graphs whose outputs
+    differ by a positive per-channel scale and a shift that training cannot change (``2 * g``,
+    ``g + 1``, ``g / sigmoid(0)``) give the same values; a factor that depends on the batch
+    (``x / std_b(x)`` against ``x``) or on a live vector (``x + v1 * x``) does not, because the
+    same constants must hold on a second batch and at the reached parameter values."""
+    layer.train()
+    _load(layer, {name: _identity_affine(name, p) for name, p in layer.named_parameters()
+                  if name in FINAL_AFFINE})
+    y_init = [layer(probe) for probe in probes]
+    _load(layer, {**reached, **{name: _identity_affine(name, reached[name]) for name in reached
+                                if name in FINAL_AFFINE}})
+    y_train = [layer(probe) for probe in probes]  # eval mode then reads probes[1]'s statistics
+    layer.eval()
+    y_eval = layer(probes[0])
+    reference = y_init[0]
+    shift = reference.mean(dim=(0, 2, 3), keepdim=True)
+    spread = reference.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    floor = 1e-9 * float(reference.abs().max().nan_to_num(0.0, 0.0, 0.0)) + 1e-30
+    spread = torch.nan_to_num(spread, nan=floor).clamp_min(floor)
+    shift = torch.nan_to_num(shift, nan=0.0)
+    return [(y - shift) / spread for y in (*y_init, *y_train, y_eval)]
+
+
+# the compiled layer's final per-channel affine (also inside a surround: ``layer.weight``)
+FINAL_AFFINE = frozenset({"weight", "bias", "layer.weight", "layer.bias"})
+
+
+def _identity_affine(name: str, value: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(value) if name.endswith("weight") else torch.zeros_like(value)
+
+
+def _load(layer: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    for name, p in layer.named_parameters():
+        if name in values:
+            p.copy_(values[name])
 
 
 def _block(y: torch.Tensor, projections: torch.Tensor) -> np.ndarray:
