@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
 from opsearch.errors import InvalidCandidate
-from opsearch.study import LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
+from opsearch.study import HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
@@ -351,13 +351,14 @@ class Worker:
             self._absorb(self.run.sync())
             if self.run.candidates_counted() >= self.config.budget:
                 return None
-            in_flight = {r.user_attrs.get("hash") for r in self.run.unfinished()}
-            for _ in range(MAX_REPROPOSALS):  # never evaluate one function twice at once
+            # never evaluate one function twice at once, nor one that killed its worker twice
+            avoid = {r.user_attrs.get("hash") for r in self.run.unfinished()} | self.run.poisonous()
+            for _ in range(MAX_REPROPOSALS):
                 genome = tuple(int(g) for g in self.algorithm.propose())
                 faults.point("propose")
                 attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
                 attrs.update(describe_graph(self.setup.space.decode(genome)))
-                if attrs.get("hash") not in in_flight:
+                if attrs.get("hash") not in avoid:
                     break
             return self.run.start_trial(attrs, self.identity)
 
@@ -371,7 +372,8 @@ class Worker:
         try:
             # bad candidates drive values into denormal floats, which the CPU handles up to
             # 25x slower; flushing them to zero changes no decision (see opsearch/denormals.py)
-            with Heartbeat(self.run.storage, record.trial_id, self.config.heartbeat_s), \
+            hang_after = self.config.timeout_s + HANG_MARGIN_S if self.config.timeout_s > 0 else None
+            with Heartbeat(self.run.storage, record.trial_id, self.config.heartbeat_s, hang_after), \
                     time_limit(self.config.timeout_s), flush_denormals():
                 if record.kind == "baseline":
                     outcome = self._evaluate_baseline(record)
@@ -420,7 +422,7 @@ class Worker:
 
     def _train(self, candidate, warm_start=None) -> dict[str, Any]:
         """Full evaluation on the K architectures, resuming what a filter (quality) handed back."""
-        faults.point("train")
+        faults.point("train", key=None if candidate.genome is None else str(list(candidate.genome)))
         evaluator = self.context.get_evaluator()
         if warm_start is not None:
             result = evaluator.resume(warm_start)

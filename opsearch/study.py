@@ -13,7 +13,13 @@ rejected -> PRUNED; failed -> FAIL. A candidate is written RUNNING (one transact
 work on it starts, and its result in one transaction when it ends, so a crash loses at most the
 candidates in flight. A RUNNING trial whose worker died is found (a dead local pid at once, a
 silent heartbeat after a grace period), failed with verdict "failed:worker_lost" and its
-candidate enqueued again as a WAITING trial that the next free worker pops.
+candidate enqueued again as a WAITING trial that the next free worker pops. A candidate whose
+worker is lost a second time (its process crashed or was killed, or went silent: a layer that
+segfaults, exhausts memory, hangs where no time limit reaches) is not handed out a third time:
+it is failed with verdict "failed:worker_lost_twice" and the reasons, and counts toward the
+budget like any failed candidate, so a poisonous candidate cannot stall a search. A worker
+stopped on purpose (preempted, interrupted, its SLURM job requeued) is no fault of its candidate
+and does not count.
 """
 from __future__ import annotations
 
@@ -43,6 +49,12 @@ RUNS_DIR_ENV = "OPSEARCH_RUNS_DIR"
 WORKER_KEY = "opsearch:worker"
 HEARTBEAT_KEY = "opsearch:heartbeat"
 LOST = "failed:worker_lost"
+LOST_TWICE = "failed:worker_lost_twice"  # lost MAX_WORKER_LOSSES times: not handed out again
+MAX_WORKER_LOSSES = 2
+# Carried from a lost trial to its requeued copy: how often the candidate lost its worker by its
+# own fault (a crash, a kill, silence), and why
+LOSSES_KEY = "worker_losses"
+LOST_REASONS_KEY = "worker_lost_reasons"
 # What a lost trial hands to its requeued copy: the candidate, or the rerank item (stage, seed, of_trial)
 REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial",
                  "rung")
@@ -342,11 +354,23 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else ""
 
 
-class Heartbeat:
-    """Writes a timestamp on a RUNNING trial every `interval` seconds from a daemon thread."""
+HUNG_KEY = "opsearch:hung"
+HANG_MARGIN_S = 60.0  # past the time limit by this much, a candidate that is still running hangs
 
-    def __init__(self, storage: BaseStorage, trial_id: int, interval: float):
+
+class Heartbeat:
+    """Writes a timestamp on a RUNNING trial every `interval` seconds from a daemon thread.
+
+    Past `hang_after` seconds (the time limit and a margin: the limit's alarm did not get
+    through, the candidate is stuck where no signal reaches) it marks the trial hung and stops
+    beating, so that reapers take the worker for lost after the grace period, instead of a live
+    heartbeat holding the candidate, and the end of the search, forever."""
+
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: float,
+                 hang_after: float | None = None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.hang_after = hang_after
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="opsearch-heartbeat")
 
@@ -362,6 +386,10 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.hang_after is not None and time.monotonic() - self._started > self.hang_after:
+                with contextlib.suppress(Exception):
+                    self.storage.set_trial_system_attr(self.trial_id, HUNG_KEY, time.time())
+                return
             try:
                 self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_KEY, time.time())
             except Exception:  # finished meanwhile, or the database hiccuped: try next beat
@@ -424,6 +452,7 @@ class Run:
         self._unfinished: set[int] = set()
         self._waiting: set[int] = set()
         self._counted: set[int] = set()  # trials that count toward the budget
+        self._poisonous: set[str] = set()  # hashes of candidates that lost their worker twice
         self._max_id = -1
 
     # -- creation ---------------------------------------------------------------------------
@@ -574,12 +603,19 @@ class Run:
             self._waiting.add(record.trial_id)
         else:
             self._waiting.discard(record.trial_id)
+        if record.verdict == LOST_TWICE and isinstance(record.user_attrs.get("hash"), str):
+            self._poisonous.add(record.user_attrs["hash"])
 
     def trials(self) -> list[TrialRecord]:
         return sorted(self._trials.values(), key=lambda r: r.number)
 
     def candidates_counted(self) -> int:
         return len(self._counted)
+
+    def poisonous(self) -> set[str]:
+        """Hashes of the functions that lost their worker twice (verdict failed:worker_lost_twice):
+        proposing one again would kill workers again."""
+        return set(self._poisonous)
 
     def unfinished(self) -> list[TrialRecord]:
         return [self._trials[i] for i in self._unfinished]
@@ -618,7 +654,12 @@ class Run:
             reason = ("its worker process is gone" if dead else
                       f"its job {worker.job} was requeued" if superseded else
                       f"no heartbeat for {now - beat:.0f} s")
-            if self._requeue(record.trial_id, record.number, fresh.user_attrs, reason):
+            if HUNG_KEY in fresh.system_attrs and not superseded:
+                reason = f"it hung past its time limit ({reason})"
+            # a requeued SLURM job was preempted or timed out: the scheduler's doing, not the
+            # candidate's; a dead or silent worker may have been killed by its candidate
+            if self._requeue(record.trial_id, record.number, fresh.user_attrs, reason,
+                             candidate_fault=not superseded):
                 reaped.append(record.number)
         if reaped:
             self.sync()
@@ -633,7 +674,24 @@ class Run:
             self.sync()
         return ok
 
-    def _requeue(self, trial_id: int, number: int, user_attrs: dict[str, Any], reason: str) -> bool:
+    def _requeue(self, trial_id: int, number: int, user_attrs: dict[str, Any], reason: str,
+                 candidate_fault: bool = False) -> bool:
+        """Fail a trial as lost and enqueue its candidate again; or, when the candidate lost its
+        worker by its own fault for the MAX_WORKER_LOSSES-th time, fail it for good."""
+        losses = _int(user_attrs.get(LOSSES_KEY)) + (1 if candidate_fault else 0)
+        earlier = user_attrs.get(LOST_REASONS_KEY)
+        reasons = [str(r) for r in earlier] if isinstance(earlier, list) else []
+        if candidate_fault:
+            reasons.append(f"trial {number}: {reason}")
+        if candidate_fault and losses >= MAX_WORKER_LOSSES:
+            attrs = {"verdict": LOST_TWICE, LOSSES_KEY: losses, LOST_REASONS_KEY: reasons,
+                     "reason": f"lost its worker {losses} times, not handed out again "
+                               f"({'; '.join(reasons)})"}
+            try:
+                _finish(self.storage, trial_id, TrialState.FAIL, None, attrs)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return False
+            return True
         try:
             _finish(self.storage, trial_id, TrialState.FAIL, None, {"verdict": LOST, "reason": reason})
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -641,8 +699,14 @@ class Run:
         attrs = {k: v for k, v in user_attrs.items()
                  if k in REQUEUED_KEYS}
         attrs["retry_of"] = number
+        if losses:
+            attrs[LOSSES_KEY], attrs[LOST_REASONS_KEY] = losses, reasons
         self.enqueue(attrs)
         return True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _upsert_attrs(storage: RDBStorage, session, model_cls, trial_id: int,

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 from optuna.trial import TrialState
 
 from opsearch import graph
-from opsearch.study import LOST
+from opsearch.study import LOST, LOST_TWICE
 
 
 def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterable[str] | None = None,
@@ -32,7 +32,7 @@ def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterabl
         assert isinstance(verdict, str), (t.number, attrs)
         assert isinstance(attrs.get("formula"), str) and attrs["formula"], (t.number, attrs)
         graph.plain_from_dict(json.loads(attrs["graph"]))  # our schema
-        if verdict != LOST:  # a lost trial's worker died before it could time the candidate
+        if verdict not in (LOST, LOST_TWICE):  # its worker died before it could time the candidate
             assert isinstance(attrs.get("elapsed_s"), (int, float)) and attrs["elapsed_s"] >= 0, (t.number, attrs)
         category = verdict.split(":")[0]
         counts[f"{kind}:{category}"] = counts.get(f"{kind}:{category}", 0) + 1

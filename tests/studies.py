@@ -38,10 +38,11 @@ arch_options = {{ width = 4, depth = 1 }}
 """
 
 
-def run_opsearch(args, cwd, fault=None, timeout=600) -> subprocess.CompletedProcess:
+def run_opsearch(args, cwd, fault=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     """`python -m opsearch ARGS` in a child process, one torch thread, with the fault injection
-    point `fault` (opsearch/faults.py) armed, or none even if this process has one."""
-    env = dict(os.environ)
+    point `fault` (opsearch/faults.py) armed, or none even if this process has one; `env`: more
+    environment variables."""
+    env = {**os.environ, **(env or {})}
     env.pop("OPSEARCH_FAULT", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     if fault:

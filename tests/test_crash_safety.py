@@ -1,6 +1,8 @@
 """Crash safety and many workers: SIGKILL at chosen moments, resume; 4 workers on one study."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 
@@ -119,3 +121,35 @@ def _drop_study(url, name):
         optuna.delete_study(study_name=name, storage=storage)
     except KeyError:
         pass
+
+
+def test_a_candidate_that_kills_its_worker_every_time_is_tried_twice_then_failed(tmp_path):
+    """A poisonous candidate (the first one trained SIGKILLs whichever worker trains it, every
+    time: opsearch/faults.py) is handed out again once, then recorded failed with the reasons;
+    the search goes on and reaches its budget."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = write_config(tmp_path, storage)
+    env = {"OPSEARCH_FAULT_STATE": str(tmp_path / "poison")}
+    first = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, "train:poison",
+                         env=env)
+    assert first.returncode == -9, first.stderr[-2000:]
+    second = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, "train:poison",
+                          env=env)  # the resumed search hands the candidate out again: killed
+    assert second.returncode == -9, second.stderr[-2000:]
+    third = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, "train:poison",
+                         env=env)  # the fault is still armed: the candidate is never trained again
+    assert third.returncode == 0, third.stderr[-2000:]
+    trials = all_trials(storage)
+    poison = (tmp_path / "poison").read_text()
+    tried = [t for t in trials if t.user_attrs.get("kind") == "candidate"
+             and str(json.loads(t.user_attrs["genome"])) == poison]
+    assert [t.user_attrs["verdict"] for t in tried] == ["failed:worker_lost",
+                                                         "failed:worker_lost_twice"]
+    assert tried[1].user_attrs["retry_of"] == tried[0].number and tried[1].state.name == "FAIL"
+    assert "lost its worker 2 times" in tried[1].user_attrs["reason"]
+    assert not [t for t in trials if not t.state.is_finished()], "a trial stayed RUNNING/WAITING"
+    counted = [t for t in trials if t.user_attrs.get("kind") == "candidate"
+               and t.user_attrs.get("verdict") != "failed:worker_lost"]
+    assert len(counted) == 6  # the budget, the poisonous candidate among them
+    contract.check_contract(trials, ARCHS, FILTERS,
+                            allowed_failures={"failed:worker_lost", "failed:worker_lost_twice"})

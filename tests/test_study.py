@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.errors import UserError
-from opsearch.study import (LOST, Run, WorkerId, open_run, open_storage, resolve)
+from opsearch.study import (LOST, LOST_TWICE, Run, WorkerId, open_run, open_storage, resolve)
 
 import resources
 
@@ -109,6 +109,74 @@ def test_silent_remote_worker_is_requeued_after_grace(run):
     record = run.start_trial({"kind": "candidate", "genome": "[5]"}, remote)
     assert run.reap_lost(grace_s=60) == []
     assert run.reap_lost(grace_s=60, now=time.time() + 120) == [record.number]
+
+
+def _trials(run):
+    return {t.number: t for t in optuna.load_study(study_name=run.study_name,
+                                                    storage=run.storage).get_trials()}
+
+
+def test_a_candidate_that_loses_its_worker_twice_is_failed_not_handed_out_again(run):
+    first = run.start_trial({"kind": "candidate", "genome": "[3, 1]", "hash": "h31", "formula": "f"},
+                            _dead_worker())
+    assert run.reap_lost(grace_s=3600) == [first.number]
+    retry = run.pop_waiting(_dead_worker())  # its second worker dies too
+    assert retry.user_attrs["retry_of"] == first.number and retry.user_attrs["worker_losses"] == 1
+    assert run.reap_lost(grace_s=3600) == [retry.number]
+    trials = _trials(run)
+    assert trials[first.number].user_attrs["verdict"] == LOST
+    second = trials[retry.number]
+    assert second.state == TrialState.FAIL and second.user_attrs["verdict"] == LOST_TWICE
+    assert second.user_attrs["worker_losses"] == 2
+    assert f"trial {first.number}: its worker process is gone" in second.user_attrs["reason"]
+    assert f"trial {retry.number}: its worker process is gone" in second.user_attrs["reason"]
+    assert not [t for t in trials.values() if not t.state.is_finished()], "handed out a third time"
+    assert run.pop_waiting(WorkerId.current()) is None
+    assert run.candidates_counted() == 1  # it counts toward the budget: the search goes on
+    assert run.poisonous() == {"h31"}  # and is not proposed again
+
+
+def test_a_worker_stopped_on_purpose_is_no_fault_of_its_candidate(run):
+    me = WorkerId.current()
+    record = run.start_trial({"kind": "candidate", "genome": "[4]"}, _dead_worker())
+    assert run.reap_lost(grace_s=3600) == [record.number]  # a crash: one loss
+    for _ in range(3):  # preempted or interrupted three times: released, handed out again
+        held = run.pop_waiting(me)
+        assert held is not None and held.user_attrs["worker_losses"] == 1
+        assert run.release(held, "its worker was stopped (KeyboardInterrupt)")
+    held = run.pop_waiting(me)
+    assert held is not None
+    # a requeued SLURM job (same job id, new process) is the scheduler's doing too
+    earlier = WorkerId("node7", 99, "1", job="123_4")
+    run.storage.set_trial_system_attr(held.trial_id, "opsearch:worker", earlier.to_json())
+    assert run.reap_lost(grace_s=3600, me=WorkerId("node7", 100, "2", job="123_4")) == [held.number]
+    verdicts = [t.user_attrs.get("verdict") for t in _trials(run).values()]
+    assert verdicts == [LOST] * 5 + [None] and LOST_TWICE not in verdicts
+
+
+def test_a_silent_worker_counts_as_a_loss_of_its_candidate(run):
+    remote = WorkerId("some-other-host", 1234, "1")
+    record = run.start_trial({"kind": "candidate", "genome": "[5]"}, remote)
+    assert run.reap_lost(grace_s=60, now=time.time() + 120) == [record.number]
+    retry = run.pop_waiting(remote)
+    assert run.reap_lost(grace_s=60, now=time.time() + 120) == [retry.number]
+    assert _trials(run)[retry.number].user_attrs["verdict"] == LOST_TWICE
+
+
+def test_a_candidate_hung_past_its_time_limit_stops_its_heartbeat_and_is_reaped(run):
+    from opsearch.study import HEARTBEAT_KEY, HUNG_KEY, Heartbeat
+
+    record = run.start_trial({"kind": "candidate", "genome": "[6]"}, WorkerId.current())
+    with Heartbeat(run.storage, record.trial_id, 0.05, hang_after=0.3):
+        time.sleep(0.15)
+        beating = run.storage.get_trial(record.trial_id).system_attrs[HEARTBEAT_KEY]
+        time.sleep(0.6)  # the worker is stuck where the time limit's alarm does not reach
+        attrs = run.storage.get_trial(record.trial_id).system_attrs
+        assert HUNG_KEY in attrs and attrs[HEARTBEAT_KEY] < time.time() - 0.3 and attrs[HEARTBEAT_KEY] >= beating
+        assert run.reap_lost(grace_s=60) == []  # alive here, silent for less than the grace
+        assert run.reap_lost(grace_s=60, now=time.time() + 120) == [record.number]
+    lost = _trials(run)[record.number].user_attrs
+    assert lost["verdict"] == LOST and lost["reason"].startswith("it hung past its time limit")
 
 
 def test_incompatible_reopen_is_refused(tmp_path):
