@@ -2,7 +2,9 @@
 
 Each command module has ``add_parser(subparsers)`` (which sets ``func`` on its parser) so that
 commands stay independent. Errors in user input (`UserError`, `InvalidCandidate`) end with one
-line on stderr and exit status 2, never a traceback.
+line on stderr and exit status 2, never a traceback; faults of the environment
+(`EnvironmentFault`: the storage unreachable past its grace period, 3; a full disk, 4) with one
+line and their own exit status.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from opsearch.errors import InvalidCandidate, UserError
+from opsearch.errors import EnvironmentFault, InvalidCandidate, UserError
 
 COMMANDS = ("search", "evaluate", "list", "show", "export", "plot", "rerank", "launch",
             "status", "dashboard")
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, InvalidCandidate) as e:
         print(f"opsearch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except EnvironmentFault as e:  # storage unreachable (3), disk full (4): fix, run again
+        print(f"opsearch {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"opsearch {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -25,8 +26,9 @@ from optuna.trial import TrialState
 
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
-from opsearch.errors import InvalidCandidate
-from opsearch.study import HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, resolve
+from opsearch.errors import EnvironmentFault, InvalidCandidate
+from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
+                            disk_full_error, resolve)
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
@@ -388,9 +390,11 @@ class Worker:
         except (MemoryError, _cuda_oom()) as e:
             _free_memory()
             outcome = Outcome(TrialState.FAIL, None, {"verdict": "failed:oom", "reason": _short(e)})
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, EnvironmentFault):
             raise
         except Exception as e:  # a bad candidate never takes the search down
+            if disk_full(e) is not None:  # the disk's fault, not the candidate's: stop, exit 4
+                raise disk_full_error(e) from None
             outcome = Outcome(TrialState.FAIL, None, {
                 "verdict": f"failed:{type(e).__name__}", "reason": _short(e),
                 "traceback": traceback.format_exc(limit=6)[-2000:]})
@@ -675,13 +679,21 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     return queued
 
 
-def _worker_process(config_dict: dict, index: int, lock, device_index, ready, expected: int) -> None:
-    """Entry point of a local worker process (its environment pins its device and threads)."""
+def _worker_process(config_dict: dict, index: int, lock, device_index, ready, expected: int,
+                    faults=None) -> None:
+    """Entry point of a local worker process (its environment pins its device and threads).
+    A fault of the environment (EnvironmentFault: the storage unreachable, a full disk) goes to
+    the parent through `faults`, which says it once, and sets the exit status; no traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    config = SearchConfig.from_dict(config_dict)
-    setup = Setup.from_config(config)
-    Worker(setup, lock=lock, device_index=device_index, worker_index=index,
-           start_line=StartLine(ready, expected)).run_loop()
+    try:
+        config = SearchConfig.from_dict(config_dict)
+        setup = Setup.from_config(config)
+        Worker(setup, lock=lock, device_index=device_index, worker_index=index,
+               start_line=StartLine(ready, expected)).run_loop()
+    except EnvironmentFault as e:
+        if faults is not None:
+            faults.put((type(e).__name__, str(e)))
+        sys.exit(e.exit_code)
 
 
 def run_search(config: SearchConfig, progress=None, worker_index: int = 0,
@@ -748,12 +760,14 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
     lock = ctx.Lock()
     workers = resolved_workers(config)
     ready = ctx.Value("i", 0)
+    faults = ctx.SimpleQueue()  # (class name, message) of a child's EnvironmentFault
     procs = []
     for i in range(1, workers):
         device = _device_for(config, i)
         child = pinned_config(config, device)
         p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
-                        args=(child.to_dict(), i, lock, None if device is None else 0, ready, workers))
+                        args=(child.to_dict(), i, lock, None if device is None else 0, ready, workers,
+                              faults))
         with devices.environment(devices.worker_environment(device)):
             p.start()
         procs.append(p)
@@ -774,6 +788,10 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
         for p in procs:
             p.terminate()
         raise
+    except EnvironmentFault:
+        for p in procs:  # the others meet the same fault at their next write, or finish first
+            p.join()
+        raise
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -784,3 +802,9 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
         # so that a resume, or the workers still alive, hand it out again.
         run.sync()
         run.reap_lost(config.grace_s)
+        if not faults.empty() and run.candidates_counted() < config.budget:
+            from opsearch import errors
+            name, message = faults.get()
+            fault = getattr(errors, name, errors.EnvironmentFault)
+            raise (fault if isinstance(fault, type) and issubclass(fault, errors.EnvironmentFault)
+                   else errors.EnvironmentFault)(message)

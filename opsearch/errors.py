@@ -16,3 +16,24 @@ class UserError(OpsearchError, ValueError):
 
 class InvalidCandidate(OpsearchError, ValueError):
     """A graph that cannot be a layer; the message says why."""
+
+
+class EnvironmentFault(OpsearchError):
+    """Something around the search failed, not its input nor a candidate: one line on stderr,
+    the exit status `exit_code`, no traceback; the study stays consistent and the same command,
+    run again once the cause is gone, resumes it."""
+
+    exit_code = 1
+
+
+class StorageUnavailable(EnvironmentFault):
+    """The study's storage stayed unreachable past the storage grace period: exit status 3."""
+
+    exit_code = 3
+
+
+class DiskFull(EnvironmentFault):
+    """No space left on the device (or the quota) where a file had to be written: exit status 4.
+    The message names the file; nothing is left written half."""
+
+    exit_code = 4

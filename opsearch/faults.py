@@ -7,6 +7,11 @@
 as a layer that crashes its process is: the first candidate to reach <point> (in any process)
 writes its key into FILE, and every process that reaches <point> with that key SIGKILLs itself,
 every time, whichever worker it is.
+
+`OPSEARCH_FAULT=<point>:fill` with `OPSEARCH_FAULT_STATE=FILE` fills the disk FILE is on (meant
+for a small, size-limited filesystem in a test: never the real disk) the first time the process
+reaches <point>, by writing FILE until no space is left; the process goes on, and meets a full
+disk at its next write. Removing FILE frees the space.
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ def point(name: str, key: str | None = None) -> None:
     target, _, count = spec.partition(":")
     if target != name:
         return
+    if count == "fill":
+        if not _hits.get(name):
+            _hits[name] = 1
+            _fill(_state_path())
+        return
     if count == "poison":
         if key is not None and key == _poisoned(key):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -36,9 +46,7 @@ def point(name: str, key: str | None = None) -> None:
 
 def _poisoned(key: str) -> str | None:
     """The poisonous key: the one in the state file, or `key` if it is the first to claim it."""
-    path = os.environ.get(STATE_ENV)
-    if not path:
-        raise RuntimeError(f"{ENV}=<point>:poison needs {STATE_ENV}=FILE")
+    path = _state_path()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -49,3 +57,22 @@ def _poisoned(key: str) -> str | None:
         f.flush()
         os.fsync(f.fileno())
     return key
+
+
+def _state_path() -> str:
+    path = os.environ.get(STATE_ENV)
+    if not path:
+        raise RuntimeError(f"{ENV}=<point>:poison or :fill needs {STATE_ENV}=FILE")
+    return path
+
+
+def _fill(path: str, chunk: int = 1 << 16) -> None:
+    """Write FILE until the disk it is on is full (then smaller and smaller pieces)."""
+    block = b"\0" * chunk
+    with open(path, "ab", buffering=0) as f:
+        while chunk:
+            try:
+                while True:
+                    f.write(block[:chunk])
+            except OSError:
+                chunk //= 2

@@ -24,6 +24,7 @@ and does not count.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -41,7 +42,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from opsearch.errors import UserError
+from opsearch.errors import DiskFull, EnvironmentFault, UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -92,11 +93,13 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         if not create and not os.path.exists(path):
             raise UserError(f"no journal file at {path}")
         _ensure_parent(path)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalStorage
         try:
             with creation_lock(path):
-                return JournalStorage(JournalFileBackend(path))
+                return JournalStorage(_journal_backend(path))
         except Exception as e:
+            if disk_full(e) is not None:
+                raise disk_full_error(e, path) from None
             raise UserError(f"cannot open journal storage {path}: {_one_line(e)}") from e
     if "://" not in url:
         raise UserError(f"not a storage URL: {url!r} (expected sqlite:///FILE, postgresql://..., "
@@ -120,10 +123,196 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
                         f"({_one_line(e.__cause__ or e)}); for PostgreSQL: pip install "
                         "'psycopg[binary]'") from e
     except Exception as e:
+        if disk_full(e) is not None or _full_here(e, storage_path(url)):
+            raise disk_full_error(e, storage_path(url) or _redact(url)) from None
         raise UserError(f"cannot open storage {_redact(url)}: {_one_line(e)}") from e
     if url.startswith("sqlite:"):
         _tune_sqlite(storage)
     return storage
+
+
+def storage_path(url: str) -> str | None:
+    """The file of a file-backed storage (SQLite, journal); None for a database server."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        return None if path in ("", ":memory:") else path
+    if url.startswith("journal://"):
+        path = url[len("journal://"):]
+        return path[1:] if path.startswith("//") else path
+    if "://" not in url and url.endswith((".log", ".journal")):
+        return url
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Faults of the storage's surroundings: a full disk
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+_DISK_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded")
+
+
+def _chain(e: BaseException):
+    """e, its causes and contexts, and the driver errors SQLAlchemy wraps (`.orig`)."""
+    seen: set[int] = set()
+    stack: list[Any] = [e]
+    while stack:
+        err = stack.pop()
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        yield err
+        stack += [err.__cause__, err.__context__, getattr(err, "orig", None)]
+
+
+def disk_full(e: BaseException) -> BaseException | None:
+    """The error in e's chain that says a disk (or a quota) is full, else None: an OSError
+    ENOSPC/EDQUOT, SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    said = None  # a wrapper that only quotes the driver's message, if nothing better
+    for err in _chain(e):
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return err
+        if getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return err
+        if _PG_DISK_FULL in (getattr(err, "sqlstate", None), getattr(err, "pgcode", None)):
+            return err
+        if said is None and any(t in str(err).lower() for t in _DISK_FULL_TEXTS):
+            said = err
+    return said
+
+
+def no_space_at(path: str | None, below: int = 1 << 16) -> bool:
+    """Whether the filesystem that holds `path` (a file or folder) has less than `below` bytes
+    free. SQLite on a full disk often says only "disk I/O error" (its shared-memory file
+    cannot grow): with no space left where the database lives, that is a full disk too."""
+    if not path:
+        return False
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < below
+
+
+def _full_here(e: BaseException, path: str | None) -> bool:
+    """A storage error (a database's or the filesystem's, not a message of ours) while the disk
+    of `path` has no space left."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    kinds = (OSError, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError,
+             optuna.exceptions.StorageInternalError)
+    return any(isinstance(err, kinds) for err in _chain(e)) and no_space_at(path)
+
+
+def disk_full_error(e: BaseException, path: str | None = None) -> DiskFull:
+    """The one-line DiskFull for `e`, naming the file that could not be written (an OSError's
+    own file name if it has one, else `path`)."""
+    err = disk_full(e) or e
+    named = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    where = named or path or "a file"
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        lines = str(getattr(err, "orig", None) or err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+    return DiskFull(f"no space left on device: cannot write {where} ({reason}); nothing was "
+                    "written half: free space and run the same command again")
+
+
+_guarding = threading.local()
+
+
+class StorageGuard:
+    """The one policy every storage call of a worker and of the commands goes through: a full
+    disk becomes DiskFull naming the storage's file (exit status 4).
+
+    Guarded calls nest (a Run method calling another): only the outermost one acts."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def call(self, fn, *args, **kwargs):
+        if getattr(_guarding, "active", False):
+            return fn(*args, **kwargs)
+        _guarding.active = True
+        try:
+            return fn(*args, **kwargs)
+        except EnvironmentFault:
+            raise
+        except Exception as e:
+            path = storage_path(self.url)
+            if disk_full(e) is not None or _full_here(e, path):
+                raise disk_full_error(e, path or _redact(self.url)) from None
+            raise
+        finally:
+            _guarding.active = False
+
+
+def _guarded(method):
+    """A Run method whose storage calls go through the run's StorageGuard."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return self.guard.call(method, self, *args, **kwargs)
+    return wrapper
+
+
+def _journal_backend(path: str):
+    """Optuna's journal file backend, with appends that leave nothing written half."""
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        from optuna.storages.journal._file import get_lock_file
+    except ImportError:  # a future Optuna moved it: its own append then
+        return JournalFileBackend(path)
+
+    class WholeLinesJournalFileBackend(JournalFileBackend):
+        """An append that cannot be completed (a full disk) is cut off again, under the
+        journal's lock; a partial last line left by a writer killed mid-append is cut off before
+        the next append. Without this, the next line was glued to the partial one and every
+        reader of the journal failed from there on ("Invalid log format")."""
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs)
+                    + "\n").encode("utf-8")
+            with get_lock_file(self._lock):
+                fd = os.open(self._file_path, os.O_RDWR)
+                try:
+                    end = os.lseek(fd, 0, os.SEEK_END)
+                    keep = _whole_lines_end(fd, end)
+                    if keep != end:
+                        os.ftruncate(fd, keep)
+                    try:
+                        written = 0
+                        while written < len(data):
+                            written += os.pwrite(fd, data[written:], keep + written)
+                        os.fsync(fd)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, keep)
+                        raise
+                finally:
+                    os.close(fd)
+
+    return WholeLinesJournalFileBackend(path)
+
+
+def _whole_lines_end(fd: int, end: int, chunk: int = 65536) -> int:
+    """The offset just after the file's last newline (0 if it has none)."""
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end
+    pos = end
+    while pos > 0:
+        start = max(0, pos - chunk)
+        block = os.pread(fd, pos - start, start)
+        i = block.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
 
 
 CREATION_LOCK_SUFFIX = ".create-lock"
@@ -201,6 +390,8 @@ def _ensure_parent(path: str) -> None:
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(e, parent) from None
         raise UserError(f"cannot create directory {parent}: {e.strerror}") from e
 
 
@@ -264,6 +455,8 @@ def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:
     try:
         summaries = storage.get_all_studies()
     except Exception as e:
+        if disk_full(e) is not None or _full_here(e, storage_path(url)):
+            raise disk_full_error(e, storage_path(url) or _redact(url)) from None
         raise UserError(f"cannot read study storage {_redact(url)}: {_one_line(e)}") from e
     names = [s.study_name for s in summaries]
     if study_name not in names:
@@ -442,6 +635,11 @@ class Run:
         self.storage = storage
         self.url = url
         self.study_name = study_name
+        self.guard = StorageGuard(url)
+        self.guard.call(self._load)
+
+    def _load(self) -> None:
+        storage, study_name, url = self.storage, self.study_name, self.url
         try:
             self.study_id = storage.get_study_id_from_name(study_name)
         except KeyError:
@@ -461,6 +659,11 @@ class Run:
     def create_or_open(cls, url: str, study_name: str, attrs: dict[str, Any],
                        compatible_keys: Sequence[str]) -> "Run":
         """Open the run, creating it if needed; refuse to mix incompatible searches in one study."""
+        return StorageGuard(url).call(cls._create_or_open, url, study_name, attrs, compatible_keys)
+
+    @classmethod
+    def _create_or_open(cls, url: str, study_name: str, attrs: dict[str, Any],
+                        compatible_keys: Sequence[str]) -> "Run":
         storage = open_storage(url)
         directions = [optuna.study.StudyDirection.MAXIMIZE] * len(attrs["archs"])
         try:
@@ -472,8 +675,9 @@ class Run:
                 study_id = storage.create_new_study(directions, study_name)
             except optuna.exceptions.DuplicatedStudyError:
                 study_id = storage.get_study_id_from_name(study_name)  # another worker won
-            else:
-                for key, value in {"format": STUDY_FORMAT, **attrs}.items():
+            else:  # "archs", the attribute other workers wait for, last
+                for key, value in sorted({"format": STUDY_FORMAT, **attrs}.items(),
+                                         key=lambda kv: kv[0] == "archs"):
                     storage.set_study_user_attr(study_id, key, value)
         run = cls(storage, study_name, url)
         run._wait_for_attrs(attrs)
@@ -490,6 +694,15 @@ class Run:
         while "archs" not in self.attrs and time.time() < deadline:
             time.sleep(0.2)
             self.attrs = self.storage.get_study_user_attrs(self.study_id)
+        if "archs" not in self.attrs and set(self.attrs) <= {"format", *attrs} \
+                and not self.storage.get_n_trials(self.study_id):
+            # its creation was cut off (a full disk, an outage) after the study and before all
+            # its attributes: complete it ("archs", the one waited for, last)
+            for key, value in {"format": STUDY_FORMAT, **attrs}.items():
+                if key != "archs":
+                    self.storage.set_study_user_attr(self.study_id, key, value)
+            self.storage.set_study_user_attr(self.study_id, "archs", attrs["archs"])
+            self.attrs = self.storage.get_study_user_attrs(self.study_id)
         if "archs" not in self.attrs:
             raise UserError(f"study {self.study_name!r} in {_redact(self.url)} is not an opsearch "
                             "run (no 'archs' attribute)")
@@ -497,6 +710,7 @@ class Run:
 
     # -- writes -----------------------------------------------------------------------------
 
+    @_guarded
     def start_trial(self, user_attrs: dict[str, Any], worker: WorkerId | None = None) -> TrialRecord:
         """Record a candidate RUNNING, with its attributes, in one write."""
         system_attrs = {}
@@ -512,6 +726,7 @@ class Run:
         self._remember(record)
         return record
 
+    @_guarded
     def enqueue(self, user_attrs: dict[str, Any]) -> int:
         """A WAITING trial holding a candidate that some worker will pop and evaluate."""
         template = FrozenTrial(
@@ -523,6 +738,7 @@ class Run:
         self._remember(TrialRecord(number, trial_id, TrialState.WAITING, None, dict(user_attrs), {}))
         return trial_id
 
+    @_guarded
     def pop_waiting(self, worker: WorkerId, skip_kinds: Sequence[str] = ()) -> TrialRecord | None:
         """Take a WAITING trial (a requeued candidate, a baseline) known since the last sync;
         trials of `skip_kinds` stay waiting (rerank items when the stage is switched off)."""
@@ -547,6 +763,7 @@ class Run:
             return record
         return None
 
+    @_guarded
     def finish_trial(self, record: TrialRecord, state: TrialState,
                      values: Sequence[float] | None, user_attrs: dict[str, Any]) -> bool:
         """Write a candidate's result, values and final state in one transaction.
@@ -569,6 +786,7 @@ class Run:
 
     # -- reading ----------------------------------------------------------------------------
 
+    @_guarded
     def sync(self) -> list[TrialRecord]:
         """Fetch trials created or finished since the last sync; returns those newly finished."""
         storage = self.storage
@@ -626,6 +844,7 @@ class Run:
 
     # -- lost workers -----------------------------------------------------------------------
 
+    @_guarded
     def reap_lost(self, grace_s: float, now: float | None = None,
                   me: WorkerId | None = None) -> list[int]:
         """Fail RUNNING trials whose worker is gone and enqueue their candidates again.
@@ -665,6 +884,7 @@ class Run:
             self.sync()
         return reaped
 
+    @_guarded
     def release(self, record: TrialRecord, reason: str) -> bool:
         """Give back a candidate this worker holds but will not finish (it is being stopped:
         preempted, timed out, interrupted): failed as lost and enqueued again at once, so another

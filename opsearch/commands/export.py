@@ -10,7 +10,6 @@ op table only, so a tampered study cannot inject code.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -131,13 +130,9 @@ def run(args) -> int:
         header += "# accuracy: " + ", ".join(f"{'_'.join(a.split())} {v:.4f}" for a, v in zip(archs, accs)) + "\n"
     source = header + source
     if args.output:
-        try:
-            parent = os.path.dirname(os.path.abspath(args.output))
-            os.makedirs(parent, exist_ok=True)
-            with open(args.output, "w") as f:
-                f.write(source)
-        except OSError as e:
-            raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+        from opsearch.files import write_atomically
+
+        write_atomically(args.output, lambda f: f.write(source))  # a full disk: exit 4
         print(f"wrote {args.output} (trial {trial.number}, class {args.class_name})", file=sys.stderr)
     else:
         sys.stdout.write(source)

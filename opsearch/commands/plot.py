@@ -57,9 +57,14 @@ def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    from opsearch.files import write_atomically
+
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
+        from opsearch.study import DISK_FULL_ERRNOS, disk_full_error
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(OSError(e.errno, e.strerror, out_dir)) from None
         raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
     archs = report.archs_of(trials, study_attrs)
     from opsearch import rerank_stats
@@ -73,10 +78,9 @@ def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str
     for name, draw in drawings:
         fig = draw(plt, search, archs)
         path = os.path.join(out_dir, name)
-        try:
-            fig.savefig(path, dpi=110, bbox_inches="tight")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        try:  # whole or not at all; a full disk: DiskFull, exit 4
+            write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110,
+                                                         bbox_inches="tight"), mode="wb")
         finally:
             plt.close(fig)
         paths.append(path)
