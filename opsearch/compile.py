@@ -607,7 +607,7 @@ def export_source(g: GraphLike, class_name: str = "SearchedLayer", *, eps: float
     if not torch_compile:
         source = header + "import torch\n\n" + HELPERS + _CHECK_INPUT + _class_source(plain, core, *options)
     else:
-        from opsearch.torch_compile import GUARD_SOURCE
+        from opsearch.torch_compile_guard import GUARD_SOURCE
 
         source = (header + "import torch\n\n" + HELPERS + _CHECK_INPUT + GUARD_SOURCE
                   + _class_source(plain, core + "Plain", *options)

@@ -136,10 +136,87 @@ class SearchConfig:
         need(isinstance(self.plugins, list) and all(isinstance(p, str) for p in self.plugins),
              "plugins must be a list of file paths")
         need(isinstance(self.devices, (str, int, list)), "devices must be a string, int or list")
-        from opsearch.rerank import check_rerank_options
         check_rerank_options(self.rerank, source)
-        from opsearch.funnel import check_funnel_options
         check_funnel_options(self.funnel, source)
+
+
+# --------------------------------------------------------------------------------------------
+# The [rerank] and [funnel] tables: their own keys, defaults and types (the stages read them
+# from here; the evaluator keys of a re-ranking task are checked when the task is built)
+
+# The stage's own keys in the [rerank] table; every other key is an [evaluator] key of the task.
+RERANK_DEFAULTS: dict[str, Any] = {"enabled": True, "top_k": 5, "seeds": 3, "max_seeds": 8,
+                                   "correction": "holm", "baselines": "all", "dataset": None,
+                                   "data_dir": None, "stage": None}
+# The re-ranking table's multiple-comparison corrections (opsearch/rerank_stats.py)
+CORRECTIONS = {"holm": "Holm step-down (family-wise error rate)",
+               "bh": "Benjamini-Hochberg (false discovery rate)",
+               "none": "none"}
+FUNNEL_DEFAULTS: dict[str, Any] = {"enabled": False, "eta": 3, "steps": None, "min_candidates": 3,
+                                   "baselines": "top"}
+FUNNEL_BASELINE_RUNGS = ("top", "first")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_rerank_options(options: dict[str, Any], source: str = "config") -> None:
+    """Types of the stage's own keys (the evaluator keys are checked when the task is built)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: rerank.{message}")
+
+    if "enabled" in options:
+        need(isinstance(options["enabled"], bool), f"enabled must be true or false, got {options['enabled']!r}")
+    for key in ("top_k", "seeds", "max_seeds"):
+        if key in options:
+            need(_positive_int(options[key]), f"{key} must be a positive integer, got {options[key]!r}")
+    if "baselines" in options:
+        b = options["baselines"]
+        need(b == "all" or (isinstance(b, list) and all(isinstance(x, str) for x in b)),
+             f"baselines must be \"all\" or a list of layer names, got {b!r}")
+    if "correction" in options:
+        need(options["correction"] in CORRECTIONS,
+             f"correction must be one of {', '.join(CORRECTIONS)}, got {options['correction']!r}")
+    for key in ("dataset", "data_dir", "stage"):
+        if options.get(key) is not None:
+            need(isinstance(options[key], str) and options[key], f"{key} must be a non-empty string")
+    if "archs" in options:
+        need(False, "archs cannot differ from the search's architectures (the paired tests "
+                    "compare the same architectures)")
+
+
+def check_funnel_options(options: dict[str, Any], source: str = "config") -> None:
+    """Types of the [funnel] table (the steps are checked against the evaluator at setup)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: funnel.{message}")
+
+    unknown = sorted(set(options) - set(FUNNEL_DEFAULTS))
+    need(not unknown, f"{unknown[0] if unknown else ''} is not a funnel option; known: "
+                      f"{', '.join(sorted(FUNNEL_DEFAULTS))}")
+    if "enabled" in options:
+        need(isinstance(options["enabled"], bool), f"enabled must be true or false, got {options['enabled']!r}")
+    if "eta" in options:
+        need(_int(options["eta"], 2), f"eta must be an integer >= 2, got {options['eta']!r}")
+    if "min_candidates" in options:
+        need(_int(options["min_candidates"], 1),
+             f"min_candidates must be a positive integer, got {options['min_candidates']!r}")
+    if "baselines" in options:
+        need(options["baselines"] in FUNNEL_BASELINE_RUNGS,
+             f"baselines must be one of {', '.join(map(repr, FUNNEL_BASELINE_RUNGS))} (the rung baselines are "
+             f"evaluated at), got {options['baselines']!r}")
+    steps = options.get("steps")
+    if steps is not None:
+        need(isinstance(steps, list) and len(steps) >= 2 and all(_int(s, 1) for s in steps)
+             and all(a < b for a, b in zip(steps, steps[1:])),
+             f"steps must be a list of at least 2 increasing positive integers (rung 0 = the "
+             f"quality filter's steps, the last = the top rung), got {steps!r}")
 
 
 def load_toml(path: str) -> dict[str, Any]:

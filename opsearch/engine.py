@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
+from opsearch.evaluation import make_eval_config
 from opsearch.errors import EnvironmentFault, InvalidCandidate
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
                             disk_full_error, resolve)
@@ -84,7 +85,9 @@ class Setup:
         for path in config.plugins:
             registry.load_plugin_file(path)
         from opsearch import surround
-        config = surround.configured(config)  # the space's surround, into the stored config
+        config = surround.configured(  # the space's surround, into the stored config
+            config, registry.space_surround(config.space),
+            "layer_options" in registry.evaluators.options(config.evaluator_plugin))
         from opsearch.rejection import RejectionPipeline
         from opsearch.space import SearchSpace
 
@@ -134,13 +137,6 @@ def surround_of_run(config: SearchConfig) -> str:
     """What surrounds this run's candidates (opsearch/surround.py), as `Setup.from_config` set it."""
     from opsearch import surround
     return surround.of_config(config)
-
-
-def make_eval_config(config: SearchConfig, device_index: int | None = None):
-    """The evaluator plugin's config for this search (the `[evaluator]` table plus the flags);
-    unknown or bad options are a UserError."""
-    registry.evaluators.check_options(config.evaluator_plugin, config.evaluator)
-    return registry.evaluators.get(config.evaluator_plugin).configure(config, device_index)
 
 
 # --------------------------------------------------------------------------------------------

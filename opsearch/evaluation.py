@@ -138,3 +138,13 @@ class Evaluator:
         """An evaluator of the same setup on one architecture (so that the quality filter can
         stop at the first architecture below its bar), or None when that saves nothing."""
         return None
+
+
+def make_eval_config(config: Any, device_index: int | None = None) -> Any:
+    """The evaluator plugin's config for a search config (its `[evaluator]` table plus the
+    flags); unknown or bad options are a UserError. The engine, the funnel and the re-ranking
+    stage build their evaluators from it."""
+    from opsearch import registry
+
+    registry.evaluators.check_options(config.evaluator_plugin, config.evaluator)
+    return registry.evaluators.get(config.evaluator_plugin).configure(config, device_index)

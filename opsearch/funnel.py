@@ -37,47 +37,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from opsearch import faults
+from opsearch.config import FUNNEL_DEFAULTS as DEFAULTS
+from opsearch.config import check_funnel_options
 from opsearch.errors import UserError
 from opsearch.pareto import nondominated_ranks
+from opsearch.trials import LOST
 
 KIND = "promotion"
-LOST = "failed:worker_lost"
-DEFAULTS: dict[str, Any] = {"enabled": False, "eta": 3, "steps": None, "min_candidates": 3,
-                            "baselines": "top"}
-BASELINE_RUNGS = ("top", "first")
 QUALITY_STEPS = 100  # the quality filter's default steps: rung 0
-
-
-def _int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def check_funnel_options(options: dict[str, Any], source: str = "config") -> None:
-    """Types of the [funnel] table (the steps are checked against the evaluator at setup)."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(f"{source}: funnel.{message}")
-
-    unknown = sorted(set(options) - set(DEFAULTS))
-    need(not unknown, f"{unknown[0] if unknown else ''} is not a funnel option; known: "
-                      f"{', '.join(sorted(DEFAULTS))}")
-    if "enabled" in options:
-        need(isinstance(options["enabled"], bool), f"enabled must be true or false, got {options['enabled']!r}")
-    if "eta" in options:
-        need(_int(options["eta"], 2), f"eta must be an integer >= 2, got {options['eta']!r}")
-    if "min_candidates" in options:
-        need(_int(options["min_candidates"], 1),
-             f"min_candidates must be a positive integer, got {options['min_candidates']!r}")
-    if "baselines" in options:
-        need(options["baselines"] in BASELINE_RUNGS,
-             f"baselines must be one of {', '.join(map(repr, BASELINE_RUNGS))} (the rung baselines are "
-             f"evaluated at), got {options['baselines']!r}")
-    steps = options.get("steps")
-    if steps is not None:
-        need(isinstance(steps, list) and len(steps) >= 2 and all(_int(s, 1) for s in steps)
-             and all(a < b for a, b in zip(steps, steps[1:])),
-             f"steps must be a list of at least 2 increasing positive integers (rung 0 = the "
-             f"quality filter's steps, the last = the top rung), got {steps!r}")
 
 
 def default_steps(top: int, eta: int, first: int = QUALITY_STEPS) -> list[int]:
@@ -111,7 +78,7 @@ class Funnel:
         if not own["enabled"]:
             return None
         from opsearch import registry
-        from opsearch.engine import make_eval_config
+        from opsearch.evaluation import make_eval_config
 
         plugin = registry.evaluators.get(config.evaluator_plugin)
         values = plugin.config_to_dict(make_eval_config(config))

@@ -15,7 +15,6 @@ table when it has one, else against the keyword parameters of the function or co
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import inspect
 import os
@@ -24,17 +23,12 @@ from importlib import metadata
 from typing import Any, Callable, Mapping, TypeVar
 
 from opsearch.errors import UserError
+from opsearch.hints import closest_hint
 
 T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "opsearch.plugins"
 DISTRIBUTION = "opsearch"
-
-
-def closest_hint(name: Any, known: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
-    close = difflib.get_close_matches(str(name), known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_option_names(owner: str, given: Mapping[str, Any], known: Mapping[str, Any]) -> None:
@@ -200,6 +194,12 @@ def search_space(name: str | None = None, *, replace: bool = False, surround: st
         return register(fn)
 
     return decorator
+
+
+def space_surround(name: str) -> str:
+    """The surround a registered search space declares (``none`` when it declares none)."""
+    from opsearch import surround as _surround
+    return _surround.check(getattr(search_spaces.get(name), "surround", _surround.NONE))
 
 
 register_layer = layers.register

@@ -19,73 +19,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from opsearch.pareto import pareto_mask
+from opsearch.trials import (ACC_PREFIX, accuracies, archs_of, category, kind, name_of,  # noqa: F401
+                             search_trials, verdict)
 
-ACC_PREFIX = "acc/"
 FILTER_PREFIX = "filter_s/"
 
 
 # --------------------------------------------------------------------------------------------
 # Reading one trial
-
-
-def kind(trial: Any) -> str:
-    return str(trial.user_attrs.get("kind", "candidate"))
-
-
-def search_trials(trials: Iterable[Any]) -> list[Any]:
-    """The search's own trials (candidates and baselines): re-ranking items (``kind = "rerank"``,
-    opsearch/rerank.py) never enter the leaderboard, the Pareto front or the statistics."""
-    return [t for t in trials if kind(t) in ("candidate", "baseline")]
-
-
-def verdict(trial: Any) -> str:
-    """The trial's verdict; trials without one (still running, or lost) by their state."""
-    v = trial.user_attrs.get("verdict")
-    if isinstance(v, str) and v:
-        return v
-    return trial.state.name.lower()
-
-
-def category(trial: Any) -> str:
-    """evaluated | duplicate | rejected | failed | running | ... (the verdict before its colon)."""
-    return verdict(trial).split(":", 1)[0]
-
-
-def archs_of(trials: Sequence[Any], study_attrs: dict | None = None) -> list[str]:
-    """Architectures in objective order: the study attr ``archs``, else the ``acc/*`` attrs seen."""
-    archs = (study_attrs or {}).get("archs")
-    if isinstance(archs, (list, tuple)) and archs:
-        return [str(a) for a in archs]
-    seen: list[str] = []
-    for t in trials:
-        for key in t.user_attrs:
-            if key.startswith(ACC_PREFIX) and key[len(ACC_PREFIX):] not in seen:
-                seen.append(key[len(ACC_PREFIX):])
-    return seen
-
-
-def accuracies(trial: Any, archs: Sequence[str]) -> tuple[float, ...] | None:
-    """One accuracy per architecture (trial values first, then ``acc/<arch>`` attrs); None when
-    the trial has none (rejected, failed, running)."""
-    if kind(trial) != "baseline" and category(trial) not in ("evaluated", "duplicate"):
-        return None
-    values = getattr(trial, "values", None)
-    if values is not None and len(values) == len(archs) and trial.state.name == "COMPLETE":
-        return tuple(float(v) for v in values)
-    accs = []
-    for arch in archs:
-        v = trial.user_attrs.get(ACC_PREFIX + arch)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return None
-        accs.append(float(v))
-    return tuple(accs) if accs else None
-
-
-def name_of(trial: Any) -> str:
-    """A baseline's layer name, else the candidate's formula."""
-    if kind(trial) == "baseline":
-        return str(trial.user_attrs.get("layer") or trial.user_attrs.get("formula") or "?")
-    return str(trial.user_attrs.get("formula") or "?")
 
 
 # --------------------------------------------------------------------------------------------

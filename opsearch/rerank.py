@@ -40,21 +40,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from opsearch import faults, report
+from opsearch.config import RERANK_DEFAULTS as DEFAULTS
+from opsearch.config import check_rerank_options
 from opsearch.errors import UserError
+from opsearch.trials import LOST, STAGE_ATTR_PREFIX, search_mean, stage_tasks  # noqa: F401
 
 KIND = "rerank"
-STAGE_ATTR_PREFIX = "rerank:"
-LOST = "failed:worker_lost"
 
-# The stage's own keys in the [rerank] table; every other key is an [evaluator] key of the task.
-DEFAULTS: dict[str, Any] = {"enabled": True, "top_k": 5, "seeds": 3, "max_seeds": 8,
-                            "correction": "holm", "baselines": "all", "dataset": None,
-                            "data_dir": None, "stage": None}
 # The first seed of a stage: far from the search's seed (the run's `seed`, 0 by default), so that
 # a candidate's lucky initialisation at the search does not carry over into its held-out score.
 SEED_BASE = 1_000_000
@@ -63,38 +59,6 @@ SEEDS_KEY = "rerank_seeds"  # the stage task's seed rule (not an evaluator key)
 MACHINE_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "threads", "seed")
 # Item attributes a reaped (lost) item keeps when it is enqueued again.
 ITEM_KEYS = ("kind", "stage", "seed", "of_trial", "layer", "graph", "formula", "hash")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def check_rerank_options(options: dict[str, Any], source: str = "config") -> None:
-    """Types of the stage's own keys (the evaluator keys are checked when the task is built)."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(f"{source}: rerank.{message}")
-
-    if "enabled" in options:
-        need(isinstance(options["enabled"], bool), f"enabled must be true or false, got {options['enabled']!r}")
-    for key in ("top_k", "seeds", "max_seeds"):
-        if key in options:
-            need(_positive_int(options[key]), f"{key} must be a positive integer, got {options[key]!r}")
-    if "baselines" in options:
-        b = options["baselines"]
-        need(b == "all" or (isinstance(b, list) and all(isinstance(x, str) for x in b)),
-             f"baselines must be \"all\" or a list of layer names, got {b!r}")
-    if "correction" in options:
-        from opsearch.rerank_stats import CORRECTIONS
-
-        need(options["correction"] in CORRECTIONS,
-             f"correction must be one of {', '.join(CORRECTIONS)}, got {options['correction']!r}")
-    for key in ("dataset", "data_dir", "stage"):
-        if options.get(key) is not None:
-            need(isinstance(options[key], str) and options[key], f"{key} must be a non-empty string")
-    if "archs" in options:
-        need(False, "archs cannot differ from the search's architectures (the paired tests "
-                    "compare the same architectures)")
 
 
 @dataclass
@@ -120,7 +84,7 @@ class RerankTask:
         another dataset instead, and any [evaluator] key in the table overrides the search's.
         """
         from opsearch import registry
-        from opsearch.engine import make_eval_config
+        from opsearch.evaluation import make_eval_config
 
         plugin = registry.evaluators.get(config.evaluator_plugin)
         options = dict(config.rerank)
@@ -248,13 +212,6 @@ def duplicate_root(trial: Any, by_number: dict[int, Any]) -> Any:
         if original is None:
             return trial
         trial = original
-
-
-def search_mean(trial: Any, archs: Sequence[str]) -> float | None:
-    accs = report.accuracies(trial, archs)
-    if not accs or any(not math.isfinite(a) for a in accs):
-        return None
-    return float(sum(accs) / len(accs))
 
 
 def select(trials: Sequence[Any], archs: Sequence[str], top_k: int,
@@ -416,15 +373,3 @@ def stage_task(run, stage: str) -> dict[str, Any]:
     return task
 
 
-def stage_tasks(study_attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every stage's task from the study's user attributes."""
-    out = {}
-    for key, text in study_attrs.items():
-        if key.startswith(STAGE_ATTR_PREFIX) and isinstance(text, str):
-            try:
-                task = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(task, dict):
-                out[key[len(STAGE_ATTR_PREFIX):]] = task
-    return out

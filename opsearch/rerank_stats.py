@@ -48,6 +48,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from opsearch.config import CORRECTIONS
+
 ALPHA = 0.05
 CONFIDENCE = 0.95
 KIND = "rerank"
@@ -56,9 +58,6 @@ UNIT = "seed"
 TEST = ("paired t-test over per-seed means across architectures (scipy.stats.ttest_rel over "
         "seeds, df = seeds - 1; architectures are a blocking factor)")
 INTERVALS = "Student t over seeds, clipped to [0, 1]"
-CORRECTIONS = {"holm": "Holm step-down (family-wise error rate)",
-               "bh": "Benjamini-Hochberg (false discovery rate)",
-               "none": "none"}
 DEFAULT_CORRECTION = "holm"
 DEFAULT_MAX_SEEDS = 8
 
@@ -339,7 +338,7 @@ def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems
     """Per layer: intervals, seed-unit tests against each baseline (corrected over the stage's
     family), ranks; the agreement of the rankings; the contest of the two best candidates."""
     from opsearch.funnel import at_highest_rung
-    from opsearch.rerank import search_mean
+    from opsearch.trials import search_mean
 
     by_number = {t.number: t for t in at_highest_rung(trials)}  # the funnel: highest rung's score
     layers = []
@@ -431,7 +430,7 @@ def summarize(trials: Sequence[Any], archs: Sequence[str], study_attrs: dict | N
     """The report of one stage (the given one, else the latest); None when the run has none.
     ``stages`` lists every stage of the run. `correction` and `max_seeds` default to the run's
     stored ``[rerank]`` settings."""
-    from opsearch.rerank import stage_tasks
+    from opsearch.trials import stage_tasks
 
     stages = collect(trials, archs)
     if not stages or (stage is not None and stage not in stages):

@@ -29,6 +29,7 @@ import json
 from typing import Any
 
 from opsearch.errors import UserError
+from opsearch.hints import closest_hint
 
 NONE = "none"
 SURROUNDS = {
@@ -42,7 +43,6 @@ def check(name: Any) -> str:
     if name is None:
         return NONE
     if not isinstance(name, str) or name not in SURROUNDS:
-        from opsearch.registry import closest_hint
         raise UserError(f"unknown surround {name!r}{closest_hint(name, list(SURROUNDS))}; "
                         f"known: {', '.join(SURROUNDS)}")
     return name
@@ -79,30 +79,22 @@ class {class_name}(torch.nn.Module):
 # Where a run's surround comes from and where it is kept
 
 
-def of_space(space: str) -> str:
-    """The surround a registered search space declares (``none`` when it declares none)."""
-    from opsearch import registry
-    return check(getattr(registry.search_spaces.get(space), "surround", NONE))
-
-
 def of_config(config: Any) -> str:
     """The candidates' surround a search config sets (``evaluator.layer_options.surround``)."""
     options = (config.evaluator or {}).get("layer_options") or {}
     return check(options.get("surround", NONE)) if isinstance(options, dict) else NONE
 
 
-def configured(config: Any) -> Any:
-    """`config` with its space's surround written into ``evaluator.layer_options`` (unless the
-    user set one there), where the evaluator plugin takes layer options; that config is what the
-    run stores, so a re-ranking or a resumed run builds candidates the same way."""
-    from opsearch import registry
-
+def configured(config: Any, declared: str, takes_layer_options: bool) -> Any:
+    """`config` with its space's surround (``declared``, `registry.space_surround`) written into
+    ``evaluator.layer_options`` (unless the user set one there), when the evaluator plugin takes
+    layer options; that config is what the run stores, so a re-ranking or a resumed run builds
+    candidates the same way."""
     options = (config.evaluator or {}).get("layer_options")
     if isinstance(options, dict) and "surround" in options:
         check(options["surround"])
         return config
-    declared = of_space(config.space)
-    if declared == NONE or "layer_options" not in registry.evaluators.options(config.evaluator_plugin):
+    if check(declared) == NONE or not takes_layer_options:
         return config
     evaluator = copy.deepcopy(config.evaluator or {})
     evaluator["layer_options"] = {**(evaluator.get("layer_options") or {}), "surround": declared}

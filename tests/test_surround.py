@@ -53,7 +53,7 @@ def _perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
 def test_the_activation_space_declares_batchnorm_and_the_evonorm_space_none():
     assert registry.search_spaces.get("activation").surround == "batchnorm"
     assert registry.search_spaces.get("evonorm").surround == "none"
-    assert surround.of_space("activation") == "batchnorm"
+    assert registry.space_surround("activation") == "batchnorm"
 
 
 def test_an_unknown_surround_is_a_user_error():
@@ -68,7 +68,7 @@ def test_a_plugin_space_can_declare_a_surround():
     def space():
         return graph.LayerGraph.from_tuple(RELU)
 
-    assert surround.of_space("test_surround_plugin_space") == "batchnorm"
+    assert registry.space_surround("test_surround_plugin_space") == "batchnorm"
 
 
 # -- the compiled layer ------------------------------------------------------------------------

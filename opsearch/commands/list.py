@@ -31,7 +31,7 @@ def describe(kind: str, name: str) -> dict[str, Any]:
     else:
         doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
         info = {"doc": doc[0] if doc else "", "options": reg.options(name)}
-        around = surround.of_space(name) if reg is registry.search_spaces else surround.NONE
+        around = registry.space_surround(name) if reg is registry.search_spaces else surround.NONE
     if around != surround.NONE:  # what the compiled layer puts around the graph
         info["surround"] = around
     return info
