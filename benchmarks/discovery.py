@@ -1,4 +1,4 @@
-"""Discovery from scratch: search algorithms compared fairly, with real training (issue 17, DESIGN 11).
+"""Discovery from scratch: search algorithms compared fairly, with real training (issue 17; README "Searching from scratch").
 
 One run = (arm, seed). An arm is an algorithm with its options under a label. Every run searches
 the `evonorm` space with the default filters, evaluator and proxy (`SearchConfig` defaults), ONE

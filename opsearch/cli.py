@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"opsearch.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"opsearch.commands.{name}":
-                raise
-            continue  # a command not built yet
-        module.add_parser(subparsers)
+        importlib.import_module(f"opsearch.commands.{name}").add_parser(subparsers)
     return parser
 
 

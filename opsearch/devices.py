@@ -119,11 +119,6 @@ def worker_environment(device: int | None, environ: Mapping[str, str] | None = N
     return env
 
 
-def pinned_devices_value(device: int | None, devices: Any) -> Any:
-    """The `devices` a pinned worker passes to Lightning: it sees exactly one GPU, index 0."""
-    return devices if device is None else [0]
-
-
 def describe(device: int | None, environ: Mapping[str, str] | None = None) -> str:
     """What a worker trains on, as `opsearch status` shows it."""
     if device is None:

@@ -171,18 +171,13 @@ def _folded(plain: PlainGraph) -> tuple[PlainGraph, int]:
     return nodes, out
 
 
-def value_facts(g: GraphLike) -> tuple[list[bool], list[bool]]:
+def _value_facts(plain: PlainGraph) -> tuple[list[bool], list[bool]]:
     """(is_zero, depends_on_x) per value index, folding the constant zero (`fold_zero`).
 
     mul(a, zero) and div(zero, b) are zero whatever a and b are (the guarded denominator is never
     0), so a value reached only through them does not depend on x.  The compiler folds the same
     identities, so "depends on x" here is what the compiled layer computes.
     """
-    plain = _plain_checked(g)
-    return _value_facts(plain)
-
-
-def _value_facts(plain: PlainGraph) -> tuple[list[bool], list[bool]]:
     rep = _fold_zero(plain)
     zero = [j == ZERO for j in rep]
     dep = [True, False, False, False]

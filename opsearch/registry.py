@@ -73,6 +73,12 @@ class Registry:
             obj.name = name  # the decorator's name is the plugin's name
         self._entries[name] = obj
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a plugin registered by a test or a notebook cell); unknown: UserError."""
+        if name not in self._entries:
+            raise UserError(self.unknown_message(name))
+        del self._entries[name]
+
     def get(self, name: str) -> Any:
         """The plugin called `name`; an unknown name raises UserError listing the known ones."""
         self.load_builtins()

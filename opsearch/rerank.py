@@ -1,5 +1,5 @@
 """The re-ranking stage: the search's best candidates and the baselines, trained again with
-several seeds on a held-out task (DESIGN section 9; the paper's held-out step).
+several seeds on a held-out task (README "Re-ranking"; the paper's held-out step).
 
 A proxy score from one seed on a small task is noisy, so after the budget the top K candidates
 by the search's own selection rule (best mean accuracy over the architectures among evaluated

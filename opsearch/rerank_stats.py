@@ -53,7 +53,6 @@ from opsearch.config import CORRECTIONS
 ALPHA = 0.05
 CONFIDENCE = 0.95
 KIND = "rerank"
-WORDS = ("better", "worse", "not distinguishable")
 UNIT = "seed"
 TEST = ("paired t-test over per-seed means across architectures (scipy.stats.ttest_rel over "
         "seeds, df = seeds - 1; architectures are a blocking factor)")

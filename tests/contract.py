@@ -1,4 +1,4 @@
-"""The check every test of a search runs on its study: the stored contract (DESIGN section 6)
+"""The check every test of a search runs on its study: the stored contract (README "Stored results")
 and the outcome that matters, candidates that were really trained.
 
 A search whose training, filters, recording or recovery is broken must fail this check, not

@@ -101,3 +101,15 @@ def test_a_lookup_imports_the_modules_of_its_registry_and_the_unnamed_ones(plugi
     assert "t12_layers" not in sys.modules
     registry.Registry("layer", "layers").names()
     assert "t12_layers" in sys.modules
+
+
+def test_unregister_removes_a_plugin_and_names_an_unknown_one():
+    @registry.register_algorithm("_t_unregister_me")
+    class _Mine(registry.algorithms.get("random")):
+        pass
+
+    assert "_t_unregister_me" in registry.algorithms.names()
+    registry.algorithms.unregister("_t_unregister_me")
+    assert "_t_unregister_me" not in registry.algorithms.names()
+    with pytest.raises(UserError, match="unknown algorithm '_t_unregister_me'"):
+        registry.algorithms.unregister("_t_unregister_me")

@@ -132,7 +132,7 @@ def registered():
 
     yield add
     for name in names:
-        registry.search_spaces._entries.pop(name, None)
+        registry.search_spaces.unregister(name)
 
 
 def test_from_name_builds_registered_spaces(registered):

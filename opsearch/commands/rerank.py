@@ -1,4 +1,4 @@
-"""`opsearch rerank RUN`: the re-ranking stage on an existing study (DESIGN section 9).
+"""`opsearch rerank RUN`: the re-ranking stage on an existing study (README "Re-ranking").
 
 Trains the top K candidates of the run (by the search's own rule) and its baselines again with
 S seeds on a held-out task, as trials of the same study (seeds disjoint from the search's; the
