@@ -71,6 +71,9 @@ class SearchConfig:
     timeout_s: float = 900.0  # per candidate; past it the candidate is failed:timeout
     heartbeat_s: float = 10.0
     grace_s: float = 120.0  # a remote worker silent this long is taken for dead
+    # how long a storage call waits out an outage (a database restart) before the command
+    # stops with exit status 3; None: $OPSEARCH_STORAGE_GRACE_S, else 300 s
+    storage_grace_s: float | None = None
     plots: bool = True
     # The re-ranking stage after the budget (opsearch/rerank.py): enabled, top_k, seeds,
     # baselines, dataset, data_dir, stage, plus any [evaluator] key for the held-out task.
@@ -133,6 +136,10 @@ class SearchConfig:
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
                  f"{key} must be a positive number, got {value!r}")
         need(self.grace_s > 2 * self.heartbeat_s, "grace_s must exceed twice heartbeat_s")
+        need(self.storage_grace_s is None or (isinstance(self.storage_grace_s, (int, float))
+                                              and not isinstance(self.storage_grace_s, bool)
+                                              and self.storage_grace_s >= 0),
+             f"storage_grace_s must be a number of seconds >= 0, got {self.storage_grace_s!r}")
         need(isinstance(self.plugins, list) and all(isinstance(p, str) for p in self.plugins),
              "plugins must be a list of file paths")
         need(isinstance(self.devices, (str, int, list)), "devices must be a string, int or list")

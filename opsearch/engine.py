@@ -29,7 +29,8 @@ from opsearch.config import SearchConfig
 from opsearch.evaluation import make_eval_config
 from opsearch.errors import EnvironmentFault, InvalidCandidate
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
-                            disk_full_error, resolve)
+                            disk_full_error, no_retry, resolve, set_storage_grace,
+                            share_outage_notice)
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
@@ -82,6 +83,7 @@ class Setup:
     @classmethod
     def from_config(cls, config: SearchConfig) -> "Setup":
         """Resolve and check every part before anything is written: bad input loses nothing."""
+        set_storage_grace(config.storage_grace_s)  # every storage call of this process
         for path in config.plugins:
             registry.load_plugin_file(path)
         from opsearch import surround
@@ -340,7 +342,8 @@ class Worker:
 
     def _release(self, record: TrialRecord, error: BaseException) -> None:
         try:
-            self.run.release(record, f"its worker was stopped ({type(error).__name__})")
+            with no_retry():  # being stopped: no time to wait out an outage
+                self.run.release(record, f"its worker was stopped ({type(error).__name__})")
         except Exception:  # the storage is unreachable: the reapers will find it by heartbeat
             pass
 
@@ -676,11 +679,12 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
 
 
 def _worker_process(config_dict: dict, index: int, lock, device_index, ready, expected: int,
-                    faults=None) -> None:
+                    faults=None, outage_notice=None) -> None:
     """Entry point of a local worker process (its environment pins its device and threads).
     A fault of the environment (EnvironmentFault: the storage unreachable, a full disk) goes to
     the parent through `faults`, which says it once, and sets the exit status; no traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    share_outage_notice(outage_notice)
     try:
         config = SearchConfig.from_dict(config_dict)
         setup = Setup.from_config(config)
@@ -757,13 +761,15 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
     workers = resolved_workers(config)
     ready = ctx.Value("i", 0)
     faults = ctx.SimpleQueue()  # (class name, message) of a child's EnvironmentFault
+    outage_notice = ctx.Value("d", 0.0)  # a storage outage is said once, by one worker
+    share_outage_notice(outage_notice)
     procs = []
     for i in range(1, workers):
         device = _device_for(config, i)
         child = pinned_config(config, device)
         p = ctx.Process(target=_worker_process, name=f"opsearch-worker-{i}",
                         args=(child.to_dict(), i, lock, None if device is None else 0, ready, workers,
-                              faults))
+                              faults, outage_notice))
         with devices.environment(devices.worker_environment(device)):
             p.start()
         procs.append(p)
@@ -791,6 +797,7 @@ def _run_local_workers(setup: Setup, run: Run, progress) -> None:
     finally:
         for p in procs:
             p.join(timeout=30)
+        share_outage_notice(None)
     failed = [p for p in procs if p.exitcode not in (0, None)]
     run.sync()
     if failed and (run.candidates_counted() < config.budget or run.unfinished()):

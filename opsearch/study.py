@@ -42,7 +42,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from opsearch.errors import DiskFull, EnvironmentFault, UserError
+from opsearch.errors import DiskFull, EnvironmentFault, StorageUnavailable, UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -96,7 +96,10 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         from optuna.storages.journal import JournalStorage
         try:
             with creation_lock(path):
-                return JournalStorage(_journal_backend(path))
+                storage = StorageGuard(url).call(lambda: JournalStorage(_journal_backend(path)))
+            return guard_storage(storage, url)
+        except EnvironmentFault:
+            raise
         except Exception as e:
             if disk_full(e) is not None:
                 raise disk_full_error(e, path) from None
@@ -117,7 +120,9 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        storage = _create_rdb_storage(url, engine_kwargs)
+        storage = StorageGuard(url).call(_create_rdb_storage, url, engine_kwargs)
+    except EnvironmentFault:
+        raise
     except ImportError as e:
         raise UserError(f"cannot open storage {_redact(url)}: a database driver is missing "
                         f"({_one_line(e.__cause__ or e)}); for PostgreSQL: pip install "
@@ -128,7 +133,7 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         raise UserError(f"cannot open storage {_redact(url)}: {_one_line(e)}") from e
     if url.startswith("sqlite:"):
         _tune_sqlite(storage)
-    return storage
+    return guard_storage(storage, url)
 
 
 def storage_path(url: str) -> str | None:
@@ -223,22 +228,180 @@ def disk_full_error(e: BaseException, path: str | None = None) -> DiskFull:
                     "written half: free space and run the same command again")
 
 
-_guarding = threading.local()
+# --------------------------------------------------------------------------------------------
+# Faults of the storage: an outage (a database restart, a fail-over, a shared filesystem away)
+
+STORAGE_GRACE_ENV = "OPSEARCH_STORAGE_GRACE_S"
+DEFAULT_STORAGE_GRACE_S = 300.0
+_grace_setting: list[float | None] = [None]  # the search's storage_grace_s, once it is known
+_DROPPED_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN,
+                             errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+                             errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+# Errors a database gives when it is there but says no: retrying does not help
+_REFUSALS = ("password authentication failed", "authentication failed", "no pg_hba.conf entry",
+             "could not translate host name", "name or service not known", "does not exist",
+             "permission denied", "access denied", "unknown database", "invalid dsn",
+             "readonly database", "read-only database", "no such table", "not a database")
+
+
+def set_storage_grace(seconds: float | None) -> None:
+    """The grace period of this process's storage calls (a search's `storage_grace_s`); None:
+    $OPSEARCH_STORAGE_GRACE_S, else DEFAULT_STORAGE_GRACE_S."""
+    _grace_setting[0] = seconds
+
+
+def storage_grace_s() -> float:
+    if _grace_setting[0] is not None:
+        return float(_grace_setting[0])
+    text = os.environ.get(STORAGE_GRACE_ENV, "").strip()
+    if not text:
+        return DEFAULT_STORAGE_GRACE_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{STORAGE_GRACE_ENV} must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise UserError(f"{STORAGE_GRACE_ENV} must be >= 0, got {text!r}")
+    return value
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether e says the storage could not be reached (a connection refused, dropped or timed
+    out; a server shutting down or starting up; a shared filesystem gone), as opposed to a
+    storage that answered (a constraint, a finished trial, a wrong password or database name)."""
+    import sqlalchemy.exc
+
+    if isinstance(e, (optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.DuplicatedStudyError,
+                      KeyError, EnvironmentFault, UserError)) or disk_full(e) is not None:
+        return False
+    for err in _chain(e):
+        text = str(err).lower()
+        if any(r in text for r in _REFUSALS):
+            return False
+        if isinstance(err, sqlalchemy.exc.DBAPIError) and getattr(err, "connection_invalidated", False):
+            return True
+        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                            sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return True
+        if isinstance(err, OSError) and err.errno in _DROPPED_ERRNOS:
+            return True
+    return False
+
+
+class _Outage:
+    """What this process says about an outage: one line when it starts, one when it ends; and
+    when the last one ended (reapers give every worker a full grace period after it)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.since: float | None = None  # time.time() of the first failed call
+        self.ended = 0.0  # time.time() when the storage answered again
+        self.said = False
+        # shared by the local workers of one search (a multiprocessing Value: when the outage
+        # was said, 0 if not), so that one of them says it, not each
+        self.shared: Any = None
+
+    def failed(self, url: str, grace: float, e: BaseException) -> None:
+        with self.lock:
+            if self.since is not None:
+                return
+            self.since = time.time()
+            self.said = self._claim()
+        if self.said:
+            _say(f"storage unreachable, retrying for up to {grace:g} s ({_redact(url)}: "
+                 f"{_one_line(_root(e))})")
+
+    def answered(self) -> None:
+        with self.lock:
+            if self.since is None:
+                return
+            took, self.since, self.ended = time.time() - self.since, None, time.time()
+            said, self.said = self.said, False
+        if said:
+            if self.shared is not None:
+                with self.shared.get_lock():
+                    self.shared.value = 0.0
+            _say(f"storage reachable again after {took:.0f} s; going on")
+
+    def _claim(self) -> bool:
+        if self.shared is None:
+            return True
+        with self.shared.get_lock():
+            if self.shared.value and time.time() - self.shared.value < 3600:
+                return False  # another local worker said it
+            self.shared.value = time.time()
+            return True
+
+
+_outage = _Outage()
+_retry_state = threading.local()
+
+
+def share_outage_notice(value: Any) -> None:
+    """Local workers of one search share `value` (multiprocessing.Value("d")), so that an outage
+    they all meet is said once."""
+    _outage.shared = value
+
+
+def last_outage_end() -> float:
+    """time.time() when this process's storage last came back after an outage (0: never)."""
+    return _outage.ended
+
+
+@contextlib.contextmanager
+def no_retry():
+    """Storage calls in this block fail at once instead of waiting out an outage (a heartbeat:
+    the next beat is as good as a retry)."""
+    previous = getattr(_retry_state, "off", False)
+    _retry_state.off = True
+    try:
+        yield
+    finally:
+        _retry_state.off = previous
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(f"opsearch: {message}", file=sys.stderr, flush=True)
+
+
+def _root(e: BaseException) -> BaseException:
+    """The driver's own error under SQLAlchemy's and Optuna's wrappers."""
+    deepest = e
+    for err in _chain(e):
+        if not isinstance(err, (optuna.exceptions.StorageInternalError,)):
+            deepest = getattr(err, "orig", None) or err
+            break
+    return deepest
 
 
 class StorageGuard:
-    """The one policy every storage call of a worker and of the commands goes through: a full
-    disk becomes DiskFull naming the storage's file (exit status 4).
+    """The one policy every storage call of a worker and of the commands goes through.
 
-    Guarded calls nest (a Run method calling another): only the outermost one acts."""
+    - The storage cannot be reached (`unreachable`): the call is tried again with exponential
+      backoff (0.5 s doubling to 10 s, with jitter) for up to the storage grace period
+      (`storage_grace_s`: a search's --storage-grace, else $OPSEARCH_STORAGE_GRACE_S, else
+      300 s); stderr says so once, and again when the storage is back. Past it: StorageUnavailable
+      (exit status 3), the study as the last successful write left it.
+    - A full disk: DiskFull naming the storage's file (exit status 4).
+    Each guarded call is one Optuna storage call or one of our own one-transaction writes, so a
+    retried call repeats one transaction. Calls nest (a Run method, then the storage methods it
+    calls): only the outermost retries, the inner ones pass their errors up."""
 
     def __init__(self, url: str):
         self.url = url
 
     def call(self, fn, *args, **kwargs):
-        if getattr(_guarding, "active", False):
-            return fn(*args, **kwargs)
-        _guarding.active = True
+        if getattr(_retry_state, "active", False) or getattr(_retry_state, "off", False):
+            return self._named(fn, *args, **kwargs)
+        _retry_state.active = True
+        try:
+            return self._retrying(fn, *args, **kwargs)
+        finally:
+            _retry_state.active = False
+
+    def _named(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EnvironmentFault:
@@ -248,15 +411,77 @@ class StorageGuard:
             if disk_full(e) is not None or _full_here(e, path):
                 raise disk_full_error(e, path or _redact(self.url)) from None
             raise
-        finally:
-            _guarding.active = False
+
+    def _retrying(self, fn, *args, **kwargs):
+        deadline, delay = None, 0.5
+        while True:
+            try:
+                result = self._named(fn, *args, **kwargs)
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                grace = storage_grace_s()
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + grace
+                    _outage.failed(self.url, grace, e)
+                if now >= deadline:
+                    raise StorageUnavailable(
+                        f"storage unreachable for {grace:g} s ({_redact(self.url)}: "
+                        f"{_one_line(_root(e))}); the study is as its last write left it: run "
+                        "the same command again once the storage answers") from None
+                time.sleep(min(delay * (0.75 + 0.5 * random.random()), max(0.0, deadline - now)))
+                delay = min(delay * 2, 10.0)
+                continue
+            _outage.answered()
+            return result
+
+    def wrap(self, method):
+        @functools.wraps(method)
+        def guarded(*args, **kwargs):
+            return self.call(method, *args, **kwargs)
+        return guarded
+
+
+# The storage API that Optuna's Study and our Run call: each goes through the storage's guard.
+_STORAGE_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+    "set_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
+    "get_n_trials", "get_best_trial", "get_trial_params", "get_trial_user_attrs",
+    "get_trial_system_attrs", "record_heartbeat", "fail_stale_trials", "check_trial_is_updatable")
+
+
+def guard_storage(storage: BaseStorage, url: str) -> BaseStorage:
+    """Route the storage's API through a StorageGuard for `url` (on the instance: it stays an
+    RDBStorage or JournalStorage for whoever checks)."""
+    if getattr(storage, "_opsearch_guard", None) is not None:
+        return storage
+    guard = StorageGuard(url)
+    for name in _STORAGE_METHODS:
+        method = getattr(storage, name, None)
+        if callable(method):
+            setattr(storage, name, guard.wrap(method))
+    storage._opsearch_guard = guard
+    return storage
+
+
+def guarded_call(storage: BaseStorage, fn, *args, **kwargs):
+    """fn(storage, ...) (one of our own transactions) through the storage's guard, if any."""
+    guard = getattr(storage, "_opsearch_guard", None)
+    if guard is None:
+        return fn(storage, *args, **kwargs)
+    return guard.call(fn, storage, *args, **kwargs)
 
 
 def _guarded(method):
-    """A Run method whose storage calls go through the run's StorageGuard."""
+    """A Run method: its storage calls go through the run's guard (a full disk named)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        return self.guard.call(method, self, *args, **kwargs)
+        return self.guard._named(method, self, *args, **kwargs)
     return wrapper
 
 
@@ -454,6 +679,8 @@ def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:
     storage = open_storage(url, create=False)
     try:
         summaries = storage.get_all_studies()
+    except EnvironmentFault:
+        raise
     except Exception as e:
         if disk_full(e) is not None or _full_here(e, storage_path(url)):
             raise disk_full_error(e, storage_path(url) or _redact(url)) from None
@@ -580,11 +807,12 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             if self.hang_after is not None and time.monotonic() - self._started > self.hang_after:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception), no_retry():
                     self.storage.set_trial_system_attr(self.trial_id, HUNG_KEY, time.time())
                 return
             try:
-                self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_KEY, time.time())
+                with no_retry():  # an outage: the next beat is the retry
+                    self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_KEY, time.time())
             except Exception:  # finished meanwhile, or the database hiccuped: try next beat
                 pass
 
@@ -636,7 +864,7 @@ class Run:
         self.url = url
         self.study_name = study_name
         self.guard = StorageGuard(url)
-        self.guard.call(self._load)
+        self.guard._named(self._load)
 
     def _load(self) -> None:
         storage, study_name, url = self.storage, self.study_name, self.url
@@ -659,7 +887,7 @@ class Run:
     def create_or_open(cls, url: str, study_name: str, attrs: dict[str, Any],
                        compatible_keys: Sequence[str]) -> "Run":
         """Open the run, creating it if needed; refuse to mix incompatible searches in one study."""
-        return StorageGuard(url).call(cls._create_or_open, url, study_name, attrs, compatible_keys)
+        return StorageGuard(url)._named(cls._create_or_open, url, study_name, attrs, compatible_keys)
 
     @classmethod
     def _create_or_open(cls, url: str, study_name: str, attrs: dict[str, Any],
@@ -668,6 +896,8 @@ class Run:
         directions = [optuna.study.StudyDirection.MAXIMIZE] * len(attrs["archs"])
         try:
             existing = {s.study_name for s in storage.get_all_studies()}
+        except EnvironmentFault:
+            raise
         except Exception as e:
             raise UserError(f"cannot read study storage {_redact(url)}: {_one_line(e)}") from e
         if study_name not in existing:
@@ -720,7 +950,7 @@ class Run:
             number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
             datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
             system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
-        trial_id, number = _create_running(self.storage, self.study_id, template)
+        trial_id, number = guarded_call(self.storage, _create_running, self.study_id, template)
         record = TrialRecord(number, trial_id, TrialState.RUNNING, None, dict(user_attrs),
                              system_attrs, template.datetime_start)
         self._remember(record)
@@ -750,6 +980,8 @@ class Run:
                 owned = self.storage.set_trial_state_values(record.trial_id, TrialState.RUNNING)
             except optuna.exceptions.UpdateFinishedTrialError:
                 owned = False
+            except EnvironmentFault:  # the storage stayed away past its grace period, a full disk
+                raise
             except Exception:
                 owned = False  # lost a race on the database lock: another worker has it
             if not owned:
@@ -775,7 +1007,7 @@ class Run:
         if state == TrialState.COMPLETE and (values is None or any(math.isnan(v) for v in values)):
             raise ValueError("a COMPLETE trial needs one finite value per architecture")
         try:
-            _finish(self.storage, record.trial_id, state, values, user_attrs)
+            guarded_call(self.storage, _finish, record.trial_id, state, values, user_attrs)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         record.state = state
@@ -867,7 +1099,8 @@ class Run:
             beat = fresh.system_attrs.get(HEARTBEAT_KEY)
             dead = worker is not None and worker.is_dead_here()
             superseded = worker is not None and me is not None and me.supersedes(worker)
-            silent = isinstance(beat, (int, float)) and now - beat > grace_s
+            # a worker cannot beat while the storage is away: silence counts from its return
+            silent = isinstance(beat, (int, float)) and now - max(beat, last_outage_end()) > grace_s
             if not (dead or superseded or silent):
                 continue
             reason = ("its worker process is gone" if dead else
@@ -908,12 +1141,13 @@ class Run:
                      "reason": f"lost its worker {losses} times, not handed out again "
                                f"({'; '.join(reasons)})"}
             try:
-                _finish(self.storage, trial_id, TrialState.FAIL, None, attrs)
+                guarded_call(self.storage, _finish, trial_id, TrialState.FAIL, None, attrs)
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False
             return True
         try:
-            _finish(self.storage, trial_id, TrialState.FAIL, None, {"verdict": LOST, "reason": reason})
+            guarded_call(self.storage, _finish, trial_id, TrialState.FAIL, None,
+                         {"verdict": LOST, "reason": reason})
         except optuna.exceptions.UpdateFinishedTrialError:
             return False  # finished meanwhile (by its worker or another reaper)
         attrs = {k: v for k, v in user_attrs.items()

@@ -162,7 +162,7 @@ def test_a_journal_append_cut_short_by_a_full_disk_leaves_no_half_line(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", half_then_full)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match=f"cannot write {path} "):
         storage.create_new_study([], "two")
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     assert path.read_bytes() == whole  # the half line was cut off again

@@ -53,6 +53,9 @@ def add_search_arguments(p, workers_help: str = "local worker processes (default
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--timeout", dest="timeout_s", type=float,
                    help="per-candidate time limit in seconds (default 900)")
+    p.add_argument("--storage-grace", dest="storage_grace_s", type=float, metavar="SECONDS",
+                   help="how long to wait out a storage outage (a database restart) before "
+                        "stopping with exit status 3 (default $OPSEARCH_STORAGE_GRACE_S or 300)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not write PNG plots at the end")
     p.add_argument("--no-rerank", dest="rerank", action="store_false", default=None,
@@ -99,6 +102,7 @@ def config_from_args(args):
         "accelerator": args.accelerator, "devices": args.devices,
         "strategy": args.strategy, "precision": args.precision, "storage": args.storage,
         "name": args.name, "seed": args.seed, "timeout_s": args.timeout_s, "plots": args.plots,
+        "storage_grace_s": args.storage_grace_s,
         "plugins": (args.plugin or None),
     }
     options = list(args.option)
