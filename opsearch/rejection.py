@@ -44,7 +44,14 @@ from opsearch import registry
 from opsearch.config import DEFAULT_EVALUATOR, SearchConfig
 from opsearch.errors import InvalidCandidate, UserError
 
-DEFAULT_FILTERS = ("validity", "numerics", "equivalence", "stability", "quality")
+
+
+def default_filters() -> list[str]:
+    """The pipeline when a config names no filters: every registered filter that declares itself
+    ``default`` (the built-ins: validity, numerics, equivalence, stability, quality), cheapest
+    first, so a plugin can join the default pipeline without the core knowing its name."""
+    return [name for _, name in sorted((cls.cost, name) for name, cls in registry.rejection_filters.items()
+                                       if getattr(cls, "default", False))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +265,10 @@ class Filter:
 
     name: str = "filter"
     cost: float = 1.0
+    default: bool = False  # in the pipeline when a config names no filters (`default_filters`)
+    # a rejection that follows from the graph alone (and so is re-derived cheaply) is never kept
+    # in the equivalence cache: caching it would only grow the cache
+    from_graph_alone: bool = False
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         raise NotImplementedError
@@ -282,7 +293,7 @@ class Filter:
 def parse_filter_list(spec: str | Iterable[str] | None) -> list[str]:
     """``"validity,numerics"`` -> names; None -> the default list; ``""``/``"none"`` -> no filter."""
     if spec is None:
-        return list(DEFAULT_FILTERS)
+        return default_filters()
     if isinstance(spec, str):
         if spec.strip().lower() in ("", "none"):
             return []
@@ -455,7 +466,7 @@ class EquivalenceCache:
         """Remember a finished candidate (call after its trial got its final verdict)."""
         if verdict == "evaluated" and objectives is not None:
             entry = CacheEntry(trial, verdict, tuple(float(o) for o in objectives))
-        elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
+        elif verdict.startswith("rejected:") and not _from_graph_alone(verdict):
             entry = CacheEntry(trial, verdict)
         else:
             return
@@ -499,7 +510,7 @@ class EquivalenceCache:
         values = trial.values
         if verdict == "evaluated" and values:
             entry = CacheEntry(trial.number, verdict, tuple(float(v) for v in values))
-        elif verdict.startswith("rejected:") and verdict not in _REJECTIONS_NOT_CACHED:
+        elif verdict.startswith("rejected:") and not _from_graph_alone(verdict):
             entry = CacheEntry(trial.number, verdict)
         else:
             return False
@@ -529,6 +540,8 @@ def _stored_fingerprint(attrs: Mapping[str, Any], key: str) -> np.ndarray | None
     return fingerprint_from_json(attrs[key]) if isinstance(attrs.get(key), str) else None
 
 
-# Rejections decided before (or by) equivalence come from the graph alone and are re-derived
-# cheaply; caching them would only grow the cache.
-_REJECTIONS_NOT_CACHED = frozenset({"rejected:validity", "rejected:numerics", "rejected:equivalence"})
+def _from_graph_alone(verdict: str) -> bool:
+    """Whether ``rejected:<filter>`` came from a filter whose rejections follow from the graph
+    alone (`Filter.from_graph_alone`); a filter not registered here is cached (conservative)."""
+    name = verdict.split(":", 1)[1]
+    return name in registry.rejection_filters and bool(getattr(registry.rejection_filters.get(name), "from_graph_alone", False))

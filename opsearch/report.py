@@ -131,10 +131,11 @@ def filter_stats(trials: Sequence[Any]) -> list[FilterStats]:
         if v.startswith("rejected:"):
             name = v.split(":", 1)[1]
             stats.setdefault(name, FilterStats(name)).rejected += 1
-    dup_filter = "equivalence"
-    duplicates = sum(1 for t in trials if kind(t) != "baseline" and category(t) == "duplicate")
-    if duplicates:
-        stats.setdefault(dup_filter, FilterStats(dup_filter)).duplicates = duplicates
+    for t in trials:  # a duplicate counts for the filter that found it (its metric/<f>/same_as)
+        if kind(t) != "baseline" and category(t) == "duplicate":
+            name = next((key.split("/")[1] for key in t.user_attrs
+                         if key.startswith("metric/") and key.endswith("/same_as")), "duplicate")
+            stats.setdefault(name, FilterStats(name)).duplicates += 1
     for s in stats.values():
         s.mean_s = s.total_s / s.ran if s.ran else 0.0
     # pipeline order: most candidates seen first

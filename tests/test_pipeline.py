@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from opsearch import cli
-from opsearch.rejection import DEFAULT_FILTERS
+from opsearch.rejection import default_filters
 from opsearch.study import open_run
 
 import contract
@@ -66,10 +66,10 @@ def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
 
     # the study: every filter of the default pipeline ran, candidates trained, baselines learned
     trials = open_run(url, "pipe").get_trials()
-    counts = contract.check_contract(trials, ARCHS, DEFAULT_FILTERS)
+    counts = contract.check_contract(trials, ARCHS, default_filters())
     assert counts["baseline:evaluated"] == 2
     ran = {k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("filter_s/")}
-    assert ran == set(DEFAULT_FILTERS), ran
+    assert ran == set(default_filters()), ran
     bn, relu = (next(t for t in trials if t.user_attrs.get("layer") == name) for name in ("bn_relu", "relu_only"))
     # 10 classes: BN-ReLU learns digits in 30 steps, an unnormalised network does not
     assert min(bn.values) > 0.3 and sum(bn.values) > sum(relu.values) + 0.4, (bn.values, relu.values)

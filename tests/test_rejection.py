@@ -333,3 +333,40 @@ def test_a_rejection_is_graded_by_how_far_it_got():
     stability = registry.rejection_filters.create("stability")
     assert stability.closeness(Verdict(False, "stability", metrics={"grad_norm": 1e9})) == pytest.approx(0.5)
     assert stability.closeness(Verdict(False, "stability", metrics={"grad_norm": "inf"})) == 0.0
+
+
+def test_a_plugin_filter_can_join_the_default_pipeline_by_its_cost():
+    from opsearch import registry
+    from opsearch.rejection import Filter, default_filters, parse_filter_list
+
+    assert default_filters() == ["validity", "numerics", "equivalence", "stability", "quality"]
+
+    @registry.register_filter("_t_default_joiner")
+    class Joiner(Filter):
+        cost = 0.05
+        default = True
+
+        def check(self, candidate, context):
+            return self.accept()
+
+    try:
+        assert parse_filter_list(None) == ["validity", "numerics", "equivalence", "_t_default_joiner",
+                                           "stability", "quality"]
+    finally:
+        registry.rejection_filters.unregister("_t_default_joiner")
+    assert "_t_default_joiner" not in default_filters()
+
+
+def test_rejections_from_the_graph_alone_are_not_cached():
+    from opsearch.rejection import Candidate, EquivalenceCache
+
+    cache = EquivalenceCache()
+    graphs = [(("add", (0, 0)),), (("mul", (0, 0)),), (("max", (0, 0)),), (("div", (0, 0)),)]
+    verdicts = ["rejected:validity", "rejected:numerics", "rejected:stability", "rejected:no_such_filter"]
+    candidates = [Candidate(g) for g in graphs]
+    for number, (candidate, verdict) in enumerate(zip(candidates, verdicts)):
+        candidate.canonical_hash  # computed, as the equivalence filter would
+        cache.record(candidate, number, verdict)
+    found = [cache.lookup_hash(c.canonical_hash) for c in candidates]
+    assert [f.verdict if f else None for f in found] == [None, None, "rejected:stability",
+                                                          "rejected:no_such_filter"]

@@ -58,6 +58,8 @@ class EquivalenceFilter(Filter):
     """Duplicates of earlier trials reuse their objectives instead of training."""
 
     cost = 0.02
+    default = True
+    from_graph_alone = True
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True,
                  limit_eps: float | None = LIMIT_EPS, limit_atol: float = LIMIT_ATOL,

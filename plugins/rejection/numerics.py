@@ -33,6 +33,8 @@ class NumericsFilter(Filter):
     """Reject NaN/Inf outputs or gradients, zero input gradients, outputs that ignore the input."""
 
     cost = 0.01
+    default = True
+    from_graph_alone = True
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, train_passes: int = 2,
                  constant_rtol: float = 1e-6, reject_statistics: bool = True):

@@ -70,6 +70,7 @@ class QualityFilter(Filter):
     """Reject when any architecture is below min_accuracy after a short training."""
 
     cost = 3.0
+    default = True
 
     def __init__(self, steps: int = 100, min_accuracy: float = 0.2, early_exit: bool = True):
         super().__init__()

@@ -40,6 +40,7 @@ class StabilityFilter(Filter):
     """Reject when adversarial weight perturbations push the gradient norm above a threshold."""
 
     cost = 0.3
+    default = True
 
     def __init__(self, threshold: float = 1e8, steps: int = 5, step_size: float = 0.2,
                  arch: str = "resnet", arch_options: dict | None = None, batch_size: int = 16,

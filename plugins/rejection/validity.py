@@ -10,6 +10,8 @@ class ValidityFilter(Filter):
     """Reject graphs that cannot be a layer (unknown op, bad index, output ignores x, ...)."""
 
     cost = 0.0001
+    default = True
+    from_graph_alone = True
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         from opsearch import graph
