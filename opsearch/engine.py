@@ -707,6 +707,7 @@ def run_search(config: SearchConfig, progress=None, worker_index: int = 0,
     run = setup.open_run()
     run.sync()
     run.reap_lost(config.grace_s, me=WorkerId.current())
+    run.requeue_orphans()  # a reaper stopped between failing a trial and enqueueing its copy
     if enqueue_missing_baselines:
         enqueue_baselines(run, setup)
     if progress is not None:

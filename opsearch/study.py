@@ -1145,18 +1145,41 @@ class Run:
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False
             return True
+        lost = {"verdict": LOST, "reason": reason}
+        if losses:  # on the lost trial too: what a repair (requeue_orphans) hands on
+            lost.update({LOSSES_KEY: losses, LOST_REASONS_KEY: reasons})
         try:
-            guarded_call(self.storage, _finish, trial_id, TrialState.FAIL, None,
-                         {"verdict": LOST, "reason": reason})
+            guarded_call(self.storage, _finish, trial_id, TrialState.FAIL, None, lost)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False  # finished meanwhile (by its worker or another reaper)
-        attrs = {k: v for k, v in user_attrs.items()
-                 if k in REQUEUED_KEYS}
-        attrs["retry_of"] = number
-        if losses:
-            attrs[LOSSES_KEY], attrs[LOST_REASONS_KEY] = losses, reasons
-        self.enqueue(attrs)
+        self.enqueue(_copy_attrs(number, {**user_attrs, **lost}))
         return True
+
+    @_guarded
+    def requeue_orphans(self) -> list[int]:
+        """Enqueue the candidates of lost trials that have no copy: their reaper stopped between
+        failing the trial and enqueueing its copy (killed, or the storage went away for longer
+        than its grace period), which would have left the candidate out of the search. Returns
+        the numbers of the lost trials repaired. (Baselines, rerank items and promotions are
+        enqueued again by their own stages when missing.)"""
+        copies = {r.user_attrs.get("retry_of") for r in self._trials.values()}
+        orphans = [r for r in self.trials() if r.verdict == LOST and r.kind == "candidate"
+                   and r.number not in copies]
+        for record in orphans:
+            self.enqueue(_copy_attrs(record.number, record.user_attrs))
+        if orphans:
+            self.sync()
+        return [r.number for r in orphans]
+
+
+def _copy_attrs(number: int, user_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of the requeued copy of lost trial `number`."""
+    attrs = {k: v for k, v in user_attrs.items() if k in REQUEUED_KEYS}
+    attrs["retry_of"] = number
+    if _int(user_attrs.get(LOSSES_KEY)):
+        attrs[LOSSES_KEY] = user_attrs[LOSSES_KEY]
+        attrs[LOST_REASONS_KEY] = user_attrs.get(LOST_REASONS_KEY) or []
+    return attrs
 
 
 def _int(value: Any) -> int:

@@ -136,6 +136,22 @@ def test_a_candidate_that_loses_its_worker_twice_is_failed_not_handed_out_again(
     assert run.poisonous() == {"h31"}  # and is not proposed again
 
 
+def test_a_lost_candidate_whose_copy_was_never_enqueued_is_enqueued_at_the_next_start(run):
+    from opsearch.study import _finish, guarded_call
+
+    record = run.start_trial({"kind": "candidate", "genome": "[7]", "hash": "h7"}, _dead_worker())
+    # its reaper failed it, then stopped (killed, the storage away) before enqueueing the copy
+    guarded_call(run.storage, _finish, record.trial_id, TrialState.FAIL, None,
+                 {"verdict": LOST, "reason": "its worker process is gone", "worker_losses": 1,
+                  "worker_lost_reasons": ["trial 0: its worker process is gone"]})
+    run.sync()
+    assert run.requeue_orphans() == [record.number]
+    copy = run.pop_waiting(WorkerId.current())
+    assert copy.user_attrs["retry_of"] == record.number and copy.user_attrs["genome"] == "[7]"
+    assert copy.user_attrs["worker_losses"] == 1  # the loss still counts
+    assert run.requeue_orphans() == []  # once
+
+
 def test_a_worker_stopped_on_purpose_is_no_fault_of_its_candidate(run):
     me = WorkerId.current()
     record = run.start_trial({"kind": "candidate", "genome": "[4]"}, _dead_worker())
