@@ -29,8 +29,8 @@ from opsearch.config import SearchConfig
 from opsearch.evaluation import make_eval_config
 from opsearch.errors import EnvironmentFault, InvalidCandidate
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
-                            disk_full_error, no_retry, resolve, set_storage_grace,
-                            share_outage_notice)
+                            disk_full_error, mark_stopped, no_retry, resolve,
+                            set_storage_grace, share_outage_notice)
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
@@ -269,6 +269,13 @@ class Worker:
         if self.start_line is not None:
             self.start_line.wait()
         self._enqueue_promotions()  # a resumed search: what the rungs call for now
+        try:
+            return self._loop(max_candidates)
+        except EnvironmentFault as e:  # the storage away, a full disk: stopping on purpose
+            mark_stopped(self.identity, str(e))
+            raise
+
+    def _loop(self, max_candidates: int | None) -> int:
         done = 0
         while max_candidates is None or done < max_candidates:
             self._maybe_reap()

@@ -119,6 +119,10 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        # psycopg logs a warning of its own for a connection lost in a database restart; the
+        # guard says what matters in one line (StorageGuard)
+        import logging
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
     try:
         storage = StorageGuard(url).call(_create_rdb_storage, url, engine_kwargs)
     except EnvironmentFault:
@@ -775,6 +779,39 @@ def _process_start(pid: int) -> str | None:
 
 
 HUNG_KEY = "opsearch:hung"
+HANDED_BACK_KEY = "opsearch:handed_back"  # why a RUNNING trial went back to WAITING
+
+
+def _stopped_path(worker: WorkerId) -> str:
+    import tempfile
+
+    name = f"{worker.host}_{worker.pid}_{worker.started}".replace(os.sep, "_")
+    return os.path.join(tempfile.gettempdir(), f"opsearch-stopped-{os.getuid()}", name)
+
+
+def mark_stopped(worker: WorkerId, reason: str) -> None:
+    """Note on this host that `worker` stopped on purpose (its storage unreachable past the
+    grace period, a full disk), which it cannot write into the storage: a reaper here then hands
+    its candidate back as it was (WAITING again), instead of failing it as lost by a crash and
+    counting that against the candidate."""
+    path = _stopped_path(worker)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(" ".join(reason.split())[:500])
+    except OSError:  # no room here either: the candidate is then taken for lost, as before
+        pass
+
+
+def stopped_reason(worker: WorkerId | None) -> str | None:
+    """Why a gone worker of this host stopped on purpose (mark_stopped), or None."""
+    if worker is None or worker.host != socket.gethostname():
+        return None
+    try:
+        with open(_stopped_path(worker)) as f:
+            return f.read() or "stopped"
+    except OSError:
+        return None
 HANG_MARGIN_S = 60.0  # past the time limit by this much, a candidate that is still running hangs
 
 
@@ -1103,6 +1140,11 @@ class Run:
             silent = isinstance(beat, (int, float)) and now - max(beat, last_outage_end()) > grace_s
             if not (dead or superseded or silent):
                 continue
+            stopped = stopped_reason(worker) if dead else None
+            if stopped is not None:  # it stopped on purpose: its candidate back, as it was
+                if self._hand_back(record.trial_id, f"its worker stopped: {stopped}"):
+                    reaped.append(record.number)
+                continue
             reason = ("its worker process is gone" if dead else
                       f"its job {worker.job} was requeued" if superseded else
                       f"no heartbeat for {now - beat:.0f} s")
@@ -1116,6 +1158,14 @@ class Run:
         if reaped:
             self.sync()
         return reaped
+
+    def _hand_back(self, trial_id: int, reason: str) -> bool:
+        """A RUNNING trial back to WAITING, the same trial (no failed:* verdict, no copy)."""
+        try:
+            self.storage.set_trial_system_attr(trial_id, HANDED_BACK_KEY, reason)
+            return bool(self.storage.set_trial_state_values(trial_id, TrialState.WAITING))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
 
     @_guarded
     def release(self, record: TrialRecord, reason: str) -> bool:

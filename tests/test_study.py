@@ -152,6 +152,21 @@ def test_a_lost_candidate_whose_copy_was_never_enqueued_is_enqueued_at_the_next_
     assert run.requeue_orphans() == []  # once
 
 
+def test_a_worker_that_stopped_on_a_fault_of_the_storage_gets_its_candidate_handed_back(run):
+    from opsearch.study import mark_stopped
+
+    gone = _dead_worker()
+    record = run.start_trial({"kind": "candidate", "genome": "[8]"}, gone)
+    mark_stopped(gone, "storage unreachable for 300 s (postgresql://***@db/x: ...)")
+    assert run.reap_lost(grace_s=3600) == [record.number]
+    trial = _trials(run)[record.number]
+    assert trial.state == TrialState.WAITING and "verdict" not in trial.user_attrs  # no failed:*
+    assert trial.system_attrs["opsearch:handed_back"].startswith("its worker stopped: storage")
+    again = run.pop_waiting(WorkerId.current())
+    assert again.number == record.number and "worker_losses" not in again.user_attrs
+    assert len(_trials(run)) == 1
+
+
 def test_a_worker_stopped_on_purpose_is_no_fault_of_its_candidate(run):
     me = WorkerId.current()
     record = run.start_trial({"kind": "candidate", "genome": "[4]"}, _dead_worker())
