@@ -187,9 +187,10 @@ class Worker:
         if worker_index == 0 and self._others_running():
             seed += hash((self.identity.host, self.identity.pid)) % 1_000_003
         self.algorithm = setup.new_algorithm(seed)
-        if getattr(self.eval_config, "threads", None):
+        threads = registry.evaluators.get(self.config.evaluator_plugin).threads(self.eval_config)
+        if threads:
             import torch
-            torch.set_num_threads(self.eval_config.threads)  # the filters train too
+            torch.set_num_threads(threads)  # the filters train too
         funnel = setup.funnel  # candidates train to rung 1; the quality filter's session too
         self.context = FilterContext(eval_config=(self.eval_config if funnel is None else funnel.eval_config(
                                          self.eval_config, 1, self.config.evaluator_plugin)),

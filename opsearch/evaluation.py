@@ -86,6 +86,10 @@ class Evaluator:
     name: ClassVar[str] = "evaluator"
     #: option name -> default, the keys the ``[evaluator]`` table may hold (shown by `opsearch list`)
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: config keys that describe the machine a worker runs on, not the task it scores: a
+    #: re-ranking stage stores its task without them and each worker adds its own (``seed`` is
+    #: set per item by the stage); keys named here cannot be set in the ``[rerank]`` table
+    MACHINE_KEYS: ClassVar[tuple[str, ...]] = ("seed",)
 
     def __init__(self, config: Any):
         self.config = config
@@ -115,12 +119,28 @@ class Evaluator:
         """The inverse of `config_to_dict`; bad values are a UserError."""
         return dict(values)
 
+    # -- what the engine and the filters read from a config (all of it: nothing else) --------
+
+    @classmethod
+    def threads(cls, config: Any) -> int | None:
+        """Torch threads per worker process (the filters train too); None: torch's default.
+        Default: the config's ``threads``."""
+        value = _read(config, "threads")
+        return int(value) if value else None
+
+    @classmethod
+    def layer_options(cls, config: Any) -> dict[str, Any]:
+        """The options candidate layers are built with (`opsearch.layers.OPTIONS`: eps, groups,
+        momentum, no_act, surround), so that the filters probe the layer that is scored.
+        Default: the config's ``layer_options``."""
+        value = _read(config, "layer_options")
+        return dict(value) if isinstance(value, dict) else {}
+
     # -- scoring ----------------------------------------------------------------------------
 
     @property
     def archs(self) -> tuple[str, ...]:
-        archs = self.config.get("archs") if isinstance(self.config, dict) else getattr(self.config, "archs")
-        return tuple(archs)
+        return tuple(_read(self.config, "archs"))
 
     def evaluate(self, layer: Any) -> Result:
         """Score `layer` (a plain graph tuple or a known layer's name) on every architecture."""
@@ -139,6 +159,11 @@ class Evaluator:
         stop at the first architecture below its bar), or None when that saves nothing."""
         return None
 
+
+
+def _read(config: Any, key: str) -> Any:
+    """``key`` of a config that is a dict (the default) or an object with attributes."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 def make_eval_config(config: Any, device_index: int | None = None) -> Any:
     """The evaluator plugin's config for a search config (its `[evaluator]` table plus the

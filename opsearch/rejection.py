@@ -237,8 +237,9 @@ class FilterContext:
 
     def layer_options(self) -> dict[str, Any]:
         """The run's layer options (eps, groups, momentum, no_act) from the eval config."""
-        options = getattr(self.eval_config, "layer_options", None)
-        return dict(options) if isinstance(options, dict) else {}
+        if self.eval_config is None:
+            return {}
+        return registry.evaluators.get(self.evaluator_plugin).layer_options(self.eval_config)
 
     def get_evaluator(self):
         """The evaluator plugin built from ``eval_config`` (its default config when None)."""

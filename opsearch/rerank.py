@@ -55,8 +55,6 @@ KIND = "rerank"
 # a candidate's lucky initialisation at the search does not carry over into its held-out score.
 SEED_BASE = 1_000_000
 SEEDS_KEY = "rerank_seeds"  # the stage task's seed rule (not an evaluator key)
-# Settings of the machine a worker runs on, not of the task: each worker uses its own.
-MACHINE_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "threads", "seed")
 # Item attributes a reaped (lost) item keeps when it is enqueued again.
 ITEM_KEYS = ("kind", "stage", "seed", "of_trial", "layer", "graph", "formula", "hash")
 
@@ -98,7 +96,7 @@ class RerankTask:
         if unknown:
             raise UserError(f"unknown rerank option {unknown[0]!r}; known: "
                             f"{', '.join(sorted(set(DEFAULTS) | fields - {'archs'}))}")
-        bad = sorted(set(options) & set(MACHINE_KEYS))
+        bad = sorted(set(options) & set(plugin.MACHINE_KEYS))
         if bad:
             raise UserError(f"rerank.{bad[0]} is a setting of the workers, not of the held-out "
                             "task: set it for the whole run")
@@ -110,7 +108,7 @@ class RerankTask:
             task["data_dir"] = own["data_dir"]
         task.update(options)
         task["dataset_options"] = {"split": "heldout", **dict(task.get("dataset_options") or {})}
-        task = {k: v for k, v in task.items() if k not in MACHINE_KEYS}
+        task = {k: v for k, v in task.items() if k not in plugin.MACHINE_KEYS}
         task["archs"] = list(config.archs)
         task[SEEDS_KEY] = {"first": SEED_BASE, "skip": [int(config.seed)]}
         registry.datasets.get(task["dataset"])  # an unknown dataset: one line, the known ones
@@ -150,10 +148,10 @@ def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin:
     from opsearch import registry
 
     plugin = registry.evaluators.get(evaluator_plugin)
-    values = {k: v for k, v in task.items() if k not in MACHINE_KEYS and k != SEEDS_KEY}
+    values = {k: v for k, v in task.items() if k not in plugin.MACHINE_KEYS and k != SEEDS_KEY}
     if machine is not None:
         own = machine if isinstance(machine, dict) else plugin.config_to_dict(machine)
-        values.update({k: own[k] for k in MACHINE_KEYS if k != "seed" and k in own})
+        values.update({k: own[k] for k in plugin.MACHINE_KEYS if k != "seed" and k in own})
     values["seed"] = int(seed)
     try:
         return plugin.config_from_dict(values)

@@ -90,3 +90,48 @@ def test_the_registry_names_the_plugin_class():
     assert registry.evaluators.get("surrogate") is module.SurrogateEvaluator
     assert module.SurrogateEvaluator.name == "surrogate"
     assert importlib.import_module("opsearch.trainers.plugin").LightningEvaluator.name == "lightning"
+
+
+def test_a_re_ranking_scores_with_the_named_evaluator(tmp_path, capsys):
+    """The stage trains (here: scores) the best candidates and the baselines again with seeds
+    disjoint from the search's, through the same plugin: the surrogate's score at each seed."""
+    import json
+
+    from opsearch import cli
+
+    module = surrogate_module()
+    cfg = config(tmp_path, rerank={"top_k": 2, "seeds": 2, "max_seeds": 2, "dataset": "synthetic"})
+    run_search(cfg)
+    capsys.readouterr()
+    assert cli.main(["show", cfg.name, "--storage", cfg.storage, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    stage = shown["rerank"]
+    assert stage["seeds_disjoint"] and stage["unit"] == "seed"
+    rows = {r["name"]: r for r in stage["layers"]}
+    assert {"bn_relu", "evonorm_s0"} <= set(rows)
+    for name in ("bn_relu", "evonorm_s0"):
+        seeds = rows[name]["seeds"]
+        assert len(seeds) == 2 and cfg.seed not in seeds
+        expected = [sum(module.SurrogateEvaluator({**module.SurrogateEvaluator.configure(cfg), "seed": s})
+                        .evaluate(name).accuracies[a] for a in cfg.archs) / len(cfg.archs) for s in seeds]
+        assert rows[name]["overall"]["mean"] == pytest.approx(sum(expected) / len(expected))
+
+
+def test_opsearch_evaluate_goes_through_the_evaluator_registry(capsys):
+    import json
+
+    from opsearch import cli
+
+    module = surrogate_module()
+    argv = ["evaluate", "--plugin", SURROGATE, "--evaluator", "surrogate", "evonorm_b0",
+            "--archs", "resnet,mobilenetv2", "--dataset", "synthetic", "--seed", "3", "-O", "channels=6",
+            "--json", "--quiet"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    config = {"archs": ("resnet", "mobilenetv2"), "dataset": "synthetic", "seed": 3, "channels": 6}
+    expected = module.SurrogateEvaluator(config).evaluate("evonorm_b0").accuracies
+    assert out["evaluator"] == "surrogate"
+    assert out["accuracies"] == pytest.approx(dict(expected))
+    assert cli.main(["evaluate", "--plugin", SURROGATE, "--evaluator", "surrogate", "bn_relu",
+                     "--steps", "5"]) == 2
+    assert "--steps is an option of the lightning evaluator" in capsys.readouterr().err

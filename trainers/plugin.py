@@ -25,6 +25,7 @@ class LightningEvaluator(Evaluator, EvaluatorPlugin):
     """Trains the layer inside each proxy architecture with Lightning; K validation accuracies."""
 
     OPTIONS = _defaults()
+    MACHINE_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "threads", "seed")
 
     @classmethod
     def configure(cls, search: Any, device_index: int | None = None) -> EvalConfig:

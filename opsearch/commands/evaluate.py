@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from opsearch.commands.common import load_plugins, plugin_parent
@@ -20,6 +21,9 @@ def add_parser(subparsers) -> None:
         description="Train LAYER (a known layer's name, see `opsearch list`, or a graph JSON file) "
                     "inside each proxy architecture and report the validation accuracies.")
     p.add_argument("layer", metavar="LAYER", help="known layer name or graph JSON file")
+    p.add_argument("--evaluator", default="lightning", metavar="NAME",
+                   help="the evaluator plugin that scores the layer (registry `evaluators`, as a "
+                        "search's evaluator_plugin; default lightning; --plugin FILE adds yours)")
     p.add_argument("--archs", help=f"comma-separated architectures (default {','.join(DEFAULT_ARCHS)})")
     p.add_argument("--dataset", help="proxy dataset (default digits)")
     p.add_argument("--data-dir", dest="data_dir", help="directory holding the dataset's files")
@@ -85,10 +89,16 @@ def build_eval_config(args):
         raise UserError(f"evaluation options: {e}") from None
 
 
+# flags that only the Lightning evaluator's config has
+LIGHTNING_FLAGS = ("data_dir", "download", "steps", "batch_size", "lr", "accelerator", "devices",
+                   "strategy", "precision", "logger", "log_dir")
+
+
 def run(args) -> int:
     from opsearch import registry
 
     load_plugins(args)
+    plugin = registry.evaluators.get(args.evaluator)  # unknown: one line with the known ones
     layer = args.layer
     if not os.path.exists(layer) and layer not in registry.layers:
         registry.layers.get(layer)  # unknown name: UserError listing the known layers
@@ -96,6 +106,8 @@ def run(args) -> int:
         from opsearch import layers
 
         layers.load(layer)  # a malformed graph file: one line now, before any output
+    if args.evaluator != "lightning":
+        return run_plugin(args, plugin)
     config = build_eval_config(args)
 
     from rich.console import Console
@@ -126,4 +138,40 @@ def run(args) -> int:
         out["layer"] = layer
         out["config"] = config.to_dict()
         print(json.dumps(out))
+    return 0
+
+
+def run_plugin(args, plugin) -> int:
+    """Score the layer with an evaluator plugin through the interface alone (opsearch/evaluation.py):
+    the search's path (configure, check, evaluate) with a config built from the flags."""
+    from opsearch import graph, layers
+    from opsearch.config import DEFAULT_ARCHS, SearchConfig, parse_assignment, set_option
+    from opsearch.evaluation import make_eval_config
+
+    given = [f"--{name.replace('_', '-')}" for name in LIGHTNING_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f"{given[0]} is an option of the lightning evaluator, not of {args.evaluator!r}; "
+                        f"set its options with -O KEY=VALUE")
+    table: dict[str, Any] = {}
+    for item in args.option:
+        path, value = parse_assignment(item)
+        set_option(table, path, value, f"-O {item}")
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else list(DEFAULT_ARCHS)
+    search = SearchConfig(archs=archs, dataset=args.dataset or SearchConfig().dataset,
+                          seed=args.seed if args.seed is not None else 0,
+                          evaluator_plugin=args.evaluator, evaluator=table)
+    config = make_eval_config(search)  # unknown or bad options: one line
+    plugin.check(config)
+    layer = graph.as_plain(layers.load(args.layer)) if os.path.exists(args.layer) else args.layer
+    result = plugin(config).evaluate(layer)
+    accuracies = {arch: float(result.accuracies[arch]) for arch in archs}
+    mean = sum(accuracies.values()) / len(accuracies)
+    if not args.quiet:
+        for arch, accuracy in accuracies.items():
+            print(f"  {arch:<14} accuracy {accuracy:.4f}", file=sys.stderr)
+        print(f"  {'mean':<14} accuracy {mean:.4f}  ({args.evaluator})", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"layer": args.layer, "evaluator": args.evaluator, "accuracies": accuracies,
+                          "mean_accuracy": mean, "attrs": result.trial_attrs(),
+                          "config": plugin.config_to_dict(config)}, default=str))
     return 0
