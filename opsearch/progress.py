@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from opsearch.config import SearchConfig
+from opsearch.errors import UserError
 from opsearch.study import Run, TrialRecord
 
 
@@ -141,6 +142,78 @@ class SearchProgress:
             commands.append(f"opsearch export {target} -o layer.py")  # only what can work
         commands.append(f"opsearch plot {target}")
         self.console.print("next: " + "   |   ".join(commands), soft_wrap=True)
+
+
+
+class BarProgress(SearchProgress):
+    """A progress bar (tqdm.auto: a widget in Jupyter, text elsewhere) instead of one line per
+    trial, for notebooks, where hundreds of lines bury the cell's result. The end writes the
+    plots like the lines do and prints nothing: the notebook shows the run's tables itself."""
+
+    def __init__(self, config: SearchConfig, console: Console | None = None, command: str = "search"):
+        super().__init__(config, quiet=True, console=console, command=command)
+        self.bar = None
+        self.best_mean: float | None = None
+
+    def start(self, run: Run) -> None:
+        import warnings
+
+        super().start(run)
+        with warnings.catch_warnings():  # no ipywidgets: tqdm.auto warns, then draws text
+            warnings.simplefilter("ignore")
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.config.budget, initial=min(self._done(), self.config.budget),
+                            desc=f"opsearch {self.config.name}", unit="candidate")
+
+    def _done(self) -> int:
+        return sum(v for k, v in self.counts.items() if k != "failed:worker_lost")
+
+    def _count(self, record: TrialRecord) -> None:
+        super()._count(record)
+        accs = [record.user_attrs.get(f"acc/{a}") for a in self.config.archs]
+        if record.kind == "candidate" and all(isinstance(a, (int, float)) for a in accs):
+            mean = sum(accs) / len(accs)
+            self.best_mean = mean if self.best_mean is None else max(self.best_mean, mean)
+
+    def on_record(self, record: TrialRecord) -> None:
+        super().on_record(record)
+        if self.bar is None:
+            return
+        if record.kind == "candidate":
+            self.bar.n = min(self._done(), self.config.budget)
+        postfix = {}
+        if self.best_mean is not None:  # the best candidate's mean accuracy over the archs
+            postfix["best"] = f"{self.best_mean:.3f}"
+        if self.rerank_seconds:
+            postfix["rerank"] = len(self.rerank_seconds)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def summary(self, run: Run, seconds: float, **draw) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        super().summary(run, seconds, **draw)
+
+
+PROGRESS_MODES = ("auto", "lines", "bar", "none")
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (IPython's shell talks to a notebook)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def make_progress(config: SearchConfig, mode: str = "auto", command: str = "search") -> SearchProgress:
+    """The progress of a search or stage run from Python: `mode` auto (a bar in a notebook,
+    lines elsewhere), lines (what the command prints), bar, or none."""
+    if mode not in PROGRESS_MODES:
+        raise UserError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "bar" if in_notebook() else "lines"
+    if mode == "bar":
+        return BarProgress(config, command=command)
+    return SearchProgress(config, quiet=(mode == "none"), command=command)
 
 
 def _hint(config: SearchConfig, run: Run) -> str:

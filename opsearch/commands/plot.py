@@ -50,8 +50,24 @@ def default_dir(run_or_url: str, study_name: str) -> str:
     return os.path.join(run_dir(url, study_name), "plots")
 
 
+def figures(trials: Sequence[Any], study_attrs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, matplotlib Figure) of each plot, drawn with pyplot's current backend (inline in a
+    notebook); what `write_plots` saves and `SearchRun.plot` returns. The caller closes them."""
+    import matplotlib.pyplot as plt
+
+    from opsearch import rerank_stats
+
+    archs = report.archs_of(trials, study_attrs)
+    reranked = rerank_stats.summarize(trials, archs, study_attrs)
+    search = report.search_trials(trials)  # the search's plots never see re-ranking items
+    drawings = [("best_so_far", _best_so_far), ("pareto", _pareto), ("rejections", _rejections)]
+    if reranked:  # one more plot once the run has a re-ranking stage
+        drawings.append(("rerank", lambda plt, trials, archs: _rerank(plt, reranked)))
+    return [(name, draw(plt, search, archs)) for name, draw in drawings]
+
+
 def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str) -> list[str]:
-    """Write the three PNGs; returns their paths."""
+    """Write the PNGs (Agg: no window opens); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -66,18 +82,9 @@ def write_plots(trials: Sequence[Any], study_attrs: dict[str, Any], out_dir: str
         if e.errno in DISK_FULL_ERRNOS:
             raise disk_full_error(OSError(e.errno, e.strerror, out_dir)) from None
         raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
-    archs = report.archs_of(trials, study_attrs)
-    from opsearch import rerank_stats
-
-    reranked = rerank_stats.summarize(trials, archs, study_attrs)
-    search = report.search_trials(trials)  # the search's plots never see re-ranking items
     paths = []
-    drawings = [("best_so_far.png", _best_so_far), ("pareto.png", _pareto), ("rejections.png", _rejections)]
-    if reranked:  # one more plot once the run has a re-ranking stage
-        drawings.append(("rerank.png", lambda plt, trials, archs: _rerank(plt, reranked)))
-    for name, draw in drawings:
-        fig = draw(plt, search, archs)
-        path = os.path.join(out_dir, name)
+    for name, fig in figures(trials, study_attrs):
+        path = os.path.join(out_dir, name + ".png")
         try:  # whole or not at all; a full disk: DiskFull, exit 4
             write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110,
                                                          bbox_inches="tight"), mode="wb")

@@ -48,14 +48,12 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def rerank_config(stored: dict[str, Any], args, url: str, study_name: str, counted: int):
-    """The run's stored SearchConfig with the stage switched on, the flags applied, the budget
-    held at what the study has (so no new candidate is proposed) and the storage pinned."""
-    from opsearch.config import SearchConfig, parse_option
+def table_options(texts: list[str]) -> dict[str, Any]:
+    """``-O rerank.KEY=VALUE`` options as a (nested) table of the stage's settings."""
+    from opsearch.config import parse_option
 
-    data = dict(stored)
-    table = dict(data.get("rerank") or {})
-    for text in args.option:
+    table: dict[str, Any] = {}
+    for text in texts:
         path, value = parse_option(text)
         if path[0] != "rerank":
             raise UserError(f"option {text!r}: opsearch rerank takes rerank.KEY=VALUE options")
@@ -65,33 +63,54 @@ def rerank_config(stored: dict[str, Any], args, url: str, study_name: str, count
             if not isinstance(node, dict):
                 raise UserError(f"option {text!r}: rerank.{part} is not a table")
         node[path[-1]] = value
-    for key in ("top_k", "seeds", "max_seeds"):
-        value = getattr(args, key, None)
+    return table
+
+
+def _merge(table: dict[str, Any], options: dict[str, Any]) -> None:
+    for key, value in options.items():
+        if isinstance(value, dict) and isinstance(table.get(key), dict):
+            table[key] = dict(table[key])
+            _merge(table[key], value)
+        else:
+            table[key] = value
+
+
+def rerank_config(stored: dict[str, Any], url: str, study_name: str, counted: int,
+                  options: dict[str, Any] | None = None, *, top_k: int | None = None,
+                  seeds: int | None = None, max_seeds: int | None = None, dataset: str | None = None,
+                  data_dir: str | None = None, workers: int | None = None):
+    """The run's stored SearchConfig with the stage switched on, the [rerank] `options` and the
+    flags applied, the budget held at what the study has (so no new candidate is proposed) and
+    the storage pinned."""
+    from opsearch.config import SearchConfig
+
+    data = dict(stored)
+    table = dict(data.get("rerank") or {})
+    _merge(table, options or {})
+    for key, value in (("top_k", top_k), ("seeds", seeds), ("max_seeds", max_seeds)):
         if value is not None:
             if value <= 0:
                 flag = {"top_k": "top", "max_seeds": "max-seeds"}.get(key, key)
                 raise UserError(f"--{flag} must be positive, got {value}")
             table[key] = value
-    if args.dataset is not None:
-        table["dataset"] = args.dataset
-    if args.data_dir is not None:
-        table["data_dir"] = args.data_dir
+    if dataset is not None:
+        table["dataset"] = dataset
+    if data_dir is not None:
+        table["data_dir"] = data_dir
     table["enabled"] = True
     data.update(rerank=table, storage=url, name=study_name, budget=max(1, counted), plots=False)
-    if args.workers is not None:
-        data["workers"] = args.workers
+    if workers is not None:
+        data["workers"] = workers
     return SearchConfig.from_dict(data, source="rerank")
 
 
-def run(args) -> int:
+def prepare_stage(study, url: str, options: dict[str, Any] | None = None, **flags):
+    """(config, task) of a re-ranking stage on an existing run: every name, option and the
+    held-out data checked before anything is written (UserError otherwise). `flags`: the
+    keywords of `rerank_config`. Shared by `opsearch rerank` and `SearchRun.rerank`."""
     from opsearch import report
-    from opsearch.commands.common import open_study, run_hint, run_target
-    from opsearch.engine import run_search
     from opsearch.rerank import RerankTask
-    from opsearch.study import resolve, run_url
 
-    study = open_study(args)
-    url = resolve(*run_target(args))[0]
     attrs = dict(study.user_attrs)
     try:
         stored = json.loads(attrs.get("config") or "{}")
@@ -103,25 +122,42 @@ def run(args) -> int:
     archs = report.archs_of(trials, attrs)
     counted = sum(1 for t in trials if report.kind(t) == "candidate"
                   and t.user_attrs.get("verdict") != "failed:worker_lost")
-    config = rerank_config(stored, args, url, study.study_name, counted)
+    config = rerank_config(stored, url, study.study_name, counted, options, **flags)
     task = RerankTask.from_config(config)
     if report.best_trial(trials, archs) is None:
         raise UserError(f"run {study.study_name!r} has no evaluated candidate to re-rank yet")
+    return config, task
 
+
+def run_stage(config, task, progress=None) -> dict[str, Any]:
+    """Train the stage's missing items (resuming it), then its statistics
+    (`rerank_stats.summarize`)."""
+    from opsearch import rerank_stats, report
+    from opsearch.engine import run_search
+
+    done = run_search(config, progress=progress, enqueue_missing_baselines=False)
+    trials = done.storage.get_all_trials(done.study_id, deepcopy=False)
+    attrs = done.storage.get_study_user_attrs(done.study_id)
+    return rerank_stats.summarize(trials, report.archs_of(trials, attrs), attrs, stage=task.stage,
+                                  correction=task.correction, max_seeds=max(task.max_seeds, task.seeds))
+
+
+def run(args) -> int:
+    from opsearch.commands.common import open_study, run_hint, run_target
+    from opsearch.study import resolve, run_url
+
+    study = open_study(args)
+    url = resolve(*run_target(args))[0]
+    config, task = prepare_stage(study, url, table_options(args.option), top_k=args.top_k,
+                                 seeds=args.seeds, max_seeds=args.max_seeds, dataset=args.dataset,
+                                 data_dir=args.data_dir, workers=args.workers)
     progress = None
     if not args.quiet:
         from opsearch.progress import SearchProgress
         progress = SearchProgress(config, command="rerank")
         progress.console.print(f"[bold]opsearch rerank[/] stage {task.stage}: {task.describe()}")
     start = time.time()
-    # checks every name, the data and the devices before anything is written
-    done = run_search(config, progress=progress, enqueue_missing_baselines=False)
-    trials = done.storage.get_all_trials(done.study_id, deepcopy=False)
-    from opsearch import rerank_stats
-
-    result = rerank_stats.summarize(trials, archs, done.storage.get_study_user_attrs(done.study_id),
-                                    stage=task.stage, correction=task.correction,
-                                    max_seeds=max(task.max_seeds, task.seeds))
+    result = run_stage(config, task, progress)
     if args.json:
         json.dump({"run": args.run, "study": study.study_name, "rerank": result}, sys.stdout,
                   allow_nan=False, default=str)

@@ -115,15 +115,21 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    config = config_from_args(args)
+    from opsearch.progress import SearchProgress
 
+    config = config_from_args(args)
+    search_and_report(config, SearchProgress(config, quiet=args.quiet))
+    return 0
+
+
+def search_and_report(config, progress):
+    """Run (or resume) the search, then the summary: leaderboard, counts, PNG plots, hints.
+    The one path of `opsearch search` and `opsearch.search` (opsearch/api.py); returns the run."""
     from opsearch.commands.plot import write_plots
     from opsearch.commands.show import print_summary
     from opsearch.engine import run_search
-    from opsearch.progress import SearchProgress
 
-    progress = SearchProgress(config, quiet=args.quiet)
     start = time.time()
     run_ = run_search(config, progress=progress)
     progress.summary(run_, time.time() - start, print_summary=print_summary, write_plots=write_plots)
-    return 0
+    return run_
