@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opsearch.config import CORRECTIONS
+from opsearch.trials import LOST
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
@@ -296,7 +297,7 @@ def collect(trials: Sequence[Any], archs: Sequence[str]) -> dict[str, StageItems
             s.pending += 1
         elif state == "COMPLETE":
             finished.setdefault((stage, of_trial, seed), []).append(t)
-        elif a.get("verdict") != "failed:worker_lost":  # a lost item was enqueued again
+        elif a.get("verdict") != LOST:  # a lost item was enqueued again
             s.failed += 1
     for (stage, of_trial, seed), items in finished.items():
         items.sort(key=_finished_at)

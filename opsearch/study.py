@@ -43,13 +43,13 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from opsearch.errors import DiskFull, EnvironmentFault, StorageUnavailable, UserError
+from opsearch.trials import LOST
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 RUNS_DIR_ENV = "OPSEARCH_RUNS_DIR"
 WORKER_KEY = "opsearch:worker"
 HEARTBEAT_KEY = "opsearch:heartbeat"
-LOST = "failed:worker_lost"
 LOST_TWICE = "failed:worker_lost_twice"  # lost MAX_WORKER_LOSSES times: not handed out again
 MAX_WORKER_LOSSES = 2
 # Carried from a lost trial to its requeued copy: how often the candidate lost its worker by its
