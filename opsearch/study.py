@@ -390,8 +390,12 @@ class StorageGuard:
       (exit status 3), the study as the last successful write left it.
     - A full disk: DiskFull naming the storage's file (exit status 4).
     Each guarded call is one Optuna storage call or one of our own one-transaction writes, so a
-    retried call repeats one transaction. Calls nest (a Run method, then the storage methods it
-    calls): only the outermost retries, the inner ones pass their errors up."""
+    retried call repeats one transaction. Calls nest (one of our transactions, then the storage
+    methods it calls): only the outermost retries, the inner ones pass their errors up. Known
+    limits: a commit whose answer the outage swallowed is tried again (a result then found
+    already written is kept, its worker just does not count it; a new trial may be written
+    twice, the copy reaped later as lost); a lost trial and its requeued copy are two writes
+    (`Run.requeue_orphans` repairs a pair cut in two)."""
 
     def __init__(self, url: str):
         self.url = url
