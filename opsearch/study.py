@@ -610,12 +610,24 @@ def _tune_sqlite(storage: RDBStorage) -> None:
 
 
 def _looks_like_sqlite(path: str) -> bool:
+    """Asked through SQLite, never a plain open(): closing any descriptor of the file drops every
+    POSIX lock this process holds on it, those of its open storages too, and another process's
+    writes then read back as 'disk I/O error' or 'malformed' (sqlite.org/howtocorrupt.html 2.2)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied")
+    connection = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from e
-    return head == b"SQLite format 3\x00" or head == b""
+        connection.execute("PRAGMA schema_version")  # an empty file is an empty database
+        return True
+    except sqlite3.DatabaseError as e:  # "file is not a database"
+        if "not a database" in str(e):
+            return False
+        raise UserError(f"cannot read {path}: {e}") from e
+    finally:
+        connection.close()
 
 
 def _ensure_parent(path: str) -> None:
