@@ -135,3 +135,18 @@ def test_opsearch_evaluate_goes_through_the_evaluator_registry(capsys):
     assert cli.main(["evaluate", "--plugin", SURROGATE, "--evaluator", "surrogate", "bn_relu",
                      "--steps", "5"]) == 2
     assert "--steps is an option of the lightning evaluator" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_search_spends_its_budget_on_training(tmp_path):
+    """The quick start's shape (default algorithm, seeded with the known layers, a budget that
+    counts candidates): most of the budget goes to mutants that train, not to random graphs the
+    filters reject (immigrant streaks at 0.2 trained 4 of 40 here, against 19 without)."""
+    surrogate_module()
+    cfg = config(tmp_path, budget=40, space_options={}, filters=None, filter_options={},
+                 algorithm_options={}, baselines=SearchConfig().baselines, seed=0)
+    run_search(cfg)
+    trials = open_run(cfg.storage, cfg.name).get_trials()
+    evaluated = [t for t in trials if t.user_attrs.get("kind") == "candidate"
+                 and t.user_attrs.get("verdict") == "evaluated"]
+    assert len(evaluated) >= 10, [t.user_attrs.get("verdict") for t in trials]
