@@ -625,6 +625,8 @@ def _looks_like_sqlite(path: str) -> bool:
     except sqlite3.DatabaseError as e:  # "file is not a database"
         if "not a database" in str(e):
             return False
+        if disk_full(e) is not None or _full_here(e, path):  # a full disk: exit 4, not 2
+            raise disk_full_error(e, path) from None
         raise UserError(f"cannot read {path}: {e}") from e
     finally:
         connection.close()

@@ -115,8 +115,9 @@ def test_a_vector_with_zero_gradient_at_its_start_is_frozen():
     g(lambda b: b.neg(b.x)),                              # a negative scale
 ])
 def test_layers_that_training_separates_are_not_merged(second):
-    v = verdict(g(lambda b: b.add(b.x, b.zero)), second)
-    assert v.passed, v.reason
+    for absorb in (False, True):
+        v = verdict(g(lambda b: b.add(b.x, b.zero)), second, absorb_affine=absorb)
+        assert v.passed, v.reason
 
 
 NORMALIZED = g(lambda b: b.div(b.x, b.rms_i(b.x)))
@@ -130,10 +131,10 @@ NORMALIZED = g(lambda b: b.div(b.x, b.rms_i(b.x)))
 ])
 def test_constant_scales_and_shifts_vanish_into_the_final_affine(second):
     """g * c + d, with constants training cannot move, is g with another start of the final
-    per-channel affine: one layer by default, two with ``absorb_affine=False``."""
-    v = verdict(NORMALIZED, second)
+    per-channel affine: one layer with ``absorb_affine``, two by default."""
+    v = verdict(NORMALIZED, second, absorb_affine=True)
     assert v.duplicate_of == 0 and "final affine" in v.reason, v.reason
-    assert verdict(NORMALIZED, second, absorb_affine=False).passed
+    assert verdict(NORMALIZED, second).passed  # off by default
 
 
 def test_an_exact_copy_is_one_layer_either_way():
@@ -226,7 +227,7 @@ def random_pair(a: int, b: int, mutate: bool) -> tuple[tuple, tuple]:
 @SETTINGS
 @given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), mutate=st.booleans())
 def test_property_layers_that_differ_after_training_are_not_merged(a, b, mutate):
-    """With ``absorb_affine=False``: two graphs whose outputs differ by more than 5% of their
+    """The default: two graphs whose outputs differ by more than 5% of their
     scale after 5 SGD steps from the same start are never one layer."""
     first, second = random_pair(a, b, mutate)
     assume(finite_layer(first) and finite_layer(second))
@@ -234,33 +235,5 @@ def test_property_layers_that_differ_after_training_are_not_merged(a, b, mutate)
     assume(bool(torch.isfinite(ya).all() and torch.isfinite(yb).all()))
     scale = float(torch.sqrt((ya ** 2).mean() + (yb ** 2).mean())) + 1e-12
     assume(float((ya - yb).abs().max()) / scale > 0.05)
-    v = verdict(first, second, absorb_affine=False)
-    assert v.passed, (graph.formula(first), graph.formula(second), v.reason)
-
-
-def affine_residual(ya: torch.Tensor, yb: torch.Tensor) -> float:
-    """How far yb is from the best per-channel a * ya + b (share of yb's spread, worst channel)."""
-    worst = 0.0
-    floor = 1e-3 * float(yb.pow(2).mean().sqrt()) + 1e-12  # a channel constant in both fits exactly
-    for c in range(ya.shape[1]):
-        u, w = ya[:, c].reshape(-1), yb[:, c].reshape(-1)
-        design = torch.stack([u, torch.ones_like(u)], dim=1)
-        coef = torch.linalg.lstsq(design, w[:, None]).solution
-        residual = w - (design @ coef)[:, 0]
-        spread = float((w - w.mean()).norm()) + floor * w.numel() ** 0.5
-        worst = max(worst, float(residual.norm()) / spread)
-    return worst
-
-
-@SETTINGS
-@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), mutate=st.booleans())
-def test_property_layers_that_differ_beyond_an_affine_after_training_are_not_merged(a, b, mutate):
-    """The default: two graphs whose outputs after 5 SGD steps from the same start are not a
-    per-channel scale and shift of each other (5% of the spread left over) are never one layer."""
-    first, second = random_pair(a, b, mutate)
-    assume(finite_layer(first) and finite_layer(second))
-    ya, yb = trained_outputs(first), trained_outputs(second)
-    assume(bool(torch.isfinite(ya).all() and torch.isfinite(yb).all()))
-    assume(affine_residual(ya, yb) > 0.05)
     v = verdict(first, second)
     assert v.passed, (graph.formula(first), graph.formula(second), v.reason)
