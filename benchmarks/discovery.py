@@ -193,8 +193,10 @@ def make_arms(args) -> list[Arm]:
     return arms
 
 
-def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: bool) -> dict:
-    """The run's SearchConfig as a dict: defaults except what makes the comparison fair."""
+def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: bool,
+                  filter_options: dict | None = None) -> dict:
+    """The run's SearchConfig as a dict: defaults except what makes the comparison fair (and
+    `--filter-options`, the same for every arm)."""
     from opsearch.config import SearchConfig
 
     values: dict[str, Any] = dict(name=name, storage=url, space="evonorm", algorithm=arm.algorithm,
@@ -205,6 +207,8 @@ def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: 
         values["baselines"] = list(REFERENCES)
     if quick:
         values.update(json.loads(json.dumps(QUICK)))
+    for name_, opts in (filter_options or {}).items():
+        values.setdefault("filter_options", {}).setdefault(name_, {}).update(opts)
     # checks every name and option now; as JSON keeps it (a resumed run compares it)
     return json.loads(json.dumps(SearchConfig.from_dict(values).to_dict()))
 
@@ -404,7 +408,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
     base = os.path.join(os.path.abspath(args.workdir), name)
     url = f"sqlite:///{base}.db"
     log_path, done_path = base + ".jsonl", base + ".search.json"
-    config = search_config(arm, seed, url, name, args.budget, args.quick)
+    config = search_config(arm, seed, url, name, args.budget, args.quick, args.filter_opts)
     done = None
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -429,6 +433,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             rerank = rerank_run(url, name, args.rerank_seeds)
     return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
             "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
+            "filter_options": args.filter_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
             **metrics, "rerank": rerank,
@@ -437,7 +442,8 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
 
 
 def settings_of(r: dict) -> tuple:
-    return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"])
+    return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"],
+            json.dumps(r.get("filter_options") or {}, sort_keys=True))
 
 
 def bench_main(args, command: str) -> int:
@@ -449,7 +455,8 @@ def bench_main(args, command: str) -> int:
         for arm in arms:
             old = done.get((arm.label, seed))
             if old is not None:
-                mine = (arm.algorithm, json.dumps(arm.options, sort_keys=True), arm.known, args.cpu_cap, args.quick)
+                mine = (arm.algorithm, json.dumps(arm.options, sort_keys=True), arm.known, args.cpu_cap, args.quick,
+                        json.dumps(args.filter_opts or {}, sort_keys=True))
                 if settings_of(old) != mine:
                     raise SystemExit(f"{args.results} holds {run_key(arm.label, seed)} with other settings "
                                      f"{settings_of(old)}; give this arm another --label or another --results")
@@ -591,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithms", default=DEFAULT_ALGORITHMS, help="comma-separated ('none': only --known)")
     p.add_argument("--seeds", default="0-4", help="'0-4' or a list '0,1,2'")
     p.add_argument("--options", default="", help="'algo:key=value,key=value;algo2:key=value'")
+    p.add_argument("--filter-options", default="", help="'filter:key=value,key=value;filter2:...' for "
+                   "every arm (e.g. 'equivalence:absorb_affine=true', as round 2 ran)")
     p.add_argument("--label", default=None, help="the arm's name (one algorithm only): the same "
                    "algorithm with other options is another arm")
     p.add_argument("--known", action="store_true", help="also the arms with known layers: "
@@ -599,15 +608,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU seconds of the worker per run (default 600; --quick: 10)")
     p.add_argument("--budget", type=int, default=1_000_000, help="candidates per run at most")
     p.add_argument("--workdir", default=os.path.join(HERE, "discovery_runs"))
-    p.add_argument("--results", default=os.path.join(HERE, "discovery_results.jsonl"))
+    p.add_argument("--results", default=os.path.join(HERE, "discovery_results.jsonl"),
+                   help="JSON lines, appended; --report reads several, comma-separated")
     p.add_argument("--no-rerank", action="store_true", help="skip the re-ranking of each run's best")
     p.add_argument("--rerank-seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke test: synthetic data, tiny proxy and space")
     p.add_argument("--report", action="store_true", help="only print the tables of --results")
     args = p.parse_args(argv)
     if args.report:
-        sys.stdout.write(report(read_results(args.results), args.results, command))
+        results = [r for path in args.results.split(",") for r in read_results(path)]
+        sys.stdout.write(report(results, args.results, command))
         return 0
+    args.filter_opts = parse_arm_options(args.filter_options)
     if args.cpu_cap is None:
         args.cpu_cap = 10.0 if args.quick else 600.0
     try:

@@ -91,6 +91,9 @@ class Algorithm:
 
     name: ClassVar[str] = "algorithm"  # set by the registry to the name it is registered under
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    # Set by the engine: the search feeds the known layers back as its first members
+    # (`seed_with_baselines`), so a plugin may explore less than it would from random graphs.
+    from_known_layers: bool = False
 
     def __init__(self, space: SearchSpace, num_objectives: int, seed: int = 0, **options: Any):
         if not isinstance(space, SearchSpace):

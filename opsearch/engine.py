@@ -122,8 +122,10 @@ class Setup:
         return setup
 
     def new_algorithm(self, seed: int):
-        return registry.algorithms.create(self.config.algorithm, self.space, len(self.config.archs),
-                                          seed, **self.config.algorithm_options)
+        algorithm = registry.algorithms.create(self.config.algorithm, self.space, len(self.config.archs),
+                                               seed, **self.config.algorithm_options)
+        algorithm.from_known_layers = self.config.seed_with_baselines
+        return algorithm
 
     def study_attrs(self) -> dict[str, Any]:
         c = self.config

@@ -374,3 +374,38 @@ def test_graded_start_climbs_from_the_best_near_miss(space):
     children = [skip.propose() for _ in range(5)]
     assert not all(len({space.node_of_gene[i] for i, (a, b) in enumerate(zip(rejected[1], c)) if a != b}) == 1
                    for c in children)
+
+
+def test_immigrants_default_explores_from_scratch_not_around_known_layers(space):
+    """Unset, the immigrant rate is 0.2 from scratch and 0 when the engine feeds the known layers
+    first (a budget that counts candidates would go to rejected random graphs); set, it is kept."""
+    rng = random.Random(3)
+    members = [space.random_genome(rng) for _ in range(4)]
+
+    def immigrant_share(from_known_layers: bool, **options) -> float:
+        evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4,
+                               tournament_size=2, **options)
+        evo.from_known_layers = from_known_layers
+        for g in members:
+            evo.feedback(g, (0.5, 0.5))
+        kinds = []
+        for _ in range(200):
+            child = evo.propose()
+            kinds.append(not _is_mutation(space, child, evo.members()))
+            evo.feedback(child, (0.4, 0.4))  # every immigrant trains: a streak is one proposal
+        return sum(kinds) / len(kinds)
+
+    assert 0.1 < immigrant_share(False) < 0.3
+    assert immigrant_share(True) == 0.0
+    assert 0.1 < immigrant_share(True, immigrants=0.2) < 0.3
+    assert immigrant_share(False, immigrants=0.0) == 0.0
+
+
+def test_the_engine_tells_the_algorithm_whether_it_feeds_known_layers(tmp_path):
+    from opsearch.config import SearchConfig
+    from opsearch.engine import Setup
+
+    for seeded in (True, False):
+        cfg = SearchConfig(name="flag", storage=f"sqlite:///{tmp_path}/s.db", dataset="synthetic",
+                           seed_with_baselines=seeded, rerank={"enabled": False})
+        assert Setup.from_config(cfg).new_algorithm(0).from_known_layers is seeded

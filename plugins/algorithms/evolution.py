@@ -22,9 +22,10 @@ near copies of an instance normalizer while random search found batch normalizer
 probability `immigrants` a proposal starts a streak of new graphs from the generator that lasts
 until one of them is trained: random search's exploration, paid for in the CPU random search
 pays per trained layer (hundreds of cheap rejections), not in one proposal slot that would
-almost always die in the filters. Off by default: a budget that counts candidates (the quick
-start's 60) goes to the streak's rejected graphs; from scratch, 0.2 reached the target in 3 of 5
-runs against 1 of 5 without (BENCHMARKS, "Discovery from scratch"; not significant at 5 seeds).
+almost always die in the filters. By default 0.2 from scratch (it reached the target in 3 of 5
+runs against 1 of 5 without; BENCHMARKS, "Discovery from scratch") and 0 when the engine feeds
+the known layers first (`from_known_layers`): there a budget that counts candidates (the quick
+start's 60) went to the streak's rejected graphs instead of to mutants of the known layers.
 
 `min_population` defaults to `tournament_size`, not `population_size`: waiting for a full
 population of random survivors would spend hundreds of proposals before any evolution, and
@@ -46,6 +47,7 @@ from opsearch.plugins.algorithms.generator import GENERATOR_OPTIONS, GraphGenera
 from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator
 from opsearch.space import Genome
 
+AUTO_IMMIGRANTS = 0.2  # the default immigrant rate of a search from scratch
 GRADE_OFFSET = 100.0  # a near miss's objectives: grade - GRADE_OFFSET, below any trained score
 
 POPULATION_OPTIONS: dict[str, Option] = {
@@ -61,10 +63,11 @@ POPULATION_OPTIONS: dict[str, Option] = {
     "start_mutation": Option(0.5, "rejected=graded: share of the proposals before min_population that "
                              "mutate a near miss rather than draw a new graph", float,
                              minimum=0.0, maximum=1.0),
-    "immigrants": Option(0.0, "once tournaments run: chance that a proposal starts a streak of new "
+    "immigrants": Option(None, "once tournaments run: chance that a proposal starts a streak of new "
                          "graphs from the generator that lasts until one of them is trained (random "
-                         "search's exploration inside evolution; 0, the default: mutations only)", float,
-                         minimum=0.0, maximum=1.0),
+                         f"search's exploration inside evolution; default: {AUTO_IMMIGRANTS} from scratch, "
+                         "0 when the search is fed the known layers)", float,
+                         minimum=0.0, maximum=1.0, allow_none=True),
     "duplicates": Option("skip", "candidates that repeat an earlier trial's function: skip (they "
                          "neither enter nor age the population) or add (a copy of the earlier "
                          "member enters)", str, choices=("skip", "add")),
@@ -109,7 +112,7 @@ class AgingEvolution(Algorithm):
             picks = rng.sample(range(len(pool)), self.tournament_size)
             parent = self.select_parent([pool[i] for i in picks], rng)
             return self.mutator.mutate(parent, rng, self._seen)
-        if self._streak or rng.random() < self.options["immigrants"]:
+        if self._streak or rng.random() < self.immigrant_rate():
             self._streak = True
             genome = self.generator.random_genome(rng)
             self._immigrants.add(_key(genome))
@@ -118,6 +121,13 @@ class AgingEvolution(Algorithm):
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
         return self.mutator.mutate(parent, rng, self._seen)
+
+    def immigrant_rate(self) -> float:
+        """The `immigrants` option, or by default: explore from scratch, not around known layers."""
+        rate = self.options["immigrants"]
+        if rate is None:
+            rate = 0.0 if self.from_known_layers else AUTO_IMMIGRANTS
+        return rate
 
     def select_parent(self, tournament: list[tuple[Genome, Objectives]], rng: random.Random) -> Genome:
         raise NotImplementedError
