@@ -89,11 +89,12 @@ def opsearch(args: list[str], log: str) -> tuple[float, float]:
 def held_out(storage: str, name: str) -> dict:
     """The re-ranked candidate: trial, formula, mean held-out accuracy (seeds x archs) and the
     spread of its per-seed means."""
-    from opsearch.study import open_run
+    from opsearch.study import open_run, run_trials
+    from opsearch.trials import by_number as search_by_number
 
-    trials = open_run(storage, name).get_trials()
+    trials = run_trials(open_run(storage, name))  # with the stage studies' items
     items = [t for t in trials if t.user_attrs.get("kind") == "rerank" and t.state.name == "COMPLETE"]
-    by_number = {t.number: t for t in trials}
+    by_number = search_by_number(trials)
     # baselines are not re-ranked here (rerank.baselines=[]): every item is of the chosen layer,
     # a candidate, or the baseline a duplicate candidate rediscovered
     cands = items

@@ -49,9 +49,9 @@ def main() -> None:
         storage = open_storage(url, create=False)
         study_id = storage.get_study_id_from_name("big")
         orm = best_of(3, lambda: storage.get_all_trials(study_id, deepcopy=False))
-        fast_rows = study_mod._read_rdb_trials(storage, study_id, -1, set())
+        fast_rows = study_mod._read_rdb_trials(storage, {study_id: -1}, set())
         assert fast_rows is not None and len(fast_rows) == args.trials
-        fast = best_of(3, lambda: study_mod._read_rdb_trials(storage, study_id, -1, set()))
+        fast = best_of(3, lambda: study_mod._read_rdb_trials(storage, {study_id: -1}, set()))
         print(f"read all trials: Optuna ORM {orm:.2f} s, plain SQL {fast:.2f} s ({orm / fast:.1f}x)")
 
         run = Run(storage, "big", url)

@@ -7,7 +7,8 @@ trained on to rung 1 (``steps[1]``) and recorded as usual, with user attributes 
 ``1/eta`` of them by non-dominated rank over the K accuracies (ties: the higher mean, then the
 earlier trial) are promoted to the next rung, as soon as they are in that top, never demoted.
 
-A promotion is one WAITING trial of the study (**contract**: ``kind = "promotion"``, ``of_trial``
+A promotion is one WAITING trial of the run's stage study ``<run>/promotion`` (opsearch/trials.py;
+the run's own study for a run stored before stage studies) (**contract**: ``kind = "promotion"``, ``of_trial``
 = the candidate's trial number, ``rung``, plus ``graph``, ``formula``, ``hash``; once done
 ``verdict``, ``acc/<arch>``, ``rung_steps``, ``elapsed_s``; values = the accuracies at that
 rung), handed out to workers like a candidate: it trains the layer from scratch with
@@ -41,7 +42,8 @@ from opsearch.config import FUNNEL_DEFAULTS as DEFAULTS
 from opsearch.config import check_funnel_options
 from opsearch.errors import UserError
 from opsearch.pareto import nondominated_ranks
-from opsearch.trials import LOST
+from opsearch.trials import LOST, SEARCH_KINDS
+from opsearch.trials import by_number as search_by_number
 
 KIND = "promotion"
 QUALITY_STEPS = 100  # the quality filter's default steps: rung 0
@@ -205,7 +207,7 @@ def enqueue_missing(run, funnel: Funnel) -> int:
 
     Call after `run.sync()` under the workers' lock."""
     trials = run.trials()
-    by_number = {t.number: t for t in trials}
+    by_number = search_by_number(trials)
     present = existing(trials)
     queued = 0
     for number, rung in due(funnel, trials):
@@ -244,7 +246,7 @@ def at_highest_rung(trials: Sequence[Any]) -> list[Any]:
     for t in trials:
         if t.user_attrs.get("kind") == KIND:
             continue
-        hit = best.get(t.number)
+        hit = best.get(t.number) if t.user_attrs.get("kind", "candidate") in SEARCH_KINDS else None
         if hit is None or hit[0] == _rung(t):
             out.append(t)
             continue

@@ -117,7 +117,7 @@ class SearchProgress:
         title=...)` prints `report.summary`, `write_plots(trials, study_attrs, out_dir)` draws."""
         from opsearch import report
 
-        trials = run.storage.get_all_trials(run.study_id, deepcopy=False)
+        trials = run.frozen_trials()
         paths: list[str] = []
         if self.config.plots:
             try:

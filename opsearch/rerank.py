@@ -6,7 +6,8 @@ by the search's own selection rule (best mean accuracy over the architectures am
 and duplicate candidates, one entry per function: a duplicate stands for the trial it equals)
 and the baselines are evaluated again, S seeds each, on data that no search decision has used.
 
-Each (layer, seed) is one trial of the same study, enqueued WAITING and handed out to workers
+Each (layer, seed) is one trial of the run's stage study ``<run>/rerank`` (opsearch/trials.py;
+in the run's own study for a run stored before stage studies), enqueued WAITING and handed out to workers
 like a candidate (so N local workers and workers on other machines share them; a lost worker's
 item is reaped and enqueued again). Stored user attributes (**contract**): ``kind = "rerank"``,
 ``stage`` (names the held-out task), ``seed``, ``of_trial`` (the candidate's or baseline's trial
@@ -48,6 +49,7 @@ from opsearch.config import RERANK_DEFAULTS as DEFAULTS
 from opsearch.config import check_rerank_options
 from opsearch.errors import UserError
 from opsearch.trials import LOST, STAGE_ATTR_PREFIX, search_mean, stage_tasks  # noqa: F401
+from opsearch.trials import by_number as search_by_number
 
 KIND = "rerank"
 
@@ -216,7 +218,7 @@ def select(trials: Sequence[Any], archs: Sequence[str], top_k: int,
            baselines: Sequence[str] | None = None) -> list[Selected]:
     """The top `top_k` candidates by mean accuracy (ties: the earlier trial), one per function,
     then the baselines (all, or those named), in the run's order."""
-    by_number = {t.number: t for t in trials}
+    by_number = search_by_number(trials)
     ranked = []
     for t in trials:
         if report.kind(t) != "candidate" or report.category(t) not in ("evaluated", "duplicate"):

@@ -340,7 +340,9 @@ def stage_summary(trials: Sequence[Any], archs: Sequence[str], items: StageItems
     from opsearch.funnel import at_highest_rung
     from opsearch.trials import search_mean
 
-    by_number = {t.number: t for t in at_highest_rung(trials)}  # the funnel: highest rung's score
+    from opsearch.trials import by_number as search_by_number
+
+    by_number = search_by_number(at_highest_rung(trials))  # the funnel: highest rung's score
     layers = []
     for of_trial, by_seed in items.results.items():
         origin = by_number.get(of_trial)

@@ -45,8 +45,10 @@ class SearchRun:
 
     @property
     def study(self):
-        """The optuna.Study (for Optuna's own tools); it reads the storage on each call, so it
-        shows trials finished since."""
+        """The optuna.Study (for Optuna's own tools): the search's trials, candidates and
+        baselines; re-ranking items and promotions are in the stage studies beside it
+        (``<name>/rerank``, ``<name>/promotion``), which the tables here read too. It reads the
+        storage on each call, so it shows trials finished since."""
         if self._study is None:
             from opsearch.study import open_run
 
@@ -54,8 +56,11 @@ class SearchRun:
         return self._study
 
     def _read(self) -> tuple[list[Any], dict[str, Any]]:
+        """The run's trials, then its stage studies' (rerank items, promotions), and its attrs."""
+        from opsearch.study import run_trials
+
         study = self.study
-        return study.get_trials(deepcopy=False), dict(study.user_attrs)
+        return run_trials(study), dict(study.user_attrs)
 
     @property
     def archs(self) -> list[str]:

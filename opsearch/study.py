@@ -6,7 +6,12 @@ the stored user attributes are a contract (README, "Stored results"):
 
   verdict     "evaluated" | "rejected:<filter>" | "duplicate:<trial number>" | "failed:<reason>"
   formula, graph (our own JSON schema, never pickle), elapsed_s, acc/<arch> per architecture,
-  genome, hash, kind ("candidate" | "baseline" | "rerank": see opsearch/rerank.py), ...
+  genome, hash, kind ("candidate" | "baseline" | "rerank" | "promotion"), ...
+
+The run's study holds the search (candidates, baselines); re-ranking items and funnel
+promotions go to the stage studies beside it, ``<run>/rerank`` and ``<run>/promotion``
+(opsearch/trials.py says why and how readers read both layouts). `Run` hands out, reaps and
+requeues the trials of all three alike; trial ids are unique in a storage, numbers per study.
 
 Trial states: evaluated and duplicate -> COMPLETE with one value per architecture (maximised);
 rejected -> PRUNED; failed -> FAIL. A candidate is written RUNNING (one transaction) before any
@@ -43,7 +48,8 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from opsearch.errors import DiskFull, EnvironmentFault, StorageUnavailable, UserError
-from opsearch.trials import LOST
+from opsearch.trials import (LOST, STAGE_KINDS, stage_study_name, stage_study_of,
+                             uses_stage_studies)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -59,7 +65,7 @@ LOST_REASONS_KEY = "worker_lost_reasons"
 # What a lost trial hands to its requeued copy: the candidate, or the rerank item (stage, seed, of_trial)
 REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial",
                  "rung")
-STUDY_FORMAT = "opsearch.study/1"
+STUDY_FORMAT = "opsearch.study/2"  # 2: rerank items and promotions in stage studies
 
 
 def runs_dir() -> str:
@@ -707,7 +713,12 @@ def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:
         if disk_full(e) is not None or _full_here(e, storage_path(url)):
             raise disk_full_error(e, storage_path(url) or _redact(url)) from None
         raise UserError(f"cannot read study storage {_redact(url)}: {_one_line(e)}") from e
-    names = [s.study_name for s in summaries]
+    every = [s.study_name for s in summaries]
+    names = [n for n in every if stage_study_of(n, every) is None]  # the runs, not their stages
+    stage = stage_study_of(study_name, every)
+    if stage is not None:
+        raise UserError(f"study {study_name!r} holds the {stage[1]} evaluations of run "
+                        f"{stage[0]!r}: open the run itself")
     if study_name not in names:
         if len(names) == 1 and name is None:
             study_name = names[0]
@@ -715,6 +726,25 @@ def open_run(run_or_url: str, name: str | None = None) -> optuna.Study:
             raise UserError(f"no run named {study_name!r} in {_redact(url)}"
                             + (f"; it holds: {', '.join(names)}" if names else " (it is empty)"))
     return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def stage_trials(storage: BaseStorage, run_study: str) -> list[FrozenTrial]:
+    """The trials of a run's stage studies (rerank items, then promotions); none for a run
+    stored before them, whose own study holds those kinds."""
+    out: list[FrozenTrial] = []
+    for kind in STAGE_KINDS:
+        try:
+            study_id = storage.get_study_id_from_name(stage_study_name(run_study, kind))
+        except KeyError:
+            continue
+        out += storage.get_all_trials(study_id, deepcopy=False)
+    return out
+
+
+def run_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial of a run, as every reader takes them: the run's study's (the search), then its
+    stage studies' (opsearch/trials.py)."""
+    return study.get_trials(deepcopy=False) + stage_trials(study._storage, study.study_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,6 +917,7 @@ class TrialRecord:
     user_attrs: dict[str, Any]
     system_attrs: dict[str, Any]
     datetime_start: datetime | None = None
+    study_id: int = -1  # the run's study or one of its stage studies
 
     @property
     def kind(self) -> str:
@@ -906,13 +937,14 @@ class TrialRecord:
         return self.kind == "candidate" and self.verdict != LOST
 
     @classmethod
-    def from_frozen(cls, t: FrozenTrial) -> "TrialRecord":
+    def from_frozen(cls, t: FrozenTrial, study_id: int = -1) -> "TrialRecord":
         return cls(t.number, t._trial_id, t.state, tuple(t.values) if t.values else None,
-                   dict(t.user_attrs), dict(t.system_attrs), t.datetime_start)
+                   dict(t.user_attrs), dict(t.system_attrs), t.datetime_start, study_id)
 
 
 class Run:
-    """One search's study: writes candidates and results, keeps an incremental view of trials."""
+    """One search's study and its stage studies: writes candidates, stage items and results,
+    keeps an incremental view of the trials of all of them (`trials()`: the run's study's first)."""
 
     def __init__(self, storage: BaseStorage, study_name: str, url: str = ""):
         self.storage = storage
@@ -934,7 +966,52 @@ class Run:
         self._waiting: set[int] = set()
         self._counted: set[int] = set()  # trials that count toward the budget
         self._poisonous: set[str] = set()  # hashes of candidates that lost their worker twice
-        self._max_id = -1
+        self._stage_ids: dict[str, int] = {}  # kind -> id of its stage study, once it exists
+        self._max_ids: dict[int, int] = {self.study_id: -1}  # per study: the newest trial read
+
+    @property
+    def stage_studies(self) -> bool:
+        """Whether this run keeps rerank items and promotions in stage studies (a run created
+        before them keeps them in its own study)."""
+        return uses_stage_studies(self.attrs)
+
+    def _study_for(self, kind: str) -> int:
+        """The study a new trial of `kind` goes into: the run's, or its stage study (created on
+        first use; another worker creating it at once is fine)."""
+        if kind not in STAGE_KINDS or not self.stage_studies:
+            return self.study_id
+        if kind not in self._stage_ids:
+            name = stage_study_name(self.study_name, kind)
+            try:
+                study_id = self.storage.get_study_id_from_name(name)
+            except KeyError:
+                directions = self.storage.get_study_directions(self.study_id)
+                try:
+                    study_id = self.storage.create_new_study(list(directions), name)
+                except optuna.exceptions.DuplicatedStudyError:
+                    study_id = self.storage.get_study_id_from_name(name)
+                else:
+                    self.storage.set_study_user_attr(study_id, "stage_of", self.study_name)
+                    self.storage.set_study_user_attr(study_id, "kind", kind)
+                    self.storage.set_study_user_attr(study_id, "archs", self.archs)
+            self._found_stage(kind, study_id)
+        return self._stage_ids[kind]
+
+    def _found_stage(self, kind: str, study_id: int) -> None:
+        self._stage_ids[kind] = study_id
+        self._max_ids.setdefault(study_id, -1)
+
+    def _find_stage_studies(self) -> None:
+        """Stage studies another worker created since the last look."""
+        if not self.stage_studies:
+            return
+        for kind in STAGE_KINDS:
+            if kind not in self._stage_ids:
+                try:
+                    self._found_stage(kind, self.storage.get_study_id_from_name(
+                        stage_study_name(self.study_name, kind)))
+                except KeyError:
+                    pass
 
     # -- creation ---------------------------------------------------------------------------
 
@@ -1007,20 +1084,23 @@ class Run:
             system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
         trial_id, number = guarded_call(self.storage, _create_running, self.study_id, template)
         record = TrialRecord(number, trial_id, TrialState.RUNNING, None, dict(user_attrs),
-                             system_attrs, template.datetime_start)
+                             system_attrs, template.datetime_start, self.study_id)
         self._remember(record)
         return record
 
     @_guarded
     def enqueue(self, user_attrs: dict[str, Any]) -> int:
-        """A WAITING trial holding a candidate that some worker will pop and evaluate."""
+        """A WAITING trial holding a candidate (a baseline, a rerank item, a promotion: in the
+        study of its kind) that some worker will pop and evaluate."""
         template = FrozenTrial(
             number=-1, state=TrialState.WAITING, value=None, datetime_start=None,
             datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs),
             system_attrs={}, intermediate_values={}, trial_id=-1)
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        study_id = self._study_for(str(user_attrs.get("kind", "candidate")))
+        trial_id = self.storage.create_new_trial(study_id, template_trial=template)
         number = self.storage.get_trial_number_from_id(trial_id)
-        self._remember(TrialRecord(number, trial_id, TrialState.WAITING, None, dict(user_attrs), {}))
+        self._remember(TrialRecord(number, trial_id, TrialState.WAITING, None, dict(user_attrs), {},
+                                   None, study_id))
         return trial_id
 
     @_guarded
@@ -1075,15 +1155,25 @@ class Run:
 
     @_guarded
     def sync(self) -> list[TrialRecord]:
-        """Fetch trials created or finished since the last sync; returns those newly finished."""
+        """Fetch trials created or finished since the last sync (in the run's study and its stage
+        studies); returns those newly finished."""
         storage = self.storage
         fresh: list[TrialRecord] | None = None
-        if isinstance(storage, RDBStorage):
-            fresh = _read_rdb_trials(storage, self.study_id, self._max_id, self._unfinished)
+        if isinstance(storage, RDBStorage):  # stage studies new to this run found in passing
+            missing = [stage_study_name(self.study_name, kind) for kind in STAGE_KINDS
+                       if self.stage_studies and kind not in self._stage_ids]
+            fresh = _read_rdb_trials(storage, dict(self._max_ids), self._unfinished, missing)
+            for study_id in sorted({r.study_id for r in fresh or ()} - set(self._max_ids)):
+                stage = stage_study_of(storage.get_study_name_from_id(study_id), [self.study_name])
+                if stage is not None:
+                    self._found_stage(stage[1], study_id)
         if fresh is None:
-            fresh = [TrialRecord.from_frozen(t)
-                     for t in storage.get_all_trials(self.study_id, deepcopy=False)
-                     if t._trial_id > self._max_id or t._trial_id in self._unfinished]
+            self._find_stage_studies()
+            after = dict(self._max_ids)
+            fresh = [TrialRecord.from_frozen(t, study_id)
+                     for study_id, after_id in after.items()
+                     for t in storage.get_all_trials(study_id, deepcopy=False)
+                     if t._trial_id > after_id or t._trial_id in self._unfinished]
         newly_finished = []
         for record in fresh:
             known = self._trials.get(record.trial_id)
@@ -1095,7 +1185,8 @@ class Run:
 
     def _remember(self, record: TrialRecord) -> None:
         self._trials[record.trial_id] = record
-        self._max_id = max(self._max_id, record.trial_id)
+        if record.study_id in self._max_ids:
+            self._max_ids[record.study_id] = max(self._max_ids[record.study_id], record.trial_id)
         if record.state.is_finished():
             self._unfinished.discard(record.trial_id)
         else:
@@ -1112,7 +1203,18 @@ class Run:
             self._poisonous.add(record.user_attrs["hash"])
 
     def trials(self) -> list[TrialRecord]:
-        return sorted(self._trials.values(), key=lambda r: r.number)
+        """The run's study's trials by number, then each stage study's."""
+        rank = {study_id: 1 + STAGE_KINDS.index(kind) for kind, study_id in self._stage_ids.items()}
+        return sorted(self._trials.values(), key=lambda r: (rank.get(r.study_id, 0), r.number))
+
+    def frozen_trials(self) -> list[FrozenTrial]:
+        """Every trial as Optuna's FrozenTrial (what the reports read), as `run_trials` gives."""
+        self._find_stage_studies()
+        out = self.storage.get_all_trials(self.study_id, deepcopy=False)
+        for kind in STAGE_KINDS:
+            if kind in self._stage_ids:
+                out += self.storage.get_all_trials(self._stage_ids[kind], deepcopy=False)
+        return out
 
     def candidates_counted(self) -> int:
         return len(self._counted)
@@ -1148,7 +1250,7 @@ class Run:
                 continue
             fresh = self.storage.get_trial(record.trial_id)
             if fresh.state != TrialState.RUNNING:
-                self._remember(TrialRecord.from_frozen(fresh))
+                self._remember(TrialRecord.from_frozen(fresh, record.study_id))
                 continue
             worker = WorkerId.from_json(fresh.system_attrs.get(WORKER_KEY))
             beat = fresh.system_attrs.get(HEARTBEAT_KEY)
@@ -1364,6 +1466,7 @@ _RDB_FAST_READ = True  # False once a storage showed a table layout we do not kn
 
 # The tables and columns the fast reader selects (Optuna's documented RDB layout).
 _FAST_READ_LAYOUT = {
+    "studies": {"study_id", "study_name"},
     "trials": {"trial_id", "number", "study_id", "state", "datetime_start"},
     "trial_user_attributes": {"trial_id", "key", "value_json"},
     "trial_system_attributes": {"trial_id", "key", "value_json"},
@@ -1393,9 +1496,11 @@ def _layout_differs(storage: RDBStorage) -> bool:
     return False
 
 
-def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
-                     also: set[int]) -> list[TrialRecord] | None:
-    """Trials with id > after_id or in `also`, read with four plain SELECTs.
+def _read_rdb_trials(storage: RDBStorage, after: dict[int, int], also: set[int],
+                     find: Sequence[str] = ()) -> list[TrialRecord] | None:
+    """Trials of the studies in `after` (study id -> trial id) with an id above their study's
+    entry, or in `also`, and every trial of the studies named in `find` (stage studies not
+    known yet), read with four plain SELECTs.
 
     Optuna's own reader builds ORM objects for every attribute row: about 3 s for a
     10,000-trial study here, against a few hundred ms for this. It reads Optuna's documented
@@ -1408,23 +1513,33 @@ def _read_rdb_trials(storage: RDBStorage, study_id: int, after_id: int,
         return None
     import sqlalchemy
 
-    ids_filter = "t.trial_id > :after"
-    params: dict[str, Any] = {"study": study_id, "after": after_id}
+    params: dict[str, Any] = {}
+    clauses = []
+    for i, (study_id, after_id) in enumerate(sorted(after.items())):
+        clauses.append(f"(t.study_id = :study{i} AND t.trial_id > :after{i})")
+        params.update({f"study{i}": int(study_id), f"after{i}": int(after_id)})
+    if not clauses:
+        return []
     if also:
-        ids_filter += " OR t.trial_id IN (" + ",".join(str(int(i)) for i in sorted(also)) + ")"
-    where = f"t.study_id = :study AND ({ids_filter})"
+        clauses.append("(t.study_id IN (" + ",".join(str(int(s)) for s in sorted(after)) + ") AND "
+                       "t.trial_id IN (" + ",".join(str(int(i)) for i in sorted(also)) + "))")
+    if find:
+        params.update({f"find{i}": name for i, name in enumerate(find)})
+        clauses.append("t.study_id IN (SELECT s.study_id FROM studies s WHERE s.study_name IN ("
+                       + ",".join(f":find{i}" for i in range(len(find))) + "))")
+    where = " OR ".join(clauses)
     try:
         with storage.engine.connect() as conn:
             rows = conn.execute(sqlalchemy.text(
-                f"SELECT t.trial_id, t.number, t.state, t.datetime_start FROM trials t WHERE {where}"),
-                params).all()
+                "SELECT t.trial_id, t.number, t.state, t.datetime_start, t.study_id FROM trials t "
+                f"WHERE {where}"), params).all()
             records: dict[int, TrialRecord] = {}
-            for trial_id, number, state, start in rows:
+            for trial_id, number, state, start, study_id in rows:
                 state_name = state.name if hasattr(state, "name") else str(state)
                 if state_name not in TrialState.__members__:
                     raise _UnknownLayout(f"trial state {state_name!r}")
                 records[trial_id] = TrialRecord(int(number), int(trial_id), TrialState[state_name],
-                                                None, {}, {}, _as_datetime(start))
+                                                None, {}, {}, _as_datetime(start), int(study_id))
             if not records:
                 return []
             for table, target in (("trial_user_attributes", "user_attrs"),

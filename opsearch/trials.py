@@ -1,7 +1,18 @@
 """Reading one stored trial: what every reader of a study shares (the report, the re-ranking
 stage and its statistics, the funnel, the commands), so that none of them imports another to
 learn what a trial's kind, verdict or accuracies are. The stored contract: README, "Stored
-results"."""
+results".
+
+Where trials live. The run's study holds the search: candidates and baselines, whose values are
+the search's objectives at the search's fidelity, so that Optuna's own tools (``best_trials``,
+optuna-dashboard, ``optuna.visualization``) read it as the search. Evaluations whose values mean
+something else live in a stage study beside it, in the same storage: ``<run>/rerank`` (every
+re-ranking stage's items, told apart by ``stage``) and ``<run>/promotion`` (the funnel's
+promotions, told apart by ``rung``). Their ``of_trial`` is a trial number of the run's study.
+Runs stored before this layout (study attribute ``format`` < 2) hold those kinds in the run's
+study itself, and keep doing so when resumed; readers read both. A reader gets the run's trials
+first, then the stage studies' (`opsearch.study.run_trials`); trial numbers are per study, so a
+number names a search trial only: key trials by number among `search_trials` alone."""
 from __future__ import annotations
 
 import json
@@ -11,6 +22,30 @@ from typing import Any, Iterable, Sequence
 ACC_PREFIX = "acc/"
 LOST = "failed:worker_lost"  # the verdict of a trial whose worker stopped answering
 STAGE_ATTR_PREFIX = "rerank:"  # study attribute of a re-ranking stage's task
+STAGE_KINDS = ("rerank", "promotion")  # kinds stored in a stage study beside the run's
+SEARCH_KINDS = ("candidate", "baseline")
+STAGE_STUDIES_FORMAT = 2  # the study format (attribute "format", opsearch.study/N) from which on
+
+
+def stage_study_name(run_study: str, kind: str) -> str:
+    """The study beside run `run_study` that holds its trials of `kind` (rerank, promotion)."""
+    return f"{run_study}/{kind}"
+
+
+def stage_study_of(name: str, names: Iterable[str]) -> tuple[str, str] | None:
+    """(run study, kind) when study `name` is a stage study of a study among `names`; else None."""
+    run_study, _, kind = name.rpartition("/")
+    return (run_study, kind) if kind in STAGE_KINDS and run_study in set(names) else None
+
+
+def uses_stage_studies(study_attrs: dict[str, Any]) -> bool:
+    """Whether a run writes its rerank items and promotions into stage studies (a run created by
+    this version) or into its own study (a run created before: it stays as it was)."""
+    fmt = str(study_attrs.get("format") or "")
+    try:
+        return int(fmt.rpartition("/")[2]) >= STAGE_STUDIES_FORMAT
+    except ValueError:
+        return False
 
 
 def kind(trial: Any) -> str:
@@ -20,7 +55,12 @@ def kind(trial: Any) -> str:
 def search_trials(trials: Iterable[Any]) -> list[Any]:
     """The search's own trials (candidates and baselines): re-ranking items (``kind = "rerank"``,
     opsearch/rerank.py) never enter the leaderboard, the Pareto front or the statistics."""
-    return [t for t in trials if kind(t) in ("candidate", "baseline")]
+    return [t for t in trials if kind(t) in SEARCH_KINDS]
+
+
+def by_number(trials: Iterable[Any]) -> dict[int, Any]:
+    """The search's trials by number (a stage study's trials have numbers of their own)."""
+    return {t.number: t for t in search_trials(trials)}
 
 
 def verdict(trial: Any) -> str:

@@ -20,7 +20,8 @@ def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterabl
     """Assert the contract on every trial and at least `min_evaluated` evaluated candidates;
     returns the count of each verdict kind. `allowed_failures`: `failed:*` verdicts the test
     causes on purpose (e.g. failed:worker_lost after a SIGKILL); any other failure fails."""
-    by_number = {t.number: t for t in trials}
+    # numbers are per study: a rerank item's of_trial and a duplicate name a search trial
+    by_number = {t.number: t for t in trials if t.user_attrs.get("kind") in ("candidate", "baseline")}
     filters = set(filters) if filters is not None else None
     allowed = set(allowed_failures)
     counts: dict[str, int] = {}
@@ -41,7 +42,7 @@ def check_contract(trials: Sequence[Any], archs: Sequence[str], filters: Iterabl
         if kind == "rerank":  # a held-out evaluation of an earlier evaluated trial, one seed
             assert isinstance(attrs.get("stage"), str) and isinstance(attrs.get("seed"), int)
             of = by_number[attrs["of_trial"]]
-            assert of.number < t.number and of.user_attrs.get("kind") in ("candidate", "baseline")
+            assert of.datetime_complete <= t.datetime_start and of.user_attrs.get("kind") in ("candidate", "baseline")
             assert of.user_attrs.get("verdict") == "evaluated", (t.number, of.number)
             assert attrs.get("graph") == of.user_attrs.get("graph") or attrs.get("layer")
         if verdict == "evaluated":

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.cli import main
-from opsearch.study import Run, open_run
+from opsearch.study import Run, open_run, run_trials
 from studies import add_finished
 
 ARCHS = ["resnet", "mobilenetv2"]
@@ -32,7 +32,7 @@ def study(tmp_path_factory):
 
 
 def snapshot(url):
-    return [(t.number, t.state, t.values, t.user_attrs) for t in open_run(url, "r").get_trials()]
+    return [(t.number, t.state, t.values, t.user_attrs) for t in run_trials(open_run(url, "r"))]
 
 
 def write(tmp_path, name, text):

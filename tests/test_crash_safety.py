@@ -6,7 +6,7 @@ import json
 import optuna
 import pytest
 
-from opsearch.study import open_run
+from opsearch.study import open_run, run_trials
 
 import contract
 import resources
@@ -47,7 +47,7 @@ def search(config_path, fault=None, timeout=300):
 
 
 def all_trials(storage):
-    return open_run(storage, "crash").get_trials()
+    return run_trials(open_run(storage, "crash"))
 
 
 @pytest.mark.parametrize("fault", ["propose:3", "train:2", "record:4", "recorded:2"])

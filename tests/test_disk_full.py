@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.errors import DiskFull
-from opsearch.study import open_run, open_storage
+from opsearch.study import open_run, open_storage, run_trials
 
 import contract
 import resources
@@ -110,7 +110,7 @@ def test_a_full_disk_stops_with_one_line_and_the_study_resumes(tmp_path, kind):
         assert data.endswith(b"\n"), data[-200:]
         for line in data.splitlines():
             json.loads(line)
-    before = {t.number: t for t in open_run(storage_full, "crash").get_trials()}
+    before = {t.number: t for t in run_trials(open_run(storage_full, "crash"))}
     assert before and all(t.state.is_finished() or t.state in (TrialState.RUNNING, TrialState.WAITING)
                           for t in before.values())
     assert [t for t in before.values() if t.state == TrialState.COMPLETE], "nothing was recorded"
@@ -134,7 +134,7 @@ def test_a_full_disk_stops_with_one_line_and_the_study_resumes(tmp_path, kind):
     assert _read(out, "export_again.rc").strip() == "0", _read(out, "export_again.err")[-3000:]
     resumed_copy = out / "resumed" / file.name
     storage_resumed = f"sqlite:///{resumed_copy}" if kind == "sqlite" else f"journal:///{resumed_copy}"
-    after = open_run(storage_resumed, "crash").get_trials()
+    after = run_trials(open_run(storage_resumed, "crash"))
     by_number = {t.number: t for t in after}
     for n, t in before.items():
         if t.state.is_finished():

@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 
 from opsearch.config import SearchConfig
 from opsearch.engine import Setup, Worker, run_search
-from opsearch.study import open_run
+from opsearch.study import open_run, run_trials
 
 import contract
 
@@ -32,7 +32,7 @@ def tiny(tmp_path, **overrides) -> SearchConfig:
 
 
 def trials(config: SearchConfig):
-    return open_run(config.storage, config.name).get_trials()
+    return run_trials(open_run(config.storage, config.name))
 
 
 def candidates(config):

@@ -13,7 +13,7 @@ from opsearch import registry
 from opsearch.config import SearchConfig
 from opsearch.engine import Setup, run_search
 from opsearch.errors import UserError
-from opsearch.study import open_run
+from opsearch.study import open_run, run_trials
 
 SURROGATE = str(Path(__file__).resolve().parent.parent / "benchmarks" / "surrogate.py")
 
@@ -43,7 +43,7 @@ def test_a_search_scores_its_candidates_with_the_named_evaluator(tmp_path):
     module = surrogate_module()
     module.EVALUATIONS.clear()
     run_search(cfg)
-    trials = open_run(cfg.storage, cfg.name).get_trials()
+    trials = run_trials(open_run(cfg.storage, cfg.name))
     scorer = module.SurrogateEvaluator(module.SurrogateEvaluator.configure(cfg))
     verdicts = [t.user_attrs["verdict"] for t in trials if t.user_attrs["kind"] == "candidate"]
     evaluated = [t for t in trials if t.user_attrs["verdict"] == "evaluated"]
@@ -146,7 +146,7 @@ def test_the_default_search_spends_its_budget_on_training(tmp_path):
     cfg = config(tmp_path, budget=40, space_options={}, filters=None, filter_options={},
                  algorithm_options={}, baselines=SearchConfig().baselines, seed=0)
     run_search(cfg)
-    trials = open_run(cfg.storage, cfg.name).get_trials()
+    trials = run_trials(open_run(cfg.storage, cfg.name))
     evaluated = [t for t in trials if t.user_attrs.get("kind") == "candidate"
                  and t.user_attrs.get("verdict") == "evaluated"]
     assert len(evaluated) >= 10, [t.user_attrs.get("verdict") for t in trials]

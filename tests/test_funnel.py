@@ -10,7 +10,7 @@ from opsearch import funnel
 from opsearch.config import SearchConfig
 from opsearch.errors import UserError
 from opsearch.pareto import nondominated_ranks
-from opsearch.study import LOST, Run, open_run
+from opsearch.study import LOST, Run, open_run, run_trials
 from studies import run_opsearch
 
 ARCHS = ["resnet", "mobilenetv2"]
@@ -112,7 +112,7 @@ def test_leaderboard_and_best_trial_see_the_highest_rung(tmp_path):
     promotion(run, high, 2, [0.90, 0.92])
     promotion(run, high, 3, None, verdict="failed:RuntimeError")  # a failed rung changes nothing
     study = open_run(run.url, "fn")
-    trials = study.get_trials()
+    trials = run_trials(study)
     rows = report.scored_rows(trials, ARCHS)
     assert [(r.trial, r.rung) for r in rows] == [(high, 2), (low, 1)]
     assert rows[0].accuracies == {"resnet": 0.90, "mobilenetv2": 0.92}
@@ -205,7 +205,7 @@ def tiny(tmp_path, budget=10, workers=1, rerank=False, baselines="top"):
 
 def promotions_done_once(storage):
     """Every promotion the rungs call for, finished exactly once (lost copies apart)."""
-    trials = open_run(storage, "fn").get_trials()
+    trials = run_trials(open_run(storage, "fn"))
     f = funnel.Funnel([2, 4, 8], eta=2, min_candidates=2)
     done = [t for t in trials if t.user_attrs.get("kind") == "promotion"
             and t.user_attrs.get("verdict") != LOST]
@@ -227,12 +227,14 @@ def test_funnel_killed_and_resumed_loses_and_repeats_no_promotion(tmp_path, faul
     config, storage = tiny(tmp_path, baselines="first")
     killed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    before = {t.number: t for t in open_run(storage, "fn").get_trials() if t.state.is_finished()}
+    # numbers are per study (the run's, its stage studies'): a trial is its kind and number
+    before = {(t.user_attrs.get("kind"), t.number): t for t in run_trials(open_run(storage, "fn"))
+              if t.state.is_finished()}
     resumed = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trials, keys = promotions_done_once(storage)
     assert keys
-    after = {t.number: t for t in trials}
+    after = {(t.user_attrs.get("kind"), t.number): t for t in trials}
     for n, t in before.items():  # finished before the kill: intact
         assert after[n].state == t.state and after[n].user_attrs == t.user_attrs
     assert all(t.state.is_finished() for t in trials)
@@ -271,13 +273,13 @@ def test_funnel_with_two_workers_does_every_promotion_once_before_the_rerank(tmp
     assert keys
     assert all(t.state.is_finished() for t in trials)
     assert not [t for t in trials if t.user_attrs.get("verdict") == LOST]
-    promotions = [t.number for t in trials if t.user_attrs.get("kind") == "promotion"]
-    reranks = [t.number for t in trials if t.user_attrs.get("kind") == "rerank"]
-    assert reranks and max(promotions) < min(reranks), "the re-ranking started before the funnel ended"
+    promotions = [t.datetime_complete for t in trials if t.user_attrs.get("kind") == "promotion"]
+    reranks = [t.datetime_start for t in trials if t.user_attrs.get("kind") == "rerank"]
+    assert reranks and max(promotions) <= min(reranks), "the re-ranking started before the funnel ended"
     # the baselines stand at the top rung, the candidates' own trials at rung 1
     assert {t.user_attrs["rung"] for t in trials if t.user_attrs.get("kind") == "baseline"} == {2}
     assert {t.user_attrs.get("rung") for t in trials if t.user_attrs.get("kind") == "candidate"
             and t.user_attrs.get("verdict") == "evaluated"} == {1}
     again = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert len(open_run(storage, "fn").get_trials()) == len(trials)
+    assert len(run_trials(open_run(storage, "fn"))) == len(trials)

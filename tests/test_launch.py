@@ -38,8 +38,8 @@ def tiny_config(tmp_path, budget=6, baselines='["bn_relu"]'):
 
 
 def trials_of(url, name):
-    from opsearch.study import open_run
-    return open_run(url, name).get_trials()
+    from opsearch.study import open_run, run_trials
+    return run_trials(open_run(url, name))
 
 
 def assert_accounted(trials, budget):

@@ -15,7 +15,7 @@ import pytest
 
 from opsearch import cli
 from opsearch.rejection import default_filters
-from opsearch.study import open_run
+from opsearch.study import open_run, run_trials
 
 import contract
 
@@ -65,7 +65,7 @@ def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
     assert "Re-ranked on" in out.out + out.err and "Kendall tau" in out.out + out.err
 
     # the study: every filter of the default pipeline ran, candidates trained, baselines learned
-    trials = open_run(url, "pipe").get_trials()
+    trials = run_trials(open_run(url, "pipe"))
     counts = contract.check_contract(trials, ARCHS, default_filters())
     assert counts["baseline:evaluated"] == 2
     ran = {k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("filter_s/")}
@@ -148,7 +148,7 @@ def test_hints_work_when_the_storage_holds_two_studies(tmp_path, capsys, monkeyp
     assert any(c[0] == "export" for commands in hints.values() for c in commands)
     for name, commands in hints.items():
         # export is offered when there is something to export (else it would fail when copied)
-        evaluated = [t for t in open_run(url, name).get_trials() if t.user_attrs["kind"] == "candidate"
+        evaluated = [t for t in run_trials(open_run(url, name)) if t.user_attrs["kind"] == "candidate"
                      and t.user_attrs["verdict"] == "evaluated"]
         assert [c[0] for c in commands] == (["show", "export", "plot"] if evaluated else ["show", "plot"])
         for argv in commands:

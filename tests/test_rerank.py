@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
-from opsearch.study import open_run
+from opsearch.study import open_run, run_trials
 from studies import TINY_PROXY_TOML, add_finished, run_opsearch
 
 TINY = """
@@ -69,7 +70,7 @@ def tiny(tmp_path, budget=5, workers=1):
 
 
 def items(storage):
-    return [t for t in open_run(storage, "rr").get_trials() if t.user_attrs.get("kind") == "rerank"]
+    return [t for t in run_trials(open_run(storage, "rr")) if t.user_attrs.get("kind") == "rerank"]
 
 
 def expected_items(storage):
@@ -78,7 +79,7 @@ def expected_items(storage):
     from opsearch import report, rerank, rerank_stats
 
     study = open_run(storage, "rr")
-    trials = study.get_trials()
+    trials = run_trials(study)
     archs = report.archs_of(trials, study.user_attrs)
     chosen = rerank.select(trials, archs, top_k=2)
     (task,) = rerank.stage_tasks(study.user_attrs).values()
@@ -142,7 +143,7 @@ def test_rerank_killed_and_resumed_loses_and_repeats_nothing(tmp_path, fault):
         assert after[n].state == t.state and after[n].user_attrs == t.user_attrs
         assert after[n].values == t.values
     assert finished_once(storage) == expected_items(storage)
-    trials = open_run(storage, "rr").get_trials()
+    trials = run_trials(open_run(storage, "rr"))
     assert all(t.state.is_finished() for t in trials)
     counted = [t for t in trials if t.user_attrs.get("kind") == "candidate"
                and t.user_attrs.get("verdict") != "failed:worker_lost"]
@@ -157,8 +158,16 @@ def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
     config, storage = tiny(tmp_path, budget=8, workers=2)
     result = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = open_run(storage, "rr").get_trials()
-    assert [t.number for t in trials] == list(range(len(trials)))
+    study = open_run(storage, "rr")
+    trials = run_trials(study)
+    # the run's study holds the search (what Optuna's tools read), the stage study the items;
+    # each numbered from 0 without a gap
+    search = study.get_trials()
+    stage = optuna.load_study(study_name="rr/rerank", storage=storage).get_trials()
+    assert {t.user_attrs["kind"] for t in search} == {"candidate", "baseline"}
+    assert {t.user_attrs["kind"] for t in stage} == {"rerank"} and trials == search + stage
+    for part in (search, stage):
+        assert [t.number for t in part] == list(range(len(part)))
     assert all(t.state.is_finished() for t in trials)
     assert finished_once(storage) == expected_items(storage)
     kinds = {}
@@ -168,7 +177,7 @@ def test_rerank_with_two_workers_accounts_for_every_trial(tmp_path):
     # run again: nothing new to do, nothing added
     again = run_opsearch(["search", "--config", str(config), "--quiet"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert len(open_run(storage, "rr").get_trials()) == len(trials)
+    assert len(run_trials(open_run(storage, "rr"))) == len(trials)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +206,7 @@ def hand_made_study(tmp_path, evaluated=True):
 
 def snapshot(storage):
     study = open_run(storage, "rr")
-    return ([(t.number, t.state, t.values, t.user_attrs) for t in study.get_trials()],
+    return ([(t.number, t.state, t.values, t.user_attrs) for t in run_trials(study)],
             dict(study.user_attrs))
 
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from opsearch import study as study_mod
 from opsearch.errors import StorageUnavailable
-from opsearch.study import LOST, Run, WorkerId, open_run, set_storage_grace
+from opsearch.study import LOST, Run, WorkerId, open_run, run_trials, set_storage_grace
 
 import contract
 import resources
@@ -191,7 +191,7 @@ class Postgres:
 
 def _finished(url, name) -> int:
     try:
-        return sum(t.state.is_finished() for t in open_run(url, name).get_trials())
+        return sum(t.state.is_finished() for t in run_trials(open_run(url, name)))
     except Exception:
         return -1
 
@@ -240,7 +240,7 @@ def test_postgres_stopped_and_started_in_the_middle_of_a_search(tmp_path, outage
         assert f"opsearch search: error: storage unreachable for {grace_s:g} s" in err, err
         again = _search(config, tmp_path, grace_s, tmp_path / "again.err")
         assert again.wait(timeout=600) == 0, (tmp_path / "again.err").read_text()[-3000:]
-    trials = open_run(url, name).get_trials()
+    trials = run_trials(open_run(url, name))
     assert not [t for t in trials if not t.state.is_finished()], "a trial stayed RUNNING/WAITING"
     counted = [t for t in trials if t.user_attrs.get("kind") == "candidate"
                and t.user_attrs.get("verdict") != LOST]

@@ -280,14 +280,14 @@ def test_a_transient_error_does_not_turn_the_fast_reader_off(tmp_path, monkeypat
     run = Run.create_or_open(f"sqlite:///{tmp_path}/study.db", "s", ATTRS, ["space"])
     first = run.start_trial({"kind": "candidate"})
     run.finish_trial(first, TrialState.COMPLETE, [0.5, 0.5], {"verdict": "evaluated"})
-    run._max_id = -1  # read everything again
+    run._max_ids[run.study_id] = -1  # read everything again
     _flaky_connect(monkeypatch, run.storage.engine, failures=1)
     # the fast reader hits the lock; this sync falls back to Optuna's reader and still reads
     run.sync()
     assert [(r.number, r.values) for r in run.trials()] == [(0, (0.5, 0.5))]
     assert study_mod._RDB_FAST_READ, "one lock turned the fast reader off for the process"
     # and the next read takes the fast path again
-    assert study_mod._read_rdb_trials(run.storage, run.study_id, -1, set()) is not None
+    assert study_mod._read_rdb_trials(run.storage, {run.study_id: -1}, set()) is not None
 
 
 def test_an_unknown_table_layout_turns_the_fast_reader_off(tmp_path, monkeypatch):
@@ -300,11 +300,11 @@ def test_an_unknown_table_layout_turns_the_fast_reader_off(tmp_path, monkeypatch
     monkeypatch.setitem(study_mod._FAST_READ_LAYOUT, "trials",
                         study_mod._FAST_READ_LAYOUT["trials"] | {"column_of_the_future"})
     _flaky_connect(monkeypatch, run.storage.engine, failures=1)
-    run._max_id = -1
+    run._max_ids[run.study_id] = -1
     fresh = run.sync()
     assert not study_mod._RDB_FAST_READ
     assert run.trials()[0].user_attrs["formula"] == "x" and fresh == []
-    assert study_mod._read_rdb_trials(run.storage, run.study_id, -1, set()) is None
+    assert study_mod._read_rdb_trials(run.storage, {run.study_id: -1}, set()) is None
 
 
 def test_opening_a_journal_leaves_optunas_lock_name_free(tmp_path):

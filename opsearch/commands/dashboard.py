@@ -93,6 +93,21 @@ def _keep_noting(storage, study_id: int, stop: threading.Event) -> None:
             return
 
 
+def name_stage_objectives(storage, run_study: str) -> None:
+    """The stage studies beside the run (re-ranking items, promotions: opsearch/trials.py) get
+    their objectives named too; the dashboard lists them beside the run."""
+    import optuna
+
+    from opsearch.trials import STAGE_KINDS, stage_study_name
+
+    for kind in STAGE_KINDS:
+        try:
+            name_objectives(optuna.load_study(study_name=stage_study_name(run_study, kind),
+                                              storage=storage))
+        except KeyError:  # no such stage in this run
+            continue
+
+
 def name_objectives(study) -> None:
     """Name the study's objectives after its architectures (the dashboard's axis and column
     titles) when the run recorded them and nothing named them yet."""
@@ -119,6 +134,7 @@ def run(args) -> int:
     url, _ = resolve(run_or_url, name)
     storage = open_storage(url, create=False)
     study_id = storage.get_study_id_from_name(study.study_name)
+    name_stage_objectives(storage, study.study_name)
     server = _listen(optuna_dashboard.wsgi(storage), args.host, args.port)
     stop = threading.Event()
     if args.notes:

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from opsearch import report
+from opsearch import trials as report_trials
 from opsearch.errors import InvalidCandidate, UserError
 
 LAYER_OPTION_KEYS = ("eps", "groups", "momentum")
@@ -43,12 +44,12 @@ def select_trial(trials: list[Any], archs: list[str], number: int | None) -> Any
         picked = reranked_best(trials, archs)  # a re-ranked run: its held-out best, said on stderr
         if picked is not None:
             print(f"export: trial {picked[0]}, {picked[1]}", file=sys.stderr)
-            return next(t for t in trials if t.number == picked[0])
+            return report_trials.by_number(trials)[picked[0]]
         best = report.best_trial(trials, archs)
         if best is None:
             raise UserError("the run has no evaluated candidate to export yet")
         return best
-    by_number = {t.number: t for t in trials}
+    by_number = report_trials.by_number(trials)  # stage studies' trials have numbers of their own
     if number not in by_number:
         last = max(by_number) if by_number else None
         raise UserError(f"no trial {number} in this run"

@@ -118,7 +118,9 @@ def prepare_stage(study, url: str, options: dict[str, Any] | None = None, **flag
         stored = {}
     if not isinstance(stored, dict) or "archs" not in attrs:
         raise UserError(f"study {study.study_name!r} is not an opsearch run (no stored config)")
-    trials = study.get_trials(deepcopy=False)
+    from opsearch.study import run_trials
+
+    trials = run_trials(study)
     archs = report.archs_of(trials, attrs)
     counted = sum(1 for t in trials if report.kind(t) == "candidate"
                   and t.user_attrs.get("verdict") != "failed:worker_lost")
@@ -136,7 +138,7 @@ def run_stage(config, task, progress=None) -> dict[str, Any]:
     from opsearch.engine import run_search
 
     done = run_search(config, progress=progress, enqueue_missing_baselines=False)
-    trials = done.storage.get_all_trials(done.study_id, deepcopy=False)
+    trials = done.frozen_trials()
     attrs = done.storage.get_study_user_attrs(done.study_id)
     return rerank_stats.summarize(trials, report.archs_of(trials, attrs), attrs, stage=task.stage,
                                   correction=task.correction, max_seeds=max(task.max_seeds, task.seeds))

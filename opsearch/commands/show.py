@@ -25,10 +25,10 @@ def load_run(run_or_url: str, name: str | None = None) -> tuple[list[Any], dict[
     """(trials, study user attrs, study name) of an existing run; UserError if there is none.
 
     `name` picks the study inside a storage URL (``--storage URL`` with RUN as the name)."""
-    from opsearch.study import open_run
+    from opsearch.study import open_run, run_trials
 
     study = open_run(run_or_url, name)
-    return study.get_trials(deepcopy=False), dict(study.user_attrs), study.study_name
+    return run_trials(study), dict(study.user_attrs), study.study_name
 
 
 def run(args) -> int:

@@ -46,7 +46,9 @@ def collect(study, now: float | None = None) -> dict[str, Any]:
         pass
     budget = config.get("budget")
     grace = float(config.get("grace_s", 120.0))
-    trials = study.get_trials(deepcopy=False)
+    from opsearch.study import run_trials
+
+    trials = run_trials(study)  # workers on rerank items and promotions too
 
     live: dict[tuple, dict] = {}
     lost: dict[tuple, dict] = {}
