@@ -19,8 +19,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from opsearch.pareto import pareto_mask
-from opsearch.trials import (ACC_PREFIX, accuracies, archs_of, category, kind, name_of,  # noqa: F401
-                             search_trials, verdict)
+from opsearch.trials import (ACC_PREFIX, accuracies, archs_of, category, in_order, kind,  # noqa: F401
+                             name_of, search_trials, verdict)
 
 FILTER_PREFIX = "filter_s/"
 
@@ -218,7 +218,7 @@ def summary(trials: Sequence[Any], study_attrs: dict | None = None, top: int | N
 def trials_json(trials: Iterable[Any]) -> list[dict[str, Any]]:
     """Trials as JSON-ready dicts: number, state, values, user attributes."""
     out = []
-    for t in sorted(trials, key=lambda t: t.number):
+    for t in in_order(trials):  # numbers count per study: the run's, then its stage studies'
         values = getattr(t, "values", None)
         out.append({"number": t.number, "state": t.state.name,
                     "values": [_finite_or_none(v) for v in values] if values else None,

@@ -83,7 +83,8 @@ class SearchRun:
     # -- tables -----------------------------------------------------------------------------
 
     def trials_dataframe(self, kind: str | None = None, all_attrs: bool = False):
-        """One row per trial, like `optuna.Study.trials_dataframe`: number, state, times, the
+        """One row per trial, like `optuna.Study.trials_dataframe`: number (in its study: the
+        run's, or for rerank items and promotions their stage study's), state, times, the
         contract attributes (kind, verdict, formula, layer, elapsed_s, acc/<arch>) and their
         mean, and what other kinds carry (stage, seed, of_trial, rung, ...). `kind` keeps one
         kind (candidate, baseline, rerank, promotion); `all_attrs` adds every other user attribute
@@ -91,8 +92,10 @@ class SearchRun:
         pd = _pandas()
         trials, attrs = self._read()
         archs = report.archs_of(trials, attrs)
+        from opsearch.trials import in_order
+
         rows = []
-        for t in sorted(trials, key=lambda t: t.number):
+        for t in in_order(trials):
             if kind is not None and report.kind(t) != kind:
                 continue
             a = t.user_attrs

@@ -58,6 +58,12 @@ def search_trials(trials: Iterable[Any]) -> list[Any]:
     return [t for t in trials if kind(t) in SEARCH_KINDS]
 
 
+def in_order(trials: Iterable[Any]) -> list[Any]:
+    """The run's study's trials by number, then each stage study's (rerank, promotion) by number."""
+    return sorted(trials, key=lambda t: (STAGE_KINDS.index(kind(t)) + 1 if kind(t) in STAGE_KINDS
+                                         else 0, t.number))
+
+
 def by_number(trials: Iterable[Any]) -> dict[int, Any]:
     """The search's trials by number (a stage study's trials have numbers of their own)."""
     return {t.number: t for t in search_trials(trials)}
