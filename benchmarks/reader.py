@@ -39,7 +39,7 @@ def main() -> None:
     from optuna.trial import TrialState
     from scale import big_study
 
-    from opsearch import study as study_mod
+    from opsearch.study import rdb as study_mod  # the fast reader
     from opsearch.study import Run, open_storage
 
     with tempfile.TemporaryDirectory() as tmp:

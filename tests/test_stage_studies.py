@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from opsearch import cli, report
 from opsearch import study as study_mod
+from opsearch.study import queue, rdb
 from opsearch.config import SearchConfig
 from opsearch.engine import run_search
 from opsearch.study import Run, WorkerId, open_run, run_trials
@@ -83,7 +84,7 @@ def test_an_old_layout_run_reads_and_resumes_as_it_was(tmp_path, monkeypatch, ca
     """A run stored before the stage studies (format opsearch.study/1: its rerank items in its
     own study) shows its stage, and resuming it keeps its layout: no stage study appears."""
     cfg = surrogate_search(tmp_path, budget=6)
-    monkeypatch.setattr(study_mod, "STUDY_FORMAT", "opsearch.study/1")  # as the old version wrote
+    monkeypatch.setattr(queue, "STUDY_FORMAT", "opsearch.study/1")  # as the old version wrote
     run_search(cfg)
     monkeypatch.undo()
     old = optuna.load_study(study_name="s", storage=cfg.storage)
@@ -108,7 +109,7 @@ def test_an_old_layout_run_reads_and_resumes_as_it_was(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "sqlite-optuna-reader"])
 def test_stage_items_are_handed_out_reaped_and_requeued_across_workers(tmp_path, monkeypatch, kind):
     if kind == "sqlite-optuna-reader":
-        monkeypatch.setattr(study_mod, "_RDB_FAST_READ", False)
+        monkeypatch.setattr(rdb, "_RDB_FAST_READ", False)
     url = (f"journal:///{tmp_path}/study.log" if kind == "journal"
            else f"sqlite:///{tmp_path}/study.db")
     attrs = {"space": "evonorm", "archs": ARCHS, "dataset": "synthetic"}

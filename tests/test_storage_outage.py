@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from opsearch import study as study_mod
+from opsearch.study import guard, queue
 from opsearch.errors import StorageUnavailable
 from opsearch.study import LOST, Run, WorkerId, open_run, run_trials, set_storage_grace
 
@@ -63,7 +63,7 @@ def _outage_of(monkeypatch, storage, method: str, failures: int) -> list[float]:
 def test_a_storage_call_waits_out_an_outage_and_says_so_once(run, monkeypatch, capsys):
     record = run.start_trial({"kind": "candidate", "genome": "[1]"}, WorkerId.current())
     calls = _outage_of(monkeypatch, run.storage, "set_trial_state_values", 3)
-    monkeypatch.setattr(study_mod, "_finish", lambda storage, trial_id, state, values, attrs:
+    monkeypatch.setattr(queue, "_finish", lambda storage, trial_id, state, values, attrs:
                         storage.set_trial_state_values(trial_id, state, values))
     set_storage_grace(30)
     assert run.finish_trial(record, TrialState.FAIL, None, {"verdict": "failed:x"})
@@ -82,7 +82,7 @@ def test_past_the_grace_period_one_error_and_the_study_as_it_was(run, monkeypatc
     _outage_of(monkeypatch, run.storage, "get_all_trials", 10 ** 6)
     set_storage_grace(1.5)
     start = time.monotonic()
-    monkeypatch.setattr(study_mod, "_read_rdb_trials", lambda *args: None)  # Optuna's reader
+    monkeypatch.setattr(queue, "_read_rdb_trials", lambda *args: None)  # Optuna's reader
     with pytest.raises(StorageUnavailable) as info:
         run.sync()
     assert 1.5 <= time.monotonic() - start < 5
@@ -112,7 +112,7 @@ def test_silence_during_an_outage_is_not_a_lost_worker(run, monkeypatch):
     record = run.start_trial({"kind": "candidate", "genome": "[5]"}, remote)
     beat = run.storage.get_trial(record.trial_id).system_attrs["opsearch:heartbeat"]
     # the storage was away for 10 minutes and came back just now: nobody could beat meanwhile
-    monkeypatch.setattr(study_mod._outage, "ended", beat + 600)
+    monkeypatch.setattr(guard._outage, "ended", beat + 600)
     assert run.reap_lost(grace_s=120, now=beat + 601) == []
     assert run.reap_lost(grace_s=120, now=beat + 600 + 121) == [record.number]
 

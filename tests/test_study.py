@@ -274,7 +274,7 @@ def _flaky_connect(monkeypatch, engine, failures: int):
 
 
 def test_a_transient_error_does_not_turn_the_fast_reader_off(tmp_path, monkeypatch):
-    from opsearch import study as study_mod
+    from opsearch.study import rdb as study_mod  # the fast reader
 
     monkeypatch.setattr(study_mod, "_RDB_FAST_READ", True)
     run = Run.create_or_open(f"sqlite:///{tmp_path}/study.db", "s", ATTRS, ["space"])
@@ -291,7 +291,7 @@ def test_a_transient_error_does_not_turn_the_fast_reader_off(tmp_path, monkeypat
 
 
 def test_an_unknown_table_layout_turns_the_fast_reader_off(tmp_path, monkeypatch):
-    from opsearch import study as study_mod
+    from opsearch.study import rdb as study_mod  # the fast reader
 
     monkeypatch.setattr(study_mod, "_RDB_FAST_READ", True)
     run = Run.create_or_open(f"sqlite:///{tmp_path}/study.db", "s", ATTRS, ["space"])

@@ -64,6 +64,8 @@ def add_notes(storage, study_id: int) -> int:
     import optuna
     from optuna_dashboard._note import note_ver_key, split_body
 
+    from opsearch.study import trial_id
+
     existing = storage.get_study_system_attrs(study_id)
     archs = storage.get_study_user_attrs(study_id).get("archs")
     archs = archs if isinstance(archs, list) else None
@@ -71,11 +73,11 @@ def add_notes(storage, study_id: int) -> int:
                 optuna.trial.TrialState.FAIL)
     added = 0
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=finished):
-        key = note_ver_key(trial._trial_id)
+        key = note_ver_key(trial_id(trial))
         body = trial_note(trial.user_attrs, archs)
         if key in existing or body is None:
             continue
-        for k, v in split_body(body, trial._trial_id).items():
+        for k, v in split_body(body, trial_id(trial)).items():
             storage.set_study_system_attr(study_id, k, v)
         storage.set_study_system_attr(study_id, key, 1)  # (last: a note counts once complete)
         added += 1
