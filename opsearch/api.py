@@ -105,7 +105,7 @@ def _check_workers_can_load(config: SearchConfig) -> None:
     from importlib import metadata
 
     from opsearch import registry
-    from opsearch.engine import resolved_workers
+    from opsearch.local_run import resolved_workers
 
     if resolved_workers(config) <= 1:
         return

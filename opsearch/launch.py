@@ -171,7 +171,7 @@ class SearchJob:
 
 def run_worker(config_dict: dict[str, Any], index: int) -> int:
     """Run one worker of a launched search to the budget (in the launched process)."""
-    from opsearch.engine import run_search
+    from opsearch.local_run import run_search
     from opsearch.study import WorkerId
 
     config = SearchConfig.from_dict({**config_dict, "workers": 1})
@@ -204,7 +204,7 @@ def worker_count(spec: LaunchSpec, config: SearchConfig) -> int:
 
 def launch_local(spec: LaunchSpec, config: SearchConfig) -> list[LaunchedWorker]:
     """Detached worker processes on this machine, each pinned to its device (if any)."""
-    from opsearch.engine import pinned_config
+    from opsearch.local_run import pinned_config
 
     os.makedirs(spec.log_dir, exist_ok=True)
     ids = devices.gpu_ids(config.accelerator, config.devices)

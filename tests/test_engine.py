@@ -7,7 +7,8 @@ import pytest
 from optuna.trial import TrialState
 
 from opsearch.config import SearchConfig
-from opsearch.engine import Setup, Worker, run_search
+from opsearch.engine import Setup, Worker
+from opsearch.local_run import run_search
 from opsearch.study import open_run, run_trials
 
 import contract

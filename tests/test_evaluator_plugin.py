@@ -11,7 +11,8 @@ import pytest
 
 from opsearch import registry
 from opsearch.config import SearchConfig
-from opsearch.engine import Setup, run_search
+from opsearch.engine import Setup
+from opsearch.local_run import run_search
 from opsearch.errors import UserError
 from opsearch.study import open_run, run_trials
 

@@ -142,11 +142,11 @@ def test_every_caller_uses_the_one_parser():
     """engine and `opsearch evaluate` agree because they share the code."""
     import inspect
 
-    from opsearch import engine
+    from opsearch import local_run
     from opsearch.commands import evaluate
 
     assert not hasattr(evaluate, "parse_devices") or evaluate.parse_devices is devices.parse_devices
-    assert "devices.gpu_ids(" in inspect.getsource(engine.device_ids)
+    assert "devices.gpu_ids(" in inspect.getsource(local_run.device_ids)
 
 
 def test_worker_environment_pins_one_device_and_one_thread():
@@ -329,7 +329,7 @@ def test_cuda_out_of_memory_fails_the_candidate_not_the_worker(tmp_path):
     import torch
 
     from opsearch import registry
-    from opsearch.engine import run_search
+    from opsearch.local_run import run_search
     from opsearch.rejection import Filter
 
     calls = []

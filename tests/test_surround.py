@@ -14,7 +14,8 @@ from torch import nn
 from opsearch import cli, graph, layers, registry, surround
 from opsearch.compile import export_source
 from opsearch.config import SearchConfig
-from opsearch.engine import Setup, run_search
+from opsearch.engine import Setup
+from opsearch.local_run import run_search
 from opsearch.errors import UserError
 from opsearch.rejection import Candidate
 from opsearch.study import open_run

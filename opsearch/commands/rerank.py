@@ -135,7 +135,7 @@ def run_stage(config, task, progress=None) -> dict[str, Any]:
     """Train the stage's missing items (resuming it), then its statistics
     (`rerank_stats.summarize`)."""
     from opsearch import rerank_stats, report
-    from opsearch.engine import run_search
+    from opsearch.local_run import run_search
 
     done = run_search(config, progress=progress, enqueue_missing_baselines=False)
     trials = done.frozen_trials()

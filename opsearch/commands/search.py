@@ -127,7 +127,7 @@ def search_and_report(config, progress):
     The one path of `opsearch search` and `opsearch.search` (opsearch/api.py); returns the run."""
     from opsearch.commands.plot import write_plots
     from opsearch.commands.show import print_summary
-    from opsearch.engine import run_search
+    from opsearch.local_run import run_search
 
     start = time.time()
     run_ = run_search(config, progress=progress)
