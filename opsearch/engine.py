@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from optuna.trial import TrialState
@@ -29,6 +29,8 @@ from opsearch.errors import EnvironmentFault, InvalidCandidate
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
                             disk_full_error, mark_stopped, no_retry, resolve,
                             set_storage_grace)
+from opsearch.trial_handlers import (HANDLERS, CandidateHandler, Outcome, TrialHandler,
+                                     built_like_candidates)
 
 COMPATIBLE_KEYS = ("space", "space_options", "archs", "dataset", "evaluator_plugin", "surround")
 MAX_REPROPOSALS = 20
@@ -145,19 +147,6 @@ def surround_of_run(config: SearchConfig) -> str:
 # The worker
 
 
-@dataclass
-class Outcome:
-    """A candidate's result, as it will be stored."""
-
-    state: TrialState
-    values: list[float] | None
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def verdict(self) -> str:
-        return self.attrs.get("verdict", "")
-
-
 class Worker:
     """One stateless worker: recover, then propose / filter / evaluate / record until the budget."""
 
@@ -198,6 +187,7 @@ class Worker:
                                      seed=self.config.seed, evaluator_plugin=self.config.evaluator_plugin)
         self._last_reap = 0.0
         self._derived_evaluators: dict[tuple, Any] = {}  # (what, ...) -> evaluator, built once
+        self._handlers: dict[str, TrialHandler] = {}  # kind -> its handler (trial_handlers.py)
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
         self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
@@ -232,7 +222,7 @@ class Worker:
         if record.kind == "candidate":
             return record.genome
         if record.kind != "baseline" or not self.config.seed_with_baselines \
-                or record.state != TrialState.COMPLETE or not self._built_like_candidates(record):
+                or record.state != TrialState.COMPLETE or not built_like_candidates(self.config, record):
             return None
         key = record.user_attrs.get("graph")
         if key not in self._encoded:
@@ -373,8 +363,17 @@ class Worker:
 
     # -- one candidate ----------------------------------------------------------------------
 
+    def handler(self, kind: str) -> TrialHandler:
+        """The handler of a trial kind (trial_handlers.py), built once; a trial without a known
+        kind is a candidate, as trials stored before kinds existed are."""
+        if kind not in HANDLERS:
+            kind = CandidateHandler.kind
+        if kind not in self._handlers:
+            self._handlers[kind] = HANDLERS[kind](self)
+        return self._handlers[kind]
+
     def process(self, record: TrialRecord) -> Outcome:
-        """Filter and evaluate one candidate; every failure becomes a verdict."""
+        """Evaluate one trial with its kind's handler; every failure becomes a verdict."""
         from opsearch.denormals import flush_denormals
 
         start = time.perf_counter()
@@ -384,14 +383,7 @@ class Worker:
             hang_after = self.config.timeout_s + HANG_MARGIN_S if self.config.timeout_s > 0 else None
             with Heartbeat(self.run.storage, record.trial_id, self.config.heartbeat_s, hang_after), \
                     time_limit(self.config.timeout_s), flush_denormals():
-                if record.kind == "baseline":
-                    outcome = self._evaluate_baseline(record)
-                elif record.kind == "rerank":
-                    outcome = self._evaluate_rerank(record)
-                elif record.kind == "promotion":
-                    outcome = self._evaluate_promotion(record)
-                else:
-                    outcome = self._evaluate_candidate(record)
+                outcome = self.handler(record.kind).evaluate(record)
         except CandidateTimeout as e:
             outcome = Outcome(TrialState.FAIL, None, {"verdict": "failed:timeout", "reason": str(e)})
         except (MemoryError, _cuda_oom()) as e:
@@ -408,63 +400,7 @@ class Worker:
         outcome.attrs["elapsed_s"] = round(time.perf_counter() - start, 4)
         return outcome
 
-    def _evaluate_candidate(self, record: TrialRecord) -> Outcome:
-        from opsearch.rejection import Candidate
-
-        genome = record.genome
-        plain = self.setup.space.decode(genome)
-        candidate = Candidate(plain, genome=genome)
-        outcome = self.setup.pipeline.run(candidate, self.context)
-        attrs = outcome.user_attrs(candidate)
-        status = outcome.status
-        if status.startswith("rejected:"):
-            attrs["verdict"] = status
-            return Outcome(TrialState.PRUNED, None, attrs)
-        if status.startswith("duplicate:"):
-            values = [float(v) for v in outcome.objectives]
-            attrs["verdict"] = status
-            attrs.update(self._acc_attrs(values))
-            return Outcome(TrialState.COMPLETE, values, attrs)
-        result = self._train(candidate, outcome.warm_start)
-        attrs.update(result)
-        if self.setup.funnel is not None:
-            attrs.update({"rung": 1, "rung_steps": self.setup.funnel.steps[1]})
-        return Outcome(TrialState.COMPLETE, [result[f"acc/{a}"] for a in self.archs], attrs)
-
-    def _train(self, candidate, warm_start=None) -> dict[str, Any]:
-        """Full evaluation on the K architectures, resuming what a filter (quality) handed back."""
-        faults.point("train", key=None if candidate.genome is None else str(list(candidate.genome)))
-        evaluator = self.context.get_evaluator()
-        if warm_start is not None:
-            result = evaluator.resume(warm_start)
-        else:
-            result = evaluator.evaluate(candidate.plain)
-        attrs: dict[str, Any] = {"verdict": "evaluated"}
-        attrs.update(self._acc_attrs([float(result.accuracies[a]) for a in self.archs]))
-        attrs.update(result.trial_attrs())
-        return attrs
-
-    def _acc_attrs(self, values: list[float]) -> dict[str, float]:
-        return {f"acc/{a}": float(v) for a, v in zip(self.archs, values)}
-
-    def _evaluate_baseline(self, record: TrialRecord) -> Outcome:
-        funnel = self.setup.funnel  # with the funnel, baselines stand at funnel.baseline_rung
-        evaluator = (self.context.get_evaluator() if funnel is None
-                     else self._rung_evaluator(funnel.baseline_rung))
-        outcome = self._evaluated(evaluator.evaluate(record.user_attrs["layer"]))
-        if funnel is not None:
-            outcome.attrs.update({"rung": funnel.baseline_rung,
-                                  "rung_steps": funnel.steps[funnel.baseline_rung]})
-        outcome.attrs.update(self._known_layer_keys(record))
-        return outcome
-
-    def _evaluated(self, result, **attrs: Any) -> Outcome:
-        """An evaluator's result as the outcome of a trial: the K accuracies as its values."""
-        values = [float(result.accuracies[a]) for a in self.archs]
-        return Outcome(TrialState.COMPLETE, values, {"verdict": "evaluated", **self._acc_attrs(values),
-                                                     **result.trial_attrs(), **attrs})
-
-    def _derived_evaluator(self, key: tuple, make_config: Callable[[], Any]):
+    def derived_evaluator(self, key: tuple, make_config: Callable[[], Any]):
         """An evaluator for another config than the search's (a rung's steps, a re-ranking
         task), built on first use and kept: building one loads its data."""
         evaluator = self._derived_evaluators.get(key)
@@ -475,40 +411,6 @@ class Worker:
                                       evaluator_plugin=self.config.evaluator_plugin).get_evaluator()
             self._derived_evaluators[key] = evaluator
         return evaluator
-
-    @staticmethod
-    def _stored_layer(attrs: dict[str, Any]):
-        """The layer a WAITING trial names: a known layer, or its graph (our schema, never pickle)."""
-        if attrs.get("layer"):
-            return attrs["layer"]
-        from opsearch import graph as graph_mod
-
-        return graph_mod.from_dict(json.loads(attrs["graph"]))
-
-    def _known_layer_keys(self, record: TrialRecord) -> dict[str, Any]:
-        """A baseline's equivalence keys (hash, output fingerprint with the equivalence filter's
-        probes), stored with it so that every worker's cache, recovered ones too, holds it."""
-        from opsearch import layers
-        from opsearch.rejection import Candidate
-
-        if not self._built_like_candidates(record):  # no candidate can be it
-            return {}
-        try:
-            candidate = Candidate(layers.resolve(record.user_attrs["layer"]))
-            return self.setup.pipeline.known_layer_attrs(candidate, self.context)
-        except (InvalidCandidate, ValueError, RuntimeError):  # still a fine baseline
-            return {}
-
-    def _built_like_candidates(self, record: TrialRecord) -> bool:
-        """Whether a baseline's known layer has this run's surround (opsearch/surround.py): a
-        graph shared with a candidate is the same layer, or a start for evolution, only then."""
-        from opsearch import layers
-        from opsearch.errors import UserError
-
-        try:
-            return layers.surround_of(record.user_attrs.get("layer")) == surround_of_run(self.config)
-        except UserError:
-            return False
 
     # -- the re-ranking stage (opsearch/rerank.py) ---------------------------------------------
 
@@ -537,17 +439,6 @@ class Worker:
                 return self.run.pop_waiting(self.identity)
             time.sleep(RERANK_POLL_S)
 
-    def _evaluate_rerank(self, record: TrialRecord) -> Outcome:
-        """One (layer, seed) of a stage, trained on the stage's held-out task."""
-        from opsearch import rerank
-
-        attrs = record.user_attrs
-        stage, seed = str(attrs["stage"]), int(attrs["seed"])
-        evaluator = self._derived_evaluator(("rerank", stage, seed), lambda: rerank.task_eval_config(
-            rerank.stage_task(self.run, stage), seed, self.eval_config, self.config.evaluator_plugin))
-        faults.point("rerank")
-        return self._evaluated(evaluator.evaluate(self._stored_layer(attrs)))
-
     # -- the funnel (opsearch/funnel.py) --------------------------------------------------------
 
     def _enqueue_promotions(self) -> None:
@@ -559,23 +450,6 @@ class Worker:
         with self.lock:
             self._absorb(self.run.sync())
             funnel.enqueue_missing(self.run, self.setup.funnel)
-
-    def _rung_evaluator(self, rung: int):
-        if rung == 1:  # the candidates' own evaluator already trains to rung 1
-            return self.context.get_evaluator()
-        return self._derived_evaluator(("rung", rung), lambda: self.setup.funnel.eval_config(
-            self.eval_config, rung, self.config.evaluator_plugin))
-
-    def _evaluate_promotion(self, record: TrialRecord) -> Outcome:
-        """A candidate trained from scratch to its new rung's steps (the flat evaluation's seed)."""
-        funnel = self.setup.funnel
-        rung = int(record.user_attrs["rung"])
-        if funnel is None or not 1 <= rung <= funnel.top:
-            raise ValueError(f"promotion to rung {rung}, but this search's funnel has "
-                             f"{'none' if funnel is None else funnel.top}")
-        faults.point("promotion")
-        result = self._rung_evaluator(rung).evaluate(self._stored_layer(record.user_attrs))
-        return self._evaluated(result, rung_steps=funnel.steps[rung])
 
     def _record_equivalence(self, record: TrialRecord) -> None:
         """After finish_trial, the record carries its verdict, values and equivalence attrs."""

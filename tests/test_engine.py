@@ -138,11 +138,11 @@ def test_user_search_space_from_plugin_file(tmp_path):
 
 
 def test_a_failing_candidate_becomes_a_verdict(tmp_path, monkeypatch):
-    from opsearch import engine
+    from opsearch.trial_handlers import CandidateHandler
 
     config = tiny(tmp_path, budget=8, baselines=[], filters=["validity"])
     calls = {"n": 0}
-    original = engine.Worker._train
+    original = CandidateHandler.train
 
     def flaky(self, candidate, warm_start=None):
         calls["n"] += 1
@@ -150,7 +150,7 @@ def test_a_failing_candidate_becomes_a_verdict(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash inside training")
         return original(self, candidate, warm_start)
 
-    monkeypatch.setattr(engine.Worker, "_train", flaky)
+    monkeypatch.setattr(CandidateHandler, "train", flaky)
     run_search(config)
     verdicts = [t.user_attrs["verdict"] for t in candidates(config)]
     assert len(verdicts) == 8
@@ -163,10 +163,10 @@ def test_a_failing_candidate_becomes_a_verdict(tmp_path, monkeypatch):
 def test_a_slow_candidate_times_out(tmp_path, monkeypatch):
     import time as time_mod
 
-    from opsearch import engine
+    from opsearch.trial_handlers import CandidateHandler
 
     config = tiny(tmp_path, budget=2, baselines=[], filters=["validity"], timeout_s=0.5)
-    monkeypatch.setattr(engine.Worker, "_train", lambda self, c, warm_start=None: time_mod.sleep(5))
+    monkeypatch.setattr(CandidateHandler, "train", lambda self, c, warm_start=None: time_mod.sleep(5))
     run_search(config)
     verdicts = {t.user_attrs["verdict"] for t in candidates(config)}
     assert verdicts <= {"failed:timeout", "rejected:validity"}

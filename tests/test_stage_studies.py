@@ -15,7 +15,7 @@ from opsearch import cli, report
 from opsearch import study as study_mod
 from opsearch.study import queue, rdb
 from opsearch.config import SearchConfig
-from opsearch.engine import run_search
+from opsearch.local_run import run_search
 from opsearch.study import Run, WorkerId, open_run, run_trials
 
 SURROGATE = str(Path(__file__).resolve().parent.parent / "benchmarks" / "surrogate.py")
