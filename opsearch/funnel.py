@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from opsearch import faults
 from opsearch.config import FUNNEL_DEFAULTS as DEFAULTS
-from opsearch.config import check_funnel_options
+from opsearch.config import DEFAULT_EVALUATOR, check_funnel_options
 from opsearch.errors import UserError
 from opsearch.pareto import nondominated_ranks
 from opsearch.trials import LOST, SEARCH_KINDS
@@ -111,7 +111,7 @@ class Funnel:
         out.setdefault("quality", {})["steps"] = self.steps[0]
         return out
 
-    def eval_config(self, config, rung: int, evaluator_plugin: str = "lightning"):
+    def eval_config(self, config, rung: int, evaluator_plugin: str = DEFAULT_EVALUATOR):
         """An evaluator config (the plugin's) that trains to rung `rung`'s steps."""
         from opsearch import registry
 

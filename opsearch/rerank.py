@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 from opsearch import faults, report
 from opsearch.config import RERANK_DEFAULTS as DEFAULTS
-from opsearch.config import check_rerank_options
+from opsearch.config import DEFAULT_EVALUATOR, check_rerank_options
 from opsearch.errors import UserError
 from opsearch.trials import LOST, STAGE_ATTR_PREFIX, search_mean, stage_tasks  # noqa: F401
 from opsearch.trials import by_number as search_by_number
@@ -70,7 +70,7 @@ class RerankTask:
     seeds: int
     baselines: list[str] | None  # None: every baseline of the run
     task: dict[str, Any]  # the evaluator's config, machine keys apart, + the seed rule (stored)
-    evaluator_plugin: str = "lightning"  # registry `evaluators`: whose config `task` is
+    evaluator_plugin: str = DEFAULT_EVALUATOR  # registry `evaluators`: whose config `task` is
     max_seeds: int = 8  # the contest of the two best candidates: at most this many seeds each
     correction: str = "holm"  # the table's multiple-comparison correction (rerank_stats)
 
@@ -145,7 +145,7 @@ class RerankTask:
                 + (f" (the two best up to {self.max_seeds})" if self.max_seeds > self.seeds else ""))
 
 
-def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin: str = "lightning"):
+def task_eval_config(task: dict[str, Any], seed: int, machine, evaluator_plugin: str = DEFAULT_EVALUATOR):
     """The evaluator's config from a stored task, one seed, and a worker's machine settings."""
     from opsearch import registry
 
