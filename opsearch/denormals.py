@@ -1,8 +1,9 @@
 """Flush denormal floats to zero while a candidate trains.
 
 Bad candidates drive activations and gradients into the denormal range, where x86 float
-arithmetic is 10-100x slower: measured here, 100 steps on two architectures took 29-71 s with
-denormals and 2.3-2.6 s flushed (same accuracies). Flushing changes values only below 1.2e-38,
+arithmetic crawls: training such a candidate took an order of magnitude longer with denormals
+than flushed, with the same accuracies (BENCHMARKS.md, "Rejection economy"; benchmarks/denormals.py).
+Flushing changes values only below 1.2e-38,
 so it changes no decision. The engine flushes around every candidate; filters that train
 (stability, quality) flush too, so that they are as fast when run on their own.
 """

@@ -5,7 +5,7 @@ the graph's output is the last node. `Node` and `LayerGraph` are pyglove symboli
 hyper-values (pg.oneof, pg.manyof) can stand in any field of a search space.
 
 The hot paths of the search work on the plain form, a tuple of (op, inputs) tuples, which is
-hashable and about 20x cheaper to build than the symbolic objects.  Every function here accepts a
+hashable and far cheaper to build than the symbolic objects.  Every function here accepts a
 LayerGraph or a plain graph.
 
 A unary op reads only inputs[0]; the search spaces give every node two inputs, and the unused one

@@ -1,7 +1,7 @@
 """A fast, flat view of a pyglove search space: genomes are tuples of ints.
 
-pyglove 0.4.5 needs about 7 ms to sample, convert or materialise one DNA, which would dominate
-the engine's per-candidate budget. `SearchSpace` compiles the hyper-value's DNA spec once into a
+pyglove 0.4.5 needs milliseconds to sample, convert or materialise one DNA, which would dominate
+the engine's per-candidate budget (BENCHMARKS.md, "Engine overhead"). `SearchSpace` compiles the hyper-value's DNA spec once into a
 list of categorical genes (a `pg.oneof` is one gene, a `pg.manyof(k, ...)` is k genes, one per
 pick, in pyglove's own order), so that sampling, mutation and decoding cost microseconds. A
 genome is exactly the list `pg.DNA.to_numbers()` gives for the same choice, so `to_dna`/`from_dna`

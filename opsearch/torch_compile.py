@@ -1,7 +1,7 @@
 """Compiled layers through torch.compile (inductor), with a guarded fallback to the plain module.
 
-Why: the generated layer is a handful of separate element-wise kernels each way (5-8x slower than
-BatchNorm2d+ReLU on CPU); inductor fuses them into a few loops. Why guarded: torch.compile needs
+Why: the generated layer is a handful of separate element-wise kernels each way (several times slower
+than BatchNorm2d+ReLU on CPU: BENCHMARKS.md, "Layer speed"); inductor fuses them into a few loops. Why guarded: torch.compile needs
 a working C++ compiler (CPU) or Triton (GPU) and a supported platform, and fails at the *first
 call*, not when it is set up. A layer built with `compile=True` therefore tries the compiled
 forward and, on any failure that the plain forward does not also raise, warns once per process and

@@ -27,9 +27,9 @@ back, not the loop's progress).
 
 Optimization is manual (``automatic_optimization = False``), for speed: each ``training_step``
 call takes k consecutive batches (`GroupedBatches`, one optimizer step each), so Lightning's
-per-call hooks (~0.7 ms on a CPU core, more with automatic optimization's closure) are paid once
-per k steps; one step per call measured 1.14-1.2x a plain loop on the default proxy (BENCHMARKS.md,
-"Lightning overhead"). Backward, the precision plugin, DDP gradient sync and device placement still
+per-call hooks (more with automatic optimization's closure) are paid once per k steps, not once
+per step, which on the tiny proxy is a measurable share of a step (BENCHMARKS.md, "Lightning
+overhead"). Backward, the precision plugin, DDP gradient sync and device placement still
 go through Lightning (``manual_backward``, the wrapped optimizer, the strategy).
 """
 from __future__ import annotations

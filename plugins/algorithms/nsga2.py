@@ -8,8 +8,8 @@ Optuna optimises is f(repair(params)). Rejected/failed candidates never join a p
 sampler is always NSGAIISampler.
 
 Why not one Optuna study holding every trial: NSGAIISampler scans all trials on every ask
-(generation lookup, parent cache), about 12 ms per proposal at 10,000 trials in memory, and
-re-adding 10,000 trials on recovery takes seconds (each add deep-copies 30 distributions). So
+(generation lookup, parent cache), so a proposal's cost grows with the history, and re-adding
+every trial on recovery deep-copies every distribution (BENCHMARKS.md, "Engine overhead"). So
 the generation bookkeeping that Optuna keeps in trial/study system attributes is mirrored here
 in Python, with Optuna's own rules (BaseGASampler: a trial's generation is the latest one until
 `population_size` of its trials completed; NSGA-II parents of generation g = Optuna's elite
@@ -17,8 +17,8 @@ selection over the population of g-1 plus the parents of g-1, in trial order), a
 *samples children*: for each generation a small throw-away in-memory study holds that
 generation's parents, and each proposal calls the sampler's two sampling steps directly (child
 generation, then the random sampler for the genes the child lacks), which draws exactly what
-`study.ask` on that study would (see `_sample`; `study.ask` itself, with its per-trial
-bookkeeping, cost ~2-4 ms per proposal). Each proposal then costs O(genes), recovery is linear
+`study.ask` on that study would (see `_sample`; `study.ask` itself adds per-trial bookkeeping that
+costs more than the sampling). Each proposal then costs O(genes), recovery is linear
 and cheap, and recover-then-propose equals live feedback
 (proposals draw from RNGs reseeded from (seed, history length)). The crossover, mutation,
 child generation and elite selection are Optuna's code. One deliberate difference from a plain

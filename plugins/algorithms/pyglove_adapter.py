@@ -6,8 +6,9 @@ proportional selection divides by the sum of rewards and crashes when they sum t
 `register_pyglove_generator(name, factory, options)`, e.g. from a `--plugin` file.
 
 Useful as a reference implementation and a baseline, not as the fast path: every genome must
-become a `pg.DNA` (~10 ms) and pyglove's propose/feedback cost milliseconds, so expect tens of
-milliseconds per candidate and `recover` at ~10-25 ms per history item (10,000 items: minutes).
+become a `pg.DNA` and pyglove's propose/feedback cost milliseconds each, so a candidate costs
+tens of milliseconds and `recover` grows to minutes over a long history (BENCHMARKS.md, "Engine
+overhead").
 
 - Rewards: multi-objective generators (pyglove:nsga2) get the K-tuple; the others get the
   objectives scalarised by option `scalarization` (mean by default).
