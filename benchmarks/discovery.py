@@ -516,6 +516,25 @@ def _versus(v: dict | None) -> str:
     return f"{diff}{word}{p}"
 
 
+def logrank_p(runs: list[dict], ref: list[dict], key: str = "cpu_to_target") -> str:
+    """Log-rank test (two-sided) of the times to the target, each run that never got there
+    right-censored at its cap: the test made for censored times, beside Mann-Whitney, which
+    counts a censored run as a tie at the cap."""
+    try:
+        from scipy.stats import CensoredData, logrank
+    except ImportError:  # scipy < 1.12
+        return "-"
+
+    def data(rs: list[dict]):
+        return CensoredData(uncensored=[r[key] for r in rs if r[key] is not None],
+                            right=[r["cpu_cap"] for r in rs if r[key] is None])
+
+    if not runs or not ref or all(r[key] is None for r in runs + ref):
+        return "-"
+    p = logrank(data(runs), data(ref)).pvalue
+    return "-" if math.isnan(p) else f"{p:.3g}"
+
+
 def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
     """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval."""
     from scipy.stats import mannwhitneyu
@@ -541,19 +560,21 @@ def report(results: list[dict], path: str, command: str) -> str:
     lines += ["", f"CPU cap per run: {', '.join(f'{c:g}' for c in caps)} s (one worker, one torch thread). "
               f"Target: a candidate's search score (mean accuracy over the architectures) within "
               f"{TARGET_MARGIN} of bn_relu's in the same run. '>' = never reached within the cap "
-              "(counted as the cap). Mann-Whitney U (two-sided) and the ratio of medians of the "
+              "(counted as the cap). Mann-Whitney U (two-sided; a censored run is a tie at the cap), the "
+              "log-rank test (two-sided; censored runs right-censored at their cap) and the ratio of medians of the "
               "censored times to the target compare each arm with its reference (random; "
               "known_mutations for the arm with known layers). Repeats: trained candidates whose "
               "values equal an earlier trained candidate's exactly. Re-ranked: the run's best "
               "re-trained on held-out data; 'level' = not distinguishable or better.", ""]
     lines += ["| arm | runs | median CPU s to first trained | median CPU s to target | reached | "
-              "vs reference: MWU p | ratio of medians | 95% bootstrap | median best | repeats (pooled) "
-              "| re-ranked best level with bn_relu, evonorm_b0, evonorm_s0 |", "|---" * 11 + "|"]
+              "vs reference: MWU p | log-rank p | ratio of medians | 95% bootstrap | median best | repeats (pooled) "
+              "| re-ranked best level with bn_relu, evonorm_b0, evonorm_s0 |", "|---" * 12 + "|"]
     for label, runs in arms.items():
         ref_label = runs[0].get("reference", "random")
         ref = arms.get(ref_label) if ref_label != label else None
         p, ratio, ci = compare(censored(runs, "cpu_to_target"), censored(ref, "cpu_to_target")) \
             if ref else ("-", "-", "-")
+        lr = logrank_p(runs, ref) if ref else "-"
         trained = sum(r["trained"] for r in runs)
         repeats = sum(r["repeats"] for r in runs)
         reranked = [r for r in runs if r.get("rerank") and "vs" in r["rerank"]]
@@ -562,7 +583,7 @@ def report(results: list[dict], path: str, command: str) -> str:
         bests = [r["best"]["score"] for r in runs if r["best"]]
         lines.append(f"| {label} | {len(runs)} | {_median(runs, 'cpu_to_first_trained')} | "
                      f"{_median(runs, 'cpu_to_target')} | {sum(r['cpu_to_target'] is not None for r in runs)}"
-                     f"/{len(runs)} | {p}{f' (vs {ref_label})' if ref else ''} | {ratio} | {ci} | "
+                     f"/{len(runs)} | {p}{f' (vs {ref_label})' if ref else ''} | {lr} | {ratio} | {ci} | "
                      f"{_num(statistics.median(bests) if bests else None)} | "
                      f"{_pct(repeats / trained if trained else None)} ({repeats}/{trained}) | "
                      f"{level} of {len(reranked)}{f' ({missing} not re-ranked)' if missing else ''} |")

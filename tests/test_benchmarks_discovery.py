@@ -84,8 +84,9 @@ def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
     assert random_row[4].strip() == ">100" and random_row[5].strip() == "0/3"
     evo = rows["regularized_evolution"].split("|")
     assert evo[4].strip() == "20" and evo[5].strip() == "3/3"
-    assert evo[7].strip() == "0.20"  # median 20 against the censored 100
+    assert evo[8].strip() == "0.20"  # median 20 against the censored 100
     assert float(evo[6].split()[0]) < 0.11  # Mann-Whitney: 3 against 3, all apart
+    assert float(evo[7]) < 0.05  # log-rank: 3 events against 3 censored runs
     assert "| 0 | >100 | >100 |" in text  # a seed that never got there, marked
 
 
@@ -130,3 +131,28 @@ def test_recorded_results_read_gzipped(tmp_path, discovery):
     with gzip.open(packed, "wt") as f:
         f.write(plain.read_text())
     assert discovery.read_results(str(packed)) == discovery.read_results(str(plain)) == rows
+
+
+def test_logrank_censors_runs_that_never_reached_the_target_at_their_cap(discovery):
+    """Arm A: the target at 100 and 300 CPU s, and one run capped at 200 that never got there;
+    arm B: 250, and two runs capped at 480. By hand, over the event times 100 (A), 250 (B) and
+    300 (A), with A's capped run out of the risk set after 200: observed 2 for A, expected
+    3/6 + 1/4 + 1/3 = 1.083, variance 0.25 + 0.1875 + 0.2222 = 0.660, statistic 1.27, p = 0.26.
+    Counting the capped run as reaching the target at its cap would change all of it."""
+    from scipy.stats import chi2
+
+    def run(cpu, cap=480.0):
+        return {"cpu_to_target": cpu, "cpu_cap": cap}
+
+    a = [run(100.0), run(None, cap=200.0), run(300.0)]
+    b = [run(250.0), run(None), run(None)]
+    # at each event time: (at risk in A, at risk overall, events in A, events overall)
+    table = [(3, 6, 1, 1), (1, 4, 0, 1), (1, 3, 1, 1)]
+    observed = sum(d1 for _, _, d1, _ in table)
+    expected = sum(n1 * d / n for n1, n, _, d in table)
+    variance = sum(n1 * (n - n1) * d * (n - d) / (n * n * (n - 1)) for n1, n, _, d in table)
+    by_hand = chi2.sf((observed - expected) ** 2 / variance, 1)
+    assert 0.25 < by_hand < 0.27
+    assert float(discovery.logrank_p(a, b)) == pytest.approx(by_hand, abs=5e-4)
+    # every run censored: no event to test
+    assert discovery.logrank_p([run(None)] * 3, [run(None)] * 3) == "-"
