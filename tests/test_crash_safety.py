@@ -50,21 +50,38 @@ def all_trials(storage):
     return run_trials(open_run(storage, "crash"))
 
 
+def study_of(t) -> str:
+    """Which study holds a trial: the run's, or a stage study (numbers count per study)."""
+    kind = t.user_attrs.get("kind")
+    return kind if kind in ("rerank", "promotion") else "run"
+
+
+def numbered(trials) -> dict:
+    return {(study_of(t), t.number): t for t in trials}
+
+
+def numbers_per_study(trials) -> dict:
+    out: dict = {}
+    for t in trials:
+        out.setdefault(study_of(t), []).append(t.number)
+    return out
+
+
 @pytest.mark.parametrize("fault", ["propose:3", "train:2", "record:4", "recorded:2"])
 def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
     storage = f"sqlite:///{tmp_path}/study.db"
     config = write_config(tmp_path, storage)
     killed = search(config, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    before = {t.number: t for t in all_trials(storage)}
+    before = numbered(all_trials(storage))
     finished_before = {n: t for n, t in before.items() if t.state.is_finished()}
 
     resumed = search(config)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = all_trials(storage)
-    numbers = [t.number for t in after]
-    assert numbers == sorted(set(numbers)), "a trial number repeats"
-    by_number = {t.number: t for t in after}
+    for numbers in numbers_per_study(after).values():
+        assert numbers == sorted(set(numbers)), "a trial number repeats"
+    by_number = numbered(after)
     for n, t in finished_before.items():  # every trial finished before the kill is intact
         assert by_number[n].state == t.state and by_number[n].user_attrs == t.user_attrs
         assert by_number[n].values == t.values
@@ -78,7 +95,8 @@ def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
     if fault.split(":")[0] in ("train", "record"):
         # the candidate in flight was handed out again, not forgotten
         assert len(lost) == 1
-        retry = [t for t in after if t.user_attrs.get("retry_of") == lost[0].number]
+        retry = [t for t in after if t.user_attrs.get("retry_of") == lost[0].number
+                 and study_of(t) == study_of(lost[0])]
         assert len(retry) == 1 and retry[0].user_attrs["genome"] == lost[0].user_attrs.get("genome")
 
 
@@ -96,7 +114,9 @@ def test_four_workers_share_one_study(tmp_path, kind):
     result = search(config, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = all_trials(storage)
-    assert [t.number for t in trials] == list(range(len(trials)))
+    assert set(numbers_per_study(trials)) <= {"run", "rerank"}
+    for numbers in numbers_per_study(trials).values():
+        assert numbers == list(range(len(numbers)))
     assert all(t.state.is_finished() for t in trials)
     counts = contract.check_contract(trials, ARCHS, FILTERS, min_evaluated=2)
     candidates = [t for t in trials if t.user_attrs["kind"] == "candidate"]
@@ -121,6 +141,11 @@ def _drop_study(url, name):
         optuna.delete_study(study_name=name, storage=storage)
     except KeyError:
         pass
+    for stage in ("rerank", "promotion"):  # the run's stage studies
+        try:
+            optuna.delete_study(study_name=f"{name}/{stage}", storage=storage)
+        except KeyError:
+            pass
 
 
 def test_a_candidate_that_kills_its_worker_every_time_is_tried_twice_then_failed(tmp_path):
