@@ -65,6 +65,12 @@ exit 0
 """
 
 
+
+def numbered(trials) -> dict:
+    """Trials by (study, number): numbers count per study (the run's, its stage studies')."""
+    return {(t.user_attrs.get("kind") if t.user_attrs.get("kind") in ("rerank", "promotion")
+             else "run", t.number): t for t in trials}
+
 def _namespace_works() -> bool:
     if not shutil.which("unshare"):
         return False
@@ -110,7 +116,7 @@ def test_a_full_disk_stops_with_one_line_and_the_study_resumes(tmp_path, kind):
         assert data.endswith(b"\n"), data[-200:]
         for line in data.splitlines():
             json.loads(line)
-    before = {t.number: t for t in run_trials(open_run(storage_full, "crash"))}
+    before = numbered(run_trials(open_run(storage_full, "crash")))
     assert before and all(t.state.is_finished() or t.state in (TrialState.RUNNING, TrialState.WAITING)
                           for t in before.values())
     assert [t for t in before.values() if t.state == TrialState.COMPLETE], "nothing was recorded"
@@ -135,7 +141,7 @@ def test_a_full_disk_stops_with_one_line_and_the_study_resumes(tmp_path, kind):
     resumed_copy = out / "resumed" / file.name
     storage_resumed = f"sqlite:///{resumed_copy}" if kind == "sqlite" else f"journal:///{resumed_copy}"
     after = run_trials(open_run(storage_resumed, "crash"))
-    by_number = {t.number: t for t in after}
+    by_number = numbered(after)
     for n, t in before.items():
         if t.state.is_finished():
             assert by_number[n].user_attrs == t.user_attrs and by_number[n].values == t.values
