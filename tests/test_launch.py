@@ -46,7 +46,11 @@ def assert_accounted(trials, budget):
     """Every candidate finished, none left RUNNING or WAITING, numbers unique, budget reached."""
     from optuna.trial import TrialState
 
-    numbers = [t.number for t in trials]
+    def study_of(t):  # numbers count per study: the run's, its stage studies'
+        kind = t.user_attrs.get("kind")
+        return kind if kind in ("rerank", "promotion") else "run"
+
+    numbers = [(study_of(t), t.number) for t in trials]
     assert len(numbers) == len(set(numbers))
     stuck = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert not stuck, f"trials left unfinished: {stuck}"
@@ -55,10 +59,10 @@ def assert_accounted(trials, budget):
     assert len(counted) >= budget
     assert all(t.user_attrs.get("verdict") for t in trials)
     # a lost candidate came back: its retry is in the study
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {(study_of(t), t.user_attrs.get("retry_of")) for t in trials}
     for t in trials:
         if t.user_attrs.get("verdict") == "failed:worker_lost":
-            assert t.number in retried, f"lost trial {t.number} was never handed out again"
+            assert (study_of(t), t.number) in retried, f"lost trial {t.number} was never handed out again"
 
 
 # --------------------------------------------------------------------------------------------
