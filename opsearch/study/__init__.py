@@ -58,7 +58,7 @@ from opsearch.study.queue import (LOSSES_KEY, LOST_REASONS_KEY, LOST_TWICE, MAX_
 from opsearch.study.rdb import _finish
 from opsearch.study.records import TrialRecord
 from opsearch.study.storage import (CREATION_LOCK_SUFFIX, creation_lock, open_run, open_storage,
-                                    run_trials, stage_trials, trial_id)
+                                    run_trials, set_study_system_attr, stage_trials, trial_id)
 from opsearch.trials import LOST
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,5 +72,5 @@ __all__ = [
     "is_url", "last_outage_end", "mark_stopped", "no_retry", "no_space_at", "open_run",
     "open_storage", "resolve", "run_dir", "run_hint", "run_trials", "run_url", "runs_dir",
     "scheduler_job", "set_storage_grace", "share_outage_notice", "stage_trials",
-    "storage_grace_s", "storage_path", "stopped_reason", "trial_id", "unreachable",
+    "storage_grace_s", "storage_path", "stopped_reason", "set_study_system_attr", "trial_id", "unreachable",
 ]

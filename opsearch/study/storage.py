@@ -285,3 +285,9 @@ def run_trials(study: optuna.Study) -> list[FrozenTrial]:
 def trial_id(trial: FrozenTrial) -> int:
     """A FrozenTrial's id in its storage (unique there; numbers count per study)."""
     return trial._trial_id
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Write a study's system attribute: where a sampler keeps its state (BaseGASampler's parent
+    cache, which the nsga2 plugin presets); Optuna 4 took `Study.set_system_attr` away."""
+    study._storage.set_study_system_attr(study._study_id, key, value)

@@ -25,8 +25,8 @@ child generation and elite selection are Optuna's code. One deliberate differenc
 Optuna study: there, the first child of each generation sees the parents in elite order and the
 others in trial order; here all see trial order.
 
-This relies on Optuna internals that are stable across 3.x-5.x (generation/parent-cache keys of
-BaseGASampler, `Study._storage`); tests pin the behaviour.
+This relies on Optuna internals that are stable across 3.x-5.x (the generation/parent-cache keys
+of BaseGASampler; the storage calls go through opsearch.study); tests pin the behaviour.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from opsearch.algorithm import Algorithm, Objectives, Option
 from opsearch.errors import UserError
 from opsearch.registry import register_algorithm
 from opsearch.space import Genome
+from opsearch.study import set_study_system_attr, trial_id
 
 try:  # the elite selection Optuna's NSGAIISampler uses by default
     from optuna.samplers.nsgaii._elite_population_selection_strategy import (
@@ -195,8 +196,8 @@ class NSGA2(Algorithm):
                                         storage=optuna.storages.InMemoryStorage())
             study.add_trials(self._parents)
         if self.generation > 0:
-            ids = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            study._storage.set_study_system_attr(study._study_id, _PARENT_KEY_PREFIX + str(self.generation), ids)
+            ids = [trial_id(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            set_study_system_attr(study, _PARENT_KEY_PREFIX + str(self.generation), ids)
         self._study, self._study_generation = study, self.generation
         return study, sampler
 
