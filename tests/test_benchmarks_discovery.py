@@ -2,25 +2,20 @@
 end to end (search, re-ranking, result line, resume, report)."""
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from benchmark_modules import BENCHMARKS, benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "discovery.py"
 
 
 @pytest.fixture(scope="module")
 def discovery():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("discovery")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("discovery") as module:
+        yield module
 
 
 def entry(number, kind, verdict, cpu, values=None, layer=None, formula="f"):

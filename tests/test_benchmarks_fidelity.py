@@ -2,23 +2,17 @@
 a hand-computed example, the bootstrapped Spearman, and the summary over (layer, seed) results."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_modules import benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("fidelity")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("fidelity") as module:
+        yield module
 
 
 def test_icc_hand_computed(fidelity):
