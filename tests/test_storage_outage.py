@@ -147,7 +147,10 @@ workers = 2
 plots = false
 seed = 3
 rerank = {{ enabled = false }}
-""" + TINY_PROXY_TOML
+""" + TINY_PROXY_TOML.replace("steps = 3\n", "steps = 200\n", 1)
+# 200 training steps (about a second) instead of the tiny proxy's 3 (milliseconds): the workers
+# must be training candidates when the server stops, not between two storage calls, or there
+# is no candidate in flight to hand back and the test would not see the hand-back it checks.
 
 
 class Postgres:
