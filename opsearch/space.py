@@ -216,6 +216,23 @@ class SearchSpace:
         return self._plan is not None
 
     @property
+    def can_encode(self) -> bool:
+        """Whether `encode` can work at all (a plan, no constrained picks): mutations that
+        rebuild a graph (insert or delete a node) need it."""
+        return self._plan is not None and not any(g.constrained for g in self.groups)
+
+    @property
+    def node_ops(self) -> tuple[str, ...]:
+        """Every op some node of a LayerGraph space can take (empty without a plan)."""
+        if self._plan is None:
+            return ()
+        seen: dict[str, None] = {}
+        for (op_gene, op_values), _slots in self._plan:
+            for op in ((op_values,) if op_gene < 0 else op_values):
+                seen.setdefault(op, None)
+        return tuple(seen)
+
+    @property
     def size(self) -> int:
         """Number of distinct genomes (pyglove's space_size)."""
         return self.dna_spec.space_size

@@ -11,6 +11,7 @@ from opsearch.algorithm import Algorithm, dominates, pareto_front
 from opsearch.errors import UserError
 from opsearch.graph import LayerGraph, Node
 from opsearch.ops import OPS as OPS_TABLE
+from opsearch.plugins.algorithms.generator import GraphGenerator
 from opsearch.plugins.algorithms.mutation import GraphMutator
 from opsearch.plugins.algorithms.pareto_evolution import ParetoEvolution
 from opsearch.space import SearchSpace
@@ -170,7 +171,7 @@ def test_aging_population_drops_the_oldest(space):
 
 
 def test_mutation_only_touches_what_the_output_reads(space):
-    mutator = GraphMutator(space)
+    mutator = GraphMutator(space, mutate_insert=0.0, mutate_delete=0.0)  # edits in place
     rng = random.Random(0)
     functional_changes = 0
     for _ in range(300):
@@ -193,13 +194,73 @@ def test_mutation_only_touches_what_the_output_reads(space):
 
 def test_mutation_kinds_follow_their_weights(space):
     rng = random.Random(1)
-    op_only = GraphMutator(space, mutate_op=1.0, mutate_input=0.0, mutate_node=0.0)
-    input_only = GraphMutator(space, mutate_op=0.0, mutate_input=1.0, mutate_node=0.0)
+    op_only = GraphMutator(space, mutate_op=1.0, mutate_input=0.0, mutate_node=0.0, mutate_insert=0.0,
+                           mutate_delete=0.0)
+    input_only = GraphMutator(space, mutate_op=0.0, mutate_input=1.0, mutate_node=0.0, mutate_insert=0.0,
+                              mutate_delete=0.0)
     for _ in range(100):
         parent = space.random_genome(rng)
         for mutator, field in ((op_only, "op"), (input_only, "inputs")):
             child = mutator.mutate(parent, rng)
             assert {space.gene_field[g] for g in range(space.num_genes) if child[g] != parent[g]} == {field}
+
+
+def _live_size(space, genome):
+    return len(graph.prune(space.decode(genome)))
+
+
+def _only(kind):
+    weights = {k: 0.0 for k in ("mutate_op", "mutate_input", "mutate_node", "mutate_insert", "mutate_delete")}
+    return {**weights, f"mutate_{kind}": 1.0}
+
+
+def test_insert_adds_one_live_node_and_delete_removes_at_least_one(space):
+    grow, shrink = GraphMutator(space, **_only("insert")), GraphMutator(space, **_only("delete"))
+    rng = random.Random(3)
+    grown = shrunk = 0
+    for _ in range(200):
+        parent = GraphGenerator(space).random_genome(rng)
+        size = _live_size(space, parent)
+        child = grow.mutate(parent, rng)
+        if child != parent:
+            assert graph.is_valid(space.decode(child))
+            assert _live_size(space, child) == size + 1
+            grown += 1
+        child = shrink.mutate(parent, rng)
+        if child != parent:
+            assert graph.is_valid(space.decode(child))
+            assert _live_size(space, child) < size
+            shrunk += 1
+    assert grown >= 190 and shrunk >= 100  # generated graphs are small: there is room to grow
+
+
+def test_one_insertion_turns_a_normalizer_into_a_normalizer_with_relu_and_one_deletion_back():
+    """The step edits in place could not take from scratch: x / std_b(x) -> max(x / std_b(x), 0)."""
+    space = SearchSpace.from_name("evonorm")
+    b = graph.GraphBuilder()
+    b.div(b.x, b.std_b(b.x))
+    parent = space.encode(b.plain())
+    b.max(len(b.nodes) + graph.NUM_INITIAL - 1, b.zero)
+    target = graph.canonical_hash(b.plain())
+    grow = GraphMutator(space, avoid_duplicates=False, **_only("insert"))
+    rng = random.Random(0)
+    children = [grow.mutate(parent, rng) for _ in range(3000)]
+    found = [c for c in children if graph.canonical_hash(space.decode(c)) == target]
+    assert found
+    shrink = GraphMutator(space, avoid_duplicates=False, **_only("delete"))
+    back = {graph.canonical_hash(space.decode(shrink.mutate(found[0], rng))) for _ in range(50)}
+    assert graph.canonical_hash(space.decode(parent)) in back
+
+
+def test_a_space_that_cannot_encode_gets_no_size_mutations():
+    constrained = SearchSpace(graph.LayerGraph(nodes=[
+        graph.Node(op=pg.oneof(["add", "mul"]), inputs=pg.manyof(2, [0, 1, 2, 3], distinct=True)),
+        graph.Node(op=pg.oneof(["add", "mul"]), inputs=pg.manyof(2, [0, 1, 2, 3, 4], distinct=True)),
+    ]))
+    assert not constrained.can_encode
+    assert GraphMutator(constrained).size_weights == (0.0, 0.0)
+    with pytest.raises(UserError, match="cannot rebuild"):
+        GraphMutator(constrained, **_only("insert"))
 
 
 def test_mutation_of_a_plain_space_changes_one_gene():
@@ -310,6 +371,9 @@ def test_duplicates_neither_enter_nor_age_the_population(space):
     assert [g for g, _ in added.members()] == members[1:] + members[:1]
 
 
+EDITS_ONLY = {"mutate_insert": 0.0, "mutate_delete": 0.0}  # mutants differ in one node's genes
+
+
 def _is_mutation(space, child, members) -> bool:
     """Whether `child` differs from some member in the genes of exactly one node."""
     return any(len({space.node_of_gene[i] for i, (a, b) in enumerate(zip(m, child)) if a != b}) == 1
@@ -322,13 +386,13 @@ def test_immigrants_explore_until_one_of_them_trains(space):
     rng = random.Random(7)
     members = [space.random_genome(rng) for _ in range(4)]
     plain = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                             immigrants=0.0)
+                             immigrants=0.0, **EDITS_ONLY)
     for g in members:
         plain.feedback(g, (0.5, 0.5))
     assert all(_is_mutation(space, plain.propose(), plain.members()) for _ in range(20))
 
     evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                           immigrants=0.3)
+                           immigrants=0.3, **EDITS_ONLY)
     for g in members:
         evo.feedback(g, (0.5, 0.5))
     kinds = []
@@ -360,7 +424,7 @@ def test_graded_start_climbs_from_the_best_near_miss(space):
             rejected.append(g)
     grades = [0.1, 2.5, 1.0, 0.2]
     evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=4,
-                           start_mutation=1.0)
+                           start_mutation=1.0, **EDITS_ONLY)
     for g, grade in zip(rejected, grades):
         evo.feedback(g, None, grade=grade)
     for _ in range(5):
@@ -368,7 +432,7 @@ def test_graded_start_climbs_from_the_best_near_miss(space):
         changed = {space.node_of_gene[i] for i, (a, b) in enumerate(zip(rejected[1], child)) if a != b}
         assert len(changed) == 1, "a one-node mutation of the 2.5 near miss"
     skip = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=4,
-                            rejected="skip")
+                            rejected="skip", **EDITS_ONLY)
     for g, grade in zip(rejected, grades):
         skip.feedback(g, None, grade=grade)
     children = [skip.propose() for _ in range(5)]
@@ -384,7 +448,7 @@ def test_immigrants_default_explores_from_scratch_not_around_known_layers(space)
 
     def immigrant_share(from_known_layers: bool, **options) -> float:
         evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4,
-                               tournament_size=2, **options)
+                               tournament_size=2, **EDITS_ONLY, **options)
         evo.from_known_layers = from_known_layers
         for g in members:
             evo.feedback(g, (0.5, 0.5))

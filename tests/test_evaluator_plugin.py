@@ -142,12 +142,17 @@ def test_opsearch_evaluate_goes_through_the_evaluator_registry(capsys):
 def test_the_default_search_spends_its_budget_on_training(tmp_path):
     """The quick start's shape (default algorithm, seeded with the known layers, a budget that
     counts candidates): most of the budget goes to mutants that train, not to random graphs the
-    filters reject (immigrant streaks at 0.2 trained 4 of 40 here, against 19 without)."""
+    filters reject. Three seeds pooled: one seed's count moves from 6 to 21 with any change to
+    the random stream. Immigrant streaks at 0.2 trained 14 of 120 here, the default 36."""
     surrogate_module()
-    cfg = config(tmp_path, budget=40, space_options={}, filters=None, filter_options={},
-                 algorithm_options={}, baselines=SearchConfig().baselines, seed=0)
-    run_search(cfg)
-    trials = run_trials(open_run(cfg.storage, cfg.name))
-    evaluated = [t for t in trials if t.user_attrs.get("kind") == "candidate"
-                 and t.user_attrs.get("verdict") == "evaluated"]
-    assert len(evaluated) >= 10, [t.user_attrs.get("verdict") for t in trials]
+    evaluated, verdicts = 0, []
+    for seed in range(3):
+        (tmp_path / str(seed)).mkdir()
+        cfg = config(tmp_path / str(seed), budget=40, space_options={}, filters=None, filter_options={},
+                     algorithm_options={}, baselines=SearchConfig().baselines, seed=seed)
+        run_search(cfg)
+        trials = run_trials(open_run(cfg.storage, cfg.name))
+        candidates = [t for t in trials if t.user_attrs.get("kind") == "candidate"]
+        evaluated += sum(t.user_attrs.get("verdict") == "evaluated" for t in candidates)
+        verdicts += [str(t.user_attrs.get("verdict")) for t in candidates]
+    assert evaluated >= 24, "; ".join(verdicts)

@@ -11,6 +11,14 @@ children that would only repeat an earlier candidate (the engine would not train
 but the step would be wasted and the copy would crowd the population), and children whose
 output no longer depends on x (the validity filter would reject them). Spaces that are not
 LayerGraphs get a plain one-gene uniform mutation.
+
+Two more kinds change a graph's size: `insert` puts a new node on one edge the output depends on
+(`u -> c` becomes `u -> op(u, r) -> c`, the output edge included, r any value before it) and
+`delete` removes a live node (its readers read one of its inputs instead). Editing genes in
+place cannot grow a layer: from scratch, evolution found `x / std_b(x)` and stayed there, while
+`max(x / std_b(x), 0)` is one insertion away but two or more gene edits (a free node must take
+the division and the output must move to a new `max`). Both rebuild the pruned graph and pack it
+into the space with `SearchSpace.encode`; spaces it cannot encode do not get them.
 """
 from __future__ import annotations
 
@@ -26,25 +34,30 @@ MUTATION_OPTIONS: dict[str, Option] = {
     "mutate_op": Option(1.0, "relative weight of 'change a live node's op' mutations", float, minimum=0.0),
     "mutate_input": Option(1.0, "relative weight of 'change one input a live node reads'", float, minimum=0.0),
     "mutate_node": Option(1.0, "relative weight of 'replace a live node (op and inputs)'", float, minimum=0.0),
+    "mutate_insert": Option(1.0, "relative weight of 'insert a new node on a live edge' (graph grows)",
+                            float, minimum=0.0),
+    "mutate_delete": Option(1.0, "relative weight of 'delete a live node, its readers read one of its "
+                            "inputs' (graph shrinks)", float, minimum=0.0),
     "live_only": Option(True, "mutate only nodes/inputs the output depends on (false: any gene)", bool),
     "retries": Option(8, "extra tries when the child is structurally the parent or (avoid_duplicates) "
                       "an already evaluated graph (same canonical hash)", int, minimum=0, maximum=100),
     "avoid_duplicates": Option(True, "retry mutations that repeat an evaluated graph (canonical hash)", bool),
 }
 
-KINDS = ("op", "input", "node")
+KINDS = ("op", "input", "node", "insert", "delete")
 
 
 class GraphMutator:
     """Child genomes from a parent genome (see module docstring)."""
 
     def __init__(self, space: SearchSpace, mutate_op: float = 1.0, mutate_input: float = 1.0,
-                 mutate_node: float = 1.0, live_only: bool = True, retries: int = 8,
-                 avoid_duplicates: bool = True):
+                 mutate_node: float = 1.0, mutate_insert: float = 1.0, mutate_delete: float = 1.0,
+                 live_only: bool = True, retries: int = 8, avoid_duplicates: bool = True):
         self.space = space
         self.weights = (float(mutate_op), float(mutate_input), float(mutate_node))
-        if sum(self.weights) <= 0:
-            raise UserError("mutation weights mutate_op + mutate_input + mutate_node must be > 0")
+        if sum(self.weights) + float(mutate_insert) + float(mutate_delete) <= 0:
+            raise UserError("mutation weights mutate_op + mutate_input + mutate_node + mutate_insert "
+                            "+ mutate_delete must be > 0")
         self.live_only = live_only
         self.retries = retries
         self.avoid_duplicates = avoid_duplicates
@@ -59,6 +72,13 @@ class GraphMutator:
                 for genes in space.genes_of_node)
             self._node_genes = tuple(tuple(g for g in genes if space.gene_sizes[g] > 1)
                                      for genes in space.genes_of_node)
+        # insert / delete rebuild the graph and need SearchSpace.encode to pack it back
+        rebuild = self.graph_aware and space.can_encode and bool(space.node_ops)
+        self.size_weights = (float(mutate_insert), float(mutate_delete)) if rebuild else (0.0, 0.0)
+        self._ops = space.node_ops if rebuild else ()
+        if sum(self.weights) <= 0 and sum(self.size_weights) <= 0:
+            raise UserError("mutation: only mutate_insert / mutate_delete have weight, and this "
+                            "space cannot rebuild graphs (SearchSpace.encode); give an edit kind weight")
 
     @classmethod
     def from_options(cls, space: SearchSpace, options: dict[str, Any]) -> "GraphMutator":
@@ -138,6 +158,65 @@ class GraphMutator:
             genes[:] = before
 
     def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
+        """One mutation of a kind drawn by weight; the parent itself when it found nothing to do."""
+        edit, (insert, delete) = sum(self.weights), self.size_weights
+        r = rng.random() * (edit + insert + delete) if insert + delete > 0 else 0.0
+        if r < edit:
+            return self._edit(parent, plain, live, rng)
+        child = self._insert(plain, rng) if r < edit + insert else self._delete(plain, rng)
+        return child if child is not None else tuple(parent)
+
+    def _insert(self, plain, rng: random.Random) -> Genome | None:
+        """`u -> c` becomes `u -> op(u, r) -> c` on a random live edge (or after the output)."""
+        try:
+            nodes = list(graph.prune(plain))
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        n = len(nodes)
+        edges = [(k, p) for k, (_op, inputs) in enumerate(nodes) for p in range(len(inputs))]
+        edges.append((n, None))  # the output edge: the new node becomes the output
+        k, p = edges[int(rng.random() * len(edges))]
+        u = nodes[k][1][p] if p is not None else graph.NUM_INITIAL + n - 1
+        op = self._ops[int(rng.random() * len(self._ops))]
+        before = graph.NUM_INITIAL + k  # values the new node may read: initial ones and nodes < k
+        r = int(rng.random() * before)
+        inputs = (u,) if _arity(op) == 1 else ((u, r) if rng.random() < 0.5 else (r, u))
+        new = graph.NUM_INITIAL + k
+
+        def shift(v: int) -> int:
+            return v + 1 if v >= new else v
+
+        rebuilt = nodes[:k] + [(op, inputs)] + [(o, tuple(shift(v) for v in ins)) for o, ins in nodes[k:]]
+        if p is not None:
+            o, ins = rebuilt[k + 1]
+            rebuilt[k + 1] = (o, ins[:p] + (new,) + ins[p + 1:])
+        return self.space.encode(tuple(rebuilt))
+
+    def _delete(self, plain, rng: random.Random) -> Genome | None:
+        """A random live node removed; its readers read one of its inputs (the output: that input)."""
+        try:
+            nodes = list(graph.prune(plain))
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        n = len(nodes)
+        if n < 2:
+            return None
+        k = int(rng.random() * n)
+        reads = nodes[k][1]
+        gone = graph.NUM_INITIAL + k
+        if k == n - 1:  # the output moves to one of its input nodes; what only it read dies
+            inner = [v for v in reads if v >= graph.NUM_INITIAL]
+            if not inner:
+                return None
+            keep = inner[int(rng.random() * len(inner))]
+            return self.space.encode(tuple(nodes[:keep - graph.NUM_INITIAL + 1]))
+        repl = reads[int(rng.random() * len(reads))]
+        rebuilt = [(o, tuple(repl if v == gone else (v - 1 if v > gone else v) for v in ins))
+                   for j, (o, ins) in enumerate(nodes) if j != k]
+        return self.space.encode(tuple(rebuilt))
+
+    def _edit(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
+        """Change one live node in place: its op, one input it reads, or all its genes."""
         space = self.space
         genes = list(parent)
         for _ in range(8):  # a chosen (kind, node) may have nothing to change; draw again
