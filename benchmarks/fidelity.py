@@ -544,7 +544,6 @@ def good_summary(rows: list[dict], layers: list[str] = GOOD_LAYERS, archs: list[
     def seeds_of(setting, label):
         return [s for s in PROXY_SEEDS if (label, setting, s) in by]
 
-    base_labels = [k for k in ref if seeds_of(f"r2/{baseline}", k)]
     table = {}
     for name in PROXIES:
         setting = f"r2/{name}"
@@ -552,7 +551,6 @@ def good_summary(rows: list[dict], layers: list[str] = GOOD_LAYERS, archs: list[
         have = {k: v for k, v in have.items() if v}
         if not have:
             continue
-        k_common = min(len(v) for v in have.values())
         common = [s for s in PROXY_SEEDS if all(s in v for v in have.values())]
         labels = sorted(have)
         y = [ref[k] for k in labels]

@@ -128,19 +128,15 @@ class Setup:
         return algorithm
 
     def study_attrs(self) -> dict[str, Any]:
+        from opsearch import surround
+
         c = self.config
         return {"space": c.space, "space_options": c.space_options, "algorithm": c.algorithm,
                 "archs": list(c.archs), "dataset": c.dataset, "evaluator_plugin": c.evaluator_plugin,
-                "surround": surround_of_run(c), "config": json.dumps(c.to_dict())}
+                "surround": surround.of_config(c), "config": json.dumps(c.to_dict())}
 
     def open_run(self) -> Run:
         return Run.create_or_open(self.url, self.study_name, self.study_attrs(), COMPATIBLE_KEYS)
-
-
-def surround_of_run(config: SearchConfig) -> str:
-    """What surrounds this run's candidates (opsearch/surround.py), as `Setup.from_config` set it."""
-    from opsearch import surround
-    return surround.of_config(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +512,7 @@ def _short(e: BaseException) -> str:
 
 def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     """Queue the known layers not yet in the study; workers evaluate them like candidates."""
-    from opsearch import layers
+    from opsearch import layers, surround
 
     run.sync()
     present = {r.user_attrs.get("layer") for r in run.trials()
@@ -527,7 +523,7 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
             continue
         attrs = {"kind": "baseline", "layer": name}
         attrs.update(describe_graph(layers.get_graph(name)))
-        if layers.surround_of(name) != surround_of_run(setup.config):
+        if not surround.known_layer_built_like_candidates(setup.config, name):
             attrs.pop("hash", None)  # the equivalence's key: a layer built unlike the candidates
         run.enqueue(attrs)
         queued.append(name)

@@ -27,6 +27,11 @@ runs against 1 of 5 without; BENCHMARKS, "Discovery from scratch") and 0 when th
 the known layers first (`from_known_layers`): there a budget that counts candidates (the quick
 start's 60) went to the streak's rejected graphs instead of to mutants of the known layers.
 
+Mutation edits a live node in place or grows and shrinks the graph (insert a node on a live
+edge, delete one; mutation.py): from scratch the first layers that train are small (`x /
+std_b(x)`), and the better ones are those plus a node (`max(x / std_b(x), 0)`), which no single
+in-place edit reaches. `mutate_insert = mutate_delete = 0` restores the paper's three kinds.
+
 `min_population` defaults to `tournament_size`, not `population_size`: waiting for a full
 population of random survivors would spend hundreds of proposals before any evolution, and
 members fed back first (the engine's seed layers, with `seed_with_baselines`) would sit idle.
