@@ -512,7 +512,7 @@ def _short(e: BaseException) -> str:
 
 def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
     """Queue the known layers not yet in the study; workers evaluate them like candidates."""
-    from opsearch import layers, surround
+    from opsearch import layers
 
     run.sync()
     present = {r.user_attrs.get("layer") for r in run.trials()
@@ -523,7 +523,7 @@ def enqueue_baselines(run: Run, setup: Setup) -> list[str]:
             continue
         attrs = {"kind": "baseline", "layer": name}
         attrs.update(describe_graph(layers.get_graph(name)))
-        if not surround.known_layer_built_like_candidates(setup.config, name):
+        if not layers.built_like_candidates(name, setup.config):
             attrs.pop("hash", None)  # the equivalence's key: a layer built unlike the candidates
         run.enqueue(attrs)
         queued.append(name)

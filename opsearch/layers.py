@@ -43,6 +43,13 @@ def no_act_companion(name: str) -> str | None:
     return _NO_ACT.get(name)
 
 
+def built_like_candidates(name: str, config: Any) -> bool:
+    """Whether the known layer `name` has a run's surround (`config`'s): only then can a
+    candidate's graph be the same layer (the equivalence's key) or a start for evolution.
+    UserError for an unknown name."""
+    return surround_of(name) == _surround.of_config(config)
+
+
 def declare_surround(name: str, surround: str) -> None:
     """Declare that a known layer is its graph inside `surround` (e.g. bn_then_relu: ReLU after
     BatchNorm). A known layer is a whole layer: it keeps its own surround in any run."""

@@ -85,14 +85,6 @@ def of_config(config: Any) -> str:
     return check(options.get("surround", NONE)) if isinstance(options, dict) else NONE
 
 
-def known_layer_built_like_candidates(config: Any, name: str) -> bool:
-    """Whether the known layer `name` has this run's surround: only then can a candidate's graph
-    be the same layer (the equivalence's key) or a start for evolution. UserError: unknown name."""
-    from opsearch import layers
-
-    return layers.surround_of(name) == of_config(config)
-
-
 def configured(config: Any, declared: str, takes_layer_options: bool) -> Any:
     """`config` with its space's surround (``declared``, `registry.space_surround`) written into
     ``evaluator.layer_options`` (unless the user set one there), when the evaluator plugin takes

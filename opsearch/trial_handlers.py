@@ -185,9 +185,9 @@ def stored_layer(attrs: dict[str, Any]):
 def built_like_candidates(config, record: TrialRecord) -> bool:
     """Whether a baseline's known layer has this run's surround (opsearch/surround.py): a graph
     shared with a candidate is the same layer, or a start for evolution, only then."""
-    from opsearch import surround
+    from opsearch import layers
 
     try:
-        return surround.known_layer_built_like_candidates(config, record.user_attrs.get("layer"))
+        return layers.built_like_candidates(record.user_attrs.get("layer"), config)
     except UserError:
         return False
