@@ -46,10 +46,12 @@ def _next_commands(stderr: str) -> list[list[str]]:
 def test_default_pipeline_then_show_export_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path}/store/study.db"
+    # seed 4: a candidate must train for the re-ranking's rank agreement and for export; at this
+    # tiny setting about 1 in 10 does, so some seeds train none in 8 (seeds 1-5: 4 of 40 trained)
     code = cli.main([
         "search", "--name", "pipe", "--storage", url, "--budget", "8", "--dataset", "digits",
         "--archs", ",".join(ARCHS), "--baselines", "bn_relu,relu_only", "--steps", "30",
-        "--seed", "1", "-O", "filter.quality.steps=20", "-O", "filter.quality.min_accuracy=0.12",
+        "--seed", "4", "-O", "filter.quality.steps=20", "-O", "filter.quality.min_accuracy=0.12",
         "-O", "evaluator.warmup_steps=2",
         "-O", "algorithm.population_size=4", "-O", "algorithm.tournament_size=2"])
     out = capsys.readouterr()
