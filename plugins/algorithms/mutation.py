@@ -168,9 +168,8 @@ class GraphMutator:
 
     def _insert(self, plain, rng: random.Random) -> Genome | None:
         """`u -> c` becomes `u -> op(u, r) -> c` on a random live edge (or after the output)."""
-        try:
-            nodes = list(graph.prune(plain))
-        except (ValueError, KeyError, IndexError, TypeError):
+        nodes = _pruned(plain)
+        if nodes is None:
             return None
         n = len(nodes)
         edges = [(k, p) for k, (_op, inputs) in enumerate(nodes) for p in range(len(inputs))]
@@ -194,9 +193,8 @@ class GraphMutator:
 
     def _delete(self, plain, rng: random.Random) -> Genome | None:
         """A random live node removed; its readers read one of its inputs (the output: that input)."""
-        try:
-            nodes = list(graph.prune(plain))
-        except (ValueError, KeyError, IndexError, TypeError):
+        nodes = _pruned(plain)
+        if nodes is None:
             return None
         n = len(nodes)
         if n < 2:
@@ -246,6 +244,14 @@ class GraphMutator:
 def _arity(op: str) -> int | None:
     spec = ops.OPS.get(op) if isinstance(op, str) else None
     return getattr(spec, "arity", None) if spec is not None else None
+
+
+def _pruned(plain) -> list | None:
+    """The graph's live nodes, renumbered (graph.prune), or None for a graph it cannot read."""
+    try:
+        return list(graph.prune(plain))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _is_valid(plain) -> bool:
