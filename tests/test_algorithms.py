@@ -170,8 +170,16 @@ def test_aging_population_drops_the_oldest(space):
 # ---------------------------------------------------------------------- mutation
 
 
+EDITS_ONLY = {"mutate_insert": 0.0, "mutate_delete": 0.0}  # mutants differ in one node's genes
+
+
+def _only(kind):
+    weights = {k: 0.0 for k in ("mutate_op", "mutate_input", "mutate_node", "mutate_insert", "mutate_delete")}
+    return {**weights, f"mutate_{kind}": 1.0}
+
+
 def test_mutation_only_touches_what_the_output_reads(space):
-    mutator = GraphMutator(space, mutate_insert=0.0, mutate_delete=0.0)  # edits in place
+    mutator = GraphMutator(space, **EDITS_ONLY)
     rng = random.Random(0)
     functional_changes = 0
     for _ in range(300):
@@ -194,10 +202,7 @@ def test_mutation_only_touches_what_the_output_reads(space):
 
 def test_mutation_kinds_follow_their_weights(space):
     rng = random.Random(1)
-    op_only = GraphMutator(space, mutate_op=1.0, mutate_input=0.0, mutate_node=0.0, mutate_insert=0.0,
-                           mutate_delete=0.0)
-    input_only = GraphMutator(space, mutate_op=0.0, mutate_input=1.0, mutate_node=0.0, mutate_insert=0.0,
-                              mutate_delete=0.0)
+    op_only, input_only = GraphMutator(space, **_only("op")), GraphMutator(space, **_only("input"))
     for _ in range(100):
         parent = space.random_genome(rng)
         for mutator, field in ((op_only, "op"), (input_only, "inputs")):
@@ -207,11 +212,6 @@ def test_mutation_kinds_follow_their_weights(space):
 
 def _live_size(space, genome):
     return len(graph.prune(space.decode(genome)))
-
-
-def _only(kind):
-    weights = {k: 0.0 for k in ("mutate_op", "mutate_input", "mutate_node", "mutate_insert", "mutate_delete")}
-    return {**weights, f"mutate_{kind}": 1.0}
 
 
 def test_insert_adds_one_live_node_and_delete_removes_at_least_one(space):
@@ -369,9 +369,6 @@ def test_duplicates_neither_enter_nor_age_the_population(space):
         added.feedback(g, toy_objectives(space, g))
     added.feedback(members[0], toy_objectives(space, members[0]), duplicate=True)
     assert [g for g, _ in added.members()] == members[1:] + members[:1]
-
-
-EDITS_ONLY = {"mutate_insert": 0.0, "mutate_delete": 0.0}  # mutants differ in one node's genes
 
 
 def _is_mutation(space, child, members) -> bool:
