@@ -411,6 +411,53 @@ def test_immigrants_explore_until_one_of_them_trains(space):
     assert 0.05 < text.count("I") / len(text) < 0.8, text
 
 
+def test_an_immigrant_streak_starts_per_trained_result_not_per_proposal(space):
+    """From scratch a mutant trains about one time in ten and a new graph one time in hundreds.
+    Streaks drawn per proposal (rounds 2-4) left mutation a sliver of the search; drawn per
+    trained result, most proposals stay mutations of the population."""
+    rng = random.Random(5)
+    members = [space.random_genome(rng) for _ in range(4)]
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                           immigrants=0.2, **EDITS_ONLY)
+    for g in members:
+        evo.feedback(g, (0.5, 0.5))
+    mutants = immigrants = streaks = trained = 0
+    previous = "M"
+    for _ in range(600):
+        child = evo.propose()
+        kind = "M" if _is_mutation(space, child, evo.members()) else "I"
+        streaks += kind == "I" and previous == "M"
+        previous = kind
+        if kind == "M":
+            mutants += 1
+            train = mutants % 10 == 0
+        else:
+            immigrants += 1
+            train = immigrants % 20 == 0
+        trained += train
+        evo.feedback(child, (0.4, 0.4) if train else None)
+    assert streaks >= 1
+    assert streaks <= 0.5 * trained, (streaks, trained)  # 0.2 per trained result, not per proposal
+    assert immigrants / 600 < 0.5, immigrants  # per proposal, about 0.8 of them were immigrants
+
+
+def test_new_graphs_skip_graphs_already_seen(space):
+    """Given the hashes of graphs already evaluated, the generator proposes others: a long
+    search otherwise drew the same one-node layers about a thousand times each."""
+    evonorm = SearchSpace.from_name("evonorm")
+    generator = GraphGenerator(evonorm, init_nodes=2)
+    rng = random.Random(2)
+    seen: set[str] = set()
+    repeats = 0
+    for _ in range(150):
+        h = graph.canonical_hash(evonorm.decode(generator.random_genome(rng, seen)))
+        repeats += h in seen
+        seen.add(h)
+    assert repeats == 0
+    blind = [graph.canonical_hash(evonorm.decode(generator.random_genome(rng))) for _ in range(150)]
+    assert len(set(blind)) < 120  # without `seen` the one-node layers come back
+
+
 def test_graded_start_climbs_from_the_best_near_miss(space):
     """Before any layer trains, proposals mutate the rejected candidate that got furthest."""
     rng = random.Random(4)

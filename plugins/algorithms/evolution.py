@@ -18,14 +18,19 @@ paper, where rejected layers are discarded (`rejected=skip`: never, also at the 
 
 Once tournaments run, selection climbs from the first layers that trained, which in a space of
 many shallow optima is the first basin found (from scratch, evolution spent its trainings on
-near copies of an instance normalizer while random search found batch normalizers). With
-probability `immigrants` a proposal starts a streak of new graphs from the generator that lasts
-until one of them is trained: random search's exploration, paid for in the CPU random search
-pays per trained layer (hundreds of cheap rejections), not in one proposal slot that would
-almost always die in the filters. By default 0.2 from scratch (it reached the target in 3 of 5
-runs against 1 of 5 without; BENCHMARKS, "Discovery from scratch") and 0 when the engine feeds
-the known layers first (`from_known_layers`): there a budget that counts candidates (the quick
-start's 60) went to the streak's rejected graphs instead of to mutants of the known layers.
+near copies of an instance normalizer while random search found batch normalizers). So each
+trained result starts, with probability `immigrants`, a streak of new graphs from the generator
+that lasts until one of them is trained: random search's exploration, one trained immigrant per
+streak. The chance is drawn per trained result, not per proposal: a streak costs what random
+search pays per trained layer (about a thousand cheap rejections from scratch), while a mutant
+of a trained layer trains about one time in ten, so a per-proposal chance (rounds 2-4) started a
+streak after every five mutants and left mutation about 1% of the proposals; evolution was then
+random search in all but name (round 4: the best layers of a run were mutated 0-3 times). By
+default 0.2 from scratch and 0 when the engine feeds the known layers first
+(`from_known_layers`): there a budget that counts candidates (the quick start's 60) went to the
+streak's rejected graphs instead of to mutants of the known layers. New graphs (immigrants and
+the start) skip graphs already fed back (the generator's `seen`): from scratch, nearly half of
+the proposals were otherwise the same twenty one-node graphs again.
 
 Mutation edits a live node in place or grows and shrinks the graph (insert a node on a live
 edge, delete one; mutation.py): from scratch the first layers that train are small (`x /
@@ -68,8 +73,8 @@ POPULATION_OPTIONS: dict[str, Option] = {
     "start_mutation": Option(0.5, "rejected=graded: share of the proposals before min_population that "
                              "mutate a near miss rather than draw a new graph", float,
                              minimum=0.0, maximum=1.0),
-    "immigrants": Option(None, "once tournaments run: chance that a proposal starts a streak of new "
-                         "graphs from the generator that lasts until one of them is trained (random "
+    "immigrants": Option(None, "once tournaments run: chance that a trained result starts a streak of "
+                         "new graphs from the generator that lasts until one of them is trained (random "
                          f"search's exploration inside evolution; default: {AUTO_IMMIGRANTS} from scratch, "
                          "0 when the search is fed the known layers)", float,
                          minimum=0.0, maximum=1.0, allow_none=True),
@@ -105,23 +110,19 @@ class AgingEvolution(Algorithm):
         self._oldest_miss = 0
         self._seen: set[str] = set()  # canonical hashes of every candidate fed back
         self._track_seen = self.options["avoid_duplicates"] and self.mutator.graph_aware
-        self._streak = False  # proposing immigrants until one of them is trained
-        self._immigrants: set[tuple] = set()  # keys of immigrants not yet fed back
+        self._streak = False  # proposing immigrants until the next trained result
 
     def _propose(self, rng: random.Random) -> Genome:
         if len(self.population) < self.min_population:
             pool = self.population + self.near_misses
             if (self.options["rejected"] != "graded" or len(pool) < self.tournament_size
                     or rng.random() >= self.options["start_mutation"]):
-                return self.generator.random_genome(rng)
+                return self.generator.random_genome(rng, self._seen)
             picks = rng.sample(range(len(pool)), self.tournament_size)
             parent = self.select_parent([pool[i] for i in picks], rng)
             return self.mutator.mutate(parent, rng, self._seen)
-        if self._streak or rng.random() < self.immigrant_rate():
-            self._streak = True
-            genome = self.generator.random_genome(rng)
-            self._immigrants.add(_key(genome))
-            return genome
+        if self._streak:
+            return self.generator.random_genome(rng, self._seen)
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
@@ -142,35 +143,35 @@ class AgingEvolution(Algorithm):
             self._feedback(genome, None)
             return
         self._remember(genome)
-        self._immigrant_back(genome, trained=False)
         if grade is None or len(self.population) >= self.min_population:
             return
         member = (genome, (float(grade) - GRADE_OFFSET,) * self.num_objectives)
         self._oldest_miss = _ring_push(self.near_misses, self._oldest_miss, member, self.population_size)
 
     def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
+        self._remember(genome)
         if self.options["duplicates"] == "add":
-            self._feedback(genome, objectives)
-        else:
-            self._remember(genome)
-            self._immigrant_back(genome, trained=False)
-
-    def _immigrant_back(self, genome: Genome, trained: bool) -> None:
-        """An immigrant's result: a trained one ends the streak (a rejected one or a copy of an
-        earlier function does not: the streak is for a new trained layer)."""
-        if self._immigrants and (key := _key(genome)) in self._immigrants:
-            self._immigrants.discard(key)
-            if trained:
-                self._streak = False
+            self._oldest = _ring_push(self.population, self._oldest, (genome, objectives), self.population_size)
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
         self._remember(genome)
-        self._immigrant_back(genome, trained=objectives is not None)
         if objectives is None:
             if self.options["rejected"] == "skip":
                 return
             objectives = self._worst
+        else:
+            self._trained_result()
         self._oldest = _ring_push(self.population, self._oldest, (genome, objectives), self.population_size)
+
+    def _trained_result(self) -> None:
+        """A trained result ends a streak of immigrants and, once tournaments run, starts one with
+        probability `immigrants`. Decided here from the seed and the feedback count, not when
+        proposing, so that `recover` (feedback only) rebuilds the same state. With several
+        workers a mutant in flight may be the result that ends a streak."""
+        self._streak = False
+        if len(self.population) + 1 >= self.min_population:
+            rng = random.Random(f"{self.seed}:immigrants:{self.num_feedbacks}")
+            self._streak = rng.random() < self.immigrant_rate()
 
     def _remember(self, genome: Genome) -> None:
         """Keep the canonical hash of a genome fed back, so mutation avoids repeating it."""
@@ -180,11 +181,6 @@ class AgingEvolution(Algorithm):
     def members(self) -> list[tuple[Genome, Objectives]]:
         """The population, oldest first."""
         return self.population[self._oldest:] + self.population[:self._oldest]
-
-
-def _key(genome: Genome) -> tuple:
-    """A genome's identity (immigrants are recognised when fed back)."""
-    return tuple(genome)
 
 
 def _ring_push(ring: list, oldest: int, member, size: int) -> int:

@@ -9,6 +9,10 @@ generated graph has a live-node count drawn uniformly from 1..`init_nodes` and m
 the first that fits, so it works for any LayerGraph space a user writes (a space whose fixed
 nodes make small graphs impossible gets the smallest valid one drawn); spaces that are not
 LayerGraphs get uniform genomes.
+
+Given `seen` (canonical hashes of graphs already evaluated), it skips them: there are only about
+twenty one-node layers, and without it nearly half of a long search's new graphs were the same
+ones again (each rejected again, cheaply, but a thousand times over).
 """
 from __future__ import annotations
 
@@ -40,21 +44,27 @@ class GraphGenerator:
     def from_options(cls, space: SearchSpace, options: dict) -> "GraphGenerator":
         return cls(space, **{k: options[k] for k in GENERATOR_OPTIONS})
 
-    def random_genome(self, rng: random.Random) -> Genome:
+    def random_genome(self, rng: random.Random, seen: set[str] | frozenset = frozenset()) -> Genome:
+        """A new graph; one whose canonical hash is in `seen` only when MAX_DRAWS found no other."""
         if not self.ramped:
             return self.space.random_genome(rng)
         target = 1 + int(rng.random() * self.init_nodes)
-        smallest, smallest_size = None, None
+        smallest, smallest_size, fallback = None, None, None
         for _ in range(MAX_DRAWS):
             genome = self.space.random_genome(rng)
             size = live_size(self.space, genome)
             if size is None:
                 continue
-            if size <= target:
+            fits = size <= target
+            if not fits and smallest_size is not None and size >= smallest_size:
+                continue
+            if seen and graph_hash(self.space, genome) in seen:
+                fallback = fallback or genome
+                continue
+            if fits:
                 return genome
-            if smallest_size is None or size < smallest_size:
-                smallest, smallest_size = genome, size
-        return smallest if smallest is not None else self.space.random_genome(rng)
+            smallest, smallest_size = genome, size
+        return smallest or fallback or self.space.random_genome(rng)
 
 
 def live_size(space: SearchSpace, genome: Genome) -> int | None:
@@ -68,4 +78,12 @@ def live_size(space: SearchSpace, genome: Genome) -> int | None:
         return None
 
 
-__all__ = ["GENERATOR_OPTIONS", "GraphGenerator", "live_size"]
+def graph_hash(space: SearchSpace, genome: Genome) -> str | None:
+    """Canonical hash of a genome's graph; None when it cannot be hashed."""
+    try:
+        return graph.canonical_hash(space.decode(genome))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+__all__ = ["GENERATOR_OPTIONS", "GraphGenerator", "graph_hash", "live_size"]
