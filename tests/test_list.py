@@ -38,7 +38,8 @@ def test_list_json_has_formulas_and_options_with_defaults(capsys, tmp_path):
     assert listing["architectures"]["resnet"]["options"]["width"] == 8
     assert listing["datasets"]["digits"]["options"]["val_fraction"] == 0.2
     assert listing["evaluators"]["lightning"]["options"]["steps"] == 300
-    assert listing["algorithms"]["random"]["options"] == {"generator": "valid", "init_nodes": 4}
+    assert listing["algorithms"]["random"]["options"] == {"generator": "valid", "init_nodes": 4,
+                                                          "avoid_duplicates": True}
 
 
 def test_list_text_shows_formulas_not_the_graph_docstring(capsys):

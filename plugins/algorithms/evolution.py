@@ -20,8 +20,8 @@ Once tournaments run, selection climbs from the first layers that trained, which
 many shallow optima is the first basin found (from scratch, evolution spent its trainings on
 near copies of an instance normalizer while random search found batch normalizers). So each
 trained result starts, with probability `immigrants`, a streak of new graphs from the generator
-that lasts until one of them is trained: random search's exploration, one trained immigrant per
-streak. The chance is drawn per trained result, not per proposal: a streak costs what random
+that lasts until the next trained result (with one worker, an immigrant): random search's
+exploration, one trained immigrant per streak. The chance is drawn per trained result, not per proposal: a streak costs what random
 search pays per trained layer (about a thousand cheap rejections from scratch), while a mutant
 of a trained layer trains about one time in ten, so a per-proposal chance (rounds 2-4) started a
 streak after every five mutants and left mutation about 1% of the proposals; evolution was then
@@ -74,7 +74,7 @@ POPULATION_OPTIONS: dict[str, Option] = {
                              "mutate a near miss rather than draw a new graph", float,
                              minimum=0.0, maximum=1.0),
     "immigrants": Option(None, "once tournaments run: chance that a trained result starts a streak of "
-                         "new graphs from the generator that lasts until one of them is trained (random "
+                         "new graphs from the generator that lasts until the next trained result (random "
                          f"search's exploration inside evolution; default: {AUTO_IMMIGRANTS} from scratch, "
                          "0 when the search is fed the known layers)", float,
                          minimum=0.0, maximum=1.0, allow_none=True),
