@@ -609,7 +609,47 @@ def report(results: list[dict], path: str, command: str) -> str:
                          f"{_num(r['best'] and r['best']['score'])} | `{formula}` | {r['proposed']} | "
                          f"{r['trained']} | {r['duplicates']} | {r['rejected']} | {_pct(r['repeat_share'])} | "
                          f"{rerank_cells} | {rr.get('cpu_s', '-')} |")
+    lines += ["", "## Where the CPU went", "",
+              "Share of each arm's pooled search CPU by the verdict of the candidate that spent it (from the "
+              "runs' logs), and the share of proposals that repeat an earlier proposal's formula.", "",
+              "| arm | " + " | ".join(CPU_KINDS) + " | repeated proposals (CPU) |", "|---" * (len(CPU_KINDS) + 2) + "|"]
+    for label, runs in arms.items():
+        shares, repeated, repeated_cpu = cpu_by_verdict([r.get("log") or [] for r in runs])
+        lines.append(f"| {label} | " + " | ".join(_pct(shares.get(k)) for k in CPU_KINDS)
+                     + f" | {_pct(repeated)} ({_pct(repeated_cpu)}) |")
     return "\n".join(lines) + "\n"
+
+
+CPU_KINDS = ("baseline", "evaluated", "duplicate", "rejected:validity", "rejected:numerics",
+             "rejected:equivalence", "rejected:stability", "rejected:quality", "failed")
+
+
+def cpu_by_verdict(logs: list[list[dict]]) -> tuple[dict[str, float], float | None, float | None]:
+    """Pooled CPU share per verdict kind (each trial's CPU = the rise of the run's cumulative
+    `cpu_total` at its line), the share of proposals whose formula an earlier one of the same run
+    had, and the CPU share those took."""
+    spent: dict[str, float] = {}
+    total = repeated = repeated_cpu = proposals = 0.0
+    for log in logs:
+        previous, formulas = 0.0, set()
+        for e in sorted(log, key=lambda e: e.get("cpu_total") or 0.0):
+            cpu = max((e.get("cpu_total") or 0.0) - previous, 0.0)
+            previous = max(previous, e.get("cpu_total") or 0.0)
+            verdict = str(e.get("verdict") or "")
+            kind = ("baseline" if e.get("kind") == "baseline" else
+                    ":".join(verdict.split(":")[:2]) if verdict.startswith("rejected") else verdict.split(":")[0])
+            spent[kind] = spent.get(kind, 0.0) + cpu
+            total += cpu
+            if e.get("kind") != "baseline":
+                proposals += 1
+                if e.get("formula") in formulas:
+                    repeated += 1
+                    repeated_cpu += cpu
+                formulas.add(e.get("formula"))
+    if not total:
+        return {}, None, None
+    return ({k: v / total for k, v in spent.items()}, repeated / proposals if proposals else None,
+            repeated_cpu / total)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,3 +151,21 @@ def test_logrank_censors_runs_that_never_reached_the_target_at_their_cap(discove
     assert float(discovery.logrank_p(a, b)) == pytest.approx(by_hand, abs=5e-4)
     # every run censored: no event to test
     assert discovery.logrank_p([run(None)] * 3, [run(None)] * 3) == "-"
+
+
+def test_cpu_by_verdict_charges_each_trial_the_rise_of_the_cumulative_cpu(discovery):
+    """The report's 'where the CPU went': each line's CPU is what the run's cumulative counter rose
+    by at it (lines may be logged out of order), and repeats are counted by formula."""
+    log = [
+        {"kind": "baseline", "verdict": "evaluated", "cpu_total": 10.0, "formula": "bn"},
+        {"kind": "candidate", "verdict": "rejected:numerics", "cpu_total": 11.0, "formula": "rms_b(x)"},
+        {"kind": "candidate", "verdict": "evaluated", "cpu_total": 31.0, "formula": "x / rms_b(x)"},
+        {"kind": "candidate", "verdict": "rejected:numerics", "cpu_total": 12.0, "formula": "rms_b(x)"},
+        {"kind": "candidate", "verdict": "duplicate:2", "cpu_total": 40.0, "formula": "x / rms_b(x + 0)"},
+    ]
+    shares, repeated, repeated_cpu = discovery.cpu_by_verdict([log])
+    assert shares == pytest.approx({"baseline": 0.25, "rejected:numerics": 0.05, "evaluated": 0.475,
+                                    "duplicate": 0.225})
+    assert repeated == pytest.approx(1 / 4)  # the second rms_b(x)
+    assert repeated_cpu == pytest.approx(1 / 40)
+    assert discovery.cpu_by_verdict([[]]) == ({}, None, None)
