@@ -377,21 +377,24 @@ def _is_mutation(space, child, members) -> bool:
                for m, _ in members)
 
 
+def _small_evolution(space, members, **options):
+    """A 4-member regularized evolution (tournaments of 2) fed `members`, each trained at 0.5."""
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                           **EDITS_ONLY, **options)
+    for g in members:
+        evo.feedback(g, (0.5, 0.5))
+    return evo
+
+
 def test_immigrants_explore_until_one_of_them_trains(space):
     """Once tournaments run, a streak of new graphs lasts while they are rejected and ends when
     one is trained; with immigrants=0 every proposal is a mutation."""
     rng = random.Random(7)
     members = [space.random_genome(rng) for _ in range(4)]
-    plain = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                             immigrants=0.0, **EDITS_ONLY)
-    for g in members:
-        plain.feedback(g, (0.5, 0.5))
+    plain = _small_evolution(space, members, immigrants=0.0)
     assert all(_is_mutation(space, plain.propose(), plain.members()) for _ in range(20))
 
-    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                           immigrants=0.3, **EDITS_ONLY)
-    for g in members:
-        evo.feedback(g, (0.5, 0.5))
+    evo = _small_evolution(space, members, immigrants=0.3)
     kinds = []
     rejected_immigrants = 0
     for _ in range(60):
@@ -417,10 +420,7 @@ def test_an_immigrant_streak_starts_per_trained_result_not_per_proposal(space):
     trained result, most proposals stay mutations of the population."""
     rng = random.Random(5)
     members = [space.random_genome(rng) for _ in range(4)]
-    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                           immigrants=0.2, **EDITS_ONLY)
-    for g in members:
-        evo.feedback(g, (0.5, 0.5))
+    evo = _small_evolution(space, members, immigrants=0.2)
     mutants = immigrants = streaks = trained = 0
     previous = "M"
     for _ in range(600):
