@@ -74,7 +74,10 @@ def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
     results += [result("regularized_evolution", s, [10.0 * (s + 1)]) for s in range(3)]
     text = discovery.report(results, "r.jsonl", "python benchmarks/discovery.py --report")
     assert "python benchmarks/discovery.py X" in text and "--report" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the summary table comes first; later tables name the arms too
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line)
     random_row = rows["random"].split("|")
     assert random_row[4].strip() == ">100" and random_row[5].strip() == "0/3"
     evo = rows["regularized_evolution"].split("|")
