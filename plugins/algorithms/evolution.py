@@ -21,9 +21,9 @@ many shallow optima is the first basin found (from scratch, evolution spent its 
 near copies of an instance normalizer while random search found batch normalizers). So each
 trained result starts, with probability `immigrants`, a streak of new graphs from the generator
 that lasts until the next trained result (with one worker, an immigrant): random search's
-exploration, one trained immigrant per streak. The chance is drawn per trained result, not per proposal: a streak costs what random
-search pays per trained layer (about a thousand cheap rejections from scratch), while a mutant
-of a trained layer trains about one time in ten, so a per-proposal chance (rounds 2-4) started a
+exploration, one trained immigrant per streak. The chance is drawn per trained result, not per
+proposal: a streak costs what random search pays per trained layer (about a thousand cheap
+rejections from scratch), while a mutant of a trained layer trains about one time in ten, so a per-proposal chance (rounds 2-4) started a
 streak after every five mutants and left mutation about 1% of the proposals; evolution was then
 random search in all but name (round 4: the best layers of a run were mutated 0-3 times). By
 default 0.2 from scratch and 0 when the engine feeds the known layers first

@@ -28,6 +28,7 @@ from typing import Any
 from opsearch import graph, ops
 from opsearch.algorithm import Option
 from opsearch.errors import UserError
+from opsearch.plugins.algorithms.generator import graph_hash
 from opsearch.space import Genome, SearchSpace
 
 MUTATION_OPTIONS: dict[str, Option] = {
@@ -116,7 +117,7 @@ class GraphMutator:
 
     def hash_of(self, genome: Genome) -> str | None:
         """Canonical hash of a genome's graph (None for non-graph spaces or invalid graphs)."""
-        return canonical_hash(self.space.decode(genome)) if self.graph_aware else None
+        return graph_hash(self.space, genome) if self.graph_aware else None
 
     # ------------------------------------------------------------------ internals
 

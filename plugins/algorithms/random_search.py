@@ -6,7 +6,8 @@ comparison gives both sides the same starting knowledge and isolates what select
 With `avoid_duplicates` (default, as in evolution) it does not draw again a graph already fed
 back (canonical hash): random search without replacement. Before, about 80% of a 30-minute run's
 proposals repeated an earlier graph, mostly the twenty one-node layers, and their cheap
-rejections took about 30% of its CPU (round 4), a handicap the evolutionary side did not share.
+rejections took about 30% of its CPU (round 4): a cost a comparison would charge to random alone
+once evolution skips them.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from opsearch.space import Genome
 
 @register_algorithm("random")
 class RandomSearch(Algorithm):
-    """Each proposal is a fresh draw of the generator (feedback is ignored)."""
+    """Each proposal is a fresh draw of the generator; feedback only marks graphs as seen."""
 
     OPTIONS: ClassVar[dict[str, Option]] = {
         **GENERATOR_OPTIONS,
