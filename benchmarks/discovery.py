@@ -33,7 +33,9 @@ mutation of a uniformly chosen known layer, scores ignored: no selection).
 Runs go seed-major (seed 0 of every arm, then seed 1, ...) so that a benchmark stopped early has
 balanced arms. One JSON line per finished run is appended to `--results`; a run already there is
 skipped (a run cut short starts again from scratch; one whose search ended but whose re-ranking
-did not resumes at the re-ranking).
+did not resumes at the re-ranking). A recorded run re-ranked with fewer seeds than `--rerank-seeds`
+asks is re-ranked again (its stage keeps the seeds it trained and adds the next ones) and recorded
+as a new line; the report reads the last line of each run.
 
     python benchmarks/discovery.py --algorithms regularized_evolution,pareto_evolution,nsga2,random \
         --seeds 0-4 --known --cpu-cap 1800
@@ -441,6 +443,30 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
                                         "formula")} for e in log]}
 
 
+def rerank_due(result: dict, args) -> bool:
+    """A recorded run whose best was re-ranked with fewer seeds than `--rerank-seeds` asks (or not
+    at all): its re-ranking stage resumes with more seeds; the search is not run again."""
+    if args.no_rerank or not result.get("best"):
+        return False
+    rr = result.get("rerank") or {}
+    return "vs" not in rr or (rr.get("best_seeds") or 0) < args.rerank_seeds
+
+
+def rerank_again(result: dict, args, command: str) -> dict:
+    """The recorded run with its re-ranking grown to `--rerank-seeds` seeds (the stage keeps the
+    seeds it trained and adds the next ones). Appended as a new line: the last line of a run wins
+    (`latest_per_run`), and the old line stays as the record of the smaller stage."""
+    name, url = result["run"], result["study"]
+    print(f"{name}: re-ranking the best again with {args.rerank_seeds} seeds", file=sys.stderr, flush=True)
+    return {**result, "rerank": rerank_run(url, name, args.rerank_seeds), "rerank_command": command,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def latest_per_run(results: list[dict]) -> list[dict]:
+    """One result per (arm, seed): the last one recorded (a re-ranking grown later replaces it)."""
+    return list({(r["arm"], r["seed"]): r for r in results}.values())
+
+
 def settings_of(r: dict) -> tuple:
     return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"],
             json.dumps(r.get("filter_options") or {}, sort_keys=True))
@@ -460,8 +486,11 @@ def bench_main(args, command: str) -> int:
                 if settings_of(old) != mine:
                     raise SystemExit(f"{args.results} holds {run_key(arm.label, seed)} with other settings "
                                      f"{settings_of(old)}; give this arm another --label or another --results")
-                continue
-            result = one_run(arm, seed, args, command)
+                if not rerank_due(old, args):
+                    continue
+                result = rerank_again(old, args, command)
+            else:
+                result = one_run(arm, seed, args, command)
             with open(args.results, "a") as f:
                 f.write(json.dumps(result, allow_nan=False, default=str) + "\n")
                 f.flush()
@@ -551,6 +580,8 @@ def report(results: list[dict], path: str, command: str) -> str:
     lines = [f"# Discovery from scratch: {path}", "", f"Report: `{command}`", ""]
     for cmd in dict.fromkeys(r["command"] for r in results):
         lines.append(f"Benchmark: `{cmd}`")
+    for cmd in dict.fromkeys(r["rerank_command"] for r in results if r.get("rerank_command")):
+        lines.append(f"Re-ranked again: `{cmd}`")
     arms: dict[str, list[dict]] = {}
     for r in results:
         arms.setdefault(r["arm"], []).append(r)
@@ -592,14 +623,14 @@ def report(results: list[dict], path: str, command: str) -> str:
         lines += ["", f"## {label}: {r0['algorithm']} {json.dumps(r0['options'])}"
                   f"{' (known layers fed back)' if r0['known'] else ''}", "",
                   "| seed | CPU s to first trained | CPU s to target | bn_relu | b0 | s0 | best | best formula "
-                  "| proposed | trained | duplicates | rejected | repeats | re-ranked best mean | vs bn_relu "
+                  "| proposed | trained | duplicates | rejected | repeats | re-ranked best mean (seeds) | vs bn_relu "
                   "| vs evonorm_b0 | vs evonorm_s0 | rerank CPU s |",
                   "|---" * 18 + "|"]
         for r in runs:
             rr = r.get("rerank") or {}
             vs = rr.get("vs", {})
             b = r["baselines"]
-            rerank_cells = (f"{_num(rr.get('best_mean'))} | {_versus(vs.get('bn_relu'))} | "
+            rerank_cells = (f"{_num(rr.get('best_mean'))} ({rr.get('best_seeds', '?')}) | {_versus(vs.get('bn_relu'))} | "
                             f"{_versus(vs.get('evonorm_b0'))} | {_versus(vs.get('evonorm_s0'))}"
                             if "vs" in rr else f"{rr.get('error', 'not run')[:60]} | - | - | -")
             formula = (r["best"]["formula"] if r["best"] else "-").replace("|", "\\|")
@@ -672,12 +703,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "discovery_results.jsonl"),
                    help="JSON lines, appended; --report reads several, comma-separated")
     p.add_argument("--no-rerank", action="store_true", help="skip the re-ranking of each run's best")
-    p.add_argument("--rerank-seeds", type=int, default=3)
+    p.add_argument("--rerank-seeds", type=int, default=3,
+                   help="seeds of each run's re-ranking (default 3); a run already recorded with fewer "
+                        "is re-ranked again, its stage grown to this many, and recorded as a new line")
     p.add_argument("--quick", action="store_true", help="smoke test: synthetic data, tiny proxy and space")
     p.add_argument("--report", action="store_true", help="only print the tables of --results")
     args = p.parse_args(argv)
     if args.report:
-        results = [r for path in args.results.split(",") for r in read_results(path)]
+        results = latest_per_run([r for path in args.results.split(",") for r in read_results(path)])
         sys.stdout.write(report(results, args.results, command))
         return 0
     args.filter_opts = parse_arm_options(args.filter_options)

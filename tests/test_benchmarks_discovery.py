@@ -113,10 +113,21 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "searching" not in again.stderr
     assert len(results.read_text().splitlines()) == 1
+    # more re-ranking seeds: the stage grows (its first 2 seeds kept), the search is not run again
+    more = subprocess.run(cmd[:cmd.index("--rerank-seeds") + 1] + ["3"] + cmd[cmd.index("--rerank-seeds") + 2:],
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "searching" not in more.stderr and "again with 3 seeds" in more.stderr
+    first, grown = (json.loads(x) for x in results.read_text().splitlines())
+    assert (first["rerank"]["best_seeds"], grown["rerank"]["best_seeds"]) == (2, 3)
+    assert grown["rerank"]["best_trial"] == first["rerank"]["best_trial"]
+    assert grown["log"] == first["log"] and grown["cpu_total"] == first["cpu_total"]
+    assert grown["rerank"]["cpu_s"] < first["rerank"]["cpu_s"]  # one new seed per layer, not three
     rep = subprocess.run([sys.executable, str(SCRIPT), "--report", "--results", str(results)],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
-    assert "--cpu-cap 6" in rep.stdout and "| random | 1 |" in rep.stdout
+    assert "--cpu-cap 6" in rep.stdout and "| random | 1 |" in rep.stdout  # the last line of the run only
+    assert f"{grown['rerank']['best_mean']:.4f} (3)" in rep.stdout
 
 
 def test_recorded_results_read_gzipped(tmp_path, discovery):
