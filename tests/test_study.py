@@ -80,6 +80,57 @@ def test_enqueued_trial_is_popped_once(run):
     assert run.pop_waiting(me) is None
 
 
+# One worker process of the race below: waits for the start file, pops until nothing waits, and
+# prints the numbers it holds with the worker that each trial's stored attributes name.
+_POPPER = """
+import json, os, sys, time
+from opsearch.study import Run, WorkerId
+url, name, go = sys.argv[1:4]
+run = Run.create_or_open(url, name, json.loads(sys.argv[4]), ["space", "archs"])
+run.sync()
+me = WorkerId.current()
+open(sys.argv[5], "w").close()  # ready: it knows the waiting trials
+while not os.path.exists(go):
+    time.sleep(0.002)
+held = []
+while (record := run.pop_waiting(me)) is not None:
+    held.append(record.number)
+trials = {t.number: t for t in run.storage.get_all_trials(run.study_id)}
+print(json.dumps({"me": me.to_json(), "held": held,
+                  "named": [trials[n].system_attrs.get("opsearch:worker") for n in held]}))
+"""
+
+
+@pytest.mark.slow
+def test_workers_popping_at_once_never_hold_the_same_trial(run, tmp_path):
+    """Optuna's claim reads, then writes; SQLite's driver starts the transaction only at the
+    write, so two workers could both read WAITING and both run the candidate (7-95 of 200
+    trials held twice by four processes before the claim became one compare-and-set)."""
+    import json
+
+    for i in range(80):
+        run.enqueue({"kind": "baseline", "layer": f"l{i}"})
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _POPPER, run.url, run.study_name, str(go),
+                               json.dumps(ATTRS), str(tmp_path / f"ready{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate() for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    held = [n for r in results for n in r["held"]]
+    assert sorted(held) == sorted(set(held)), f"{len(held) - len(set(held))} trials held twice"
+    assert len(held) == 80
+    for r in results:  # each claim wrote its worker with it
+        assert all(named == r["me"] for named in r["named"])
+
+
 def _dead_worker() -> WorkerId:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

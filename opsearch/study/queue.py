@@ -22,7 +22,7 @@ from opsearch.study.guard import StorageGuard, guarded_call, last_outage_end
 from opsearch.study.liveness import (HANDED_BACK_KEY, HEARTBEAT_KEY, HUNG_KEY, WORKER_KEY, WorkerId,
                                      stopped_reason)
 from opsearch.study.paths import _one_line, _redact
-from opsearch.study.rdb import _create_running, _finish, _read_rdb_trials
+from opsearch.study.rdb import _claim, _create_running, _finish, _read_rdb_trials
 from opsearch.study.records import TrialRecord
 from opsearch.study.storage import open_storage
 
@@ -216,20 +216,19 @@ class Run:
             record = self._trials[trial_id]
             if record.kind in skip_kinds:
                 continue
+            mine = {WORKER_KEY: worker.to_json(), HEARTBEAT_KEY: time.time()}
             try:
-                owned = self.storage.set_trial_state_values(record.trial_id, TrialState.RUNNING)
+                owned = guarded_call(self.storage, _claim, record.trial_id, mine)
             except optuna.exceptions.UpdateFinishedTrialError:
-                owned = False
+                owned = False  # finished by another worker, or reaped while we claimed it
             except EnvironmentFault:  # the storage stayed away past its grace period, a full disk
                 raise
             except Exception:
                 owned = False  # lost a race on the database lock: another worker has it
-            if not owned:
-                self._waiting.discard(trial_id)  # another worker took it
-                continue
             self._waiting.discard(trial_id)
-            self.storage.set_trial_system_attr(record.trial_id, WORKER_KEY, worker.to_json())
-            self.storage.set_trial_system_attr(record.trial_id, HEARTBEAT_KEY, time.time())
+            if not owned:
+                continue  # another worker took it
+            record.system_attrs.update(mine)
             record.state = TrialState.RUNNING
             record.datetime_start = datetime.now()
             return record

@@ -97,6 +97,41 @@ def _create_running(storage: BaseStorage, study_id: int, template: FrozenTrial) 
     return trial_id, storage.get_trial_number_from_id(trial_id)
 
 
+def _claim(storage: BaseStorage, trial_id: int, system_attrs: dict[str, Any]) -> bool:
+    """Take a WAITING trial: RUNNING, with this worker's attributes, or False when another worker
+    has it. On an RDB it is one compare-and-set (``UPDATE ... WHERE state = WAITING``), attributes
+    in the same transaction. Why: Optuna's own claim reads, then writes, and SQLite's driver
+    starts the transaction only at the write, so two workers could both read WAITING and both
+    own the trial; and until the worker's attributes were written, a reaper could take the
+    RUNNING trial for a lost one (a worker crashed on UpdateFinishedTrialError there)."""
+    if isinstance(storage, RDBStorage):
+        try:
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+        except ImportError:
+            pass
+        else:
+            with _create_scoped_session(storage.scoped_session) as session:
+                taken = (session.query(models.TrialModel)
+                         .filter(models.TrialModel.trial_id == trial_id,
+                                 models.TrialModel.state == TrialState.WAITING)
+                         .update({models.TrialModel.state: TrialState.RUNNING},
+                                 synchronize_session=False))
+                if taken != 1:
+                    return False
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                trial.datetime_start = datetime.now()  # the model's own setter (UTC in Optuna 5)
+                _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial_id, system_attrs)
+            return True
+    # Portable path (the journal decides a claim in its log's order): the state first, then the
+    # attributes; a trial reaped in between raises UpdateFinishedTrialError to the caller.
+    if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+        return False
+    for key, value in system_attrs.items():
+        storage.set_trial_system_attr(trial_id, key, value)
+    return True
+
+
 def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
             values: list[float] | None, user_attrs: dict[str, Any]) -> None:
     """Attributes, values and state of a trial in one transaction where the storage allows it."""
