@@ -284,6 +284,35 @@ def read_log(path: str) -> list[dict]:
 # Metrics of one run
 
 
+def count_repeats(values: list[tuple]) -> int:
+    """How many of `values` (in order) equal an earlier one exactly."""
+    seen: set[tuple] = set()
+    repeats = 0
+    for key in values:
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
+def chance_repeats(log: list[dict], draws: int = 200, seed: int = 0) -> float:
+    """Repeats expected by chance among a run's trained candidates: the mean count when each
+    architecture's column of scores is shuffled on its own (each column's values kept, the link
+    between one layer's scores broken). Accuracies on a small validation set are coarse (1/287
+    on digits), so different good layers tie on all architectures now and then; a repeat count
+    near this one is not a function trained twice."""
+    rows = [tuple(e["values"]) for e in log if e["kind"] == "candidate" and e["verdict"] == "evaluated"]
+    if len(rows) < 2:
+        return 0.0
+    rng = random.Random(seed)
+    columns = [list(c) for c in zip(*rows)]
+    total = 0
+    for _ in range(draws):
+        for c in columns:
+            rng.shuffle(c)
+        total += count_repeats(list(zip(*columns)))
+    return total / draws
+
+
 def run_metrics(log: list[dict], cpu_cap: float, margin: float = TARGET_MARGIN) -> dict:
     """The figures of one run from its trial log (in the order the trials finished)."""
     baselines = {e["layer"]: e["score"] for e in log if e["kind"] == "baseline"}
@@ -294,12 +323,7 @@ def run_metrics(log: list[dict], cpu_cap: float, margin: float = TARGET_MARGIN) 
     first_trained = next((e["cpu_total"] for e in trained if e["cpu_total"] <= cpu_cap), None)
     hit = next((e for e in cands if level is not None and e["score"] is not None
                 and e["score"] >= level and e["cpu_total"] <= cpu_cap), None)
-    seen: set[tuple] = set()
-    repeats = 0
-    for e in trained:
-        key = tuple(e["values"])
-        repeats += key in seen
-        seen.add(key)
+    repeats = count_repeats([tuple(e["values"]) for e in trained])
     scored = [e for e in cands if e["score"] is not None]
     best = max(scored, key=lambda e: e["score"], default=None)
     return {
@@ -595,7 +619,9 @@ def report(results: list[dict], path: str, command: str) -> str:
               "log-rank test (two-sided; censored runs right-censored at their cap) and the ratio of medians of the "
               "censored times to the target compare each arm with its reference (random; "
               "known_mutations for the arm with known layers). Repeats: trained candidates whose "
-              "values equal an earlier trained candidate's exactly. Re-ranked: the run's best "
+              "values equal an earlier trained candidate's exactly; 'by chance': the count expected with "
+              "each architecture's scores shuffled on their own within a run (ties of different "
+              "layers on a coarse validation set). Re-ranked: the run's best "
               "re-trained on held-out data; 'level' = not distinguishable or better.", ""]
     lines += ["| arm | runs | median CPU s to first trained | median CPU s to target | reached | "
               "vs reference: MWU p | log-rank p | ratio of medians | 95% bootstrap | median best | repeats (pooled) "
@@ -608,6 +634,7 @@ def report(results: list[dict], path: str, command: str) -> str:
         lr = logrank_p(runs, ref) if ref else "-"
         trained = sum(r["trained"] for r in runs)
         repeats = sum(r["repeats"] for r in runs)
+        by_chance = sum(chance_repeats(r.get("log") or []) for r in runs)
         reranked = [r for r in runs if r.get("rerank") and "vs" in r["rerank"]]
         level = ", ".join(str(sum(_level(r["rerank"]["vs"].get(name)) for r in reranked)) for name in REFERENCES)
         missing = len(runs) - len(reranked)
@@ -616,7 +643,8 @@ def report(results: list[dict], path: str, command: str) -> str:
                      f"{_median(runs, 'cpu_to_target')} | {sum(r['cpu_to_target'] is not None for r in runs)}"
                      f"/{len(runs)} | {p}{f' (vs {ref_label})' if ref else ''} | {lr} | {ratio} | {ci} | "
                      f"{_num(statistics.median(bests) if bests else None)} | "
-                     f"{_pct(repeats / trained if trained else None)} ({repeats}/{trained}) | "
+                     f"{_pct(repeats / trained if trained else None)} ({repeats}/{trained}; "
+                     f"{by_chance:.1f} by chance) | "
                      f"{level} of {len(reranked)}{f' ({missing} not re-ranked)' if missing else ''} |")
     for label, runs in arms.items():
         r0 = runs[0]

@@ -66,6 +66,11 @@ def _e3(b):  # (-(x + x + std_i(x + x))) / rms_b(x + x)
     b.div(b.neg(b.add(xx, b.std_i(xx))), b.rms_b(xx))
 
 
+def _relu_over_std(b):  # max(x, 0) / std_b(max(x, 0))
+    r = b.max(b.x, b.zero)
+    b.div(r, b.std_b(r))
+
+
 # Round 5's bests (one per run: the search's best by its own score, as the benchmark re-ranks it)
 FOUND = {
     "evolution s0: tanh(x) / std_b(x)": lambda b: b.div(b.tanh(b.x), b.std_b(b.x)),
@@ -79,6 +84,7 @@ FOUND = {
         lambda b: b.max(b.div(b.x, b.std_b(b.add(b.x, b.v1))), b.v1),
     "random s2: x / mean_l(rms_i(x))": lambda b: b.div(b.x, b.mean_l(b.rms_i(b.x))),
     "random s3: tanh(x) / rms_b(x)": lambda b: b.div(b.tanh(b.x), b.rms_b(b.x)),
+    "both s4: max(x, 0) / std_b(max(x, 0))": _relu_over_std,  # the same trial in both arms
 }
 
 # name -> what to train (a known name, or a function that builds a candidate graph)

@@ -63,6 +63,24 @@ def test_repeats_count_trained_candidates_with_an_earlier_trained_candidates_val
     assert m["repeat_share"] == pytest.approx(0.5)
 
 
+def test_repeats_expected_by_chance_come_from_the_columns_alone(discovery):
+    """Shuffling each architecture's scores on its own: columns with one value each make every
+    later layer a repeat; columns of distinct values make none; a run's real repeats do not
+    count unless the columns make them likely."""
+    same = [entry(i, "candidate", "evaluated", float(i), [0.9, 0.8]) for i in range(5)]
+    assert discovery.chance_repeats(same) == 4.0
+    distinct = [entry(i, "candidate", "evaluated", float(i), [0.5 + i / 100, 0.6 - i / 100]) for i in range(5)]
+    assert discovery.chance_repeats(distinct) == 0.0
+    # two layers trained twice each, all four columns' values distinct otherwise: 2 real repeats,
+    # about 2/3 expected by chance (each column has two pairs of equal values)
+    twice = [entry(i, "candidate", "evaluated", float(i), v) for i, v in
+             enumerate([[0.9, 0.8], [0.7, 0.6], [0.9, 0.8], [0.7, 0.6]])]
+    assert discovery.run_metrics(twice, cpu_cap=100)["repeats"] == 2
+    assert 0.3 < discovery.chance_repeats(twice, draws=2000) < 1.0
+    rejected = [entry(9, "candidate", "rejected:quality", 9.0)]
+    assert discovery.chance_repeats(rejected + same[:1]) == 0.0  # one trained layer: nothing to tie
+
+
 def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
     def result(arm, seed, times, cap=100.0):
         m = discovery.run_metrics(log_of([(t, 0.95) for t in times]), cap)
