@@ -8,9 +8,10 @@ benchmark's target, bn_relu's score, holds a structural lead no candidate can re
 formula. This measures that lead: bn_relu's own graph trained *as a candidate* against bn_relu,
 paired by seed, and (the centering question) uncentered variants against that same graph.
 
-    python benchmarks/no_act_slots.py --seeds 8 --results benchmarks/no_act_slots.jsonl
-    python benchmarks/no_act_slots.py --split search --seeds 5 --results benchmarks/no_act_slots.jsonl
-    python benchmarks/no_act_slots.py --report --results benchmarks/no_act_slots.jsonl
+    python benchmarks/no_act_slots.py --seeds 8 --results benchmarks/no_act_slots_results.jsonl
+    python benchmarks/no_act_slots.py --split search --seeds 5 --results benchmarks/no_act_slots_results.jsonl
+    python benchmarks/no_act_slots.py --layers found --seeds 8 --results benchmarks/no_act_slots_results.jsonl
+    python benchmarks/no_act_slots.py --report --results benchmarks/no_act_slots_results.jsonl
 
 Held-out split (default): the re-ranking task's data and seeds (1,000,000, 1,000,001, ...).
 Search split: the search's data, seeds 0, 1, ... (a run with seed s trains everything with s).
@@ -179,7 +180,7 @@ def main() -> None:
                    help="comma-separated names (default: the first four), or 'found' for round 5's bests "
                         "with bn_relu and its candidate graph; names: " + "; ".join(LAYERS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "no_act_slots.jsonl"))
+    p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "no_act_slots_results.jsonl"))
     p.add_argument("--report", action="store_true", help="only print the tables of --results")
     args = p.parse_args()
     if not args.report:
