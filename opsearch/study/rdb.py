@@ -69,30 +69,39 @@ def _upsert_values(storage: RDBStorage, session, models, trial, values: Sequence
         session.execute(stmt, rows)
 
 
+def _internals(storage: BaseStorage):
+    """(models, session scope) of Optuna's private RDB layer for an RDB storage; None for another
+    storage or an Optuna that moved them: the caller then takes the public storage API."""
+    if not isinstance(storage, RDBStorage):
+        return None
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+    except ImportError:
+        return None
+    return models, _create_scoped_session
+
+
 def _create_running(storage: BaseStorage, study_id: int, template: FrozenTrial) -> tuple[int, int]:
     """(trial id, number) of a new trial written with its attributes in one transaction."""
-    if isinstance(storage, RDBStorage):
-        try:
-            from optuna.storages._rdb import models
-            from optuna.storages._rdb.storage import _create_scoped_session
-        except ImportError:
-            pass
-        else:
-            with _create_scoped_session(storage.scoped_session) as session:
-                # the study row lock serialises trial numbering, as Optuna's own create does
-                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                trial = models.TrialModel(study_id=study_id, number=None, state=template.state,
-                                          datetime_start=template.datetime_start)
-                session.add(trial)
-                session.flush()
-                _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial.trial_id,
-                              template.user_attrs)
-                _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial.trial_id,
-                              template.system_attrs)
-                trial.number = trial.count_past_trials(session)
-                session.add(trial)
-                session.flush()
-                return trial.trial_id, trial.number
+    internals = _internals(storage)
+    if internals is not None:
+        models, _create_scoped_session = internals
+        with _create_scoped_session(storage.scoped_session) as session:
+            # the study row lock serialises trial numbering, as Optuna's own create does
+            models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            trial = models.TrialModel(study_id=study_id, number=None, state=template.state,
+                                      datetime_start=template.datetime_start)
+            session.add(trial)
+            session.flush()
+            _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial.trial_id,
+                          template.user_attrs)
+            _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial.trial_id,
+                          template.system_attrs)
+            trial.number = trial.count_past_trials(session)
+            session.add(trial)
+            session.flush()
+            return trial.trial_id, trial.number
     trial_id = storage.create_new_trial(study_id, template_trial=template)
     return trial_id, storage.get_trial_number_from_id(trial_id)
 
@@ -104,25 +113,21 @@ def _claim(storage: BaseStorage, trial_id: int, system_attrs: dict[str, Any]) ->
     starts the transaction only at the write, so two workers could both read WAITING and both
     own the trial; and until the worker's attributes were written, a reaper could take the
     RUNNING trial for a lost one (a worker crashed on UpdateFinishedTrialError there)."""
-    if isinstance(storage, RDBStorage):
-        try:
-            from optuna.storages._rdb import models
-            from optuna.storages._rdb.storage import _create_scoped_session
-        except ImportError:
-            pass
-        else:
-            with _create_scoped_session(storage.scoped_session) as session:
-                taken = (session.query(models.TrialModel)
-                         .filter(models.TrialModel.trial_id == trial_id,
-                                 models.TrialModel.state == TrialState.WAITING)
-                         .update({models.TrialModel.state: TrialState.RUNNING},
-                                 synchronize_session=False))
-                if taken != 1:
-                    return False
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                trial.datetime_start = datetime.now()  # the model's own setter (UTC in Optuna 5)
-                _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial_id, system_attrs)
-            return True
+    internals = _internals(storage)
+    if internals is not None:
+        models, _create_scoped_session = internals
+        with _create_scoped_session(storage.scoped_session) as session:
+            taken = (session.query(models.TrialModel)
+                     .filter(models.TrialModel.trial_id == trial_id,
+                             models.TrialModel.state == TrialState.WAITING)
+                     .update({models.TrialModel.state: TrialState.RUNNING},
+                             synchronize_session=False))
+            if taken != 1:
+                return False
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            trial.datetime_start = datetime.now()  # the model's own setter (UTC in Optuna 5)
+            _upsert_attrs(storage, session, models.TrialSystemAttributeModel, trial_id, system_attrs)
+        return True
     # Portable path (the journal decides a claim in its log's order): the state first, then the
     # attributes; a trial reaped in between raises UpdateFinishedTrialError to the caller.
     if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
@@ -135,21 +140,17 @@ def _claim(storage: BaseStorage, trial_id: int, system_attrs: dict[str, Any]) ->
 def _finish(storage: BaseStorage, trial_id: int, state: TrialState,
             values: list[float] | None, user_attrs: dict[str, Any]) -> None:
     """Attributes, values and state of a trial in one transaction where the storage allows it."""
-    if isinstance(storage, RDBStorage) and hasattr(storage, "_set_trial_attr_without_commit"):
-        try:
-            from optuna.storages._rdb import models
-            from optuna.storages._rdb.storage import _create_scoped_session
-        except ImportError:  # a future Optuna moved its internals: take the portable path
-            pass
-        else:
-            with _create_scoped_session(storage.scoped_session, True) as session:
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                storage.check_trial_is_updatable(trial_id, trial.state)
-                _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial_id, user_attrs)
-                _upsert_values(storage, session, models, trial, values or ())
-                trial.state = state
-                trial.datetime_complete = datetime.now()
-            return
+    internals = _internals(storage)
+    if internals is not None and hasattr(storage, "_set_trial_attr_without_commit"):
+        models, _create_scoped_session = internals
+        with _create_scoped_session(storage.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            storage.check_trial_is_updatable(trial_id, trial.state)
+            _upsert_attrs(storage, session, models.TrialUserAttributeModel, trial_id, user_attrs)
+            _upsert_values(storage, session, models, trial, values or ())
+            trial.state = state
+            trial.datetime_complete = datetime.now()
+        return
     # Portable path: the state change is written last, so a reader never sees a finished trial
     # without its attributes.
     current = storage.get_trial(trial_id)
