@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 
 from optuna.trial import FrozenTrial
@@ -49,3 +50,15 @@ def run_opsearch(args, cwd, fault=None, timeout=600, env=None) -> subprocess.Com
         env["OPSEARCH_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "opsearch", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
+
+
+def release_together(procs, ready_files, go, timeout=240.0) -> None:
+    """Wait until every process has written its ready file (its imports and reads done), then
+    touch `go`, so that they all start their racing part at the same instant. A process that
+    exits first fails the test with its output."""
+    deadline = time.time() + timeout
+    while not all(f.exists() for f in ready_files):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate() for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    go.touch()

@@ -15,7 +15,7 @@ from opsearch import devices
 from opsearch.cli import main
 from opsearch.config import SearchConfig
 from opsearch.errors import UserError
-from studies import TINY_PROXY_TOML
+from studies import TINY_PROXY_TOML, release_together
 
 TINY = """
 space = "evonorm"
@@ -288,12 +288,7 @@ def test_four_workers_start_at_the_same_instant_on_a_new_study(tmp_path, kind):
             [sys.executable, "-c", GO, str(tmp_path / f"w{i}"), str(go), "search", "--config",
              str(config), "--storage", url, "--name", name, "--quiet", "--seed", str(i)],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.time() + 240
-    while not all((tmp_path / f"w{i}.ready").exists() for i in range(4)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), \
-            [p.communicate() for p in procs if p.poll() is not None]
-        time.sleep(0.05)
-    go.touch()
+    release_together(procs, [tmp_path / f"w{i}.ready" for i in range(4)], go)
     results = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]

@@ -14,6 +14,7 @@ from opsearch.errors import UserError
 from opsearch.study import (LOST, LOST_TWICE, Run, WorkerId, open_run, open_storage, resolve)
 
 import resources
+from studies import release_together
 
 ATTRS = {"space": "evonorm", "archs": ["a", "b"], "dataset": "digits"}
 
@@ -115,12 +116,7 @@ def test_workers_popping_at_once_never_hold_the_same_trial(run, tmp_path):
                                json.dumps(ATTRS), str(tmp_path / f"ready{i}")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(4)]
-    deadline = time.time() + 120
-    while not all((tmp_path / f"ready{i}").exists() for i in range(4)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), \
-            [p.communicate() for p in procs if p.poll() is not None]
-        time.sleep(0.05)
-    go.touch()
+    release_together(procs, [tmp_path / f"ready{i}" for i in range(4)], go, timeout=120)
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
