@@ -170,11 +170,12 @@ def test_aging_population_drops_the_oldest(space):
 # ---------------------------------------------------------------------- mutation
 
 
-EDITS_ONLY = {"mutate_insert": 0.0, "mutate_delete": 0.0}  # mutants differ in one node's genes
+EDITS_ONLY = {"mutate_insert": 0.0, "mutate_delete": 0.0, "mutate_self": 0.0}  # mutants differ in one node's genes
 
 
 def _only(kind):
-    weights = {k: 0.0 for k in ("mutate_op", "mutate_input", "mutate_node", "mutate_insert", "mutate_delete")}
+    weights = {k: 0.0 for k in ("mutate_op", "mutate_input", "mutate_node", "mutate_insert", "mutate_delete",
+                                "mutate_self")}
     return {**weights, f"mutate_{kind}": 1.0}
 
 
@@ -252,13 +253,60 @@ def test_one_insertion_turns_a_normalizer_into_a_normalizer_with_relu_and_one_de
     assert graph.canonical_hash(space.decode(parent)) in back
 
 
+def test_self_insertion_adds_a_value_combined_with_a_function_of_itself(space):
+    """`u -> c` becomes `u -> op(u, f(u)) -> c`: two new live nodes, the unary one reads u only."""
+    grow = GraphMutator(space, **_only("self"))
+    rng = random.Random(5)
+    grown = 0
+    for _ in range(200):
+        parent = GraphGenerator(space).random_genome(rng)
+        child = grow.mutate(parent, rng)
+        if child == parent:
+            continue
+        grown += 1
+        before, after = graph.prune(space.decode(parent)), graph.prune(space.decode(child))
+        assert graph.is_valid(space.decode(child)) and len(after) == len(before) + 2
+        pairs = [(j, node) for j, node in enumerate(after) if OPS_TABLE[node[0]].arity == 2
+                 and any(v >= graph.NUM_INITIAL and OPS_TABLE[after[v - graph.NUM_INITIAL][0]].arity == 1
+                         and after[v - graph.NUM_INITIAL][1] == (w,) for v in node[1] for w in node[1] if w != v)]
+        assert pairs, (before, after)
+    assert grown >= 150
+
+
+def _formula_graph(build):
+    b = graph.GraphBuilder()
+    build(b)
+    return b.plain()
+
+
+def test_one_self_insertion_normalizes_an_elementwise_layer_where_one_plain_insertion_cannot():
+    """From `sqrt(x)`, the first kind of layer that trains from scratch, to a normalizer of it in one
+    step: `sqrt(x) / std_b(sqrt(x))` (output edge) and `sqrt(x / std_b(x))` (input edge)."""
+    space = SearchSpace.from_name("evonorm")
+    parent = space.encode(_formula_graph(lambda b: b.sqrt(b.x)))
+
+    def sqrt_then_norm(b):
+        s = b.sqrt(b.x)
+        b.div(s, b.std_b(s))
+
+    def norm_then_sqrt(b):
+        b.sqrt(b.div(b.x, b.std_b(b.x)))
+
+    targets = {graph.canonical_hash(_formula_graph(f)) for f in (sqrt_then_norm, norm_then_sqrt)}
+    rng = random.Random(0)
+    for kind, reached in (("self", True), ("insert", False)):
+        mutator = GraphMutator(space, avoid_duplicates=False, **_only(kind))
+        hashes = {graph.canonical_hash(space.decode(mutator.mutate(parent, rng))) for _ in range(3000)}
+        assert (targets <= hashes) is reached, kind
+
+
 def test_a_space_that_cannot_encode_gets_no_size_mutations():
     constrained = SearchSpace(graph.LayerGraph(nodes=[
         graph.Node(op=pg.oneof(["add", "mul"]), inputs=pg.manyof(2, [0, 1, 2, 3], distinct=True)),
         graph.Node(op=pg.oneof(["add", "mul"]), inputs=pg.manyof(2, [0, 1, 2, 3, 4], distinct=True)),
     ]))
     assert not constrained.can_encode
-    assert GraphMutator(constrained).size_weights == (0.0, 0.0)
+    assert GraphMutator(constrained).size_weights == (0.0, 0.0, 0.0)
     with pytest.raises(UserError, match="cannot rebuild"):
         GraphMutator(constrained, **_only("insert"))
 

@@ -17,8 +17,15 @@ Two more kinds change a graph's size: `insert` puts a new node on one edge the o
 `delete` removes a live node (its readers read one of its inputs instead). Editing genes in
 place cannot grow a layer: from scratch, evolution found `x / std_b(x)` and stayed there, while
 `max(x / std_b(x), 0)` is one insertion away but two or more gene edits (a free node must take
-the division and the output must move to a new `max`). Both rebuild the pruned graph and pack it
-into the space with `SearchSpace.encode`; spaces it cannot encode do not get them.
+the division and the output must move to a new `max`). `self` inserts two nodes on one live edge,
+`u -> op(u, f(u)) -> c` (op binary, f unary, both drawn from the space's ops; u first or second):
+a value combined with a function of itself, the shape of normalization (`u / std_b(u)`) and of
+self-gating (`u * sigmoid(u)`, `max(u, tanh(u))`). From scratch the first layers that train are
+element-wise (`sqrt(x)`, `tanh(x)`), and plain insertions reach a normalizer of them only in two
+steps, the first of which (`u / v0`, `u * std_b(x)`) rarely trains: round 5's seed 0 spent 700 CPU
+seconds mutating `-sqrt(x)` before an immigrant brought `x / std_l(x)`. The three rebuild the
+pruned graph and pack it into the space with `SearchSpace.encode`; spaces it cannot encode do not
+get them.
 """
 from __future__ import annotations
 
@@ -39,13 +46,16 @@ MUTATION_OPTIONS: dict[str, Option] = {
                             float, minimum=0.0),
     "mutate_delete": Option(1.0, "relative weight of 'delete a live node, its readers read one of its "
                             "inputs' (graph shrinks)", float, minimum=0.0),
+    "mutate_self": Option(1.0, "relative weight of 'insert u -> op(u, f(u)) on a live edge': a value "
+                          "combined with a unary function of itself, e.g. u / std_b(u) (graph grows by two)",
+                          float, minimum=0.0),
     "live_only": Option(True, "mutate only nodes/inputs the output depends on (false: any gene)", bool),
     "retries": Option(8, "extra tries when the child is structurally the parent or (avoid_duplicates) "
                       "an already evaluated graph (same canonical hash)", int, minimum=0, maximum=100),
     "avoid_duplicates": Option(True, "retry mutations that repeat an evaluated graph (canonical hash)", bool),
 }
 
-KINDS = ("op", "input", "node", "insert", "delete")
+KINDS = ("op", "input", "node", "insert", "delete", "self")
 
 
 class GraphMutator:
@@ -53,12 +63,12 @@ class GraphMutator:
 
     def __init__(self, space: SearchSpace, mutate_op: float = 1.0, mutate_input: float = 1.0,
                  mutate_node: float = 1.0, mutate_insert: float = 1.0, mutate_delete: float = 1.0,
-                 live_only: bool = True, retries: int = 8, avoid_duplicates: bool = True):
+                 mutate_self: float = 1.0, live_only: bool = True, retries: int = 8, avoid_duplicates: bool = True):
         self.space = space
         self.weights = (float(mutate_op), float(mutate_input), float(mutate_node))
-        if sum(self.weights) + float(mutate_insert) + float(mutate_delete) <= 0:
+        if sum(self.weights) + float(mutate_insert) + float(mutate_delete) + float(mutate_self) <= 0:
             raise UserError("mutation weights mutate_op + mutate_input + mutate_node + mutate_insert "
-                            "+ mutate_delete must be > 0")
+                            "+ mutate_delete + mutate_self must be > 0")
         self.live_only = live_only
         self.retries = retries
         self.avoid_duplicates = avoid_duplicates
@@ -73,13 +83,17 @@ class GraphMutator:
                 for genes in space.genes_of_node)
             self._node_genes = tuple(tuple(g for g in genes if space.gene_sizes[g] > 1)
                                      for genes in space.genes_of_node)
-        # insert / delete rebuild the graph and need SearchSpace.encode to pack it back
+        # insert / delete / self rebuild the graph and need SearchSpace.encode to pack it back
         rebuild = self.graph_aware and space.can_encode and bool(space.node_ops)
-        self.size_weights = (float(mutate_insert), float(mutate_delete)) if rebuild else (0.0, 0.0)
         self._ops = space.node_ops if rebuild else ()
+        self._unary = tuple(o for o in self._ops if _arity(o) == 1)
+        self._binary = tuple(o for o in self._ops if _arity(o) == 2)
+        self_weight = float(mutate_self) if self._unary and self._binary else 0.0
+        self.size_weights = (float(mutate_insert), float(mutate_delete), self_weight) if rebuild else (0.0, 0.0, 0.0)
         if sum(self.weights) <= 0 and sum(self.size_weights) <= 0:
-            raise UserError("mutation: only mutate_insert / mutate_delete have weight, and this "
-                            "space cannot rebuild graphs (SearchSpace.encode); give an edit kind weight")
+            raise UserError("mutation: only mutate_insert / mutate_delete / mutate_self have weight, and "
+                            "this space cannot rebuild graphs (SearchSpace.encode) or lacks unary and binary "
+                            "ops; give an edit kind weight")
 
     @classmethod
     def from_options(cls, space: SearchSpace, options: dict[str, Any]) -> "GraphMutator":
@@ -160,11 +174,17 @@ class GraphMutator:
 
     def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
         """One mutation of a kind drawn by weight; the parent itself when it found nothing to do."""
-        edit, (insert, delete) = sum(self.weights), self.size_weights
-        r = rng.random() * (edit + insert + delete) if insert + delete > 0 else 0.0
+        edit, (insert, delete, self_) = sum(self.weights), self.size_weights
+        grow = insert + delete + self_
+        r = rng.random() * (edit + grow) if grow > 0 else 0.0
         if r < edit:
             return self._edit(parent, plain, live, rng)
-        child = self._insert(plain, rng) if r < edit + insert else self._delete(plain, rng)
+        if r < edit + insert:
+            child = self._insert(plain, rng)
+        elif r < edit + insert + delete:
+            child = self._delete(plain, rng)
+        else:
+            child = self._insert_self(plain, rng)
         return child if child is not None else tuple(parent)
 
     def _insert(self, plain, rng: random.Random) -> Genome | None:
@@ -172,25 +192,23 @@ class GraphMutator:
         nodes = _pruned(plain)
         if nodes is None:
             return None
-        n = len(nodes)
-        edges = [(k, p) for k, (_op, inputs) in enumerate(nodes) for p in range(len(inputs))]
-        edges.append((n, None))  # the output edge: the new node becomes the output
-        k, p = edges[int(rng.random() * len(edges))]
-        u = nodes[k][1][p] if p is not None else graph.NUM_INITIAL + n - 1
+        k, p, u = _live_edge(nodes, rng)
         op = self._ops[int(rng.random() * len(self._ops))]
         before = graph.NUM_INITIAL + k  # values the new node may read: initial ones and nodes < k
         r = int(rng.random() * before)
         inputs = (u,) if _arity(op) == 1 else ((u, r) if rng.random() < 0.5 else (r, u))
-        new = graph.NUM_INITIAL + k
+        return self.space.encode(_splice(nodes, k, p, [(op, inputs)]))
 
-        def shift(v: int) -> int:
-            return v + 1 if v >= new else v
-
-        rebuilt = nodes[:k] + [(op, inputs)] + [(o, tuple(shift(v) for v in ins)) for o, ins in nodes[k:]]
-        if p is not None:
-            o, ins = rebuilt[k + 1]
-            rebuilt[k + 1] = (o, ins[:p] + (new,) + ins[p + 1:])
-        return self.space.encode(tuple(rebuilt))
+    def _insert_self(self, plain, rng: random.Random) -> Genome | None:
+        """`u -> c` becomes `u -> op(u, f(u)) -> c` (or `op(f(u), u)`) on a random live edge."""
+        nodes = _pruned(plain)
+        if nodes is None:
+            return None
+        k, p, u = _live_edge(nodes, rng)
+        f = self._unary[int(rng.random() * len(self._unary))]
+        op = self._binary[int(rng.random() * len(self._binary))]
+        fu = graph.NUM_INITIAL + k
+        return self.space.encode(_splice(nodes, k, p, [(f, (u,)), (op, (u, fu) if rng.random() < 0.5 else (fu, u))]))
 
     def _delete(self, plain, rng: random.Random) -> Genome | None:
         """A random live node removed; its readers read one of its inputs (the output: that input)."""
@@ -245,6 +263,31 @@ class GraphMutator:
 def _arity(op: str) -> int | None:
     spec = ops.OPS.get(op) if isinstance(op, str) else None
     return getattr(spec, "arity", None) if spec is not None else None
+
+
+def _live_edge(nodes: list, rng: random.Random) -> tuple[int, int | None, int]:
+    """A random edge the output depends on, as (reader k, input position p, value u); the output
+    edge is (len(nodes), None, last node): what is inserted there becomes the output."""
+    n = len(nodes)
+    edges = [(k, p) for k, (_op, inputs) in enumerate(nodes) for p in range(len(inputs))]
+    edges.append((n, None))
+    k, p = edges[int(rng.random() * len(edges))]
+    return k, p, (nodes[k][1][p] if p is not None else graph.NUM_INITIAL + n - 1)
+
+
+def _splice(nodes: list, k: int, p: int | None, new_nodes: list) -> tuple:
+    """`nodes` with `new_nodes` placed before node k (later references shifted); node k's input p
+    (if any) then reads the last new node instead."""
+    first, m = graph.NUM_INITIAL + k, len(new_nodes)
+
+    def shift(v: int) -> int:
+        return v + m if v >= first else v
+
+    rebuilt = nodes[:k] + list(new_nodes) + [(o, tuple(shift(v) for v in ins)) for o, ins in nodes[k:]]
+    if p is not None:
+        o, ins = rebuilt[k + m]
+        rebuilt[k + m] = (o, ins[:p] + (first + m - 1,) + ins[p + 1:])
+    return tuple(rebuilt)
 
 
 def _pruned(plain) -> list | None:
