@@ -35,7 +35,9 @@ the proposals were otherwise the same twenty one-node graphs again.
 Mutation edits a live node in place or grows and shrinks the graph (insert a node on a live
 edge, delete one; mutation.py): from scratch the first layers that train are small (`x /
 std_b(x)`), and the better ones are those plus a node (`max(x / std_b(x), 0)`), which no single
-in-place edit reaches. `mutate_insert = mutate_delete = 0` restores the paper's three kinds.
+in-place edit reaches; `self` inserts a value combined with a function of itself (`u / std_b(u)`), a
+normalizer of any layer in one step. `mutate_insert = mutate_delete = mutate_self = 0` restores the
+paper's three kinds.
 
 `min_population` defaults to `tournament_size`, not `population_size`: waiting for a full
 population of random survivors would spend hundreds of proposals before any evolution, and
