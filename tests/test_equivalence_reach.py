@@ -105,6 +105,20 @@ def test_a_vector_with_zero_gradient_at_its_start_is_frozen():
     assert v.duplicate_of == 0, v.reason
 
 
+def test_bounding_each_entrys_move_merges_a_clip_training_never_reaches(monkeypatch):
+    """v0 starts at 1. Unbounded (the default), one channel of the reached v0 can go below 0, so
+    ``max(0, v0)`` is not v0; with each entry's move bounded by STEP it is (round 6:
+    ``sqrt(x * max(0, v0))`` repeated ``sqrt(x * v0)``'s scores exactly). v1 starts at 0, so
+    ``max(0, v1)`` is not v1 either way."""
+    v0_pair = (g(lambda b: b.sqrt(b.mul(b.x, b.v0))), g(lambda b: b.sqrt(b.mul(b.x, b.max(b.zero, b.v0)))))
+    v1_pair = (g(lambda b: b.add(b.x, b.mul(b.x, b.v1))), g(lambda b: b.add(b.x, b.mul(b.x, b.max(b.zero, b.v1)))))
+    assert verdict(*v0_pair).passed and verdict(*v1_pair).passed
+    monkeypatch.setattr(_reach, "MAX_ENTRY_STEP", _reach.STEP)
+    v = verdict(*v0_pair)
+    assert v.duplicate_of == 0, v.reason
+    assert verdict(*v1_pair).passed
+
+
 @pytest.mark.parametrize("second", [
     g(lambda b: b.add(b.x, b.mul(b.v1, b.x))),            # v1 starts at 0, its gradient does not
     g(lambda b: b.mul(b.x, b.v0)),                        # a live scale

@@ -1,0 +1,61 @@
+"""benchmarks/equivalence_replay.py: a change to the equivalence, replayed over a recorded study,
+counts the repeats it saves and the pairs training separated that it would merge."""
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from benchmark_modules import benchmark_module
+
+from opsearch import graph
+from opsearch.config import SearchConfig
+from opsearch.graph import GraphBuilder
+
+
+@pytest.fixture(scope="module")
+def replay():
+    with benchmark_module("equivalence_replay") as module:
+        yield module
+
+
+def _graph(fn) -> str:
+    b = GraphBuilder()
+    fn(b)
+    return graph.to_json(b.plain())
+
+
+def _study(path, layers) -> str:
+    """A search study whose trained trials are `layers` [(graph JSON, values)], plus one rejected."""
+    url = f"sqlite:///{path}"
+    study = optuna.create_study(study_name="run", storage=url, directions=["maximize"] * 3)
+    study.set_user_attr("config", json.dumps(SearchConfig(name="run", seed=3).to_dict()))
+    for plain, values in layers + [(_graph(lambda b: b.neg(b.x)), None)]:
+        trial = study.ask()
+        trial.set_user_attr("graph", plain)
+        trial.set_user_attr("verdict", "evaluated" if values else "rejected:quality")
+        study.tell(trial, values if values else [0.0] * 3)
+    return url
+
+
+SQRT_V0 = _graph(lambda b: b.sqrt(b.mul(b.x, b.v0)))
+SQRT_CLIPPED_V0 = _graph(lambda b: b.sqrt(b.mul(b.x, b.max(b.zero, b.v0))))
+
+
+def test_the_rule_as_it_is_merges_nothing_its_runs_trained(replay, tmp_path):
+    r = replay.replay(_study(tmp_path / "a.db", [(SQRT_V0, [0.9, 0.8, 0.7]), (SQRT_CLIPPED_V0, [0.9, 0.8, 0.7])]))
+    assert (r["seed"], r["trained"], r["recorded_repeats"], r["merged"]) == (3, 2, 1, [])
+
+
+def test_a_bounded_reach_saves_the_repeat_and_flags_a_pair_training_separated(replay, tmp_path, monkeypatch):
+    from opsearch.plugins.rejection import _reach
+
+    monkeypatch.setattr(_reach, "MAX_ENTRY_STEP", 0.5)
+    same = replay.replay(_study(tmp_path / "b.db", [(SQRT_V0, [0.9, 0.8, 0.7]), (SQRT_CLIPPED_V0, [0.9, 0.8, 0.7])]))
+    [m] = same["merged"]
+    assert m["same_as"] == 0 and m["scores_equal"] and m["how"] == "exact"
+    apart = replay.replay(_study(tmp_path / "c.db", [(SQRT_V0, [0.9, 0.8, 0.7]), (SQRT_CLIPPED_V0, [0.9, 0.8, 0.6])]))
+    assert [m["scores_equal"] for m in apart["merged"]] == [False]
+    # the command line: exit 1 when it would merge a pair training separated
+    assert replay.main(["--max-entry-step", "0.5", str(tmp_path / "c.db")]) == 1
+    assert replay.main([str(tmp_path / "b.db")]) == 0
