@@ -189,26 +189,31 @@ class GraphMutator:
 
     def _insert(self, plain, rng: random.Random) -> Genome | None:
         """`u -> c` becomes `u -> op(u, r) -> c` on a random live edge (or after the output)."""
-        nodes = _pruned(plain)
-        if nodes is None:
-            return None
-        k, p, u = _live_edge(nodes, rng)
-        op = self._ops[int(rng.random() * len(self._ops))]
-        before = graph.NUM_INITIAL + k  # values the new node may read: initial ones and nodes < k
-        r = int(rng.random() * before)
-        inputs = (u,) if _arity(op) == 1 else ((u, r) if rng.random() < 0.5 else (r, u))
-        return self.space.encode(_splice(nodes, k, p, [(op, inputs)]))
+        def node(k: int, u: int) -> list:
+            op = self._ops[int(rng.random() * len(self._ops))]
+            before = graph.NUM_INITIAL + k  # values the new node may read: initial ones and nodes < k
+            r = int(rng.random() * before)
+            return [(op, (u,) if _arity(op) == 1 else ((u, r) if rng.random() < 0.5 else (r, u)))]
+
+        return self._insert_on_edge(plain, rng, node)
 
     def _insert_self(self, plain, rng: random.Random) -> Genome | None:
         """`u -> c` becomes `u -> op(u, f(u)) -> c` (or `op(f(u), u)`) on a random live edge."""
+        def pair(k: int, u: int) -> list:
+            f = self._unary[int(rng.random() * len(self._unary))]
+            op = self._binary[int(rng.random() * len(self._binary))]
+            fu = graph.NUM_INITIAL + k
+            return [(f, (u,)), (op, (u, fu) if rng.random() < 0.5 else (fu, u))]
+
+        return self._insert_on_edge(plain, rng, pair)
+
+    def _insert_on_edge(self, plain, rng: random.Random, new_nodes) -> Genome | None:
+        """The pruned graph with `new_nodes(k, u)` spliced into a random live edge `u -> node k`."""
         nodes = _pruned(plain)
         if nodes is None:
             return None
         k, p, u = _live_edge(nodes, rng)
-        f = self._unary[int(rng.random() * len(self._unary))]
-        op = self._binary[int(rng.random() * len(self._binary))]
-        fu = graph.NUM_INITIAL + k
-        return self.space.encode(_splice(nodes, k, p, [(f, (u,)), (op, (u, fu) if rng.random() < 0.5 else (fu, u))]))
+        return self.space.encode(_splice(nodes, k, p, new_nodes(k, u)))
 
     def _delete(self, plain, rng: random.Random) -> Genome | None:
         """A random live node removed; its readers read one of its inputs (the output: that input)."""
