@@ -359,12 +359,14 @@ def rerank_run(url: str, name: str, seeds: int) -> dict:
            "--seeds", str(seeds), "--workers", "1", "--json", "--quiet",
            "-O", "rerank.baselines=" + json.dumps(REFERENCES)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trained_before = rerank_trainings(url, name)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out: dict[str, Any] = {"command": "python " + shlex.join(cmd[1:]), "wall_s": round(time.time() - start, 1),
-                           "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
+                           "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+                           "trainings": rerank_trainings(url, name) - trained_before}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         out["error"] = (proc.stderr or proc.stdout).strip()[-1500:] or f"exit {proc.returncode}"
@@ -372,6 +374,21 @@ def rerank_run(url: str, name: str, seeds: int) -> dict:
     result = json.loads(lines[-1])["rerank"]
     out.update(rerank_verdicts(result))
     return out
+
+
+def rerank_trainings(url: str, name: str) -> int:
+    """How many re-ranking trainings the run's stage study holds (finished or failed): the difference
+    around one call is the work it did, a count that CPU-time noise cannot blur."""
+    import optuna
+
+    from opsearch.rerank import KIND
+    from opsearch.trials import stage_study_name
+
+    try:
+        study = optuna.load_study(study_name=stage_study_name(name, KIND), storage=url)
+    except KeyError:  # no study yet
+        return 0
+    return sum(t.user_attrs.get("kind") == KIND and t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
 def rerank_verdicts(result: dict | None) -> dict:

@@ -156,7 +156,9 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     assert (first["rerank"]["best_seeds"], grown["rerank"]["best_seeds"]) == (2, 3)
     assert grown["rerank"]["best_trial"] == first["rerank"]["best_trial"]
     assert grown["log"] == first["log"] and grown["cpu_total"] == first["cpu_total"]
-    assert grown["rerank"]["cpu_s"] < first["rerank"]["cpu_s"]  # one new seed per layer, not three
+    layers = 1 + 3  # the best and the three references
+    assert first["rerank"]["trainings"] == 2 * layers
+    assert grown["rerank"]["trainings"] == layers  # one new seed per layer, not three
     rep = subprocess.run([sys.executable, str(SCRIPT), "--report", "--results", str(results)],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
