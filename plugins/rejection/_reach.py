@@ -78,8 +78,8 @@ def _step(grads: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     No entry is bounded by default: a move normalized over 64 channels can put several STEPs into
     one channel and take v0 (starting at 1) below 0, where ``max(0, v0)`` and ``v0`` differ, though
     training on the proxies does not go there (round 6: such pairs scored exactly alike). Bounding
-    each entry (``MAX_ENTRY_STEP = STEP``) merges those, but replayed over 16 recorded runs
-    (benchmarks/equivalence_replay.py) it saved 7 repeats and merged 5 pairs that training did
+    each entry (``MAX_ENTRY_STEP = STEP``) merges those, but replayed over 18 recorded runs
+    (benchmarks/equivalence_replay.py) it saved 8 repeats and merged 6 pairs that training did
     separate: ``sqrt(x) * rms_b(v0)`` and ``sqrt(x) * v0`` differ by eps terms, which only a v0
     near 0 makes visible to the fingerprint. So the default stays unbounded."""
     move = torch.zeros_like(grads[0])
