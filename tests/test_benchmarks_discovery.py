@@ -126,16 +126,16 @@ def test_a_layer_level_only_by_its_variance_is_not_level_by_the_mean(discovery):
 def test_one_tiny_arm_end_to_end(tmp_path):
     results = tmp_path / "results.jsonl"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--algorithms", "random", "--seeds", "0",
-           "--cpu-cap", "6", "--rerank-seeds", "2", "--workdir", str(tmp_path / "runs"),
+           "--cpu-cap", "10", "--rerank-seeds", "2", "--workdir", str(tmp_path / "runs"),
            "--results", str(results)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = results.read_text().splitlines()
     r = json.loads(line)
-    assert (r["arm"], r["algorithm"], r["seed"], r["known"], r["cpu_cap"]) == ("random", "random", 0, False, 6.0)
+    assert (r["arm"], r["algorithm"], r["seed"], r["known"], r["cpu_cap"]) == ("random", "random", 0, False, 10.0)
     assert set(r["baselines"]) == {"bn_relu", "evonorm_b0", "evonorm_s0"}
-    assert r["cpu_total"] >= 6.0 and r["proposed"] == sum(e["kind"] == "candidate" for e in r["log"])
-    assert r["trained"] >= 1 and 0 < r["cpu_to_first_trained"] <= 6.0
+    assert r["cpu_total"] >= 10.0 and r["proposed"] == sum(e["kind"] == "candidate" for e in r["log"])
+    assert r["trained"] >= 1 and 0 < r["cpu_to_first_trained"] <= 10.0  # about 4 s idle; room for a loaded box
     for e in r["log"]:
         assert {"cpu_total", "verdict", "values", "formula", "number", "kind", "layer"} <= set(e)
     assert [e["kind"] for e in r["log"][:3]] == ["baseline"] * 3  # references first
@@ -162,7 +162,7 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     rep = subprocess.run([sys.executable, str(SCRIPT), "--report", "--results", str(results)],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
-    assert "--cpu-cap 6" in rep.stdout and "| random | 1 |" in rep.stdout  # the last line of the run only
+    assert "--cpu-cap 10" in rep.stdout and "| random | 1 |" in rep.stdout  # the last line of the run only
     assert f"{grown['rerank']['best_mean']:.4f} (3)" in rep.stdout
 
 
