@@ -215,13 +215,36 @@ def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: 
     return json.loads(json.dumps(SearchConfig.from_dict(values).to_dict()))
 
 
-class _CapReached(Exception):
+class _Stop(Exception):
     pass
 
 
-def _search_worker(config_dict: dict, log_path: str, cpu_cap: float) -> None:
+class StopRule:
+    """When a run's worker stops: at its CPU cap, or (`--stop-at-target`) at the first candidate
+    whose search score comes within the margin of the run's own bn_relu (baselines train first).
+    A run stopped at the target has the time to the target a full run with that seed would have
+    (the same trials up to there); it spends no CPU on the rest, which only a re-ranking of the
+    final best would need."""
+
+    def __init__(self, cpu_cap: float, at_target: bool = False, margin: float = TARGET_MARGIN):
+        self.cpu_cap, self.at_target, self.margin = cpu_cap, at_target, margin
+        self.level: float | None = None
+
+    def stop(self, kind: str, layer: str | None, values: list[float] | None, cpu: float) -> bool:
+        if cpu >= self.cpu_cap:
+            return True
+        if not values:
+            return False
+        score = sum(values) / len(values)
+        if kind == "baseline" and layer == TARGET_LAYER:
+            self.level = score - self.margin
+        return self.at_target and kind == "candidate" and self.level is not None and score >= self.level
+
+
+def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False) -> None:
     """The run's one worker (a real `opsearch.engine.Worker`, in a child process): baselines
-    first, then candidates until the CPU cap; every finished trial is logged."""
+    first, then candidates until the CPU cap (or the target, with `stop_at_target`); every
+    finished trial is logged."""
     import signal
 
     import torch
@@ -235,6 +258,7 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float) -> None:
     run = setup.open_run()
     enqueue_baselines(run, setup)
     log = open(log_path, "a", buffering=1)
+    rule = StopRule(cpu_cap, at_target=stop_at_target)
 
     def on_result(record, outcome) -> None:
         cpu = time.process_time() - cpu0
@@ -244,25 +268,25 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float) -> None:
                               "verdict": record.user_attrs.get("verdict"), "values": values,
                               "score": sum(values) / len(values) if values else None,
                               "formula": record.user_attrs.get("formula")}) + "\n")
-        if cpu >= cpu_cap:
-            raise _CapReached  # the trial is recorded: the worker leaves nothing running
+        if rule.stop(record.kind, record.user_attrs.get("layer"), values, cpu):
+            raise _Stop  # the trial is recorded: the worker leaves nothing running
 
     worker = Worker(setup, run=run, on_result=on_result)
     cpu0 = time.process_time()
     try:
         worker.run_loop()
-    except _CapReached:
+    except _Stop:
         pass
     log.close()
 
 
-def run_search(config: dict, log_path: str, cpu_cap: float) -> float:
+def run_search(config: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False) -> float:
     """The search of one run in a spawned child process; returns its wall seconds."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     start = time.time()
-    proc = ctx.Process(target=_search_worker, args=(config, log_path, cpu_cap), name="discovery-worker")
+    proc = ctx.Process(target=_search_worker, args=(config, log_path, cpu_cap, stop_at_target), name="discovery-worker")
     proc.start()
     try:
         proc.join()
@@ -464,19 +488,24 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
     if os.path.exists(done_path):
         with open(done_path) as f:
             done = json.load(f)
-    if done is not None and (done.get("config"), done.get("cpu_cap")) == (config, args.cpu_cap):
+    stop = bool(args.stop_at_target)
+    if done is not None and (done.get("config"), done.get("cpu_cap"), bool(done.get("stop_at_target"))) \
+            == (config, args.cpu_cap, stop):
         wall = done["wall_s"]  # the search ended; the re-ranking (if any) resumes
         print(f"{name}: search done earlier, re-ranking", file=sys.stderr, flush=True)
     else:  # a search cut short (its CPU is unknown) or with other settings starts again
         _remove(base + ".db", log_path, done_path)
-        print(f"{name}: searching ({args.cpu_cap:g} CPU s)", file=sys.stderr, flush=True)
-        wall = run_search(config, log_path, args.cpu_cap)
+        print(f"{name}: searching ({args.cpu_cap:g} CPU s{', until the target' if stop else ''})",
+              file=sys.stderr, flush=True)
+        wall = run_search(config, log_path, args.cpu_cap, stop)
         with open(done_path, "w") as f:
-            json.dump({"wall_s": wall, "cpu_cap": args.cpu_cap, "config": config}, f)
+            json.dump({"wall_s": wall, "cpu_cap": args.cpu_cap, "stop_at_target": stop, "config": config}, f)
     log = read_log(log_path)
     metrics = run_metrics(log, args.cpu_cap)
     rerank = None
-    if not args.no_rerank:
+    if stop and metrics["cpu_to_target"] is not None:
+        rerank = {"error": "stopped at the target (not re-ranked)"}
+    elif not args.no_rerank:
         if metrics["best"] is None:
             rerank = {"error": "no trained candidate"}
         else:
@@ -484,6 +513,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             rerank = rerank_run(url, name, args.rerank_seeds)
     return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
             "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
+            "stopped_at_target": stop and metrics["cpu_to_target"] is not None,
             "filter_options": args.filter_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
@@ -495,7 +525,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
 def rerank_due(result: dict, args) -> bool:
     """A recorded run whose best was re-ranked with fewer seeds than `--rerank-seeds` asks (or not
     at all): its re-ranking stage resumes with more seeds; the search is not run again."""
-    if args.no_rerank or not result.get("best"):
+    if args.no_rerank or not result.get("best") or result.get("stopped_at_target"):
         return False
     rr = result.get("rerank") or {}
     return "vs" not in rr or (rr.get("best_seeds") or 0) < args.rerank_seeds
@@ -649,7 +679,9 @@ def report(results: list[dict], path: str, command: str) -> str:
               "layers on a coarse validation set). Re-ranked: the run's best "
               "re-trained on held-out data; 'level' = not distinguishable or better; 'by the mean too': "
               f"level and its held-out mean at most {TARGET_MARGIN} below bn_relu's (not level only by "
-              "its variance).", ""]
+              "its variance). A run stopped at the target (`--stop-at-target`) counts for the times, the "
+              "repeats and the CPU shares; it has no final best, so it is left out of 'median best' and the "
+              "re-ranking.", ""]
     lines += ["| arm | runs | median CPU s to first trained | median CPU s to target | reached | "
               "vs reference: MWU p | log-rank p | ratio of medians | 95% bootstrap | median best | repeats (pooled) "
               "| re-ranked best level with bn_relu, evonorm_b0, evonorm_s0 | level with bn_relu by the mean too |",
@@ -666,7 +698,7 @@ def report(results: list[dict], path: str, command: str) -> str:
         reranked = [r for r in runs if r.get("rerank") and "vs" in r["rerank"]]
         level = ", ".join(str(sum(_level(r["rerank"]["vs"].get(name)) for r in reranked)) for name in REFERENCES)
         missing = len(runs) - len(reranked)
-        bests = [r["best"]["score"] for r in runs if r["best"]]
+        bests = [r["best"]["score"] for r in runs if r["best"] and not r.get("stopped_at_target")]
         lines.append(f"| {label} | {len(runs)} | {_median(runs, 'cpu_to_first_trained')} | "
                      f"{_median(runs, 'cpu_to_target')} | {sum(r['cpu_to_target'] is not None for r in runs)}"
                      f"/{len(runs)} | {p}{f' (vs {ref_label})' if ref else ''} | {lr} | {ratio} | {ci} | "
@@ -761,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "discovery_results.jsonl"),
                    help="JSON lines, appended; --report reads several, comma-separated")
     p.add_argument("--no-rerank", action="store_true", help="skip the re-ranking of each run's best")
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="end a run's search at its first candidate within the margin of bn_relu (its time to "
+                        "the target is a full run's; it is not re-ranked and its best is left out of 'median best')")
     p.add_argument("--rerank-seeds", type=int, default=3,
                    help="seeds of each run's re-ranking (default 3); a run already recorded with fewer "
                         "is re-ranked again, its stage grown to this many, and recorded as a new line")

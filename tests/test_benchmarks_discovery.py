@@ -55,6 +55,27 @@ def test_time_to_target_is_the_first_candidate_within_the_margin_of_bn_relu(disc
     assert discovery.run_metrics(log_of([(20.0, 0.95)], bn_relu=None), 100.0)["cpu_to_target"] is None
 
 
+def test_a_run_stopped_at_the_target_ends_on_the_trial_that_gives_a_full_runs_time_to_target(discovery):
+    full = log_of([(5.0, None), (10.0, 0.85), (20.0, 0.895), (30.0, 0.95), (40.0, 0.97)])
+    rule = discovery.StopRule(cpu_cap=100.0, at_target=True)
+    stopped = []
+    for e in full:
+        stopped.append(e)
+        if rule.stop(e["kind"], e["layer"], e["values"], e["cpu_total"]):
+            break
+    assert [e["number"] for e in stopped] == [0, 1, 2, 3, 4]  # ends on the first candidate at the target
+    assert discovery.run_metrics(stopped, 100.0)["cpu_to_target"] == discovery.run_metrics(full, 100.0)["cpu_to_target"]
+    # a baseline above the level does not stop it (evonorm_b0 before bn_relu; bn_relu itself)
+    rule = discovery.StopRule(cpu_cap=100.0, at_target=True)
+    assert not rule.stop("baseline", "evonorm_b0", [0.99], 1.0)
+    assert not rule.stop("baseline", "bn_relu", [0.90], 2.0)
+    assert not rule.stop("candidate", None, [0.8899], 3.0) and rule.stop("candidate", None, [0.89], 4.0)
+    # without the flag only the cap stops a run
+    rule = discovery.StopRule(cpu_cap=50.0)
+    assert not any(rule.stop(e["kind"], e["layer"], e["values"], e["cpu_total"]) for e in full)
+    assert rule.stop("candidate", None, None, 50.0)
+
+
 def test_repeats_count_trained_candidates_with_an_earlier_trained_candidates_values(discovery):
     log = log_of([(1.0, 0.5), (2.0, 0.6), (3.0, 0.5), (4.0, 0.5), (5.0, None)])
     log.append(entry(9, "candidate", "duplicate:2", 6.0, [0.5, 0.5]))  # not trained: not counted
