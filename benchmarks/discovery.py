@@ -773,6 +773,18 @@ def cpu_by_verdict(logs: list[list[dict]]) -> tuple[dict[str, float], float | No
             repeated_cpu / total)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's or a test's timeout) unwinds like Ctrl-C: the search worker is
+    terminated and `subprocess.run` kills a running re-ranking, so no child outlives the
+    benchmark (a re-ranking left behind once trained on for an hour)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/discovery.py " + shlex.join(argv)
@@ -817,4 +829,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _exit_on_sigterm()
     sys.exit(main())

@@ -3,8 +3,11 @@ end to end (search, re-ranking, result line, resume, report)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from benchmark_modules import BENCHMARKS, benchmark_module
@@ -185,6 +188,53 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert "--cpu-cap 10" in rep.stdout and "| random | 1 |" in rep.stdout  # the last line of the run only
     assert f"{grown['rerank']['best_mean']:.4f} (3)" in rep.stdout
+
+
+def _re_rankings(pgid: int) -> list[int]:
+    """Live (not zombie) `opsearch rerank` processes of a process group, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z" and b"rerank" in argv:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_terminated_benchmark_leaves_no_re_ranking_running(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--algorithms", "random", "--seeds", "0",
+           "--cpu-cap", "6", "--rerank-seeds", "3", "--workdir", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "results.jsonl")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if "re-ranking the best" in line:
+                break
+        else:
+            pytest.fail(f"the run never reached its re-ranking (exit {proc.wait()})")
+        deadline = time.time() + 30
+        while time.time() < deadline and not _re_rankings(proc.pid):
+            time.sleep(0.1)
+        assert _re_rankings(proc.pid)  # the re-ranking child runs
+        proc.terminate()
+        assert proc.wait(timeout=60) != 0
+        deadline = time.time() + 10
+        while time.time() < deadline and _re_rankings(proc.pid):
+            time.sleep(0.1)
+        assert _re_rankings(proc.pid) == []  # nothing outlives the benchmark
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_recorded_results_read_gzipped(tmp_path, discovery):
