@@ -502,8 +502,9 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             json.dump({"wall_s": wall, "cpu_cap": args.cpu_cap, "stop_at_target": stop, "config": config}, f)
     log = read_log(log_path)
     metrics = run_metrics(log, args.cpu_cap)
+    stopped = stop and metrics["cpu_to_target"] is not None
     rerank = None
-    if stop and metrics["cpu_to_target"] is not None:
+    if stopped:
         rerank = {"error": "stopped at the target (not re-ranked)"}
     elif not args.no_rerank:
         if metrics["best"] is None:
@@ -513,7 +514,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             rerank = rerank_run(url, name, args.rerank_seeds)
     return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
             "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
-            "stopped_at_target": stop and metrics["cpu_to_target"] is not None,
+            "stopped_at_target": stopped,
             "filter_options": args.filter_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
