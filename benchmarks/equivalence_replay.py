@@ -13,8 +13,14 @@ ones, as the filter does during a run. Fidelity: the share of layers whose store
 `--max-entry-step S` replays a variant of the rule: no entry of a trainable vector moves further
 than S from its initial value when the fingerprint probes where training can take it.
 
+The band rule (rule 4 of plugins/rejection/equivalence.py) needs each earlier layer's
+``v0_range``, which studies recorded before it lack: `--retrain` trains such a layer again (the
+study's evaluator, seed and layer options) when a later one matches it on the band, and also
+checks that the retraining reproduces its recorded scores.
+
     python benchmarks/equivalence_replay.py /work/benchruns/r6/runs/*.db   # the rule: fidelity 100%
     python benchmarks/equivalence_replay.py --max-entry-step 0.5 /work/benchruns/r6/runs/*.db
+    python benchmarks/equivalence_replay.py --retrain /work/benchruns/r6/runs/*.db   # with the band rule
 """
 from __future__ import annotations
 
@@ -31,11 +37,11 @@ from opsearch.config import SearchConfig
 from opsearch.evaluation import make_eval_config
 from opsearch.plugins.rejection import _reach
 from opsearch.plugins.rejection.equivalence import EquivalenceFilter
-from opsearch.rejection import Candidate, EquivalenceCache, FilterContext
+from opsearch.rejection import Candidate, EquivalenceCache, FilterContext, Verdict
 
 
 def trained_layers(url: str) -> tuple[str, SearchConfig, list]:
-    """(study name, its stored config, [(number, plain graph, values, stored fp, formula)])."""
+    """(study name, its stored config, [(number, plain graph, values, stored fp, formula, v0_range)])."""
     names = [s.study_name for s in optuna.get_all_study_summaries(url) if "/" not in s.study_name]
     if len(names) != 1:
         raise SystemExit(f"{url}: expected one search study, found {names}")
@@ -48,11 +54,11 @@ def trained_layers(url: str) -> tuple[str, SearchConfig, list]:
         plain = graph.plain_from_dict(json.loads(t.user_attrs["graph"]))
         stored = t.user_attrs.get("equiv_fp")
         rows.append((t.number, plain, tuple(t.values), None if stored is None else np.array(json.loads(stored)),
-                     t.user_attrs.get("formula") or graph.formula(plain)))
+                     t.user_attrs.get("formula") or graph.formula(plain), t.user_attrs.get("v0_range")))
     return names[0], config, rows
 
 
-def replay(url: str) -> dict:
+def replay(url: str, retrain: bool = False) -> dict:
     name, config, rows = trained_layers(url)
     seed = config.seed
     context = FilterContext(eval_config=make_eval_config(config), seed=seed, equivalence=EquivalenceCache(),
@@ -61,9 +67,22 @@ def replay(url: str) -> dict:
     options = context.layer_options()
     merged, reproduced, compared = [], 0, 0
     by_number = {}
-    for number, plain, values, stored, formula in rows:
+    ranges: dict[int, list | None] = {}  # trial -> v0_range (recorded, or from a retraining)
+    band_rows: list[tuple[int, np.ndarray]] = []  # earlier trained layers' band fingerprints
+    retrained: list[dict] = []
+    for number, plain, values, stored, formula, v0_range in rows:
         candidate = Candidate(plain, layer_options=options)
         verdict = flt.check(candidate, context)
+        if verdict.passed and candidate.equiv_fp_band is not None:
+            for earlier, band in band_rows:  # the band rule, with ranges found lazily
+                if np.abs(band - candidate.equiv_fp_band).max() > context.equivalence.atol:
+                    continue
+                if ranges.get(earlier) is None and retrain:
+                    ranges[earlier], check = _retrain(context, rows, earlier)
+                    retrained.append(check)
+                if context.equivalence.kept_in_band(ranges.get(earlier)):
+                    verdict = Verdict(False, flt.name, "band", duplicate_of=earlier)
+                    break
         if candidate.equiv_fp is not None and stored is not None and stored.shape == candidate.equiv_fp.shape:
             compared += 1
             reproduced += bool(np.abs(stored - candidate.equiv_fp).max() <= 1e-5)
@@ -71,13 +90,27 @@ def replay(url: str) -> dict:
             earlier = by_number[verdict.duplicate_of]
             merged.append({"trial": number, "formula": formula, "same_as": verdict.duplicate_of,
                            "same_as_formula": earlier[1], "scores_equal": values == earlier[0],
-                           "how": "as eps -> 0" if "eps -> 0" in verdict.reason else "exact"})
+                           "how": ("on the v0 band" if verdict.reason == "band" else
+                                   "as eps -> 0" if "eps -> 0" in verdict.reason else "exact")})
             continue  # a duplicate enters nothing, as in a run
         by_number[number] = (values, formula)
+        ranges[number] = v0_range
+        if candidate.equiv_fp_band is not None:
+            band_rows.append((number, candidate.equiv_fp_band))
         context.equivalence.record(candidate, number, "evaluated", values)
-    repeats = _repeats([values for _, _, values, _, _ in rows])
+    repeats = _repeats([row[2] for row in rows])
     return {"study": name, "url": url, "seed": seed, "trained": len(rows), "recorded_repeats": repeats,
-            "merged": merged, "fidelity": (reproduced, compared)}
+            "merged": merged, "fidelity": (reproduced, compared), "retrained": retrained}
+
+
+def _retrain(context: FilterContext, rows: list, number: int) -> tuple[list | None, dict]:
+    """Train a recorded layer again: its v0_range, and whether the scores came out as recorded."""
+    plain, values, formula = next((r[1], r[2], r[4]) for r in rows if r[0] == number)
+    result = context.get_evaluator().evaluate(plain)
+    attrs = result.trial_attrs()
+    again = tuple(float(result.accuracies[a]) for a in result.accuracies)
+    return attrs.get("v0_range"), {"trial": number, "formula": formula, "v0_range": attrs.get("v0_range"),
+                                   "scores_reproduced": again == tuple(values)}
 
 
 def _repeats(values: list[tuple]) -> int:
@@ -91,6 +124,9 @@ def _repeats(values: list[tuple]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="+", help="SQLite files or storage URLs of search studies")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train an earlier layer again when a later one matches it on the v0 band "
+                             "and its study has no v0_range (recorded before the band rule)")
     parser.add_argument("--max-entry-step", type=float, default=None,
                         help="replay with each entry of a trainable vector moving at most this far "
                              "(default: the rule as it is)")
@@ -101,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| study | seed | trained | recorded repeats | merged now: scores equal (repeats saved) "
           "| merged now: scores differ (must be 0) | stored fingerprints reproduced |")
     print("|---|---|---|---|---|---|---|")
-    details = []
+    details, retrained_all = [], []
     for path in args.studies:
         url = path if "://" in path else "sqlite:///" + os.path.abspath(path)
-        r = replay(url)
+        r = replay(url, retrain=args.retrain)
         saved = sum(m["scores_equal"] for m in r["merged"])
         separated = len(r["merged"]) - saved
         totals["trained"] += r["trained"]
@@ -114,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['study']} | {r['seed']} | {r['trained']} | {r['recorded_repeats']} | {saved} | {separated} | "
               f"{r['fidelity'][0]}/{r['fidelity'][1]} |")
         details += [(r["study"], m) for m in r["merged"]]
+        retrained_all += [(r["study"], c) for c in r["retrained"]]
     print(f"| all | | {totals['trained']} | {totals['repeats']} | {totals['saved']} | {totals['separated']} | |")
+    for study, c in retrained_all:
+        print(f"- retrained {study} trial {c['trial']} `{c['formula']}`: v0_range {c['v0_range']}, "
+              f"recorded scores {'reproduced' if c['scores_reproduced'] else 'NOT reproduced'}")
     for study, m in details:
         print(f"- {study} trial {m['trial']} `{m['formula']}` = trial {m['same_as']} `{m['same_as_formula']}`: "
               f"scores {'equal' if m['scores_equal'] else 'DIFFER'} (merged {m['how']})")

@@ -141,7 +141,8 @@ class PipelineOutcome:
     def user_attrs(self, candidate: "Candidate | None" = None) -> dict[str, Any]:
         """Trial user attributes to store (team contract): ``filter_s/<f>``, ``reason``, and, when
         the candidate went through the equivalence filter, ``hash``, ``equiv_hash``, ``equiv_fp``,
-        ``equiv_fp_limit`` (so that `EquivalenceCache.from_trials` can rebuild the cache from the study)."""
+        ``equiv_fp_limit``, ``equiv_fp_band`` (so that `EquivalenceCache.from_trials` can rebuild
+        the cache from the study)."""
         attrs: dict[str, Any] = {f"filter_s/{k}": round(s, 6) for k, s in self.filter_seconds.items()}
         if not self.passed:
             attrs["reason"] = self.reason
@@ -161,6 +162,8 @@ class PipelineOutcome:
                 attrs["equiv_fp"] = fingerprint_to_json(candidate.equiv_fp)
             if candidate.equiv_fp_limit is not None:
                 attrs["equiv_fp_limit"] = fingerprint_to_json(candidate.equiv_fp_limit)
+            if candidate.equiv_fp_band is not None:
+                attrs["equiv_fp_band"] = fingerprint_to_json(candidate.equiv_fp_band)
         return attrs
 
 
@@ -188,6 +191,7 @@ class Candidate:
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
         self.equiv_fp_limit: np.ndarray | None = None
+        self.equiv_fp_band: np.ndarray | None = None
 
     @property
     def canonical_hash(self) -> str:
@@ -410,6 +414,10 @@ class StoredTrial(Protocol):
     user_attrs: Mapping[str, Any]
 
 
+# where a trained layer's v0 must have stayed for the band rule (plugins/rejection/equivalence.py)
+V0_BAND = (0.005, 10.0)
+
+
 @dataclass
 class CacheEntry:
     trial: int
@@ -428,14 +436,22 @@ class EquivalenceCache:
     tolerance. A tolerance, not rounding to a grid: rounding splits equal functions whose values
     straddle a grid boundary, however fine or coarse the grid.
 
+    A fourth key holds only evaluated trials whose training kept every v0 entry inside
+    ``v0_band`` (their ``v0_range``): their fingerprint with v0 anywhere in that band (the
+    equivalence filter's ``equiv_fp_band``). A later layer equal to one of them on the band trains
+    exactly as it did, so it is that layer (``max(0, v0)`` and ``v0`` while v0 > 0.005).
+
     Only final outcomes are cached: evaluated trials (with objectives, so duplicates reuse them)
     and trials rejected by a filter after equivalence (stability, quality), so an equal function
     is not trained again to be rejected again. Failures are not cached (they may be transient).
     """
 
-    def __init__(self, atol: float = 1e-4):
+    def __init__(self, atol: float = 1e-4, v0_band: tuple[float, float] = V0_BAND):
         self.atol = atol
+        self.v0_band = (float(v0_band[0]), float(v0_band[1]))
         self._by_hash: dict[str, CacheEntry] = {}
+        # band fingerprints of the evaluated trials whose training kept v0 inside the band
+        self._band_rows: dict[int, tuple[np.ndarray, list[CacheEntry]]] = {}
         # fingerprints grouped by length (a run's probes fix it): row-growing matrices per group
         # (capacity doubles, so adding n entries costs O(n) copies) of the plain and the limit
         # fingerprints (NaN rows where a trial has no limit one), and the entries of their rows
@@ -445,10 +461,20 @@ class EquivalenceCache:
         return sum(len(entries) for _, _, entries in self._rows.values())
 
     def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry,
-            fp_limit: np.ndarray | None = None) -> None:
-        """Remember a function; an earlier entry for the same function keeps precedence."""
+            fp_limit: np.ndarray | None = None, fp_band: np.ndarray | None = None,
+            v0_range: Sequence[float] | None = None) -> None:
+        """Remember a function; an earlier entry for the same function keeps precedence.
+        ``fp_band`` enters only for an evaluated trial whose ``v0_range`` lies in the band."""
         if canonical_hash and canonical_hash not in self._by_hash:
             self._by_hash[canonical_hash] = entry
+        if fp_band is not None and entry.objectives is not None and self.kept_in_band(v0_range):
+            band = np.asarray(fp_band, dtype=np.float64)
+            matrix, band_entries = self._band_rows.get(band.shape[0], (np.empty((16, band.shape[0])), []))
+            if len(band_entries) == len(matrix):
+                matrix = _grown(matrix)
+            matrix[len(band_entries)] = band
+            band_entries.append(entry)
+            self._band_rows[band.shape[0]] = (matrix, band_entries)
         if fp is None:
             return
         fp = np.asarray(fp, dtype=np.float64)
@@ -462,9 +488,18 @@ class EquivalenceCache:
         entries.append(entry)
         self._rows[width] = (matrix, limits, entries)
 
+    def kept_in_band(self, v0_range: Any) -> bool:
+        """Whether a training's [min, max] of v0 lies inside the band (unknown: no)."""
+        try:
+            lo, hi = (float(v) for v in v0_range)
+        except (TypeError, ValueError):
+            return False
+        return self.v0_band[0] <= lo <= hi <= self.v0_band[1]
+
     def record(self, candidate: Candidate, trial: int, verdict: str,
-               objectives: Sequence[float] | None = None) -> None:
-        """Remember a finished candidate (call after its trial got its final verdict)."""
+               objectives: Sequence[float] | None = None, v0_range: Sequence[float] | None = None) -> None:
+        """Remember a finished candidate (call after its trial got its final verdict);
+        ``v0_range`` is its training's (the evaluation's ``v0_range`` attribute)."""
         if verdict == "evaluated" and objectives is not None:
             entry = CacheEntry(trial, verdict, tuple(float(o) for o in objectives))
         elif verdict.startswith("rejected:") and not _from_graph_alone(verdict):
@@ -473,17 +508,32 @@ class EquivalenceCache:
             return
         if candidate.equiv_fp is None and candidate._canonical_hash is None:
             return  # never went through the equivalence filter
-        self.add(candidate._canonical_hash, candidate.equiv_fp, entry, candidate.equiv_fp_limit)
+        self.add(candidate._canonical_hash, candidate.equiv_fp, entry, candidate.equiv_fp_limit,
+                 candidate.equiv_fp_band, v0_range)
 
     def lookup_hash(self, canonical_hash: str) -> CacheEntry | None:
         return self._by_hash.get(canonical_hash)
 
     def match(self, fp: np.ndarray, fp_limit: np.ndarray | None = None,
-              limit_atol: float | None = None) -> tuple[CacheEntry | None, str]:
+              limit_atol: float | None = None, fp_band: np.ndarray | None = None
+              ) -> tuple[CacheEntry | None, str]:
         """The earliest cached function equal to ``fp`` and how: ``(entry, "exact")`` within
         ``atol``; ``(entry, "limit")`` when the limit fingerprints are within ``atol`` and the
-        plain ones within ``limit_atol``; ``(None, "")`` otherwise."""
-        fp = np.asarray(fp, dtype=np.float64)
+        plain ones within ``limit_atol``; else ``(entry, "band")`` when ``fp_band`` is within
+        ``atol`` of a band-kept trial's; ``(None, "")`` otherwise."""
+        entry, how = self._match_plain(np.asarray(fp, dtype=np.float64), fp_limit, limit_atol)
+        if entry is None and fp_band is not None:
+            band = np.asarray(fp_band, dtype=np.float64)
+            rows = self._band_rows.get(band.shape[0])
+            if rows is not None:
+                matrix, band_entries = rows
+                found = np.flatnonzero(np.abs(matrix[:len(band_entries)] - band[None, :]).max(axis=1) <= self.atol)
+                if len(found):
+                    return band_entries[found[0]], "band"
+        return entry, how
+
+    def _match_plain(self, fp: np.ndarray, fp_limit: np.ndarray | None,
+                     limit_atol: float | None) -> tuple[CacheEntry | None, str]:
         rows = self._rows.get(fp.shape[0])
         if rows is None:
             return None, ""
@@ -502,8 +552,9 @@ class EquivalenceCache:
         return entries[found[0]], "exact" if exact[found[0]] else "limit"
 
     def add_trial(self, trial: StoredTrial) -> bool:
-        """Remember one finished trial by its ``hash``, ``equiv_fp`` and ``equiv_fp_limit``
-        attributes, when its verdict is cacheable; returns whether it was added."""
+        """Remember one finished trial by its ``hash``, ``equiv_fp``, ``equiv_fp_limit`` and
+        (with ``v0_range``) ``equiv_fp_band`` attributes, when its verdict is cacheable; returns
+        whether it was added."""
         attrs = trial.user_attrs or {}
         verdict = attrs.get("verdict")
         if not isinstance(verdict, str):
@@ -519,7 +570,8 @@ class EquivalenceCache:
         h = attrs.get("hash") if isinstance(attrs.get("hash"), str) and attrs.get("hash") else None
         if fp is None and h is None:
             return False
-        self.add(h, fp, entry, _stored_fingerprint(attrs, "equiv_fp_limit"))
+        self.add(h, fp, entry, _stored_fingerprint(attrs, "equiv_fp_limit"),
+                 _stored_fingerprint(attrs, "equiv_fp_band"), attrs.get("v0_range"))
         return True
 
     @classmethod

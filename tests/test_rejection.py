@@ -293,7 +293,9 @@ def test_quality_with_real_training_passes_good_layers_and_continues_the_session
     full = evaluator.resume(outcome.warm_start)  # continues from step 30
     straight = evaluator.evaluate(plain(GOOD[-1]))
     assert full.accuracies == pytest.approx(straight.accuracies)
-    assert set(full.trial_attrs()) == set(straight.trial_attrs()) == {"train_s/resnet"}
+    assert set(full.trial_attrs()) == set(straight.trial_attrs()) == {"train_s/resnet", "v0_range"}
+    # v0's range is kept over both stages: the same as the straight run's
+    assert full.trial_attrs()["v0_range"] == straight.trial_attrs()["v0_range"]
     bad = Candidate((("std_l", (X, X)), ("sigmoid", (4, 4))))  # one number per sample
     assert pipeline.run(bad, context).status == "rejected:quality"
 

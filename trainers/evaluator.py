@@ -125,12 +125,14 @@ class EvalConfig:
 
 @dataclass
 class ArchResult:
-    """One architecture's outcome: accuracy (0 when diverged), steps trained, wall seconds."""
+    """One architecture's outcome: accuracy (0 when diverged), steps trained, wall seconds, and
+    the [min, max] of the layers' v0 entries over the training (None when unknown)."""
 
     accuracy: float
     diverged: bool
     steps: int
     seconds: float
+    v0_range: list[float] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,13 +154,18 @@ class EvalResult:
         return any(r.diverged for r in self.per_arch.values())
 
     def trial_attrs(self) -> dict[str, Any]:
-        """What a search stores beside the accuracies: ``train_s/<arch>``, and
-        ``diverged/<arch>`` for an architecture whose training diverged."""
+        """What a search stores beside the accuracies: ``train_s/<arch>``,
+        ``diverged/<arch>`` for an architecture whose training diverged, and ``v0_range``, the
+        [min, max] of v0 over every architecture's training when all of them are known (the
+        equivalence filter's band rule reads it)."""
         attrs: dict[str, Any] = {}
         for arch, r in self.per_arch.items():
             if r.diverged:
                 attrs[f"diverged/{arch}"] = True
             attrs[f"train_s/{arch}"] = round(float(r.seconds), 3)
+        ranges = [r.v0_range for r in self.per_arch.values()]
+        if ranges and all(r is not None for r in ranges):
+            attrs["v0_range"] = [min(r[0] for r in ranges), max(r[1] for r in ranges)]
         return attrs
 
     def to_dict(self) -> dict:
@@ -449,7 +456,7 @@ class EvalSession:
         run = self.runs[arch]
         m = run.module
         return ArchResult(accuracy=0.0 if m.diverged else float(m.val_acc or 0.0), diverged=m.diverged,
-                          steps=m.step, seconds=run.seconds)
+                          steps=m.step, seconds=run.seconds, v0_range=m.tracked_v0_range())
 
     def result(self) -> EvalResult:
         per_arch = {arch: self._arch_result(arch) for arch in self.evaluator.config.archs if arch in self.runs}

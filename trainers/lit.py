@@ -12,6 +12,9 @@ accelerator, devices, strategy, precision, logger, callbacks) fitting one `Proxy
   count, weight decay on convolution and linear weights but not on the norm-act layers' own
   parameters (v0, v1, weight, bias, as the paper's reference excludes the EvoNorm variables).
   Validation runs in Lightning's validation loop at the end of every stage.
+- `ProxyModule` also keeps the range of the layers' v0 entries over every step (``v0_range``):
+  the equivalence filter merges layers equal only while v0 stays in a band (``max(0, v0)`` and
+  ``v0``) when the earlier one's training kept it there (plugins/rejection/equivalence.py).
 - `DivergenceCallback`: the first non-finite training loss stops the run and marks it diverged
   (accuracy 0); that step is not applied. `TimingCallback`: training and validation seconds.
 - `make_logger`: Lightning's CSVLogger / TensorBoardLogger for learning curves.
@@ -163,6 +166,10 @@ class ProxyModule(pl.LightningModule):
         self.channels_last = channels_last
         self._memory_format = torch.contiguous_format
         self._no_decay = {id(p) for m in norm_act_modules for p in m.parameters()}
+        # the layers' v0 vectors (the IR's vector that starts at 1), whose range is kept
+        self._v0 = [p for m in norm_act_modules for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] == "v0"]
+        self._v0_lo: torch.Tensor | None = None
+        self._v0_hi: torch.Tensor | None = None
         self._val_correct: torch.Tensor | None = None
         self._val_finite: torch.Tensor | None = None
         # State that must survive a fit in another process (see get_extra_state).
@@ -172,6 +179,8 @@ class ProxyModule(pl.LightningModule):
         self.val_step = -1
         self.opt_state: dict | None = None
         self.timings = {"train_s": 0.0, "val_s": 0.0}  # kept by TimingCallback
+        self.v0_range: list[float] | None = _v0_range(self._v0)  # [min, max] of v0 at init and every step
+        self.v0_range_steps = 0  # the steps v0_range saw (== step unless a stage's state was lost)
 
     # -- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -231,7 +240,32 @@ class ProxyModule(pl.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
+        self._track_v0()
         return loss
+
+    def _track_v0(self) -> None:
+        """Widen the running [min, max] of the v0 entries (kept as tensors: no sync per step)."""
+        if not self._v0:
+            self.v0_range_steps += 1
+            return
+        lo, hi = torch.aminmax(torch.cat([p.detach().reshape(-1) for p in self._v0]))
+        if self._v0_lo is None:
+            start = torch.tensor(self.v0_range if self.v0_range is not None else [math.nan, math.nan],
+                                 dtype=lo.dtype, device=lo.device)
+            self._v0_lo, self._v0_hi = start[0], start[1]
+        # (NaN propagates: a run whose v0 went non-finite has no range)
+        self._v0_lo = torch.minimum(self._v0_lo, lo)
+        self._v0_hi = torch.maximum(self._v0_hi, hi)
+        self.v0_range_steps += 1
+
+    def tracked_v0_range(self) -> list[float] | None:
+        """[min, max] of every v0 entry over the whole training so far, or None when unknown
+        (a stage whose tracking did not come back, a non-finite v0)."""
+        if self._v0_lo is not None:
+            self.v0_range = [float(self._v0_lo), float(self._v0_hi)]
+        if self.v0_range_steps != self.step or self.v0_range is None:
+            return None
+        return None if not all(math.isfinite(v) for v in self.v0_range) else list(self.v0_range)
 
     def on_train_end(self) -> None:
         # Keep momentum buffers for the next stage (moved to CPU: they travel in the state dict).
@@ -266,7 +300,9 @@ class ProxyModule(pl.LightningModule):
     # -- state that crosses process boundaries --------------------------------------------------
     def get_extra_state(self) -> Any:
         return {"step": self.step, "diverged": self.diverged, "val_acc": self.val_acc,
-                "val_step": self.val_step, "opt_state": self.opt_state, "timings": dict(self.timings)}
+                "val_step": self.val_step, "opt_state": self.opt_state, "timings": dict(self.timings),
+                "v0_range": self.tracked_v0_range(),
+                "v0_range_steps": self.v0_range_steps}
 
     def set_extra_state(self, state: Any) -> None:
         self.step = int(state["step"])
@@ -275,6 +311,18 @@ class ProxyModule(pl.LightningModule):
         self.val_step = int(state["val_step"])
         self.opt_state = state["opt_state"]
         self.timings = dict(state.get("timings") or self.timings)
+        self.v0_range = state.get("v0_range")
+        self.v0_range_steps = int(state.get("v0_range_steps", -1))
+        self._v0_lo = self._v0_hi = None  # (continue from the loaded range)
+
+
+def _v0_range(params: list[torch.Tensor]) -> list[float]:
+    """[min, max] over the entries of `params` ([1, 1], v0's start, when there are none)."""
+    if not params:
+        return [1.0, 1.0]
+    with torch.no_grad():
+        lo, hi = torch.aminmax(torch.cat([p.detach().reshape(-1) for p in params]))
+    return [float(lo), float(hi)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,13 @@ MAX_ENTRY_STEP: float | None = None  # bound on one entry's move (None: unbounde
 FROZEN_RTOL = 1e-9  # a gradient below this share of the largest one is zero (float64 noise)
 
 
-def reach(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int) -> dict[str, torch.Tensor]:
+def reach(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int,
+          v0_band: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
     """Parameter values reachable by training: frozen vectors at their initial values, live ones
     moved along their gradients. ``layer`` is used for gradients only (its running statistics
-    move); returns name -> value for every parameter."""
+    move); returns name -> value for every parameter. With ``v0_band``, v0 is folded back into
+    the band after each move (``|v0|`` clipped to it): the reach of the band rule, where two
+    layers equal on the band see the same gradients in every round."""
     params = dict(layer.named_parameters())
     live: set[str] = set()
     for round_ in range(len(params) + 1):
@@ -45,6 +48,8 @@ def reach(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int) ->
         with torch.no_grad():
             for name in waking:
                 params[name].add_(_step(grads[name], _probes.generator(seed, salt, 43, _name_salt(name))))
+                if v0_band is not None and name.rsplit(".", 1)[-1] == "v0":
+                    params[name].copy_(params[name].abs().clamp(v0_band[0], v0_band[1]))
         live.update(waking)
     return {n: p.detach().clone() for n, p in params.items()}
 

@@ -33,8 +33,24 @@ Three tests, cheapest first, against `FilterContext.equivalence` (an `Equivalenc
    also within ``limit_atol`` (0.02), so a function that eps changes visibly is never merged.
    Training cannot separate such pairs: on the proxies they score exactly alike.
 
+4. the band rule: layers equal only while v0 keeps away from 0 (``max(0, v0)``, ``|v0|`` and
+   ``v0``; ``sqrt(x * |v0|)`` repeated ``sqrt(v0 * x)``'s scores exactly in round 6) differ
+   where the reach takes v0 (any bound on it is unsound: training did take v0 from 1 across 0,
+   ``benchmarks/equivalence_replay.py``). So the training decides instead: each evaluation keeps
+   the [min, max] of every v0 entry over every step (``v0_range``), and a third fingerprint
+   (``equiv_fp_band``, only for a layer whose v0 training moves) probes where training can take
+   the parameters while v0 stays in ``v0_band`` (the reach with v0 folded back into the band
+   after each move, so two layers equal there see the same gradients), with every live v0 entry
+   then drawn log-uniformly inside the band
+   (default [0.005, 10]) and once with all of them at the band's floor, where eps-sized terms are
+   visible (``rms_b(v0)`` is 18% above v0 at 0.005). A candidate whose band fingerprint matches
+   an evaluated trial whose training kept v0 inside the band is that trial's duplicate: the two
+   losses agree on an open set that holds the earlier trial's whole trajectory, so their
+   gradients do too, and from the same start the later one would take the same steps. A trial
+   whose v0 left the band (or whose range is unknown) is never matched this way.
+
 The fingerprints are stored as trial attributes (``equiv_fp``, ``equiv_fp_limit``,
-``equiv_hash``) so that a resumed or parallel run rebuilds the cache from the study
+``equiv_fp_band``, ``equiv_hash``) so that a resumed or parallel run rebuilds the cache from the study
 (`EquivalenceCache.from_trials`). Fingerprints of an older rule have another length and are
 never compared with these (the cache groups rows by length); such trials still match by hash.
 """
@@ -47,7 +63,8 @@ import torch
 
 from opsearch.plugins.rejection import _probes, _reach
 from opsearch.registry import register_filter
-from opsearch.rejection import Candidate, CacheEntry, Filter, FilterContext, Verdict, fingerprint_hash
+from opsearch.rejection import (V0_BAND, CacheEntry, Candidate, Filter, FilterContext, Verdict,
+                                fingerprint_hash)
 
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
 NUM_PROJECTIONS = 6
@@ -65,8 +82,9 @@ class EquivalenceFilter(Filter):
 
     def __init__(self, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, use_hash: bool = True,
                  limit_eps: float | None = LIMIT_EPS, limit_atol: float = LIMIT_ATOL,
-                 absorb_affine: bool = False):
+                 absorb_affine: bool = False, band: bool = True):
         super().__init__()
+        self.band = bool(band)
         self.absorb_affine = bool(absorb_affine)
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         self.use_hash = bool(use_hash)
@@ -83,10 +101,14 @@ class EquivalenceFilter(Filter):
             if entry is not None:
                 return _same_as(self, entry, "graph")
         self.describe_known(candidate, context)
-        entry, how = cache.match(candidate.equiv_fp, candidate.equiv_fp_limit, self.limit_atol)
+        entry, how = cache.match(candidate.equiv_fp, candidate.equiv_fp_limit, self.limit_atol,
+                                 candidate.equiv_fp_band)
         if entry is not None:
             what = "outputs up to the final affine" if self.absorb_affine else "outputs"
-            return _same_as(self, entry, what if how == "exact" else f"{what} as eps -> 0")
+            lo, hi = cache.v0_band
+            how = {"exact": what, "limit": f"{what} as eps -> 0",
+                   "band": f"{what} with v0 in [{lo:g}, {hi:g}], where trial {entry.trial}'s training kept it"}[how]
+            return _same_as(self, entry, how)
         return self.accept()
 
     def closeness(self, verdict: Verdict) -> None:
@@ -96,8 +118,10 @@ class EquivalenceFilter(Filter):
     def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
         """A layer's hash and fingerprints, computed with this filter's probes."""
         candidate.canonical_hash  # computed and kept on the candidate
-        candidate.equiv_fp = fingerprint(candidate, self.shapes, context.seed,
-                                         absorb_affine=self.absorb_affine)
+        band = context.equivalence.v0_band if self.band else None
+        candidate.equiv_fp, candidate.equiv_fp_band = fingerprints(candidate, self.shapes, context.seed,
+                                                                   absorb_affine=self.absorb_affine,
+                                                                   v0_band=band)
         candidate.equiv_hash = fingerprint_hash(candidate.equiv_fp)
         candidate.equiv_fp_limit = (None if self.limit_eps is None else
                                     fingerprint(candidate, self.shapes, context.seed, eps=self.limit_eps,
@@ -116,10 +140,19 @@ def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]
                 eps: float | None = None, absorb_affine: bool = False) -> np.ndarray:
     """The output fingerprint described in the module docstring (float64 vector); ``eps``
     overrides the run's safety eps (the limit fingerprint)."""
+    return fingerprints(candidate, shapes, seed, eps, absorb_affine)[0]
+
+
+def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int,
+                 eps: float | None = None, absorb_affine: bool = False,
+                 v0_band: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The plain fingerprint and, with ``v0_band`` and a v0 that training moves, the band
+    fingerprint (rule 4: reached inside the band, the live v0 entries then drawn inside it and
+    all at its floor); None for the band otherwise."""
     # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
     # the first steps' transient (rms_b(0) and rms_i(0) are one constant once trained)
     overrides = {"momentum": 1.0} if eps is None else {"momentum": 1.0, "eps": eps}
-    blocks = []
+    blocks, band_blocks = [], []
     for index, shape in enumerate(shapes):
         n, c, h, w = shape
         gen = _probes.generator(seed, 31, index)
@@ -129,9 +162,39 @@ def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]
                            for k in range(_reach.GRADIENT_PROBES)]
         reached = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index)
         layer = candidate.build(c, **overrides).double()
-        outputs = (_affine_free_outputs if absorb_affine else _outputs)(layer, probes, reached)
-        blocks += [_block(y, projections) for y in outputs]
-    return np.concatenate(blocks)
+        outputs_of = _affine_free_outputs if absorb_affine else _outputs
+        blocks += [_block(y, projections) for y in outputs_of(layer, probes, reached)]
+        if v0_band is not None and _moves_v0(reached):
+            in_band = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index, v0_band)
+            for state in _band_states(in_band, v0_band, _probes.generator(seed, 53, index)):
+                layer = candidate.build(c, **overrides).double()
+                band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
+    return np.concatenate(blocks), (np.concatenate(band_blocks) if band_blocks else None)
+
+
+def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
+    """Whether training moves v0 at all: without a live v0 the band rule has nothing to add (a
+    layer equal to another on the band but not near v0's start cannot exist: the start is inside
+    the band), so its fingerprint is not computed."""
+    return any(bool((value != 1.0).any()) for name, value in reached.items() if name.rsplit(".", 1)[-1] == "v0")
+
+
+def _band_states(reached: dict[str, torch.Tensor], band: tuple[float, float],
+                 gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """The parameters reached inside the band with every live v0 entry (one that moved from its
+    start, 1) drawn log-uniformly in ``band``, and with all of them at the band's floor. Frozen
+    entries stay 1: training never moves them."""
+    lo, hi = float(band[0]), float(band[1])
+    drawn, floor = dict(reached), dict(reached)
+    for name, value in reached.items():
+        if name.rsplit(".", 1)[-1] != "v0":
+            continue
+        live = value != 1.0
+        u = torch.rand(value.shape, generator=gen, dtype=value.dtype)
+        inside = torch.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
+        drawn[name] = torch.where(live, inside, value)
+        floor[name] = torch.where(live, torch.full_like(value, lo), value)
+    return [drawn, floor]
 
 
 @torch.no_grad()
