@@ -25,13 +25,16 @@ def _graph(fn) -> str:
     return graph.to_json(b.plain())
 
 
-def _study(path, layers) -> str:
-    """A search study whose trained trials are `layers` [(graph JSON, values)], plus one rejected."""
+def _study(path, layers, v0_ranges=()) -> str:
+    """A search study whose trained trials are `layers` [(graph JSON, values)], plus one rejected;
+    `v0_ranges[i]` is trial i's recorded v0_range."""
     url = f"sqlite:///{path}"
     study = optuna.create_study(study_name="run", storage=url, directions=["maximize"] * 3)
     study.set_user_attr("config", json.dumps(SearchConfig(name="run", seed=3).to_dict()))
-    for plain, values in layers + [(_graph(lambda b: b.neg(b.x)), None)]:
+    for i, (plain, values) in enumerate(layers + [(_graph(lambda b: b.neg(b.x)), None)]):
         trial = study.ask()
+        if i < len(v0_ranges):
+            trial.set_user_attr("v0_range", v0_ranges[i])
         trial.set_user_attr("graph", plain)
         trial.set_user_attr("verdict", "evaluated" if values else "rejected:quality")
         study.tell(trial, values if values else [0.0] * 3)
@@ -59,3 +62,11 @@ def test_a_bounded_reach_saves_the_repeat_and_flags_a_pair_training_separated(re
     # the command line: exit 1 when it would merge a pair training separated
     assert replay.main(["--max-entry-step", "0.5", str(tmp_path / "c.db")]) == 1
     assert replay.main([str(tmp_path / "b.db")]) == 0
+
+
+def test_the_band_rule_merges_where_the_earlier_training_kept_v0_in_the_band(replay, tmp_path):
+    layers = [(SQRT_V0, [0.9, 0.8, 0.7]), (SQRT_CLIPPED_V0, [0.9, 0.8, 0.7])]
+    [m] = replay.replay(_study(tmp_path / "d.db", layers, v0_ranges=[[0.4, 2.0]]))["merged"]
+    assert m["same_as"] == 0 and m["scores_equal"] and m["how"] == "on the v0 band"
+    assert replay.replay(_study(tmp_path / "e.db", layers, v0_ranges=[[-0.2, 2.0]]))["merged"] == []
+    assert replay.replay(_study(tmp_path / "f.db", layers))["merged"] == []  # no range, no --retrain
