@@ -90,7 +90,9 @@ def _step(grads: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     sign (v -> 1e-3 v) does not rescue the bound: replayed over round 6's 10 studies (bound 0.5
     plus that probe) it merged ``max(v0, 0) * sqrt(x)`` with ``v0 * sqrt(x)`` (equal while v0 > 0),
     and training separated them (EfficientNet 0.300 against 0.495, ResNet and MobileNetV2 equal):
-    training does take v0 from 1 across 0. So the default stays unbounded."""
+    training does take v0 from 1 across 0. So the default stays unbounded; such pairs are merged
+    instead by the equivalence's band rule, which asks the earlier layer's training where its v0
+    went (plugins/rejection/equivalence.py, rule 4)."""
     move = torch.zeros_like(grads[0])
     for g in grads:
         norm = float(g.norm())
