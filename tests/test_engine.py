@@ -235,3 +235,42 @@ def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
     fp = fingerprint_from_json(baseline.user_attrs["equiv_fp"])
     assert worker.context.equivalence.match(fp)[0].trial == baseline.number
     check_contract(config)
+
+
+def test_layers_equal_while_v0_stays_positive_are_trained_once(tmp_path):
+    """``f(x*v0)``, ``f(x*max(0, v0))`` and ``f(x*|v0|)`` are one layer while v0 > 0; the first
+    one trained stores the range its v0 took (``v0_range``), inside the band on this short
+    training, so the others are `duplicate:<it>` through the band rule and are not trained."""
+    plugin = tmp_path / "clipped.py"
+    plugin.write_text(textwrap.dedent("""
+        import pyglove as pg
+        from opsearch import search_space, LayerGraph, Node
+
+        @search_space("v0_clipped")
+        def v0_clipped():
+            # 4: max(0, v0)  5: |v0|  6: x * (v0, max(0, v0) or |v0|)  7: sqrt or tanh of it
+            return LayerGraph(nodes=[
+                Node(op="max", inputs=[1, 2]), Node(op="abs", inputs=[2, 2]),
+                Node(op="mul", inputs=pg.oneof([[0, 2], [0, 4], [0, 5]])),
+                Node(op=pg.oneof(["sqrt", "tanh"]), inputs=[6, 6]),
+            ])
+    """))
+    config = tiny(tmp_path, space="v0_clipped", space_options={}, plugins=[str(plugin)], budget=6,
+                  algorithm="random", algorithm_options={"generator": "uniform"}, baselines=[])
+    run_search(config)
+    groups: dict[str, list] = {}
+    for t in candidates(config):
+        groups.setdefault(t.user_attrs["formula"].split("(")[0], []).append(t)
+    assert set(groups) == {"sqrt", "tanh"}, groups
+    band_merges = 0
+    for group in groups.values():
+        [first] = [t for t in group if t.user_attrs["verdict"] == "evaluated"]
+        lo, hi = first.user_attrs["v0_range"]
+        assert 0.005 <= lo <= 1.0 <= hi <= 10.0
+        for t in group:
+            if t is not first:
+                assert t.user_attrs["verdict"] == f"duplicate:{first.number}", t.user_attrs
+                assert t.values == first.values
+                band_merges += "training kept it" in t.user_attrs.get("reason", "")
+    assert band_merges >= 2, "no candidate was merged by the band rule"
+    check_contract(config)
