@@ -75,7 +75,8 @@ def replay(url: str, retrain: bool = False) -> dict:
         verdict = flt.check(candidate, context)
         if verdict.passed and candidate.equiv_fp_band is not None:
             for earlier, band in band_rows:  # the band rule, with ranges found lazily
-                if np.abs(band - candidate.equiv_fp_band).max() > context.equivalence.atol:
+                if (band.shape != candidate.equiv_fp_band.shape
+                        or np.abs(band - candidate.equiv_fp_band).max() > context.equivalence.atol):
                     continue
                 if ranges.get(earlier) is None and retrain:
                     ranges[earlier], check = _retrain(context, rows, earlier)

@@ -235,3 +235,19 @@ def test_property_layers_that_train_apart_are_not_merged_on_the_band(a, b, mutat
     assume(float((ya - yb).abs().max()) / scale > 0.05)
     v = verdict(first, second, v0_range)
     assert v.passed, (graph.formula(first), graph.formula(second), v.reason)
+
+
+def test_the_band_fingerprint_covers_every_probe_shape_or_none():
+    """v0 can be live at one probe shape and frozen at another (``max(v0, std_b(x))``: where the
+    batch spread exceeds 1 in every channel, v0 gets no gradient; round 6, trial 2254): its band
+    fingerprint still has every shape's blocks, so it is comparable with any other."""
+    from opsearch.plugins.rejection.equivalence import DEFAULT_SHAPES, fingerprints
+
+    partly_live = g(lambda b: b.add(b.std_g(b.max(b.v0, b.std_b(b.x))),
+                                    b.div(b.x, b.mul(b.rms_b(b.x), b.sqrt(b.rms_l(b.x))))))
+    widths = set()
+    for plain in (SQRT_V0, partly_live):
+        _, band = fingerprints(Candidate(plain, layer_options={"eps": 1e-5}), DEFAULT_SHAPES, 0, v0_band=V0_BAND)
+        widths.add(None if band is None else band.shape)
+    assert widths == {fingerprints(Candidate(SQRT_V0), DEFAULT_SHAPES, 0, v0_band=V0_BAND)[1].shape}
+    assert fingerprints(Candidate(g(lambda b: b.sqrt(b.x))), DEFAULT_SHAPES, 0, v0_band=V0_BAND)[1] is None

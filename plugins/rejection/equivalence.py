@@ -152,7 +152,8 @@ def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int
     # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
     # the first steps' transient (rms_b(0) and rms_i(0) are one constant once trained)
     overrides = {"momentum": 1.0} if eps is None else {"momentum": 1.0, "eps": eps}
-    blocks, band_blocks = [], []
+    outputs_of = _affine_free_outputs if absorb_affine else _outputs
+    blocks, probed = [], []
     for index, shape in enumerate(shapes):
         n, c, h, w = shape
         gen = _probes.generator(seed, 31, index)
@@ -162,14 +163,19 @@ def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int
                            for k in range(_reach.GRADIENT_PROBES)]
         reached = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index)
         layer = candidate.build(c, **overrides).double()
-        outputs_of = _affine_free_outputs if absorb_affine else _outputs
         blocks += [_block(y, projections) for y in outputs_of(layer, probes, reached)]
-        if v0_band is not None and _moves_v0(reached):
-            in_band = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index, v0_band)
-            for state in _band_states(in_band, v0_band, _probes.generator(seed, 53, index)):
-                layer = candidate.build(c, **overrides).double()
-                band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
-    return np.concatenate(blocks), (np.concatenate(band_blocks) if band_blocks else None)
+        probed.append((index, c, probes, projections, gradient_probes, reached))
+    # the band fingerprint over every shape, or none (v0 can be live at some shapes only: a
+    # fingerprint of some shapes would have another length and never match)
+    if v0_band is None or not any(_moves_v0(item[-1]) for item in probed):
+        return np.concatenate(blocks), None
+    band_blocks = []
+    for index, c, probes, projections, gradient_probes, _ in probed:
+        in_band = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index, v0_band)
+        for state in _band_states(in_band, v0_band, _probes.generator(seed, 53, index)):
+            layer = candidate.build(c, **overrides).double()
+            band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
+    return np.concatenate(blocks), np.concatenate(band_blocks)
 
 
 def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
