@@ -40,6 +40,19 @@ def candidates(config):
     return [t for t in trials(config) if t.user_attrs.get("kind") == "candidate"]
 
 
+def space_plugin(tmp_path, name: str, body: str):
+    """A plugin file registering the search space `name`, whose function body is `body`."""
+    plugin = tmp_path / f"{name}.py"
+    plugin.write_text(textwrap.dedent(f"""
+        import pyglove as pg
+        from opsearch import search_space, LayerGraph, Node
+
+        @search_space("{name}")
+        def {name}():
+    """) + textwrap.dedent(body).replace("\n", "\n    ", body.count("\n")).rstrip() + "\n")
+    return plugin
+
+
 def check_contract(config: SearchConfig, **expect):
     """The stored contract and the outcome that matters (tests/contract.py): at least one
     candidate evaluated, accuracies in [0, 1], no failure the test did not cause."""
@@ -188,13 +201,7 @@ def test_baselines_seed_the_algorithm(tmp_path, seed_with_baselines, expected):
 def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
     """BN-ReLU written two other ways (an exact copy, and (x - mean)/std as x/std - mean/std,
     which only the output fingerprint can match) is `duplicate:<the bn_relu baseline trial>`."""
-    plugin = tmp_path / "rewritten.py"
-    plugin.write_text(textwrap.dedent("""
-        import pyglove as pg
-        from opsearch import search_space, LayerGraph, Node
-
-        @search_space("bn_relu_rewritten")
-        def bn_relu_rewritten():
+    plugin = space_plugin(tmp_path, "bn_relu_rewritten", """
             # 4: mean_b(x)  5: std_b(x)  6: x / std  7: mean / std  8: -(mean / std)
             # 9: x - mean   10: (x - mean) / std, or x / std - mean / std (chosen)
             return LayerGraph(nodes=[
@@ -206,7 +213,7 @@ def test_a_rediscovered_known_layer_is_a_duplicate_of_its_baseline(tmp_path):
                 Node(op="mul", inputs=[12, 2]), Node(op="add", inputs=[13, 3]),
                 Node(op="max", inputs=[14, 1]),
             ])
-    """))
+    """)
     config = tiny(tmp_path, space="bn_relu_rewritten", space_options={}, plugins=[str(plugin)],
                   budget=6, algorithm="random", algorithm_options={"generator": "uniform"},
                   baselines=["bn_relu"])
@@ -241,20 +248,14 @@ def test_layers_equal_while_v0_stays_positive_are_trained_once(tmp_path):
     """``f(x*v0)``, ``f(x*max(0, v0))`` and ``f(x*|v0|)`` are one layer while v0 > 0; the first
     one trained stores the range its v0 took (``v0_range``), inside the band on this short
     training, so the others are `duplicate:<it>` through the band rule and are not trained."""
-    plugin = tmp_path / "clipped.py"
-    plugin.write_text(textwrap.dedent("""
-        import pyglove as pg
-        from opsearch import search_space, LayerGraph, Node
-
-        @search_space("v0_clipped")
-        def v0_clipped():
+    plugin = space_plugin(tmp_path, "v0_clipped", """
             # 4: max(0, v0)  5: |v0|  6: x * (v0, max(0, v0) or |v0|)  7: sqrt or tanh of it
             return LayerGraph(nodes=[
                 Node(op="max", inputs=[1, 2]), Node(op="abs", inputs=[2, 2]),
                 Node(op="mul", inputs=pg.oneof([[0, 2], [0, 4], [0, 5]])),
                 Node(op=pg.oneof(["sqrt", "tanh"]), inputs=[6, 6]),
             ])
-    """))
+    """)
     config = tiny(tmp_path, space="v0_clipped", space_options={}, plugins=[str(plugin)], budget=6,
                   algorithm="random", algorithm_options={"generator": "uniform"}, baselines=[])
     run_search(config)
