@@ -41,6 +41,12 @@ DEFAULT_GROUPS = 32
 DEFAULT_MOMENTUM = 0.1
 MAX_EPS = 0.25  # sqrt(eps) >= 2 * eps: the range facts below rely on it
 
+
+def is_v0(parameter_name: str) -> bool:
+    """Whether a compiled layer's parameter is v0, the trainable vector that starts at 1 (also
+    inside a wrapper: ``layer.v0``); the equivalence's band rule follows where training takes it."""
+    return parameter_name.rsplit(".", 1)[-1] == "v0"
+
 # Helper functions of the generated source (the op table's safe forms and group reshapes).
 HELPERS = '''
 class _Moments(torch.autograd.Function):

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opsearch.compile import is_v0
 from opsearch.errors import UserError
 from opsearch.trainers.data import ArrayData, BatchStream, load, shard
 
@@ -167,7 +168,7 @@ class ProxyModule(pl.LightningModule):
         self._memory_format = torch.contiguous_format
         self._no_decay = {id(p) for m in norm_act_modules for p in m.parameters()}
         # the layers' v0 vectors (the IR's vector that starts at 1), whose range is kept
-        self._v0 = [p for m in norm_act_modules for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] == "v0"]
+        self._v0 = [p for m in norm_act_modules for n, p in m.named_parameters() if is_v0(n)]
         self._v0_lo: torch.Tensor | None = None
         self._v0_hi: torch.Tensor | None = None
         self._val_correct: torch.Tensor | None = None
@@ -248,7 +249,7 @@ class ProxyModule(pl.LightningModule):
         if not self._v0:
             self.v0_range_steps += 1
             return
-        lo, hi = torch.aminmax(torch.cat([p.detach().reshape(-1) for p in self._v0]))
+        lo, hi = _extremes(self._v0)
         if self._v0_lo is None:
             start = torch.tensor(self.v0_range if self.v0_range is not None else [math.nan, math.nan],
                                  dtype=lo.dtype, device=lo.device)
@@ -320,9 +321,13 @@ def _v0_range(params: list[torch.Tensor]) -> list[float]:
     """[min, max] over the entries of `params` ([1, 1], v0's start, when there are none)."""
     if not params:
         return [1.0, 1.0]
-    with torch.no_grad():
-        lo, hi = torch.aminmax(torch.cat([p.detach().reshape(-1) for p in params]))
+    lo, hi = _extremes(params)
     return [float(lo), float(hi)]
+
+
+def _extremes(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over every entry of `params`, as tensors on their device."""
+    return torch.aminmax(torch.cat([p.detach().reshape(-1) for p in params]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from opsearch.compile import is_v0
 from opsearch.plugins.rejection import _probes
 
 GRADIENT_PROBES = 3  # gradient directions per round: a live vector moves in their span
@@ -48,7 +49,7 @@ def reach(layer: nn.Module, probes: list[torch.Tensor], seed: int, salt: int,
         with torch.no_grad():
             for name in waking:
                 params[name].add_(_step(grads[name], _probes.generator(seed, salt, 43, _name_salt(name))))
-                if v0_band is not None and name.rsplit(".", 1)[-1] == "v0":
+                if v0_band is not None and is_v0(name):
                     params[name].copy_(params[name].abs().clamp(v0_band[0], v0_band[1]))
         live.update(waking)
     return {n: p.detach().clone() for n, p in params.items()}

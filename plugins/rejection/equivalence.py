@@ -61,6 +61,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from opsearch.compile import is_v0
 from opsearch.plugins.rejection import _probes, _reach
 from opsearch.registry import register_filter
 from opsearch.rejection import (V0_BAND, CacheEntry, Candidate, Filter, FilterContext, Verdict,
@@ -182,7 +183,7 @@ def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
     """Whether training moves v0 at all: without a live v0 the band rule has nothing to add (a
     layer equal to another on the band but not near v0's start cannot exist: the start is inside
     the band), so its fingerprint is not computed."""
-    return any(bool((value != 1.0).any()) for name, value in reached.items() if name.rsplit(".", 1)[-1] == "v0")
+    return any(bool((value != 1.0).any()) for name, value in reached.items() if is_v0(name))
 
 
 def _band_states(reached: dict[str, torch.Tensor], band: tuple[float, float],
@@ -193,7 +194,7 @@ def _band_states(reached: dict[str, torch.Tensor], band: tuple[float, float],
     lo, hi = float(band[0]), float(band[1])
     drawn, floor = dict(reached), dict(reached)
     for name, value in reached.items():
-        if name.rsplit(".", 1)[-1] != "v0":
+        if not is_v0(name):
             continue
         live = value != 1.0
         u = torch.rand(value.shape, generator=gen, dtype=value.dtype)
