@@ -442,7 +442,7 @@ def test_immigrants_explore_until_one_of_them_trains(space):
     plain = _small_evolution(space, members, immigrants=0.0)
     assert all(_is_mutation(space, plain.propose(), plain.members()) for _ in range(20))
 
-    evo = _small_evolution(space, members, immigrants=0.3)
+    evo = _small_evolution(space, members, immigrants=0.3, immigrants_adapt=False)
     kinds = []
     rejected_immigrants = 0
     for _ in range(60):
@@ -468,7 +468,7 @@ def test_an_immigrant_streak_starts_per_trained_result_not_per_proposal(space):
     trained result, most proposals stay mutations of the population."""
     rng = random.Random(5)
     members = [space.random_genome(rng) for _ in range(4)]
-    evo = _small_evolution(space, members, immigrants=0.2)
+    evo = _small_evolution(space, members, immigrants=0.2, immigrants_adapt=False)
     mutants = immigrants = streaks = trained = 0
     previous = "M"
     for _ in range(600):
@@ -561,7 +561,7 @@ def test_immigrants_default_explores_from_scratch_not_around_known_layers(space)
 
     def immigrant_share(from_known_layers: bool, **options) -> float:
         evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4,
-                               tournament_size=2, **EDITS_ONLY, **options)
+                               tournament_size=2, immigrants_adapt=False, **EDITS_ONLY, **options)
         evo.from_known_layers = from_known_layers
         for g in members:
             evo.feedback(g, (0.5, 0.5))
