@@ -644,6 +644,77 @@ def logrank_p(runs: list[dict], ref: list[dict], key: str = "cpu_to_target") -> 
     return "-" if math.isnan(p) else f"{p:.3g}"
 
 
+def load_gauge(run: dict) -> float | None:
+    """The CPU seconds a run spent training the known layers before its search: the same work in
+    every run (the same three layers, steps and batch sizes), so it gauges the machine's load.
+    On the 2-core box CPU seconds are not load-free: a run beside three other processes paid
+    1.7x the CPU of a run beside one for the same first 172 candidates (round 6's evolution seed
+    4 against round 10's, identical trajectories)."""
+    base = [e["cpu_total"] for e in run.get("log") or [] if e["kind"] == "baseline"]
+    return max(base) if base else None
+
+
+def load_scales(runs: list[dict]) -> dict[int, float]:
+    """Per run (by id): the median gauge of all runs over its own, so that times scaled by it are
+    in the CPU seconds of a typically loaded run (a first-order correction: it assumes the load
+    at a run's start held through the run)."""
+    gauges = {id(r): g for r in runs if (g := load_gauge(r)) is not None}
+    if not gauges:
+        return {}
+    typical = statistics.median(gauges.values())
+    return {k: typical / g for k, g in gauges.items()}
+
+
+def scaled(run: dict, scales: dict[int, float], key: str = "cpu_to_target") -> tuple[float | None, float]:
+    """A run's time to the target and its cap, load-adjusted (unscaled without a gauge)."""
+    k = scales.get(id(run), 1.0)
+    return (None if run[key] is None else run[key] * k), run["cpu_cap"] * k
+
+
+def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
+                   key: str = "cpu_to_target") -> tuple[int, int, int, str]:
+    """Seed as the unit, paired: the two arms' runs of one seed share bn_relu's score, hence the
+    target, which decides much of a run's time (targets of 0.980-0.981 were the slow seeds of
+    both arms). Per seed, faster / slower on the load-adjusted times; undecided when both never
+    got there, or one got there later than the other's cap. Sign test (two-sided, exact) on the
+    decided seeds."""
+    from scipy.stats import binomtest
+
+    other = {r["seed"]: r for r in ref}
+    faster = slower = undecided = 0
+    for r in runs:
+        o = other.get(r["seed"])
+        if o is None:
+            continue
+        (t, cap), (u, ucap) = scaled(r, scales, key), scaled(o, scales, key)
+        if t is not None and (t < u if u is not None else t < ucap):
+            faster += 1
+        elif u is not None and (u < t if t is not None else u < cap):
+            slower += 1
+        else:
+            undecided += 1
+    decided = faster + slower
+    p = f"{binomtest(faster, decided, 0.5).pvalue:.3g}" if decided else "-"
+    return faster, slower, undecided, p
+
+
+def logrank_scaled(runs: list[dict], ref: list[dict], scales: dict[int, float]) -> str:
+    try:
+        from scipy.stats import CensoredData, logrank
+    except ImportError:  # scipy < 1.12
+        return "-"
+
+    def data(rs: list[dict]):
+        pairs = [scaled(r, scales) for r in rs]
+        return CensoredData(uncensored=[t for t, _ in pairs if t is not None],
+                            right=[cap for t, cap in pairs if t is None])
+
+    if not runs or not ref or all(r["cpu_to_target"] is None for r in runs + ref):
+        return "-"
+    p = logrank(data(runs), data(ref)).pvalue
+    return "-" if math.isnan(p) else f"{p:.3g}"
+
+
 def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
     """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval."""
     from scipy.stats import mannwhitneyu
@@ -709,14 +780,43 @@ def report(results: list[dict], path: str, command: str) -> str:
                      f"{level} of {len(reranked)}{f' ({missing} not re-ranked)' if missing else ''} | "
                      f"{sum(_level_by_mean(r['rerank']['vs'].get(TARGET_LAYER)) for r in reranked)} "
                      f"of {len(reranked)} |")
+    scales = load_scales(results)
+    lines += ["", "## Paired by seed, and adjusted for load", "",
+              "CPU seconds on the shared 2-core box depend on what runs beside a run, so each run's time "
+              "and cap are also given load-adjusted: scaled by the median over its own CPU seconds for "
+              "training the three known layers before its search (the same work in every run; 'load' = "
+              "that gauge's range over the arm's runs). Paired: the runs of one seed in both arms share "
+              "the target (bn_relu's score in that seed); faster / slower per seed on the adjusted "
+              "times, undecided where neither got there (or one got there after the other's cap); exact "
+              "two-sided sign test on the decided seeds.", "",
+              "| arm | vs | load (known layers' CPU s) | median CPU s to target, adjusted | ratio of medians, "
+              "adjusted | 95% bootstrap | log-rank p, adjusted | paired seeds: faster / slower / undecided "
+              "| sign test p |", "|---" * 9 + "|"]
+    for label, runs in arms.items():
+        ref_label = runs[0].get("reference", "random")
+        ref = arms.get(ref_label) if ref_label != label else None
+        gauges = [g for r in runs if (g := load_gauge(r)) is not None]
+        load = f"{min(gauges):.0f}-{max(gauges):.0f}" if gauges else "-"
+        adjusted = [t if t is not None else cap for t, cap in (scaled(r, scales) for r in runs)]
+        reached = sum(r["cpu_to_target"] is not None for r in runs)
+        med = statistics.median(adjusted)
+        med_text = f"{med:.0f}" if reached >= len(runs) // 2 + 1 else f">{med:.0f}"
+        if ref:
+            ref_adjusted = [t if t is not None else cap for t, cap in (scaled(r, scales) for r in ref)]
+            _, ratio, ci = compare(adjusted, ref_adjusted)
+            faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
+            lines.append(f"| {label} | {ref_label} | {load} | {med_text} | {ratio} | {ci} | "
+                         f"{logrank_scaled(runs, ref, scales)} | {faster} / {slower} / {undecided} | {sign_p} |")
+        else:
+            lines.append(f"| {label} | - | {load} | {med_text} | - | - | - | - | - |")
     for label, runs in arms.items():
         r0 = runs[0]
         lines += ["", f"## {label}: {r0['algorithm']} {json.dumps(r0['options'])}"
                   f"{' (known layers fed back)' if r0['known'] else ''}", "",
                   "| seed | CPU s to first trained | CPU s to target | bn_relu | b0 | s0 | best | best formula "
                   "| proposed | trained | duplicates | rejected | repeats | re-ranked best mean (seeds) | vs bn_relu "
-                  "| vs evonorm_b0 | vs evonorm_s0 | rerank CPU s |",
-                  "|---" * 18 + "|"]
+                  "| vs evonorm_b0 | vs evonorm_s0 | rerank CPU s | load (known layers' CPU s) |",
+                  "|---" * 19 + "|"]
         for r in runs:
             rr = r.get("rerank") or {}
             vs = rr.get("vs", {})
@@ -730,7 +830,7 @@ def report(results: list[dict], path: str, command: str) -> str:
                          f"{_num(b.get('evonorm_b0'))} | {_num(b.get('evonorm_s0'))} | "
                          f"{_num(r['best'] and r['best']['score'])} | `{formula}` | {r['proposed']} | "
                          f"{r['trained']} | {r['duplicates']} | {r['rejected']} | {_pct(r['repeat_share'])} | "
-                         f"{rerank_cells} | {rr.get('cpu_s', '-')} |")
+                         f"{rerank_cells} | {rr.get('cpu_s', '-')} | {_num(load_gauge(r), 1)} |")
     lines += ["", "## Where the CPU went", "",
               "Share of each arm's pooled search CPU by the verdict of the candidate that spent it (from the "
               "runs' logs), and the share of proposals that repeat an earlier proposal's formula.", "",

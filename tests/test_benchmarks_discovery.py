@@ -274,6 +274,44 @@ def test_logrank_censors_runs_that_never_reached_the_target_at_their_cap(discove
     assert discovery.logrank_p([run(None)] * 3, [run(None)] * 3) == "-"
 
 
+def test_load_adjusted_times_and_the_paired_sign_test(discovery):
+    """The same work costs more CPU seconds on a loaded box: a run whose known layers took twice
+    the typical CPU has its times halved before the arms are compared. Paired by seed, an arm
+    faster only before that adjustment is slower after it; two runs that never got there, or a
+    time beyond the other run's cap, decide nothing."""
+    def run(seed, cpu, gauge, cap=400.0):
+        log = [entry(0, "baseline", "evaluated", gauge, [0.9, 0.9], layer="bn_relu")]
+        return {"seed": seed, "cpu_to_target": cpu, "cpu_cap": cap, "log": log}
+
+    # seeds 0-1: the arm ran loaded (its known layers took 20 CPU s, typically 10)
+    arm = [run(0, 60.0, 20.0), run(1, 70.0, 20.0), run(2, 30.0, 10.0), run(3, 35.0, 10.0),
+           run(4, None, 10.0), run(5, 150.0, 10.0)]
+    ref = [run(0, 40.0, 10.0), run(1, 50.0, 10.0), run(2, 45.0, 10.0), run(3, 50.0, 10.0),
+           run(4, None, 10.0), run(5, None, 10.0, cap=100.0)]
+    scales = discovery.load_scales(arm + ref)
+    assert scales[id(arm[0])] == 0.5 and scales[id(ref[0])] == 1.0
+    assert discovery.scaled(arm[0], scales) == (30.0, 200.0)
+    faster, slower, undecided, p = discovery.paired_by_seed(arm, ref, scales)
+    assert (faster, slower, undecided) == (4, 0, 2)
+    assert float(p) == pytest.approx(0.125)  # 4 of 4 decided seeds, two-sided exact
+    # without the adjustment the loaded seeds go the other way
+    assert discovery.paired_by_seed(arm, ref, {})[:3] == (2, 2, 2)
+    text = discovery.report([dict(r, arm="evolution", algorithm="e", options={}, known=False,
+                                  reference="random", command="c", rerank=None, **_metrics_stub())
+                             for r in arm] + [dict(r, arm="random", algorithm="random", options={}, known=False,
+                                                   reference="random", command="c", rerank=None, **_metrics_stub())
+                                              for r in ref], "r.jsonl", "report")
+    row = next(line for line in text.split("## Paired")[1].splitlines() if line.startswith("| evolution |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "10-20" and cells[7] == "4 / 0 / 2" and cells[8] == "0.125"
+    assert cells[3] == "35"  # adjusted: 30, 35, 30, 35, 150 and the cap 400: median 35
+
+
+def _metrics_stub() -> dict:
+    return {"cpu_to_first_trained": 1.0, "baselines": {}, "best": None, "proposed": 1, "trained": 1,
+            "duplicates": 0, "rejected": 0, "repeats": 0, "repeat_share": 0.0}
+
+
 def test_cpu_by_verdict_charges_each_trial_the_rise_of_the_cumulative_cpu(discovery):
     """The report's 'where the CPU went': each line's CPU is what the run's cumulative counter rose
     by at it (lines may be logged out of order), and repeats are counted by formula."""
