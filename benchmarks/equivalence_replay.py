@@ -68,20 +68,22 @@ def replay(url: str, retrain: bool = False) -> dict:
     merged, reproduced, compared = [], 0, 0
     by_number = {}
     ranges: dict[int, list | None] = {}  # trial -> v0_range (recorded, or from a retraining)
-    band_rows: list[tuple[int, np.ndarray]] = []  # earlier trained layers' band fingerprints
+    band_rows: list[tuple[int, list]] = []  # earlier trained layers' band fingerprints, one per band
     retrained: list[dict] = []
     for number, plain, values, stored, formula, v0_range in rows:
         candidate = Candidate(plain, layer_options=options)
         verdict = flt.check(candidate, context)
-        if verdict.passed and candidate.equiv_fp_band is not None:
-            for earlier, band in band_rows:  # the band rule, with ranges found lazily
-                if (band.shape != candidate.equiv_fp_band.shape
-                        or np.abs(band - candidate.equiv_fp_band).max() > context.equivalence.atol):
+        if verdict.passed and candidate.equiv_fp_bands:
+            for earlier, bands in band_rows:  # the band rule, with ranges found lazily
+                equal_on = [i for i, (band, mine) in enumerate(zip(bands, candidate.equiv_fp_bands))
+                            if band.shape == mine.shape
+                            and np.abs(band - mine).max() <= context.equivalence.atol]
+                if not equal_on:
                     continue
                 if ranges.get(earlier) is None and retrain:
                     ranges[earlier], check = _retrain(context, rows, earlier)
                     retrained.append(check)
-                if context.equivalence.kept_in_band(ranges.get(earlier)):
+                if any(context.equivalence.kept_in_band(ranges.get(earlier), i) for i in equal_on):
                     verdict = Verdict(False, flt.name, "band", duplicate_of=earlier)
                     break
         if candidate.equiv_fp is not None and stored is not None and stored.shape == candidate.equiv_fp.shape:
@@ -96,8 +98,8 @@ def replay(url: str, retrain: bool = False) -> dict:
             continue  # a duplicate enters nothing, as in a run
         by_number[number] = (values, formula)
         ranges[number] = v0_range
-        if candidate.equiv_fp_band is not None:
-            band_rows.append((number, candidate.equiv_fp_band))
+        if candidate.equiv_fp_bands:
+            band_rows.append((number, candidate.equiv_fp_bands))
         context.equivalence.record(candidate, number, "evaluated", values)
     repeats = _repeats([row[2] for row in rows])
     return {"study": name, "url": url, "seed": seed, "trained": len(rows), "recorded_repeats": repeats,

@@ -141,8 +141,8 @@ class PipelineOutcome:
     def user_attrs(self, candidate: "Candidate | None" = None) -> dict[str, Any]:
         """Trial user attributes to store (team contract): ``filter_s/<f>``, ``reason``, and, when
         the candidate went through the equivalence filter, ``hash``, ``equiv_hash``, ``equiv_fp``,
-        ``equiv_fp_limit``, ``equiv_fp_band`` (so that `EquivalenceCache.from_trials` can rebuild
-        the cache from the study)."""
+        ``equiv_fp_limit``, ``equiv_fp_band`` and ``equiv_fp_band@<floor>`` (one per band of
+        `V0_BANDS`; so that `EquivalenceCache.from_trials` can rebuild the cache from the study)."""
         attrs: dict[str, Any] = {f"filter_s/{k}": round(s, 6) for k, s in self.filter_seconds.items()}
         if not self.passed:
             attrs["reason"] = self.reason
@@ -162,8 +162,9 @@ class PipelineOutcome:
                 attrs["equiv_fp"] = fingerprint_to_json(candidate.equiv_fp)
             if candidate.equiv_fp_limit is not None:
                 attrs["equiv_fp_limit"] = fingerprint_to_json(candidate.equiv_fp_limit)
-            if candidate.equiv_fp_band is not None:
-                attrs["equiv_fp_band"] = fingerprint_to_json(candidate.equiv_fp_band)
+            for index, fp_band in enumerate(candidate.equiv_fp_bands):
+                if fp_band is not None:
+                    attrs[band_attr(index)] = fingerprint_to_json(fp_band)
         return attrs
 
 
@@ -191,7 +192,13 @@ class Candidate:
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
         self.equiv_fp_limit: np.ndarray | None = None
-        self.equiv_fp_band: np.ndarray | None = None
+        # band fingerprints, one per band of V0_BANDS (None: v0 not live, or that band not probed)
+        self.equiv_fp_bands: list[np.ndarray | None] = []
+
+    @property
+    def equiv_fp_band(self) -> np.ndarray | None:
+        """The fingerprint on the first (widest) band."""
+        return self.equiv_fp_bands[0] if self.equiv_fp_bands else None
 
     @property
     def canonical_hash(self) -> str:
@@ -414,8 +421,18 @@ class StoredTrial(Protocol):
     user_attrs: Mapping[str, Any]
 
 
-# where a trained layer's v0 must have stayed for the band rule (plugins/rejection/equivalence.py)
-V0_BAND = (0.005, 10.0)
+# where a trained layer's v0 must have stayed for the band rule (plugins/rejection/equivalence.py):
+# a wide band, and a narrow one on which eps-sized terms that depend on v0 stay below it
+# (``max(sqrt(eps) / mean(v0), v0)`` is v0 for v0 > 0.06: round 9 trained two such pairs twice,
+# their v0 in [0.58, 1.59] and [0.77, 1.33]), while ``rms(v0)`` stays 5e-4 above v0 at 0.1
+V0_BANDS = ((0.005, 10.0), (0.1, 10.0))
+V0_BAND = V0_BANDS[0]
+
+
+def band_attr(index: int, bands: Sequence[tuple[float, float]] = V0_BANDS) -> str:
+    """The trial attribute of the band fingerprint on ``bands[index]``: ``equiv_fp_band`` for
+    the first (the contract of the first band rule), ``equiv_fp_band@<floor>`` for the others."""
+    return "equiv_fp_band" if index == 0 else f"equiv_fp_band@{bands[index][0]:g}"
 
 
 @dataclass
@@ -436,22 +453,23 @@ class EquivalenceCache:
     tolerance. A tolerance, not rounding to a grid: rounding splits equal functions whose values
     straddle a grid boundary, however fine or coarse the grid.
 
-    A fourth key holds only evaluated trials whose training kept every v0 entry inside
-    ``v0_band`` (their ``v0_range``): their fingerprint with v0 anywhere in that band (the
-    equivalence filter's ``equiv_fp_band``). A later layer equal to one of them on the band trains
-    exactly as it did, so it is that layer (``max(0, v0)`` and ``v0`` while v0 > 0.005).
+    A fourth key, one per band of ``v0_bands``, holds only evaluated trials whose training kept
+    every v0 entry inside that band (their ``v0_range``): their fingerprint with v0 anywhere in
+    the band (the equivalence filter's ``equiv_fp_bands``). A later layer equal to one of them on
+    the band trains exactly as it did, so it is that layer (``max(0, v0)`` and ``v0`` while
+    v0 > 0.005).
 
     Only final outcomes are cached: evaluated trials (with objectives, so duplicates reuse them)
     and trials rejected by a filter after equivalence (stability, quality), so an equal function
     is not trained again to be rejected again. Failures are not cached (they may be transient).
     """
 
-    def __init__(self, atol: float = 1e-4, v0_band: tuple[float, float] = V0_BAND):
+    def __init__(self, atol: float = 1e-4, v0_bands: Sequence[tuple[float, float]] = V0_BANDS):
         self.atol = atol
-        self.v0_band = (float(v0_band[0]), float(v0_band[1]))
+        self.v0_bands = tuple((float(lo), float(hi)) for lo, hi in v0_bands)
         self._by_hash: dict[str, CacheEntry] = {}
-        # band fingerprints of the evaluated trials whose training kept v0 inside the band
-        self._band_rows: dict[int, tuple[np.ndarray, list[CacheEntry]]] = {}
+        # per (band, width): band fingerprints of the evaluated trials whose training kept v0 there
+        self._band_rows: dict[tuple[int, int], tuple[np.ndarray, list[CacheEntry]]] = {}
         # fingerprints grouped by length (a run's probes fix it): row-growing matrices per group
         # (capacity doubles, so adding n entries costs O(n) copies) of the plain and the limit
         # fingerprints (NaN rows where a trial has no limit one), and the entries of their rows
@@ -460,21 +478,30 @@ class EquivalenceCache:
     def __len__(self) -> int:
         return sum(len(entries) for _, _, entries in self._rows.values())
 
+    @property
+    def v0_band(self) -> tuple[float, float]:
+        """The first (widest) band."""
+        return self.v0_bands[0]
+
     def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry,
-            fp_limit: np.ndarray | None = None, fp_band: np.ndarray | None = None,
+            fp_limit: np.ndarray | None = None, fp_band: Any = None,
             v0_range: Sequence[float] | None = None) -> None:
         """Remember a function; an earlier entry for the same function keeps precedence.
-        ``fp_band`` enters only for an evaluated trial whose ``v0_range`` lies in the band."""
+        ``fp_band``: the band fingerprints, one per band (or one array: the first band's); each
+        enters only for an evaluated trial whose ``v0_range`` lies in its band."""
         if canonical_hash and canonical_hash not in self._by_hash:
             self._by_hash[canonical_hash] = entry
-        if fp_band is not None and entry.objectives is not None and self.kept_in_band(v0_range):
-            band = np.asarray(fp_band, dtype=np.float64)
-            matrix, band_entries = self._band_rows.get(band.shape[0], (np.empty((16, band.shape[0])), []))
+        for index, band_fp in enumerate(_per_band(fp_band)[:len(self.v0_bands)]):
+            if band_fp is None or entry.objectives is None or not self.kept_in_band(v0_range, index):
+                continue
+            band = np.asarray(band_fp, dtype=np.float64)
+            key = (index, band.shape[0])
+            matrix, band_entries = self._band_rows.get(key, (np.empty((16, band.shape[0])), []))
             if len(band_entries) == len(matrix):
                 matrix = _grown(matrix)
             matrix[len(band_entries)] = band
             band_entries.append(entry)
-            self._band_rows[band.shape[0]] = (matrix, band_entries)
+            self._band_rows[key] = (matrix, band_entries)
         if fp is None:
             return
         fp = np.asarray(fp, dtype=np.float64)
@@ -488,13 +515,14 @@ class EquivalenceCache:
         entries.append(entry)
         self._rows[width] = (matrix, limits, entries)
 
-    def kept_in_band(self, v0_range: Any) -> bool:
-        """Whether a training's [min, max] of v0 lies inside the band (unknown: no)."""
+    def kept_in_band(self, v0_range: Any, band: int = 0) -> bool:
+        """Whether a training's [min, max] of v0 lies inside band ``band`` (unknown: no)."""
         try:
             lo, hi = (float(v) for v in v0_range)
         except (TypeError, ValueError):
             return False
-        return self.v0_band[0] <= lo <= hi <= self.v0_band[1]
+        floor, ceiling = self.v0_bands[band]
+        return floor <= lo <= hi <= ceiling
 
     def record(self, candidate: Candidate, trial: int, verdict: str,
                objectives: Sequence[float] | None = None, v0_range: Sequence[float] | None = None) -> None:
@@ -509,28 +537,33 @@ class EquivalenceCache:
         if candidate.equiv_fp is None and candidate._canonical_hash is None:
             return  # never went through the equivalence filter
         self.add(candidate._canonical_hash, candidate.equiv_fp, entry, candidate.equiv_fp_limit,
-                 candidate.equiv_fp_band, v0_range)
+                 candidate.equiv_fp_bands, v0_range)
 
     def lookup_hash(self, canonical_hash: str) -> CacheEntry | None:
         return self._by_hash.get(canonical_hash)
 
     def match(self, fp: np.ndarray, fp_limit: np.ndarray | None = None,
-              limit_atol: float | None = None, fp_band: np.ndarray | None = None
+              limit_atol: float | None = None, fp_band: Any = None
               ) -> tuple[CacheEntry | None, str]:
         """The earliest cached function equal to ``fp`` and how: ``(entry, "exact")`` within
         ``atol``; ``(entry, "limit")`` when the limit fingerprints are within ``atol`` and the
-        plain ones within ``limit_atol``; else ``(entry, "band")`` when ``fp_band`` is within
-        ``atol`` of a band-kept trial's; ``(None, "")`` otherwise."""
+        plain ones within ``limit_atol``; else ``(entry, "band")`` (``"band@<floor>"`` for a band
+        after the first) when a band fingerprint (``fp_band``: one per band, or the first band's
+        array) is within ``atol`` of a trial's kept on that band; ``(None, "")`` otherwise."""
         entry, how = self._match_plain(np.asarray(fp, dtype=np.float64), fp_limit, limit_atol)
-        if entry is None and fp_band is not None:
-            band = np.asarray(fp_band, dtype=np.float64)
-            rows = self._band_rows.get(band.shape[0])
+        if entry is not None:
+            return entry, how
+        for index, band_fp in enumerate(_per_band(fp_band)[:len(self.v0_bands)]):
+            if band_fp is None:
+                continue
+            band = np.asarray(band_fp, dtype=np.float64)
+            rows = self._band_rows.get((index, band.shape[0]))
             if rows is not None:
                 matrix, band_entries = rows
                 found = np.flatnonzero(np.abs(matrix[:len(band_entries)] - band[None, :]).max(axis=1) <= self.atol)
                 if len(found):
-                    return band_entries[found[0]], "band"
-        return entry, how
+                    return band_entries[found[0]], band_attr(index, self.v0_bands).replace("equiv_fp_", "")
+        return None, ""
 
     def _match_plain(self, fp: np.ndarray, fp_limit: np.ndarray | None,
                      limit_atol: float | None) -> tuple[CacheEntry | None, str]:
@@ -553,7 +586,7 @@ class EquivalenceCache:
 
     def add_trial(self, trial: StoredTrial) -> bool:
         """Remember one finished trial by its ``hash``, ``equiv_fp``, ``equiv_fp_limit`` and
-        (with ``v0_range``) ``equiv_fp_band`` attributes, when its verdict is cacheable; returns
+        (with ``v0_range``) band fingerprint attributes (`band_attr`), when its verdict is cacheable; returns
         whether it was added."""
         attrs = trial.user_attrs or {}
         verdict = attrs.get("verdict")
@@ -570,8 +603,8 @@ class EquivalenceCache:
         h = attrs.get("hash") if isinstance(attrs.get("hash"), str) and attrs.get("hash") else None
         if fp is None and h is None:
             return False
-        self.add(h, fp, entry, _stored_fingerprint(attrs, "equiv_fp_limit"),
-                 _stored_fingerprint(attrs, "equiv_fp_band"), attrs.get("v0_range"))
+        bands = [_stored_fingerprint(attrs, band_attr(i, self.v0_bands)) for i in range(len(self.v0_bands))]
+        self.add(h, fp, entry, _stored_fingerprint(attrs, "equiv_fp_limit"), bands, attrs.get("v0_range"))
         return True
 
     @classmethod
@@ -587,6 +620,15 @@ def _grown(matrix: np.ndarray) -> np.ndarray:
     grown = np.empty((2 * len(matrix), matrix.shape[1]))
     grown[:len(matrix)] = matrix
     return grown
+
+
+def _per_band(fp_band: Any) -> list:
+    """Band fingerprints as a list, one per band: one array is the first band's."""
+    if fp_band is None:
+        return []
+    if isinstance(fp_band, np.ndarray):
+        return [fp_band]
+    return list(fp_band)
 
 
 def _stored_fingerprint(attrs: Mapping[str, Any], key: str) -> np.ndarray | None:

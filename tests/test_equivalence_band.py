@@ -90,6 +90,30 @@ def test_layers_that_differ_inside_the_band_are_not_merged(second):
     assert v.passed, v.reason
 
 
+# max(sqrt(eps) / mean(v0), v0): v0 while every entry is above about 0.06 (round 9 trained two
+# such layers again, their v0 kept in [0.58, 1.59] and [0.77, 1.33]), not near the wide band's floor
+EPS_OVER_MEAN = g(lambda b: b.sqrt(b.mul(b.x, b.max(b.div(b.std_g(b.mean_l(b.v0)), b.mean_l(b.v0)), b.v0))))
+
+
+def test_a_layer_equal_on_the_narrow_band_is_merged_when_the_training_kept_v0_there():
+    v = verdict(SQRT_V0, EPS_OVER_MEAN, [0.58, 1.59])
+    assert v.duplicate_of == 0, v.reason
+    assert "v0 in [0.1, 10]" in v.reason
+
+
+@pytest.mark.parametrize("v0_range", [[0.02, 1.5], [-0.1, 1.2], None])
+def test_no_narrow_band_merge_when_the_training_took_v0_below_its_floor(v0_range):
+    """[0.02, 1.5] lies in the wide band, where the two differ (sqrt(eps) / 0.02 > 0.02)."""
+    v = verdict(SQRT_V0, EPS_OVER_MEAN, v0_range)
+    assert v.passed, v.reason
+
+
+def test_the_narrow_band_sees_eps_sized_terms():
+    """At the narrow band's floor rms(v0) is 5e-4 above v0: still five times the tolerance."""
+    rms = g(lambda b: b.sqrt(b.mul(b.x, b.rms_b(b.v0))))
+    assert verdict(SQRT_V0, rms, [0.58, 1.59]).passed
+
+
 def test_the_cache_rebuilt_from_stored_trials_keeps_the_band_rule():
     """A resumed or parallel worker reads `equiv_fp_band` and `v0_range` from the study."""
     from opsearch.rejection import PipelineOutcome
@@ -112,6 +136,10 @@ def test_the_cache_rebuilt_from_stored_trials_keeps_the_band_rule():
         context = FilterContext(seed=0, equivalence=EquivalenceCache.from_trials([trial]))
         v = flt.check(Candidate(EQUAL_WHILE_V0_POSITIVE["|v0|"]), context)
         assert (v.duplicate_of == 7) is merged, v.reason
+    # the narrow band's fingerprint is stored too, under its own attribute
+    assert "equiv_fp_band@0.1" in attrs
+    context = FilterContext(seed=0, equivalence=EquivalenceCache.from_trials([Stored]))
+    assert flt.check(Candidate(EPS_OVER_MEAN), context).duplicate_of == 7
 
 
 # -------------------------------------------------------------------------------------------

@@ -43,8 +43,12 @@ Three tests, cheapest first, against `FilterContext.equivalence` (an `Equivalenc
    after each move, so two layers equal there see the same gradients), with every live v0 entry
    then drawn log-uniformly inside the band
    (default [0.005, 10]) and once with all of them at the band's floor, where eps-sized terms are
-   visible (``rms_b(v0)`` is 18% above v0 at 0.005). A candidate whose band fingerprint matches
-   an evaluated trial whose training kept v0 inside the band is that trial's duplicate: the two
+   visible (``rms_b(v0)`` is 18% above v0 at 0.005). A second, narrow band ([0.1, 10],
+   ``equiv_fp_band@0.1``) catches terms that are eps-sized only while v0 is not tiny
+   (``max(sqrt(eps) / mean(v0), v0)`` is v0 above about 0.06; round 9 trained two such layers
+   twice) and still sees ``rms_b(v0)`` (5e-4 above v0 at 0.1, five times the tolerance). A
+   candidate whose fingerprint on a band matches an evaluated trial whose training kept v0
+   inside that band is that trial's duplicate: the two
    losses agree on an open set that holds the earlier trial's whole trajectory, so their
    gradients do too, and from the same start the later one would take the same steps. A trial
    whose v0 left the band (or whose range is unknown) is never matched this way.
@@ -56,7 +60,7 @@ never compared with these (the cache groups rows by length); such trials still m
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -64,7 +68,7 @@ import torch
 from opsearch.compile import is_v0
 from opsearch.plugins.rejection import _probes, _reach
 from opsearch.registry import register_filter
-from opsearch.rejection import (V0_BAND, CacheEntry, Candidate, Filter, FilterContext, Verdict,
+from opsearch.rejection import (CacheEntry, Candidate, Filter, FilterContext, Verdict, band_attr,
                                 fingerprint_hash)
 
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
@@ -103,12 +107,15 @@ class EquivalenceFilter(Filter):
                 return _same_as(self, entry, "graph")
         self.describe_known(candidate, context)
         entry, how = cache.match(candidate.equiv_fp, candidate.equiv_fp_limit, self.limit_atol,
-                                 candidate.equiv_fp_band)
+                                 candidate.equiv_fp_bands)
         if entry is not None:
             what = "outputs up to the final affine" if self.absorb_affine else "outputs"
-            lo, hi = cache.v0_band
-            how = {"exact": what, "limit": f"{what} as eps -> 0",
-                   "band": f"{what} with v0 in [{lo:g}, {hi:g}], where trial {entry.trial}'s training kept it"}[how]
+            if how.startswith("band"):
+                lo, hi = next(b for i, b in enumerate(cache.v0_bands)
+                              if band_attr(i, cache.v0_bands) == f"equiv_fp_{how}")
+                how = f"{what} with v0 in [{lo:g}, {hi:g}], where trial {entry.trial}'s training kept it"
+            else:
+                how = {"exact": what, "limit": f"{what} as eps -> 0"}[how]
             return _same_as(self, entry, how)
         return self.accept()
 
@@ -119,10 +126,10 @@ class EquivalenceFilter(Filter):
     def describe_known(self, candidate: Candidate, context: FilterContext) -> None:
         """A layer's hash and fingerprints, computed with this filter's probes."""
         candidate.canonical_hash  # computed and kept on the candidate
-        band = context.equivalence.v0_band if self.band else None
-        candidate.equiv_fp, candidate.equiv_fp_band = fingerprints(candidate, self.shapes, context.seed,
-                                                                   absorb_affine=self.absorb_affine,
-                                                                   v0_band=band)
+        bands = context.equivalence.v0_bands if self.band else ()
+        candidate.equiv_fp, candidate.equiv_fp_bands = fingerprints(candidate, self.shapes, context.seed,
+                                                                    absorb_affine=self.absorb_affine,
+                                                                    v0_bands=bands)
         candidate.equiv_hash = fingerprint_hash(candidate.equiv_fp)
         candidate.equiv_fp_limit = (None if self.limit_eps is None else
                                     fingerprint(candidate, self.shapes, context.seed, eps=self.limit_eps,
@@ -146,10 +153,16 @@ def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]
 
 def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int,
                  eps: float | None = None, absorb_affine: bool = False,
-                 v0_band: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 v0_band: tuple[float, float] | None = None,
+                 v0_bands: Sequence[tuple[float, float]] | None = None) -> tuple[np.ndarray, Any]:
     """The plain fingerprint and, with ``v0_band`` and a v0 that training moves, the band
     fingerprint (rule 4: reached inside the band, the live v0 entries then drawn inside it and
-    all at its floor); None for the band otherwise."""
+    all at its floor); None for the band otherwise. With ``v0_bands``: a list of band
+    fingerprints, one per band (empty when v0 is not live)."""
+    if v0_bands is None:
+        plain, bands = fingerprints(candidate, shapes, seed, eps, absorb_affine,
+                                    v0_bands=() if v0_band is None else (v0_band,))
+        return plain, (bands[0] if bands else None)
     # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
     # the first steps' transient (rms_b(0) and rms_i(0) are one constant once trained)
     overrides = {"momentum": 1.0} if eps is None else {"momentum": 1.0, "eps": eps}
@@ -168,15 +181,18 @@ def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int
         probed.append((index, c, probes, projections, gradient_probes, reached))
     # the band fingerprint over every shape, or none (v0 can be live at some shapes only: a
     # fingerprint of some shapes would have another length and never match)
-    if v0_band is None or not any(_moves_v0(item[-1]) for item in probed):
-        return np.concatenate(blocks), None
-    band_blocks = []
-    for index, c, probes, projections, gradient_probes, _ in probed:
-        in_band = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index, v0_band)
-        for state in _band_states(in_band, v0_band, _probes.generator(seed, 53, index)):
-            layer = candidate.build(c, **overrides).double()
-            band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
-    return np.concatenate(blocks), np.concatenate(band_blocks)
+    if not v0_bands or not any(_moves_v0(item[-1]) for item in probed):
+        return np.concatenate(blocks), []
+    per_band = []
+    for v0_band in v0_bands:
+        band_blocks = []
+        for index, c, probes, projections, gradient_probes, _ in probed:
+            in_band = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index, v0_band)
+            for state in _band_states(in_band, v0_band, _probes.generator(seed, 53, index)):
+                layer = candidate.build(c, **overrides).double()
+                band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
+        per_band.append(np.concatenate(band_blocks))
+    return np.concatenate(blocks), per_band
 
 
 def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
