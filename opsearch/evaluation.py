@@ -54,12 +54,21 @@ class Evaluation:
 
     @classmethod
     def merge(cls, results: Iterable[Result]) -> "Evaluation":
-        """One result from several (one per architecture), in the order given."""
+        """One result from several (one per architecture), in the order given. ``v0_range`` (the
+        [min, max] v0 took in training, which the equivalence filter's band rule reads) is the
+        union of theirs, and unknown unless every result knows it: taking the last one's, as for
+        other attributes, recorded one architecture's range for the whole evaluation (the quality
+        filter's staged sessions, one per architecture, until round 10)."""
         accuracies: dict[str, float] = {}
         attrs: dict[str, Any] = {}
+        ranges = []
         for r in results:
             accuracies.update(r.accuracies)
-            attrs.update(r.trial_attrs())
+            own = r.trial_attrs()
+            ranges.append(own.pop("v0_range", None))
+            attrs.update(own)
+        if ranges and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in ranges):
+            attrs["v0_range"] = [min(float(v[0]) for v in ranges), max(float(v[1]) for v in ranges)]
         return cls(accuracies, attrs)
 
 

@@ -277,6 +277,51 @@ def test_quality_stops_at_the_first_architecture_below_the_bar():
     assert first.sessions[-1].steps == [100, 300] and second.sessions[-1].steps == [100, 300]
 
 
+class RangedSession(FakeSession):
+    """A one-architecture session whose result carries the v0 range its training took."""
+
+    def __init__(self, accuracies, v0_range):
+        super().__init__(accuracies)
+        self.v0_range = v0_range
+
+    def result(self):
+        from opsearch.evaluation import Evaluation
+        attrs = {f"train_s/{a}": 1.0 for a in self.accuracies}
+        if self.v0_range is not None:
+            attrs["v0_range"] = self.v0_range
+        return Evaluation(dict(self.accuracies), attrs)
+
+
+class RangedEvaluator(FakeEvaluator):
+    def __init__(self, arch, accuracy, v0_range):
+        super().__init__({}, archs=(arch,))
+        self.arch, self.accuracy, self.v0_range = arch, accuracy, v0_range
+
+    def start(self, layer):
+        session = RangedSession({self.arch: self.accuracy}, self.v0_range)
+        self.sessions.append(session)
+        return session
+
+
+@pytest.mark.parametrize("ranges, merged", [
+    # round 9 stored only the last architecture's range: [0.77, 1.33] where resnet took v0 to 1.65
+    (([0.77, 1.65], [0.80, 1.10], [0.79, 1.33]), [0.77, 1.65]),
+    (([0.77, 1.65], None, [0.79, 1.33]), None),  # one architecture's range unknown: unknown
+])
+def test_the_staged_evaluation_keeps_the_range_over_every_architecture(ranges, merged):
+    """The quality filter trains one session per architecture; the evaluation it hands on must
+    report the [min, max] of v0 over all of them, as a straight evaluation does, or the band
+    rule would merge a layer whose earlier training left the band on another architecture."""
+    archs = ("resnet", "mobilenetv2", "efficientnet")
+    evaluators = {a: RangedEvaluator(a, 0.9, r) for a, r in zip(archs, ranges)}
+    context = FilterContext(extra={"quality_evaluators": evaluators})
+    outcome = RejectionPipeline.from_spec("quality").run(Candidate(plain("evonorm_s0")), context)
+    assert outcome.status == "passed"
+    attrs = outcome.warm_start.result().trial_attrs()
+    assert attrs.get("v0_range") == merged
+    assert {k for k in attrs if k.startswith("train_s/")} == {f"train_s/{a}" for a in archs}
+
+
 @pytest.mark.slow
 def test_quality_with_real_training_passes_good_layers_and_continues_the_session():
     from opsearch.trainers.evaluator import EvalConfig
