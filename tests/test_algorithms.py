@@ -582,7 +582,7 @@ def _run_with_immigrants_scoring(space, members, immigrant_score: float, steps: 
     """A small evolution whose members and mutants train at 0.5 and whose immigrants train at
     `immigrant_score`; returns the algorithm, the fed history and the share of immigrants in
     the second half of the proposals."""
-    evo = _small_evolution(space, members, immigrants=0.2, **options)
+    evo = _small_evolution(space, members, immigrants=0.2, **{"immigrants_adapt": True, **options})
     history = [(g, (0.5, 0.5)) for g in members]
     late = []
     for i in range(steps):
@@ -600,12 +600,13 @@ def test_the_immigrant_rate_follows_the_immigrants_payoff(space):
     """Immigrants that train below the population's median halve the rate (down to 0.02): once
     the population holds a family of good layers, the CPU goes back to its mutants. Immigrants
     that beat it double the rate (up to 0.5): a population stuck in a poor family takes more of
-    them. With immigrants_adapt=false the rate stays what was asked."""
+    them. With immigrants_adapt=false (the default) the rate stays what was asked."""
     rng = random.Random(11)
     members = [space.random_genome(rng) for _ in range(4)]
     poor, poor_history, poor_share = _run_with_immigrants_scoring(space, members, 0.1)
     good, _, good_share = _run_with_immigrants_scoring(space, members, 0.9)
     fixed, _, fixed_share = _run_with_immigrants_scoring(space, members, 0.1, immigrants_adapt=False)
+    assert create_algorithm("regularized_evolution", space, 2, 0).options["immigrants_adapt"] is False
     assert poor.immigrant_rate() == pytest.approx(0.02)
     assert good.immigrant_rate() == pytest.approx(0.5)
     assert fixed.immigrant_rate() == pytest.approx(0.2)
@@ -613,7 +614,7 @@ def test_the_immigrant_rate_follows_the_immigrants_payoff(space):
 
     # recover (feedback only, as after a restart) rebuilds the same rate and the same next proposal
     again = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
-                             immigrants=0.2, **EDITS_ONLY)
+                             immigrants=0.2, immigrants_adapt=True, **EDITS_ONLY)
     again.recover(poor_history)
     assert again.immigrant_rate() == poor.immigrant_rate()
     assert again.propose() == poor.propose()
@@ -624,7 +625,8 @@ def test_known_layers_get_no_immigrants_however_good_they_would_be(space):
     positive rate."""
     rng = random.Random(12)
     members = [space.random_genome(rng) for _ in range(4)]
-    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2, **EDITS_ONLY)
+    evo = create_algorithm("regularized_evolution", space, 2, 0, population_size=4, tournament_size=2,
+                           immigrants_adapt=True, **EDITS_ONLY)
     evo.from_known_layers = True
     for g in members:
         evo.feedback(g, (0.5, 0.5))
