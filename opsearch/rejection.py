@@ -424,7 +424,7 @@ class StoredTrial(Protocol):
 # where a trained layer's v0 must have stayed for the band rule (plugins/rejection/equivalence.py):
 # a wide band, and a narrow one on which eps-sized terms that depend on v0 stay below it
 # (``max(sqrt(eps) / mean(v0), v0)`` is v0 for v0 > 0.06: round 9 trained two such pairs twice,
-# their v0 in [0.58, 1.59] and [0.77, 1.33]), while ``rms(v0)`` stays 5e-4 above v0 at 0.1
+# their v0 in [0.58, 1.59] and [0.77, 1.65]), while ``rms(v0)`` stays 5e-4 above v0 at 0.1
 V0_BANDS = ((0.005, 10.0), (0.1, 10.0))
 V0_BAND = V0_BANDS[0]
 

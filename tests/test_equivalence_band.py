@@ -91,7 +91,7 @@ def test_layers_that_differ_inside_the_band_are_not_merged(second):
 
 
 # max(sqrt(eps) / mean(v0), v0): v0 while every entry is above about 0.06 (round 9 trained two
-# such layers again, their v0 kept in [0.58, 1.59] and [0.77, 1.33]), not near the wide band's floor
+# such layers again, their v0 kept in [0.58, 1.59] and [0.77, 1.65]), not near the wide band's floor
 EPS_OVER_MEAN = g(lambda b: b.sqrt(b.mul(b.x, b.max(b.div(b.std_g(b.mean_l(b.v0)), b.mean_l(b.v0)), b.v0))))
 
 
