@@ -603,15 +603,16 @@ def _fmt(cpu, cap) -> str:
     return f">{cap:.0f}" if cpu is None else f"{cpu:.0f}"
 
 
-def censored(runs: list[dict], key: str) -> list[float]:
-    return [r[key] if r[key] is not None else r["cpu_cap"] for r in runs]
+def censored(runs: list[dict], key: str, scales: dict[int, float] | None = None) -> list[float]:
+    """Each run's time, or its cap when it never got there; load-adjusted with `scales`."""
+    return [t if t is not None else cap for t, cap in (scaled(r, scales or {}, key) for r in runs)]
 
 
-def _median(runs: list[dict], key: str) -> str:
+def _median(runs: list[dict], key: str, scales: dict[int, float] | None = None) -> str:
     """Median of the censored times, marked '>' when it is censored: a censored run counts as
     the cap, which is above every time reached, so the median is exact only when more than half
     of the runs got there."""
-    med = statistics.median(censored(runs, key))
+    med = statistics.median(censored(runs, key, scales))
     reached = sum(r[key] is not None for r in runs)
     return f"{med:.0f}" if reached >= len(runs) // 2 + 1 else f">{med:.0f}"
 
@@ -625,18 +626,20 @@ def _versus(v: dict | None) -> str:
     return f"{diff}{word}{p}"
 
 
-def logrank_p(runs: list[dict], ref: list[dict], key: str = "cpu_to_target") -> str:
+def logrank_p(runs: list[dict], ref: list[dict], key: str = "cpu_to_target",
+              scales: dict[int, float] | None = None) -> str:
     """Log-rank test (two-sided) of the times to the target, each run that never got there
     right-censored at its cap: the test made for censored times, beside Mann-Whitney, which
-    counts a censored run as a tie at the cap."""
+    counts a censored run as a tie at the cap. Load-adjusted with `scales`."""
     try:
         from scipy.stats import CensoredData, logrank
     except ImportError:  # scipy < 1.12
         return "-"
 
     def data(rs: list[dict]):
-        return CensoredData(uncensored=[r[key] for r in rs if r[key] is not None],
-                            right=[r["cpu_cap"] for r in rs if r[key] is None])
+        pairs = [scaled(r, scales or {}, key) for r in rs]
+        return CensoredData(uncensored=[t for t, _ in pairs if t is not None],
+                            right=[cap for t, cap in pairs if t is None])
 
     if not runs or not ref or all(r[key] is None for r in runs + ref):
         return "-"
@@ -696,23 +699,6 @@ def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
     decided = faster + slower
     p = f"{binomtest(faster, decided, 0.5).pvalue:.3g}" if decided else "-"
     return faster, slower, undecided, p
-
-
-def logrank_scaled(runs: list[dict], ref: list[dict], scales: dict[int, float]) -> str:
-    try:
-        from scipy.stats import CensoredData, logrank
-    except ImportError:  # scipy < 1.12
-        return "-"
-
-    def data(rs: list[dict]):
-        pairs = [scaled(r, scales) for r in rs]
-        return CensoredData(uncensored=[t for t, _ in pairs if t is not None],
-                            right=[cap for t, cap in pairs if t is None])
-
-    if not runs or not ref or all(r["cpu_to_target"] is None for r in runs + ref):
-        return "-"
-    p = logrank(data(runs), data(ref)).pvalue
-    return "-" if math.isnan(p) else f"{p:.3g}"
 
 
 def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
@@ -797,16 +783,12 @@ def report(results: list[dict], path: str, command: str) -> str:
         ref = arms.get(ref_label) if ref_label != label else None
         gauges = [g for r in runs if (g := load_gauge(r)) is not None]
         load = f"{min(gauges):.0f}-{max(gauges):.0f}" if gauges else "-"
-        adjusted = [t if t is not None else cap for t, cap in (scaled(r, scales) for r in runs)]
-        reached = sum(r["cpu_to_target"] is not None for r in runs)
-        med = statistics.median(adjusted)
-        med_text = f"{med:.0f}" if reached >= len(runs) // 2 + 1 else f">{med:.0f}"
+        med_text = _median(runs, "cpu_to_target", scales)
         if ref:
-            ref_adjusted = [t if t is not None else cap for t, cap in (scaled(r, scales) for r in ref)]
-            _, ratio, ci = compare(adjusted, ref_adjusted)
+            _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales))
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
             lines.append(f"| {label} | {ref_label} | {load} | {med_text} | {ratio} | {ci} | "
-                         f"{logrank_scaled(runs, ref, scales)} | {faster} / {slower} / {undecided} | {sign_p} |")
+                         f"{logrank_p(runs, ref, scales=scales)} | {faster} / {slower} / {undecided} | {sign_p} |")
         else:
             lines.append(f"| {label} | - | {load} | {med_text} | - | - | - | - | - |")
     for label, runs in arms.items():

@@ -192,13 +192,8 @@ class Candidate:
         self.equiv_hash: str | None = None
         self.equiv_fp: np.ndarray | None = None
         self.equiv_fp_limit: np.ndarray | None = None
-        # band fingerprints, one per band of V0_BANDS (None: v0 not live, or that band not probed)
+        # band fingerprints, one per band of V0_BANDS (empty: v0 not live, or no band probed)
         self.equiv_fp_bands: list[np.ndarray | None] = []
-
-    @property
-    def equiv_fp_band(self) -> np.ndarray | None:
-        """The fingerprint on the first (widest) band."""
-        return self.equiv_fp_bands[0] if self.equiv_fp_bands else None
 
     @property
     def canonical_hash(self) -> str:
@@ -547,9 +542,9 @@ class EquivalenceCache:
               ) -> tuple[CacheEntry | None, str]:
         """The earliest cached function equal to ``fp`` and how: ``(entry, "exact")`` within
         ``atol``; ``(entry, "limit")`` when the limit fingerprints are within ``atol`` and the
-        plain ones within ``limit_atol``; else ``(entry, "band")`` (``"band@<floor>"`` for a band
-        after the first) when a band fingerprint (``fp_band``: one per band, or the first band's
-        array) is within ``atol`` of a trial's kept on that band; ``(None, "")`` otherwise."""
+        plain ones within ``limit_atol``; else ``(entry, "band:<i>")`` when the fingerprint on
+        band ``v0_bands[i]`` (``fp_band``: one per band, or the first band's array) is within
+        ``atol`` of a trial's kept on that band; ``(None, "")`` otherwise."""
         entry, how = self._match_plain(np.asarray(fp, dtype=np.float64), fp_limit, limit_atol)
         if entry is not None:
             return entry, how
@@ -562,7 +557,7 @@ class EquivalenceCache:
                 matrix, band_entries = rows
                 found = np.flatnonzero(np.abs(matrix[:len(band_entries)] - band[None, :]).max(axis=1) <= self.atol)
                 if len(found):
-                    return band_entries[found[0]], band_attr(index, self.v0_bands).replace("equiv_fp_", "")
+                    return band_entries[found[0]], f"band:{index}"
         return None, ""
 
     def _match_plain(self, fp: np.ndarray, fp_limit: np.ndarray | None,

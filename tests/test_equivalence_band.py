@@ -275,7 +275,7 @@ def test_the_band_fingerprint_covers_every_probe_shape_or_none():
                                     b.div(b.x, b.mul(b.rms_b(b.x), b.sqrt(b.rms_l(b.x))))))
     widths = set()
     for plain in (SQRT_V0, partly_live):
-        _, band = fingerprints(Candidate(plain, layer_options={"eps": 1e-5}), DEFAULT_SHAPES, 0, v0_band=V0_BAND)
-        widths.add(None if band is None else band.shape)
-    assert widths == {fingerprints(Candidate(SQRT_V0), DEFAULT_SHAPES, 0, v0_band=V0_BAND)[1].shape}
-    assert fingerprints(Candidate(g(lambda b: b.sqrt(b.x))), DEFAULT_SHAPES, 0, v0_band=V0_BAND)[1] is None
+        _, bands = fingerprints(Candidate(plain, layer_options={"eps": 1e-5}), DEFAULT_SHAPES, 0, v0_bands=(V0_BAND,))
+        widths.add(bands[0].shape if bands else None)
+    assert widths == {fingerprints(Candidate(SQRT_V0), DEFAULT_SHAPES, 0, v0_bands=(V0_BAND,))[1][0].shape}
+    assert fingerprints(Candidate(g(lambda b: b.sqrt(b.x))), DEFAULT_SHAPES, 0, v0_bands=(V0_BAND,))[1] == []

@@ -60,7 +60,7 @@ never compared with these (the cache groups rows by length); such trials still m
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,7 @@ import torch
 from opsearch.compile import is_v0
 from opsearch.plugins.rejection import _probes, _reach
 from opsearch.registry import register_filter
-from opsearch.rejection import (CacheEntry, Candidate, Filter, FilterContext, Verdict, band_attr,
-                                fingerprint_hash)
+from opsearch.rejection import CacheEntry, Candidate, Filter, FilterContext, Verdict, fingerprint_hash
 
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
 NUM_PROJECTIONS = 6
@@ -110,9 +109,8 @@ class EquivalenceFilter(Filter):
                                  candidate.equiv_fp_bands)
         if entry is not None:
             what = "outputs up to the final affine" if self.absorb_affine else "outputs"
-            if how.startswith("band"):
-                lo, hi = next(b for i, b in enumerate(cache.v0_bands)
-                              if band_attr(i, cache.v0_bands) == f"equiv_fp_{how}")
+            if how.startswith("band:"):
+                lo, hi = cache.v0_bands[int(how.split(":")[1])]
                 how = f"{what} with v0 in [{lo:g}, {hi:g}], where trial {entry.trial}'s training kept it"
             else:
                 how = {"exact": what, "limit": f"{what} as eps -> 0"}[how]
@@ -153,16 +151,10 @@ def fingerprint(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]
 
 def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int]], seed: int,
                  eps: float | None = None, absorb_affine: bool = False,
-                 v0_band: tuple[float, float] | None = None,
-                 v0_bands: Sequence[tuple[float, float]] | None = None) -> tuple[np.ndarray, Any]:
-    """The plain fingerprint and, with ``v0_band`` and a v0 that training moves, the band
-    fingerprint (rule 4: reached inside the band, the live v0 entries then drawn inside it and
-    all at its floor); None for the band otherwise. With ``v0_bands``: a list of band
-    fingerprints, one per band (empty when v0 is not live)."""
-    if v0_bands is None:
-        plain, bands = fingerprints(candidate, shapes, seed, eps, absorb_affine,
-                                    v0_bands=() if v0_band is None else (v0_band,))
-        return plain, (bands[0] if bands else None)
+                 v0_bands: Sequence[tuple[float, float]] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The plain fingerprint and, when training moves v0, one band fingerprint per band of
+    ``v0_bands`` (rule 4: reached inside the band, the live v0 entries then drawn inside it and
+    all at its floor); no band fingerprints otherwise."""
     # momentum 1: eval mode reads the last batch's statistics, the state after a long run, not
     # the first steps' transient (rms_b(0) and rms_i(0) are one constant once trained)
     overrides = {"momentum": 1.0} if eps is None else {"momentum": 1.0, "eps": eps}
