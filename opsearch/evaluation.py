@@ -67,9 +67,18 @@ class Evaluation:
             own = r.trial_attrs()
             ranges.append(own.pop("v0_range", None))
             attrs.update(own)
-        if ranges and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in ranges):
-            attrs["v0_range"] = [min(float(v[0]) for v in ranges), max(float(v[1]) for v in ranges)]
+        if (union := v0_range_union(ranges)) is not None:
+            attrs["v0_range"] = union
         return cls(accuracies, attrs)
+
+
+def v0_range_union(ranges: Iterable[Any]) -> list[float] | None:
+    """The [min, max] over several trainings' v0 ranges (the architectures of one evaluation);
+    None when there are none or one is unknown: the band rule must see every training."""
+    ranges = list(ranges)
+    if not ranges or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in ranges):
+        return None
+    return [min(float(v[0]) for v in ranges), max(float(v[1]) for v in ranges)]
 
 
 class OneShotSession:

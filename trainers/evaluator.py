@@ -45,6 +45,7 @@ from torch import nn
 from opsearch import registry
 from opsearch.config import DEFAULT_ARCHS
 from opsearch.errors import UserError
+from opsearch.evaluation import v0_range_union
 from opsearch.trainers import data as data_module
 from opsearch.trainers.data import ArrayData
 
@@ -163,9 +164,8 @@ class EvalResult:
             if r.diverged:
                 attrs[f"diverged/{arch}"] = True
             attrs[f"train_s/{arch}"] = round(float(r.seconds), 3)
-        ranges = [r.v0_range for r in self.per_arch.values()]
-        if ranges and all(r is not None for r in ranges):
-            attrs["v0_range"] = [min(r[0] for r in ranges), max(r[1] for r in ranges)]
+        if (union := v0_range_union(r.v0_range for r in self.per_arch.values())) is not None:
+            attrs["v0_range"] = union
         return attrs
 
     def to_dict(self) -> dict:

@@ -162,8 +162,10 @@ class AgingEvolution(Algorithm):
         immigrants scored 0.64-0.97 against members at 0.95-0.97; while the population is stuck
         in a poor family, an immigrant that beats it is how the search leaves."""
         rate = self.immigrant_rate()
-        means = sorted(scalarize(o, "mean") for _, o in self.population if math.isfinite(scalarize(o, "mean")))
-        if rate <= 0 or not means or not self.options["immigrants_adapt"]:
+        if rate <= 0 or not self.options["immigrants_adapt"]:
+            return
+        means = sorted(m for _, o in self.population if math.isfinite(m := scalarize(o, "mean")))
+        if not means:
             return
         median = means[(len(means) - 1) // 2]
         low, high = IMMIGRANT_RATE_BOUNDS
