@@ -1,0 +1,167 @@
+"""Where an evolution run's candidates came from, and what each source cost: replayed from the study.
+
+An evolution plugin (regularized_evolution, pareto_evolution) proposes from four sources: before
+the population is ready, new graphs of the generator (`start-new`) and mutations of the best near
+misses (`start-mutant`); then mutations of a tournament's winner (`mutant`) and streaks of new
+graphs (`immigrant`). Which source found a run's first layer at the target, and where its CPU went
+before, says which piece of the algorithm carries the search and which one costs it time.
+
+Nothing of this is stored with a trial: it is rebuilt. A proposal is a pure function of the seed
+and the feedback so far (opsearch/algorithm.py), so a fresh algorithm fed the run's finished
+trials in order, as `Engine.recover` feeds them, proposes each recorded genome again; the replay
+checks that it does (`mismatches`, 0 for an exact replay) and notes which source each came from.
+Exact for one-worker runs (several workers interleave their proposals and feedback).
+
+    python benchmarks/origins.py RUN.db [RUN2.db ...]          # one line per run, then the totals
+    python benchmarks/origins.py --json origins.json RUN.db     # also every candidate's source
+
+CPU per candidate: the rise of the run's cumulative CPU when the discovery benchmark's trial log
+(RUN.jsonl beside RUN.db) is there, else the trial's `elapsed_s` (wall seconds). The target: the
+first candidate whose mean score comes within `--margin` of the run's own bn_relu baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Any
+
+SOURCES = ("start-new", "start-mutant", "mutant", "immigrant")
+TARGET_LAYER = "bn_relu"
+TARGET_MARGIN = 0.01
+
+
+def _url(path_or_url: str) -> str:
+    return path_or_url if "://" in path_or_url else "sqlite:///" + os.path.abspath(path_or_url)
+
+
+def replay(study) -> tuple[list[dict[str, Any]], int]:
+    """Every finished candidate of the run in trial order, with the source the replayed algorithm
+    proposed it from; and how many recorded genomes the replay did not propose again."""
+    import optuna
+
+    from opsearch import registry
+    from opsearch.errors import UserError
+    from opsearch.plugins.algorithms.evolution import AgingEvolution
+    from opsearch.space import SearchSpace
+    from opsearch.study.records import TrialRecord
+    from opsearch.trials import LOST
+
+    config = json.loads(study.user_attrs.get("config", "{}"))
+    if config.get("seed_with_baselines"):
+        raise UserError("origins: the replay covers searches from scratch (seed_with_baselines = false)")
+    space = SearchSpace.from_name(config["space"], **config.get("space_options", {}))
+    algorithm = registry.algorithms.create(config["algorithm"], space, len(config["archs"]),
+                                           int(config.get("seed", 0)), **config.get("algorithm_options", {}))
+    if not isinstance(algorithm, AgingEvolution):
+        raise UserError(f"origins: algorithm {config['algorithm']!r} is not an evolution plugin")
+    source: list[str] = []
+
+    def tracked(propose, early: str, late: str):
+        def call(*args, **kwargs):
+            source.append(early if len(algorithm.population) < algorithm.min_population else late)
+            return propose(*args, **kwargs)
+        return call
+
+    algorithm.generator.random_genome = tracked(algorithm.generator.random_genome, "start-new", "immigrant")
+    algorithm.mutator.mutate = tracked(algorithm.mutator.mutate, "start-mutant", "mutant")
+    rows, mismatches = [], 0
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        record = TrialRecord.from_frozen(trial)
+        if not record.state.is_finished() or record.kind != "candidate" or record.verdict == LOST \
+                or record.genome is None:
+            continue
+        source.clear()
+        proposed = algorithm.propose()
+        mismatches += tuple(proposed) != record.genome
+        verdict = str(record.verdict or "")
+        values = record.values if record.state == optuna.trial.TrialState.COMPLETE and record.values else None
+        grade = record.user_attrs.get("grade")
+        grade = float(grade) if isinstance(grade, (int, float)) and not isinstance(grade, bool) else None
+        rows.append({"number": record.number, "source": source[-1] if source else None,
+                     "verdict": verdict.split(":")[0], "values": values, "formula": record.user_attrs.get("formula"),
+                     "elapsed_s": record.user_attrs.get("elapsed_s")})
+        algorithm.feedback(record.genome, values, verdict.startswith("duplicate:"), grade)
+    return rows, mismatches
+
+
+def _costs(rows: list[dict], log_path: str | None) -> tuple[list[float], float | None]:
+    """Each candidate's CPU (from the discovery log) or wall seconds; the run's bn_relu score."""
+    if log_path and os.path.exists(log_path):
+        with open(log_path) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        cpu = {e["number"]: e["cpu_total"] for e in log}
+        bn = next((e["score"] for e in log if e.get("layer") == TARGET_LAYER and e.get("score") is not None), None)
+        before = max((e["cpu_total"] for e in log if e["kind"] != "candidate" and e["number"] < rows[0]["number"]),
+                     default=0.0) if rows else 0.0
+        costs, last = [], before
+        for r in rows:
+            now = cpu.get(r["number"], last)
+            costs.append(max(0.0, now - last))
+            last = now
+        return costs, bn
+    return [float(r["elapsed_s"] or 0.0) for r in rows], None
+
+
+def summarize(rows: list[dict], costs: list[float], target: float | None) -> dict[str, Any]:
+    """Per source: proposals, CPU and trained candidates before the target (the whole run when
+    it never got there), and which source proposed the layer at the target."""
+    cpu, proposed, trained = (collections.Counter() for _ in range(3))
+    hit = None
+    for r, c in zip(rows, costs):
+        cpu[r["source"]] += c
+        proposed[r["source"]] += 1
+        if r["verdict"] == "evaluated":
+            trained[r["source"]] += 1
+            mean = sum(r["values"]) / len(r["values"])
+            if target is not None and mean >= target:
+                hit = {"number": r["number"], "source": r["source"], "score": mean, "formula": r["formula"]}
+                break
+    return {"hit": hit, "cpu": dict(cpu), "proposed": dict(proposed), "trained": dict(trained)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="a run's storage: a SQLite file or a storage URL (one run in it)")
+    p.add_argument("--margin", type=float, default=TARGET_MARGIN, help="the target: bn_relu's score minus this")
+    p.add_argument("--json", help="write every run's candidates with their sources here")
+    args = p.parse_args(argv)
+    from opsearch.errors import UserError
+    from opsearch.study.storage import open_run
+
+    total = collections.defaultdict(collections.Counter)
+    dump = []
+    print(f"{'run':42} {'mis':>3} {'search CPU':>10} {'by':>12}  CPU s before it: " + " / ".join(SOURCES))
+    for path in args.runs:
+        try:
+            study = open_run(_url(path))
+            rows, mismatches = replay(study)
+        except UserError as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return 2
+        base = path[:-3] if path.endswith(".db") else None
+        costs, bn = _costs(rows, base + ".jsonl" if base else None)
+        s = summarize(rows, costs, None if bn is None else bn - args.margin)
+        spent = sum(s["cpu"].values())
+        for key in ("cpu", "proposed", "trained"):
+            total[key].update(s[key])
+        total["hits"][s["hit"]["source"] if s["hit"] else "none"] += 1
+        where = f"{spent:10.0f}" if s["hit"] else f">{spent:9.0f}"
+        print(f"{os.path.basename(path):42} {mismatches:3d} {where} {(s['hit'] or {}).get('source', '-'):>12}  "
+              + " / ".join(f"{s['cpu'].get(k, 0):.0f} ({s['trained'].get(k, 0)}/{s['proposed'].get(k, 0)})"
+                           for k in SOURCES))
+        dump.append({"run": path, "mismatches": mismatches, "summary": s, "candidates": rows})
+    print("totals before the target, CPU s (trained / proposed): "
+          + "; ".join(f"{k} {total['cpu'].get(k, 0):.0f} ({total['trained'].get(k, 0)}/{total['proposed'].get(k, 0)})"
+                      for k in SOURCES))
+    print("the target's source: " + ", ".join(f"{k} {n}" for k, n in sorted(total["hits"].items())))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dump, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
