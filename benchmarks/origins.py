@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 SOURCES = ("start-new", "start-mutant", "mutant", "immigrant")
+MUTATION_KINDS = ("edit", "insert", "delete", "self")  # an edit changes an op, an input or a node
 TARGET_LAYER = "bn_relu"
 TARGET_MARGIN = 0.01
 
@@ -39,7 +40,8 @@ def _url(path_or_url: str) -> str:
 
 def replay(study) -> tuple[list[dict[str, Any]], int]:
     """Every finished candidate of the run in trial order, with the source the replayed algorithm
-    proposed it from; and how many recorded genomes the replay did not propose again."""
+    proposed it from (for a mutant also its mutation kind, its parent's trial number and the
+    parent's mean score); and how many recorded genomes the replay did not propose again."""
     import optuna
 
     from opsearch import registry
@@ -66,25 +68,79 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
         return call
 
     algorithm.generator.random_genome = tracked(algorithm.generator.random_genome, "start-new", "immigrant")
+    mutation = _track_mutations(algorithm)
     algorithm.mutator.mutate = tracked(algorithm.mutator.mutate, "start-mutant", "mutant")
     rows, mismatches = [], 0
+    numbers: dict[tuple, int] = {}  # genome -> the first trial that fed it back (a parent's number)
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_frozen(trial)
         if not record.state.is_finished() or record.kind != "candidate" or record.verdict == LOST \
                 or record.genome is None:
             continue
         source.clear()
+        mutation.clear()
         proposed = algorithm.propose()
         mismatches += tuple(proposed) != record.genome
         verdict = str(record.verdict or "")
         values = record.values if record.state == optuna.trial.TrialState.COMPLETE and record.values else None
         grade = record.user_attrs.get("grade")
         grade = float(grade) if isinstance(grade, (int, float)) and not isinstance(grade, bool) else None
+        kind, parent_score, parent = mutation.of(proposed)
         rows.append({"number": record.number, "source": source[-1] if source else None,
+                     "mutation": kind, "parent": numbers.get(parent), "parent_score": parent_score,
                      "verdict": verdict.split(":")[0], "values": values, "formula": record.user_attrs.get("formula"),
                      "elapsed_s": record.user_attrs.get("elapsed_s")})
         algorithm.feedback(record.genome, values, verdict.startswith("duplicate:"), grade)
+        numbers.setdefault(record.genome, record.number)
     return rows, mismatches
+
+
+class _Mutations:
+    """What the mutator did for the last proposal: each try's child and kind (edit, insert,
+    delete, self; the mutator retries children that repeat a graph already seen), and the
+    parent's mean score (None for a near miss, whose objectives are only a grade)."""
+
+    def __init__(self):
+        self.tries: list[tuple[tuple, str | None]] = []
+        self.kind: str | None = None
+        self.parent_score: float | None = None
+        self.parent: tuple | None = None
+
+    def clear(self) -> None:
+        self.tries, self.kind, self.parent_score, self.parent = [], None, None, None
+
+    def of(self, child) -> tuple[str | None, float | None, tuple | None]:
+        """The kind of the try that made `child`, the parent's score and genome (None: not a mutant)."""
+        kind = next((k for c, k in reversed(self.tries) if tuple(c) == tuple(child)), None)
+        return (kind, self.parent_score, self.parent) if kind else (None, None, None)
+
+
+def _track_mutations(algorithm) -> _Mutations:
+    from opsearch.plugins.algorithms.evolution import GRADE_OFFSET
+
+    seen = _Mutations()
+    mutator = algorithm.mutator
+    for name, kind in (("_edit", "edit"), ("_insert", "insert"), ("_delete", "delete"), ("_insert_self", "self")):
+        def call(*args, _method=getattr(mutator, name), _kind=kind, **kwargs):
+            seen.kind = _kind
+            return _method(*args, **kwargs)
+        setattr(mutator, name, call)
+    once, mutate = mutator._mutate_once, mutator.mutate
+
+    def mutate_once(*args, **kwargs):
+        seen.kind = None
+        child = once(*args, **kwargs)
+        seen.tries.append((tuple(child), seen.kind))
+        return child
+
+    def tracked_mutate(parent, *args, **kwargs):
+        scores = [sum(o) / len(o) for g, o in algorithm.population + algorithm.near_misses if tuple(g) == tuple(parent)]
+        seen.parent_score = scores[-1] if scores and scores[-1] > -GRADE_OFFSET / 2 else None
+        seen.parent = tuple(parent)
+        return mutate(parent, *args, **kwargs)
+
+    mutator._mutate_once, mutator.mutate = mutate_once, tracked_mutate
+    return seen
 
 
 def _costs(rows: list[dict], log_path: str | None) -> tuple[list[float], float | None]:
@@ -107,19 +163,33 @@ def _costs(rows: list[dict], log_path: str | None) -> tuple[list[float], float |
 
 def summarize(rows: list[dict], costs: list[float], target: float | None) -> dict[str, Any]:
     """Per source: proposals, CPU and trained candidates before the target (the whole run when
-    it never got there), and which source proposed the layer at the target."""
+    it never got there), and which source proposed the layer at the target. Per mutation kind
+    (mutants of trained parents only): the same, and how many trained children beat their
+    parent's score."""
     cpu, proposed, trained = (collections.Counter() for _ in range(3))
+    kinds = collections.defaultdict(collections.Counter)
     hit = None
     for r, c in zip(rows, costs):
         cpu[r["source"]] += c
         proposed[r["source"]] += 1
+        k = kinds[r["mutation"]] if r["source"] == "mutant" and r.get("mutation") else None
+        if k is not None:
+            k["proposed"] += 1
+            k["cpu"] += c
         if r["verdict"] == "evaluated":
             trained[r["source"]] += 1
             mean = sum(r["values"]) / len(r["values"])
+            if k is not None:
+                k["trained"] += 1
+                k["better"] += r.get("parent_score") is not None and mean > r["parent_score"]
             if target is not None and mean >= target:
-                hit = {"number": r["number"], "source": r["source"], "score": mean, "formula": r["formula"]}
+                hit = {"number": r["number"], "source": r["source"], "mutation": r.get("mutation"),
+                       "score": mean, "formula": r["formula"]}
+                if k is not None:
+                    k["hits"] += 1
                 break
-    return {"hit": hit, "cpu": dict(cpu), "proposed": dict(proposed), "trained": dict(trained)}
+    return {"hit": hit, "cpu": dict(cpu), "proposed": dict(proposed), "trained": dict(trained),
+            "kinds": {kind: dict(v) for kind, v in kinds.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from opsearch.study.storage import open_run
 
     total = collections.defaultdict(collections.Counter)
+    kinds = collections.defaultdict(collections.Counter)
     dump = []
     print(f"{'run':42} {'mis':>3} {'search CPU':>10} {'by':>12}  CPU s before it: " + " / ".join(SOURCES))
     for path in args.runs:
@@ -147,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         spent = sum(s["cpu"].values())
         for key in ("cpu", "proposed", "trained"):
             total[key].update(s[key])
+        for kind, counts in s["kinds"].items():
+            kinds[kind].update(counts)
         total["hits"][s["hit"]["source"] if s["hit"] else "none"] += 1
         where = f"{spent:10.0f}" if s["hit"] else f">{spent:9.0f}"
         print(f"{os.path.basename(path):42} {mismatches:3d} {where} {(s['hit'] or {}).get('source', '-'):>12}  "
@@ -157,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
           + "; ".join(f"{k} {total['cpu'].get(k, 0):.0f} ({total['trained'].get(k, 0)}/{total['proposed'].get(k, 0)})"
                       for k in SOURCES))
     print("the target's source: " + ", ".join(f"{k} {n}" for k, n in sorted(total["hits"].items())))
+    print("mutants of trained parents before the target, by kind: proposed, CPU s, trained, trained "
+          "and better than the parent, at the target")
+    for kind in MUTATION_KINDS:
+        k = kinds.get(kind, collections.Counter())
+        print(f"  {kind:7} {k['proposed']:6d} {k['cpu']:8.0f} {k['trained']:5d} {k['better']:5d} {k['hits']:3d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump, f)

@@ -77,16 +77,59 @@ def test_the_replay_proposes_every_recorded_genome_and_names_its_source(origins,
     assert [r["formula"] for r in rows] == [f"c{i}" for i in range(len(expected))]  # baseline not fed
 
 
+def test_each_mutant_names_its_kind_and_parent(origins, tmp_path):
+    """The kind agrees with what it did to the graph's live nodes (insert: one more, self: two
+    more, delete: at least one fewer); the parent is an earlier trial, trained for a mutant of
+    the population (its score is its mean), a near miss for a start mutant (no score)."""
+    from opsearch.plugins.algorithms.mutation import _pruned
+
+    url = f"sqlite:///{tmp_path}/run.db"
+    simulated_run(url)
+    rows, _ = origins.replay(open_run(url))
+    space = SearchSpace.from_name("evonorm", num_nodes=4)
+    by_number = {r["number"]: r for r in rows}
+    genomes = {t.number: tuple(json.loads(t.user_attrs["genome"])) for t in open_run(url).get_trials()
+               if t.user_attrs.get("genome")}
+    size = {n: len(_pruned(space.decode(g))) for n, g in genomes.items()}
+    kinds = set()
+    for r in rows:
+        if r["source"] not in ("mutant", "start-mutant"):
+            assert r["mutation"] is r["parent"] is r["parent_score"] is None
+            continue
+        kinds.add(r["mutation"])
+        parent = by_number[r["parent"]]
+        assert parent["number"] < r["number"]
+        grown = size[r["number"]] - size[parent["number"]]
+        assert {"insert": grown == 1, "self": grown == 2, "delete": grown <= -1, "edit": True}[r["mutation"]]
+        if r["source"] == "mutant":
+            assert parent["verdict"] in ("evaluated", "duplicate")
+            assert r["parent_score"] == pytest.approx(sum(parent["values"]) / len(parent["values"]))
+        else:
+            assert r["parent_score"] is None or parent["verdict"] != "rejected"
+    assert kinds == set(origins.MUTATION_KINDS)
+
+
 def test_the_summary_stops_at_the_first_candidate_at_the_target(origins):
-    rows = [{"number": 1, "source": "start-new", "verdict": "rejected", "values": None, "formula": "a"},
-            {"number": 2, "source": "start-mutant", "verdict": "evaluated", "values": (0.8, 0.8), "formula": "b"},
-            {"number": 3, "source": "mutant", "verdict": "evaluated", "values": (0.9, 0.88), "formula": "c"},
-            {"number": 4, "source": "immigrant", "verdict": "evaluated", "values": (0.95, 0.95), "formula": "d"}]
-    s = origins.summarize(rows, [0.5, 10.0, 12.0, 9.0], target=0.89)
-    assert s["hit"] == {"number": 3, "source": "mutant", "score": pytest.approx(0.89), "formula": "c"}
-    assert s["cpu"] == {"start-new": 0.5, "start-mutant": 10.0, "mutant": 12.0}  # the hit's own cost counts
-    assert s["trained"] == {"start-mutant": 1, "mutant": 1}
-    assert origins.summarize(rows, [1.0] * 4, target=None)["hit"] is None  # no bn_relu: whole run
+    def row(number, source, verdict, values, mutation=None, parent_score=None):
+        return {"number": number, "source": source, "verdict": verdict, "values": values, "formula": f"c{number}",
+                "mutation": mutation, "parent_score": parent_score}
+
+    rows = [row(1, "start-new", "rejected", None),
+            row(2, "start-mutant", "evaluated", (0.8, 0.8), "insert"),
+            row(3, "mutant", "rejected", None, "self", 0.8),
+            row(4, "mutant", "evaluated", (0.7, 0.7), "edit", 0.8),
+            row(5, "mutant", "evaluated", (0.9, 0.88), "edit", 0.8),
+            row(6, "immigrant", "evaluated", (0.95, 0.95))]
+    s = origins.summarize(rows, [0.5, 10.0, 0.2, 11.0, 12.0, 9.0], target=0.89)
+    assert s["hit"] == {"number": 5, "source": "mutant", "mutation": "edit", "score": pytest.approx(0.89),
+                        "formula": "c5"}
+    assert s["cpu"] == {"start-new": 0.5, "start-mutant": 10.0, "mutant": 23.2}  # the hit's own cost counts
+    assert s["trained"] == {"start-mutant": 1, "mutant": 2}
+    # kinds: mutants of the population only; 'better' = trained and above the parent's score
+    assert s["kinds"] == {"self": {"proposed": 1, "cpu": 0.2},
+                          "edit": {"proposed": 2, "cpu": 23.0, "trained": 2, "better": 1, "hits": 1}}
+    whole = origins.summarize(rows, [1.0] * 6, target=None)  # no bn_relu: the whole run
+    assert whole["hit"] is None and whole["trained"] == {"start-mutant": 1, "mutant": 2, "immigrant": 1}
 
 
 def test_a_run_fed_the_known_layers_is_refused_in_one_line(origins, tmp_path):
