@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.path.basename(path):42} {mismatches:3d} {where} {(s['hit'] or {}).get('source', '-'):>12}  "
               + " / ".join(f"{s['cpu'].get(k, 0):.0f} ({s['trained'].get(k, 0)}/{s['proposed'].get(k, 0)})"
                            for k in SOURCES))
+        if mismatches:
+            print(f"{path}: the replay proposed {mismatches} recorded genome(s) differently: the sources "
+                  "are not the run's (several workers, or code other than the run's)", file=sys.stderr)
         dump.append({"run": path, "mismatches": mismatches, "summary": s, "candidates": rows})
     print("totals before the target, CPU s (trained / proposed): "
           + "; ".join(f"{k} {total['cpu'].get(k, 0):.0f} ({total['trained'].get(k, 0)}/{total['proposed'].get(k, 0)})"
