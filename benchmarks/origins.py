@@ -28,10 +28,10 @@ import os
 import sys
 from typing import Any
 
+from discovery import TARGET_LAYER, TARGET_MARGIN, read_log
+
 SOURCES = ("start-new", "start-mutant", "mutant", "immigrant")
 MUTATION_KINDS = ("edit", "insert", "delete", "self")  # an edit changes an op, an input or a node
-TARGET_LAYER = "bn_relu"
-TARGET_MARGIN = 0.01
 
 
 def _url(path_or_url: str) -> str:
@@ -45,6 +45,7 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
     import optuna
 
     from opsearch import registry
+    from opsearch.engine import _grade, _is_duplicate
     from opsearch.errors import UserError
     from opsearch.plugins.algorithms.evolution import AgingEvolution
     from opsearch.space import SearchSpace
@@ -81,16 +82,13 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
         mutation.clear()
         proposed = algorithm.propose()
         mismatches += tuple(proposed) != record.genome
-        verdict = str(record.verdict or "")
         values = record.values if record.state == optuna.trial.TrialState.COMPLETE and record.values else None
-        grade = record.user_attrs.get("grade")
-        grade = float(grade) if isinstance(grade, (int, float)) and not isinstance(grade, bool) else None
         kind, parent_score, parent = mutation.of(proposed)
         rows.append({"number": record.number, "source": source[-1] if source else None,
                      "mutation": kind, "parent": numbers.get(parent), "parent_score": parent_score,
-                     "verdict": verdict.split(":")[0], "values": values, "formula": record.user_attrs.get("formula"),
-                     "elapsed_s": record.user_attrs.get("elapsed_s")})
-        algorithm.feedback(record.genome, values, verdict.startswith("duplicate:"), grade)
+                     "verdict": str(record.verdict or "").split(":")[0], "values": values,
+                     "formula": record.user_attrs.get("formula"), "elapsed_s": record.user_attrs.get("elapsed_s")})
+        algorithm.feedback(record.genome, values, _is_duplicate(record), _grade(record))  # as Engine.recover
         numbers.setdefault(record.genome, record.number)
     return rows, mismatches
 
@@ -146,8 +144,7 @@ def _track_mutations(algorithm) -> _Mutations:
 def _costs(rows: list[dict], log_path: str | None) -> tuple[list[float], float | None]:
     """Each candidate's CPU (from the discovery log) or wall seconds; the run's bn_relu score."""
     if log_path and os.path.exists(log_path):
-        with open(log_path) as f:
-            log = [json.loads(line) for line in f if line.strip()]
+        log = read_log(log_path)
         cpu = {e["number"]: e["cpu_total"] for e in log}
         bn = next((e["score"] for e in log if e.get("layer") == TARGET_LAYER and e.get("score") is not None), None)
         before = max((e["cpu_total"] for e in log if e["kind"] != "candidate" and e["number"] < rows[0]["number"]),
