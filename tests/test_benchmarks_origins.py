@@ -67,9 +67,15 @@ def simulated_run(url: str, candidates: int = 160) -> list[str]:
     return sources
 
 
-def test_the_replay_proposes_every_recorded_genome_and_names_its_source(origins, tmp_path):
-    url = f"sqlite:///{tmp_path}/run.db"
-    expected = simulated_run(url)
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """One simulated run for the module (the cases only read it): its URL and its sources."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('origins')}/run.db"
+    return url, simulated_run(url)
+
+
+def test_the_replay_proposes_every_recorded_genome_and_names_its_source(origins, simulated):
+    url, expected = simulated
     assert set(expected) == set(origins.SOURCES)  # the case covers every source
     rows, mismatches = origins.replay(open_run(url))
     assert mismatches == 0
@@ -77,14 +83,13 @@ def test_the_replay_proposes_every_recorded_genome_and_names_its_source(origins,
     assert [r["formula"] for r in rows] == [f"c{i}" for i in range(len(expected))]  # baseline not fed
 
 
-def test_each_mutant_names_its_kind_and_parent(origins, tmp_path):
+def test_each_mutant_names_its_kind_and_parent(origins, simulated):
     """The kind agrees with what it did to the graph's live nodes (insert: one more, self: two
     more, delete: at least one fewer); the parent is an earlier trial, trained for a mutant of
     the population (its score is its mean), a near miss for a start mutant (no score)."""
     from opsearch.plugins.algorithms.mutation import _pruned
 
-    url = f"sqlite:///{tmp_path}/run.db"
-    simulated_run(url)
+    url, _ = simulated
     rows, _ = origins.replay(open_run(url))
     space = SearchSpace.from_name("evonorm", num_nodes=4)
     by_number = {r["number"]: r for r in rows}
