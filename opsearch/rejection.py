@@ -479,14 +479,14 @@ class EquivalenceCache:
         return self.v0_bands[0]
 
     def add(self, canonical_hash: str | None, fp: np.ndarray | None, entry: CacheEntry,
-            fp_limit: np.ndarray | None = None, fp_band: Any = None,
+            fp_limit: np.ndarray | None = None, fp_band: Sequence[np.ndarray | None] = (),
             v0_range: Sequence[float] | None = None) -> None:
         """Remember a function; an earlier entry for the same function keeps precedence.
-        ``fp_band``: the band fingerprints, one per band (or one array: the first band's); each
-        enters only for an evaluated trial whose ``v0_range`` lies in its band."""
+        ``fp_band``: the band fingerprints, one per band of ``v0_bands``; each enters only for an
+        evaluated trial whose ``v0_range`` lies in its band."""
         if canonical_hash and canonical_hash not in self._by_hash:
             self._by_hash[canonical_hash] = entry
-        for index, band_fp in enumerate(_per_band(fp_band)[:len(self.v0_bands)]):
+        for index, band_fp in enumerate(list(fp_band)[:len(self.v0_bands)]):
             if band_fp is None or entry.objectives is None or not self.kept_in_band(v0_range, index):
                 continue
             band = np.asarray(band_fp, dtype=np.float64)
@@ -538,17 +538,17 @@ class EquivalenceCache:
         return self._by_hash.get(canonical_hash)
 
     def match(self, fp: np.ndarray, fp_limit: np.ndarray | None = None,
-              limit_atol: float | None = None, fp_band: Any = None
+              limit_atol: float | None = None, fp_band: Sequence[np.ndarray | None] = ()
               ) -> tuple[CacheEntry | None, str]:
         """The earliest cached function equal to ``fp`` and how: ``(entry, "exact")`` within
         ``atol``; ``(entry, "limit")`` when the limit fingerprints are within ``atol`` and the
         plain ones within ``limit_atol``; else ``(entry, "band:<i>")`` when the fingerprint on
-        band ``v0_bands[i]`` (``fp_band``: one per band, or the first band's array) is within
+        band ``v0_bands[i]`` (``fp_band``: one per band) is within
         ``atol`` of a trial's kept on that band; ``(None, "")`` otherwise."""
         entry, how = self._match_plain(np.asarray(fp, dtype=np.float64), fp_limit, limit_atol)
         if entry is not None:
             return entry, how
-        for index, band_fp in enumerate(_per_band(fp_band)[:len(self.v0_bands)]):
+        for index, band_fp in enumerate(list(fp_band)[:len(self.v0_bands)]):
             if band_fp is None:
                 continue
             band = np.asarray(band_fp, dtype=np.float64)
@@ -615,15 +615,6 @@ def _grown(matrix: np.ndarray) -> np.ndarray:
     grown = np.empty((2 * len(matrix), matrix.shape[1]))
     grown[:len(matrix)] = matrix
     return grown
-
-
-def _per_band(fp_band: Any) -> list:
-    """Band fingerprints as a list, one per band: one array is the first band's."""
-    if fp_band is None:
-        return []
-    if isinstance(fp_band, np.ndarray):
-        return [fp_band]
-    return list(fp_band)
 
 
 def _stored_fingerprint(attrs: Mapping[str, Any], key: str) -> np.ndarray | None:
