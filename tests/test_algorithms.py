@@ -419,6 +419,33 @@ def test_duplicates_neither_enter_nor_age_the_population(space):
     assert [g for g, _ in added.members()] == members[1:] + members[:1]
 
 
+def test_duplicates_trained_leave_the_search_where_training_the_repeat_would(space):
+    """duplicates=trained: a merged repeat must teach the algorithm exactly what training it would
+    have (members, immigrant streak, every later proposal), so that a merge only saves CPU."""
+    def run(seed: int, duplicate: bool, mode: str) -> list:
+        evo = create_algorithm("regularized_evolution", space, 1, seed, population_size=6,
+                               tournament_size=2, immigrants=0.5, duplicates=mode)
+        rng = random.Random(seed)
+        trained, trace = [], []
+        for step in range(60):
+            if step % 4 == 3 and trained:  # a repeat of an earlier trained layer comes back
+                g, objectives = rng.choice(trained)
+                evo.feedback(g, objectives, duplicate=duplicate)
+                continue
+            g = evo.propose()
+            trace.append(g)
+            objectives = toy_objectives(space, g)
+            evo.feedback(g, None if objectives is None else objectives[:1])
+            if objectives is not None:
+                trained.append((g, objectives[:1]))
+        return trace + [g for g, _ in evo.members()]
+
+    for seed in range(4):
+        as_trained = run(seed, False, "trained")
+        assert run(seed, True, "trained") == as_trained
+    assert any(run(seed, True, "skip") != run(seed, False, "skip") for seed in range(4))
+
+
 def _is_mutation(space, child, members) -> bool:
     """Whether `child` differs from some member in the genes of exactly one node."""
     return any(len({space.node_of_gene[i] for i, (a, b) in enumerate(zip(m, child)) if a != b}) == 1

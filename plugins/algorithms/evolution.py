@@ -53,7 +53,13 @@ With `avoid_duplicates` (default) the canonical hashes of every candidate fed ba
 remembered and mutation retries children that would repeat one. A candidate the equivalence
 filter found to repeat an earlier trial's function (`duplicates=skip`, default) neither enters
 nor ages the population: a copy would only crowd out other members with a clone of a function
-already there.
+already there. So a merge changes the search's course: round 11's seed 2 left the trials of the
+run without the narrow band at the one layer that band merged, and took a course that missed the
+target. `duplicates=trained` feeds a repeat back exactly as its training would have fed it (a
+young copy, a trained result for the immigrant streaks): where the repeat would have scored what
+the earlier trial scored (training is deterministic per seed; the pair of seed 2 did), the search
+follows the trials it would follow with the repeat trained, and a stronger equivalence filter
+only saves CPU. Not the default until a paired run of the seeds says so.
 """
 from __future__ import annotations
 
@@ -95,8 +101,11 @@ POPULATION_OPTIONS: dict[str, Option] = {
                                f"{IMMIGRANT_RATE_BOUNDS[0]}) after one below it (round 10: no faster than the "
                                "fixed rate, paired by seed; off by default)", bool),
     "duplicates": Option("skip", "candidates that repeat an earlier trial's function: skip (they "
-                         "neither enter nor age the population) or add (a copy of the earlier "
-                         "member enters)", str, choices=("skip", "add")),
+                         "neither enter nor age the population), add (a copy of the earlier "
+                         "member enters) or trained (fed back exactly as their training would have "
+                         "been: a copy enters and it counts as a trained result for the immigrant "
+                         "streaks, so a merge saves CPU without changing the search's course)",
+                         str, choices=("skip", "add", "trained")),
 }
 
 
@@ -186,6 +195,9 @@ class AgingEvolution(Algorithm):
         self._oldest_miss = _ring_push(self.near_misses, self._oldest_miss, member, self.population_size)
 
     def _feedback_duplicate(self, genome: Genome, objectives: Objectives) -> None:
+        if self.options["duplicates"] == "trained":
+            self._feedback(genome, objectives)
+            return
         self._remember(genome)
         if self.options["duplicates"] == "add":
             self._oldest = _ring_push(self.population, self._oldest, (genome, objectives), self.population_size)
