@@ -6,11 +6,14 @@ misses (`start-mutant`); then mutations of a tournament's winner (`mutant`) and 
 graphs (`immigrant`). Which source found a run's first layer at the target, and where its CPU went
 before, says which piece of the algorithm carries the search and which one costs it time.
 
-Nothing of this is stored with a trial: it is rebuilt. A proposal is a pure function of the seed
-and the feedback so far (opsearch/algorithm.py), so a fresh algorithm fed the run's finished
-trials in order, as `Engine.recover` feeds them, proposes each recorded genome again; the replay
-checks that it does (`mismatches`, 0 for an exact replay) and notes which source each came from.
-Exact for one-worker runs (several workers interleave their proposals and feedback).
+Runs since the engine stores a trial's `origin` (the algorithm's word for where the proposal came
+from) carry the source and kind; the parent is not stored, and older runs carry neither, so both
+are rebuilt. A proposal is a pure function of the seed and the feedback so far
+(opsearch/algorithm.py), so a fresh algorithm fed the run's finished trials in order, as
+`Engine.recover` feeds them, proposes each recorded genome again; the replay checks that it does
+(`mismatches`, 0 for an exact replay), reads each proposal's `origin` and the parent its mutator
+was given, and warns where a stored origin disagrees. Exact for one-worker runs (several workers
+interleave their proposals and feedback).
 
     python benchmarks/origins.py RUN.db [RUN2.db ...]          # one line per run, then the totals
     python benchmarks/origins.py --json origins.json RUN.db     # also every candidate's source
@@ -60,84 +63,60 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
                                            int(config.get("seed", 0)), **config.get("algorithm_options", {}))
     if not isinstance(algorithm, AgingEvolution):
         raise UserError(f"origins: algorithm {config['algorithm']!r} is not an evolution plugin")
-    source: list[str] = []
-
-    def tracked(propose, early: str, late: str):
-        def call(*args, **kwargs):
-            source.append(early if len(algorithm.population) < algorithm.min_population else late)
-            return propose(*args, **kwargs)
-        return call
-
-    algorithm.generator.random_genome = tracked(algorithm.generator.random_genome, "start-new", "immigrant")
-    mutation = _track_mutations(algorithm)
-    algorithm.mutator.mutate = tracked(algorithm.mutator.mutate, "start-mutant", "mutant")
-    rows, mismatches = [], 0
+    parent = _track_parents(algorithm)
+    rows, mismatches, stored_disagree = [], 0, 0
     numbers: dict[tuple, int] = {}  # genome -> the first trial that fed it back (a parent's number)
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_frozen(trial)
         if not record.state.is_finished() or record.kind != "candidate" or record.verdict == LOST \
                 or record.genome is None:
             continue
-        source.clear()
-        mutation.clear()
+        parent.clear()
         proposed = algorithm.propose()
         mismatches += tuple(proposed) != record.genome
+        stored = record.user_attrs.get("origin")  # runs since the engine stores it
+        stored_disagree += stored is not None and stored != algorithm.origin
+        source, _, kind = (algorithm.origin or "").partition(":")
+        is_mutant = source in ("start-mutant", "mutant") and kind not in ("", "none")
         values = record.values if record.state == optuna.trial.TrialState.COMPLETE and record.values else None
-        kind, parent_score, parent = mutation.of(proposed)
-        rows.append({"number": record.number, "source": source[-1] if source else None,
-                     "mutation": kind, "parent": numbers.get(parent), "parent_score": parent_score,
+        rows.append({"number": record.number, "origin": algorithm.origin, "source": source or None,
+                     "mutation": kind if is_mutant else None,
+                     "parent": numbers.get(parent.genome) if is_mutant else None,
+                     "parent_score": parent.score if is_mutant else None,
                      "verdict": str(record.verdict or "").split(":")[0], "values": values,
                      "formula": record.user_attrs.get("formula"), "elapsed_s": record.user_attrs.get("elapsed_s")})
         algorithm.feedback(record.genome, values, _is_duplicate(record), _grade(record))  # as Engine.recover
         numbers.setdefault(record.genome, record.number)
+    if stored_disagree:
+        print(f"origins: {stored_disagree} candidates' stored origin differs from the replay's", file=sys.stderr)
     return rows, mismatches
 
 
-class _Mutations:
-    """What the mutator did for the last proposal: each try's child and kind (edit, insert,
-    delete, self; the mutator retries children that repeat a graph already seen), and the
-    parent's mean score (None for a near miss, whose objectives are only a grade)."""
+class _Parent:
+    """The parent of the last mutation and its mean score (None for a near miss, whose objectives
+    are only a grade). The source and the mutation's kind are the algorithm's own `origin`."""
 
     def __init__(self):
-        self.tries: list[tuple[tuple, str | None]] = []
-        self.kind: str | None = None
-        self.parent_score: float | None = None
-        self.parent: tuple | None = None
+        self.genome: tuple | None = None
+        self.score: float | None = None
 
     def clear(self) -> None:
-        self.tries, self.kind, self.parent_score, self.parent = [], None, None, None
-
-    def of(self, child) -> tuple[str | None, float | None, tuple | None]:
-        """The kind of the try that made `child`, the parent's score and genome (None: not a mutant)."""
-        kind = next((k for c, k in reversed(self.tries) if tuple(c) == tuple(child)), None)
-        return (kind, self.parent_score, self.parent) if kind else (None, None, None)
+        self.genome, self.score = None, None
 
 
-def _track_mutations(algorithm) -> _Mutations:
+def _track_parents(algorithm) -> _Parent:
     from opsearch.plugins.algorithms.evolution import GRADE_OFFSET
 
-    seen = _Mutations()
-    mutator = algorithm.mutator
-    for name, kind in (("_edit", "edit"), ("_insert", "insert"), ("_delete", "delete"), ("_insert_self", "self")):
-        def call(*args, _method=getattr(mutator, name), _kind=kind, **kwargs):
-            seen.kind = _kind
-            return _method(*args, **kwargs)
-        setattr(mutator, name, call)
-    once, mutate = mutator._mutate_once, mutator.mutate
-
-    def mutate_once(*args, **kwargs):
-        seen.kind = None
-        child = once(*args, **kwargs)
-        seen.tries.append((tuple(child), seen.kind))
-        return child
+    seen = _Parent()
+    mutate = algorithm.mutator.mutate
 
     def tracked_mutate(parent, *args, **kwargs):
         scores = [sum(o) / len(o) for g, o in algorithm.population + algorithm.near_misses if tuple(g) == tuple(parent)]
-        seen.parent_score = scores[-1] if scores and scores[-1] > -GRADE_OFFSET / 2 else None
-        seen.parent = tuple(parent)
+        seen.score = scores[-1] if scores and scores[-1] > -GRADE_OFFSET / 2 else None
+        seen.genome = tuple(parent)
         return mutate(parent, *args, **kwargs)
 
-    mutator._mutate_once, mutator.mutate = mutate_once, tracked_mutate
+    algorithm.mutator.mutate = tracked_mutate
     return seen
 
 

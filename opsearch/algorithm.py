@@ -108,6 +108,9 @@ class Algorithm:
         self.num_feedbacks = 0
         self.num_rejected = 0
         self._pending = 0  # proposals since the last feedback
+        # where the last proposal came from ("mutant:delete", "immigrant", ...), set by `_propose`
+        # where the algorithm knows; the engine stores it as the trial's `origin` attribute
+        self.origin: str | None = None
 
     # ------------------------------------------------------------------ options
 
@@ -128,6 +131,7 @@ class Algorithm:
         """The next genome to evaluate."""
         rng = random.Random(f"{self.seed}:{self.num_feedbacks}:{self._pending}")
         self._pending += 1
+        self.origin = None
         return self._propose(rng)
 
     def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None,

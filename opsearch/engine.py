@@ -352,6 +352,8 @@ class Worker:
                 genome = tuple(int(g) for g in self.algorithm.propose())
                 faults.point("propose")
                 attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
+                if self.algorithm.origin:
+                    attrs["origin"] = self.algorithm.origin
                 attrs.update(describe_graph(self.setup.space.decode(genome)))
                 if attrs.get("hash") not in avoid:
                     break

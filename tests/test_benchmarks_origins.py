@@ -49,7 +49,8 @@ def simulated_run(url: str, candidates: int = 160) -> list[str]:
             genome = algorithm.propose()
         sources.append(("immigrant" if new.called else "mutant") if ready
                        else ("start-new" if new.called else "start-mutant"))
-        attrs = {"kind": "candidate", "genome": json.dumps(list(genome)), "formula": f"c{i}", "elapsed_s": 1.0}
+        attrs = {"kind": "candidate", "genome": json.dumps(list(genome)), "formula": f"c{i}", "elapsed_s": 1.0,
+                 "origin": algorithm.origin}  # as the engine stores it
         draw = outcomes.random()
         if draw < 0.25 or (draw < 0.3 and not trained):
             values = [round(outcomes.uniform(0.5, 0.95), 3) for _ in ARCHS]
@@ -81,6 +82,10 @@ def test_the_replay_proposes_every_recorded_genome_and_names_its_source(origins,
     assert mismatches == 0
     assert [r["source"] for r in rows] == expected
     assert [r["formula"] for r in rows] == [f"c{i}" for i in range(len(expected))]  # baseline not fed
+    # the stored origin (what the algorithm said when it proposed) is what the replay finds
+    stored = {t.number: t.user_attrs.get("origin") for t in open_run(url).get_trials()}
+    assert [r["origin"] for r in rows] == [stored[r["number"]] for r in rows]
+    assert all(r["origin"].startswith(r["source"]) for r in rows)
 
 
 def test_each_mutant_names_its_kind_and_parent(origins, simulated):

@@ -73,6 +73,18 @@ def test_each_algorithm_runs_a_small_search(tmp_path, algorithm):
     run_search(config)
     assert len(candidates(config)) == config.budget
     check_contract(config)
+    # where the algorithm knows a proposal's origin, the trial stores it (benchmarks/origins.py)
+    origins = [t.user_attrs.get("origin") for t in candidates(config)]
+    if algorithm == "random":
+        assert origins == ["new"] * config.budget
+    elif algorithm in ("regularized_evolution", "pareto_evolution"):
+        sources = {"start-new", "start-mutant", "mutant", "immigrant"}
+        kinds = {"edit", "insert", "delete", "self", "none"}
+        assert all(o.partition(":")[0] in sources for o in origins), origins
+        assert all(o.partition(":")[2] in kinds for o in origins if o.partition(":")[0].endswith("mutant"))
+        assert origins[0] == "start-new"  # nothing to mutate yet
+    else:
+        assert origins == [None] * config.budget
 
 
 def test_resume_continues_to_the_budget(tmp_path):

@@ -143,16 +143,24 @@ class AgingEvolution(Algorithm):
             pool = self.population + self.near_misses
             if (self.options["rejected"] != "graded" or len(pool) < self.tournament_size
                     or rng.random() >= self.options["start_mutation"]):
+                self.origin = "start-new"
                 return self.generator.random_genome(rng, self._seen)
             picks = rng.sample(range(len(pool)), self.tournament_size)
             parent = self.select_parent([pool[i] for i in picks], rng)
-            return self.mutator.mutate(parent, rng, self._seen)
+            return self._mutant(parent, rng, "start-mutant")
         if self._streak:
+            self.origin = "immigrant"
             return self.generator.random_genome(rng, self._seen)
         picks = rng.sample(range(len(self.population)), min(self.tournament_size, len(self.population)))
         tournament = [self.population[i] for i in picks]
         parent = self.select_parent(tournament, rng)
-        return self.mutator.mutate(parent, rng, self._seen)
+        return self._mutant(parent, rng, "mutant")
+
+    def _mutant(self, parent: Genome, rng: random.Random, source: str) -> Genome:
+        """A child of `parent`; its origin says the source and the kind of mutation."""
+        child = self.mutator.mutate(parent, rng, self._seen)
+        self.origin = f"{source}:{self.mutator.last_kind or 'none'}"
+        return child
 
     def immigrant_rate(self) -> float:
         """The rate now: the `immigrants` option (by default: explore from scratch, not around

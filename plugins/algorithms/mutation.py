@@ -71,6 +71,9 @@ class GraphMutator:
                             "+ mutate_delete + mutate_self must be > 0")
         self.live_only = live_only
         self.retries = retries
+        # the kind of mutation that made the last child (edit, insert, delete, self; resample for
+        # spaces that are not layer graphs; None when it returned the parent unchanged)
+        self.last_kind: str | None = None
         self.avoid_duplicates = avoid_duplicates
         self.graph_aware = space.is_layer_graph and space.num_nodes > 0 and any(
             n is not None for n in space.node_of_gene)
@@ -102,31 +105,35 @@ class GraphMutator:
     def mutate(self, parent: Genome, rng: random.Random, seen: set[str] | frozenset = frozenset()) -> Genome:
         """A child differing from `parent`: functionally, and from the hashes in `seen`, where
         `retries` extra tries find one (else the last child that differs at all)."""
+        self.last_kind = None
         if not self.mutable_genes:
             return tuple(parent)
         if not self.graph_aware:
             genes = list(parent)
             self.space.resample_gene(genes, self.mutable_genes[int(rng.random() * len(self.mutable_genes))], rng)
+            self.last_kind = "resample"
             return tuple(genes)
         parent = tuple(parent)
         plain = self.space.decode(parent)
         live = self._live(plain)
         parent_hash = canonical_hash(plain) if self.retries else None
-        best = parent
+        best, best_kind = parent, None
         for _ in range(self.retries + 1):
-            child = self._mutate_once(parent, plain, live, rng)
+            child, kind = self._mutate_once(parent, plain, live, rng)
             if child == parent:
                 continue
             child_plain = self.space.decode(child)
             if not _is_valid(child_plain):  # rejected for free, but the step would be lost
-                best = best if best != parent else child
+                if best == parent:
+                    best, best_kind = child, kind
                 continue
-            best = child
+            best, best_kind = child, kind
             if parent_hash is None:
-                return child
+                break
             child_hash = canonical_hash(child_plain)
             if child_hash is None or (child_hash != parent_hash and child_hash not in seen):
-                return child
+                break
+        self.last_kind = best_kind
         return best
 
     def hash_of(self, genome: Genome) -> str | None:
@@ -172,20 +179,21 @@ class GraphMutator:
         if not self.space.is_valid(genes):  # restoring broke a distinct/sorted pick
             genes[:] = before
 
-    def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> Genome:
-        """One mutation of a kind drawn by weight; the parent itself when it found nothing to do."""
+    def _mutate_once(self, parent: Genome, plain, live: list[int], rng: random.Random) -> tuple[Genome, str]:
+        """One mutation of a kind drawn by weight, and the kind; the parent itself when it found
+        nothing to do."""
         edit, (insert, delete, self_) = sum(self.weights), self.size_weights
         grow = insert + delete + self_
         r = rng.random() * (edit + grow) if grow > 0 else 0.0
         if r < edit:
-            return self._edit(parent, plain, live, rng)
+            return self._edit(parent, plain, live, rng), "edit"
         if r < edit + insert:
-            child = self._insert(plain, rng)
+            child, kind = self._insert(plain, rng), "insert"
         elif r < edit + insert + delete:
-            child = self._delete(plain, rng)
+            child, kind = self._delete(plain, rng), "delete"
         else:
-            child = self._insert_self(plain, rng)
-        return child if child is not None else tuple(parent)
+            child, kind = self._insert_self(plain, rng), "self"
+        return (child if child is not None else tuple(parent)), kind
 
     def _insert(self, plain, rng: random.Random) -> Genome | None:
         """`u -> c` becomes `u -> op(u, r) -> c` on a random live edge (or after the output)."""

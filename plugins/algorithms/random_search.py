@@ -36,6 +36,7 @@ class RandomSearch(Algorithm):
         self._seen: set[str] = set()  # canonical hashes of every candidate fed back
 
     def _propose(self, rng: random.Random) -> Genome:
+        self.origin = "new"
         return self.generator.random_genome(rng, self._seen)
 
     def _feedback(self, genome: Genome, objectives: Objectives | None) -> None:
