@@ -713,6 +713,20 @@ def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
     return ("-" if math.isnan(p) else f"{p:.3g}"), f"{ratio:.2f}", f"{lo:.2f}-{hi:.2f}"
 
 
+def _versus_arms(label: str, runs: list[dict], arms: dict[str, list[dict]]) -> list[str]:
+    """The arms one arm is paired with: its reference (random; known_mutations for the arm with
+    known layers) and, for a variant of an algorithm (another label: other options or filters),
+    that algorithm's plain arm, so a change to the default is judged against the default."""
+    out = []
+    ref_label = runs[0].get("reference", "random")
+    if ref_label != label and ref_label in arms:
+        out.append(ref_label)
+    plain = runs[0].get("algorithm")
+    if plain and plain != label and plain in arms and plain not in out and not runs[0].get("known"):
+        out.append(plain)
+    return out
+
+
 def report(results: list[dict], path: str, command: str) -> str:
     lines = [f"# Discovery from scratch: {path}", "", f"Report: `{command}`", ""]
     for cmd in dict.fromkeys(r["command"] for r in results):
@@ -771,7 +785,8 @@ def report(results: list[dict], path: str, command: str) -> str:
               "CPU seconds on the shared 2-core box depend on what runs beside a run, so each run's time "
               "and cap are also given load-adjusted: scaled by the median over its own CPU seconds for "
               "training the three known layers before its search (the same work in every run; 'load' = "
-              "that gauge's range over the arm's runs). Paired: the runs of one seed in both arms share "
+              "that gauge's range over the arm's runs). Each arm against its reference and, for a variant "
+              "of an algorithm (another label), against that algorithm's plain arm. Paired: the runs of one seed in both arms share "
               "the target (bn_relu's score in that seed); faster / slower per seed on the adjusted "
               "times, undecided where neither got there (or one got there after the other's cap); exact "
               "two-sided sign test on the decided seeds.", "",
@@ -779,17 +794,17 @@ def report(results: list[dict], path: str, command: str) -> str:
               "adjusted | 95% bootstrap | log-rank p, adjusted | paired seeds: faster / slower / undecided "
               "| sign test p |", "|---" * 9 + "|"]
     for label, runs in arms.items():
-        ref_label = runs[0].get("reference", "random")
-        ref = arms.get(ref_label) if ref_label != label else None
         gauges = [g for r in runs if (g := load_gauge(r)) is not None]
         load = f"{min(gauges):.0f}-{max(gauges):.0f}" if gauges else "-"
         med_text = _median(runs, "cpu_to_target", scales)
-        if ref:
+        versus = _versus_arms(label, runs, arms)
+        for ref_label in versus:
+            ref = arms[ref_label]
             _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales))
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
             lines.append(f"| {label} | {ref_label} | {load} | {med_text} | {ratio} | {ci} | "
                          f"{logrank_p(runs, ref, scales=scales)} | {faster} / {slower} / {undecided} | {sign_p} |")
-        else:
+        if not versus:
             lines.append(f"| {label} | - | {load} | {med_text} | - | - | - | - | - |")
     for label, runs in arms.items():
         r0 = runs[0]

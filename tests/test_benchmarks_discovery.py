@@ -305,6 +305,18 @@ def test_load_adjusted_times_and_the_paired_sign_test(discovery):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2] == "10-20" and cells[7] == "4 / 0 / 2" and cells[8] == "0.125"
     assert cells[3] == "35"  # adjusted: 30, 35, 30, 35, 150 and the cap 400: median 35
+    # a variant of an algorithm (another label) is paired with random and with the plain arm
+    variant = [dict(r, arm="variant", algorithm="evolution", options={"x": 1}, known=False, reference="random",
+                    command="c", rerank=None, **_metrics_stub()) for r in ref]
+    plain = [dict(r, arm="evolution", algorithm="evolution", options={}, known=False, reference="random",
+                  command="c", rerank=None, **_metrics_stub()) for r in arm]
+    randoms = [dict(r, arm="random", algorithm="random", options={}, known=False, reference="random",
+                    command="c", rerank=None, **_metrics_stub()) for r in ref]
+    text = discovery.report(variant + plain + randoms, "r.jsonl", "report")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.split("## Paired")[1].split("\n## ")[0]
+            .splitlines() if line.startswith("| variant |")]
+    assert [r[1] for r in rows] == ["random", "evolution"]
+    assert rows[1][7] == "0 / 4 / 2"  # the variant is the reference runs: slower where the arm was faster
 
 
 def _metrics_stub() -> dict:
