@@ -33,8 +33,8 @@ from typing import Any
 
 from discovery import TARGET_LAYER, TARGET_MARGIN, read_log
 
-SOURCES = ("start-new", "start-mutant", "mutant", "immigrant")
-MUTATION_KINDS = ("edit", "insert", "delete", "self")  # an edit changes an op, an input or a node
+from opsearch.plugins.algorithms.evolution import ORIGIN_SOURCES as SOURCES
+from opsearch.plugins.algorithms.mutation import MUTATION_KINDS
 
 
 def _url(path_or_url: str) -> str:

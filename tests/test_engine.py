@@ -78,8 +78,10 @@ def test_each_algorithm_runs_a_small_search(tmp_path, algorithm):
     if algorithm == "random":
         assert origins == ["new"] * config.budget
     elif algorithm in ("regularized_evolution", "pareto_evolution"):
-        sources = {"start-new", "start-mutant", "mutant", "immigrant"}
-        kinds = {"edit", "insert", "delete", "self", "none"}
+        from opsearch.plugins.algorithms.evolution import ORIGIN_SOURCES
+        from opsearch.plugins.algorithms.mutation import MUTATION_KINDS
+
+        sources, kinds = set(ORIGIN_SOURCES), {*MUTATION_KINDS, "none"}
         assert all(o.partition(":")[0] in sources for o in origins), origins
         assert all(o.partition(":")[2] in kinds for o in origins if o.partition(":")[0].endswith("mutant"))
         assert origins[0] == "start-new"  # nothing to mutate yet

@@ -73,6 +73,8 @@ from opsearch.plugins.algorithms.generator import GENERATOR_OPTIONS, GraphGenera
 from opsearch.plugins.algorithms.mutation import MUTATION_OPTIONS, GraphMutator
 from opsearch.space import Genome
 
+# where a proposal comes from (its `origin`, with ":<mutation kind>" for the two kinds of mutant)
+ORIGIN_SOURCES = ("start-new", "start-mutant", "mutant", "immigrant")
 AUTO_IMMIGRANTS = 0.2  # the default immigrant rate of a search from scratch
 IMMIGRANT_RATE_BOUNDS = (0.02, 0.5)  # where immigrants_adapt keeps the rate (a positive start)
 GRADE_OFFSET = 100.0  # a near miss's objectives: grade - GRADE_OFFSET, below any trained score

@@ -58,6 +58,9 @@ MUTATION_OPTIONS: dict[str, Option] = {
 KINDS = ("op", "input", "node", "insert", "delete", "self")
 
 
+MUTATION_KINDS = ("edit", "insert", "delete", "self")  # an edit changes an op, an input or a node
+
+
 class GraphMutator:
     """Child genomes from a parent genome (see module docstring)."""
 
