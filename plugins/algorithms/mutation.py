@@ -56,9 +56,7 @@ MUTATION_OPTIONS: dict[str, Option] = {
 }
 
 KINDS = ("op", "input", "node", "insert", "delete", "self")
-
-
-MUTATION_KINDS = ("edit", "insert", "delete", "self")  # an edit changes an op, an input or a node
+MUTATION_KINDS = ("edit", *KINDS[3:])  # GraphMutator.last_kind: op, input and node are one "edit"
 
 
 class GraphMutator:
