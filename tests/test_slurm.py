@@ -15,7 +15,8 @@ import pytest
 
 from test_launch import TINY, assert_accounted, trials_of, wait_done
 
-pytestmark = pytest.mark.slow
+# above wait_done's own limits, so that a slow run fails with the jobs' logs, not a bare timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SLOW_FILTER = '''
 import time

@@ -73,6 +73,23 @@ def test_sync_is_incremental_and_sees_other_writers(run):
     assert other.sync() == []  # reported once
 
 
+def test_a_trial_another_worker_created_just_before_mine_is_seen_and_reaped(run):
+    """Two workers start a candidate at once: the other's trial gets the lower id, mine the
+    higher. My next sync must still read the other's (CI, stop 33: remembering my own trial's
+    id as "read up to here" hid the other's for good, so its lost candidate was never reaped,
+    never handed out again, and the search ended with it RUNNING)."""
+    other = Run(open_storage(run.url) if "journal" not in run.url else run.storage,
+                run.study_name, run.url)
+    run.sync()
+    remote = WorkerId("some-other-host", 1234, "1")
+    theirs = other.start_trial({"kind": "candidate", "genome": "[7]"}, remote)
+    mine = run.start_trial({"kind": "candidate", "genome": "[8]"}, WorkerId.current())
+    run.sync()
+    assert {r.number for r in run.unfinished()} == {theirs.number, mine.number}
+    assert run.candidates_counted() == 2
+    assert theirs.number in run.reap_lost(grace_s=60, now=time.time() + 120)
+
+
 def test_enqueued_trial_is_popped_once(run):
     run.enqueue({"kind": "baseline", "layer": "bn_relu"})
     me = WorkerId.current()

@@ -280,6 +280,10 @@ class Run:
                      if t._trial_id > after_id or t._trial_id in self._unfinished]
         newly_finished = []
         for record in fresh:
+            # "read up to here" moves only with what a sync read: a trial this worker created
+            # can have a higher id than another worker's that it has not read yet
+            if record.study_id in self._max_ids:
+                self._max_ids[record.study_id] = max(self._max_ids[record.study_id], record.trial_id)
             known = self._trials.get(record.trial_id)
             if record.state.is_finished() and (known is None or not known.state.is_finished()):
                 newly_finished.append(record)
@@ -289,8 +293,6 @@ class Run:
 
     def _remember(self, record: TrialRecord) -> None:
         self._trials[record.trial_id] = record
-        if record.study_id in self._max_ids:
-            self._max_ids[record.study_id] = max(self._max_ids[record.study_id], record.trial_id)
         if record.state.is_finished():
             self._unfinished.discard(record.trial_id)
         else:
