@@ -701,6 +701,35 @@ def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
     return faster, slower, undecided, p
 
 
+def paired_ratio(runs: list[dict], ref: list[dict], scales: dict[int, float],
+                 key: str = "cpu_to_target", planned: float = 1.5) -> tuple[str, str, str, str]:
+    """Seed as the unit, by how much: per seed the log of the arm's load-adjusted time over the
+    reference's (a run that never got there counts as its cap, which understates the
+    difference; seeds where neither got there are left out). Returns the geometric mean ratio,
+    its 95% t interval, the Wilcoxon signed-rank p (two-sided) and the seeds per arm a paired
+    test would need to show a `planned`-fold change with 80% power at this spread: what an arm
+    of this size can and cannot show (the sign test uses only the direction)."""
+    from scipy.stats import norm, t as student, wilcoxon
+
+    other = {r["seed"]: r for r in ref}
+    logs = []
+    for r in runs:
+        o = other.get(r["seed"])
+        if o is None:
+            continue
+        (t, cap), (u, ucap) = scaled(r, scales, key), scaled(o, scales, key)
+        if t is None and u is None:
+            continue
+        logs.append(math.log((t if t is not None else cap) / (u if u is not None else ucap)))
+    if len(logs) < 2:
+        return "-", "-", "-", "-"
+    n, mean, sd = len(logs), statistics.fmean(logs), statistics.stdev(logs)
+    half = student.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    p = "-" if not any(logs) else f"{wilcoxon(logs).pvalue:.3g}"
+    need = math.ceil(((norm.ppf(0.975) + norm.ppf(0.8)) * sd / math.log(planned)) ** 2)
+    return f"{math.exp(mean):.2f}", f"{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}", p, str(need)
+
+
 def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
     """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval."""
     from scipy.stats import mannwhitneyu
@@ -789,10 +818,15 @@ def report(results: list[dict], path: str, command: str) -> str:
               "of an algorithm (another label), against that algorithm's plain arm. Paired: the runs of one seed in both arms share "
               "the target (bn_relu's score in that seed); faster / slower per seed on the adjusted "
               "times, undecided where neither got there (or one got there after the other's cap); exact "
-              "two-sided sign test on the decided seeds.", "",
+              "two-sided sign test on the decided seeds; by how much: the geometric mean over seeds of "
+              "the arm's time over the reference's (a run that never got there counts as its cap, which "
+              "understates the difference), its 95% t interval and the Wilcoxon signed-rank p; 'seeds "
+              "for 1.5x': per arm, what a paired test would need to show a 1.5-fold change with 80% "
+              "power at this spread.", "",
               "| arm | vs | load (known layers' CPU s) | median CPU s to target, adjusted | ratio of medians, "
               "adjusted | 95% bootstrap | log-rank p, adjusted | paired seeds: faster / slower / undecided "
-              "| sign test p |", "|---" * 9 + "|"]
+              "| sign test p | paired ratio (geometric mean) | 95% t | signed-rank p | seeds for 1.5x |",
+              "|---" * 13 + "|"]
     for label, runs in arms.items():
         gauges = [g for r in runs if (g := load_gauge(r)) is not None]
         load = f"{min(gauges):.0f}-{max(gauges):.0f}" if gauges else "-"
@@ -802,10 +836,12 @@ def report(results: list[dict], path: str, command: str) -> str:
             ref = arms[ref_label]
             _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales))
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
+            by_how_much = " | ".join(paired_ratio(runs, ref, scales))
             lines.append(f"| {label} | {ref_label} | {load} | {med_text} | {ratio} | {ci} | "
-                         f"{logrank_p(runs, ref, scales=scales)} | {faster} / {slower} / {undecided} | {sign_p} |")
+                         f"{logrank_p(runs, ref, scales=scales)} | {faster} / {slower} / {undecided} | {sign_p} | "
+                         f"{by_how_much} |")
         if not versus:
-            lines.append(f"| {label} | - | {load} | {med_text} | - | - | - | - | - |")
+            lines.append(f"| {label} | - | {load} | {med_text} |" + " - |" * 9)
     for label, runs in arms.items():
         r0 = runs[0]
         lines += ["", f"## {label}: {r0['algorithm']} {json.dumps(r0['options'])}"

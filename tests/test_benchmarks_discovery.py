@@ -3,8 +3,10 @@ end to end (search, re-ranking, result line, resume, report)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -317,6 +319,29 @@ def test_load_adjusted_times_and_the_paired_sign_test(discovery):
             .splitlines() if line.startswith("| variant |")]
     assert [r[1] for r in rows] == ["random", "evolution"]
     assert rows[1][7] == "0 / 4 / 2"  # the variant is the reference runs: slower where the arm was faster
+
+
+def test_paired_ratio_is_the_geometric_mean_over_seeds_with_a_censored_run_at_its_cap(discovery):
+    """Per seed the log of the arm's time over the reference's: 50/100, 200/100, 100/100, and a run
+    that never got there (its cap, 400) against 100; a seed where neither got there is left out.
+    Logs ln2 x (-1, 1, 0, 2): geometric mean 2^0.5, t interval exp(0.5 ln2 +- 3.182 x 0.895 / 2),
+    and ((1.96 + 0.842) x 0.895 / ln 1.5)^2 = 38.2, so 39 seeds to show 1.5x."""
+    def run(seed, cpu, cap=400.0):
+        return {"seed": seed, "cpu_to_target": cpu, "cpu_cap": cap}
+
+    arm = [run(0, 50.0), run(1, 200.0), run(2, 100.0), run(3, None), run(4, None)]
+    ref = [run(0, 100.0), run(1, 100.0), run(2, 100.0), run(3, 100.0), run(4, None)]
+    ratio, interval, p, need = discovery.paired_ratio(arm, ref, {})
+    sd = math.log(2) * statistics.stdev([-1, 1, 0, 2])
+    half = 3.1824 * sd / 2
+    assert float(ratio) == pytest.approx(2 ** 0.5, abs=0.005)
+    lo, hi = (float(x) for x in interval.split("-"))
+    assert lo == pytest.approx(math.exp(0.5 * math.log(2) - half), abs=0.005)
+    assert hi == pytest.approx(math.exp(0.5 * math.log(2) + half), abs=0.005)
+    assert need == "39"
+    assert 0.2 < float(p) < 1.0  # three nonzero differences cannot be significant
+    # one seed in common is no spread: nothing to say
+    assert discovery.paired_ratio(arm[:1], ref[:1], {}) == ("-", "-", "-", "-")
 
 
 def _metrics_stub() -> dict:
