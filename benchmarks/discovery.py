@@ -674,6 +674,14 @@ def scaled(run: dict, scales: dict[int, float], key: str = "cpu_to_target") -> t
     return (None if run[key] is None else run[key] * k), run["cpu_cap"] * k
 
 
+def _seed_pairs(runs: list[dict], ref: list[dict], scales: dict[int, float], key: str):
+    """Per seed in both arms: (time, cap) of the arm's run and of the reference's, load-adjusted."""
+    other = {r["seed"]: r for r in ref}
+    for r in runs:
+        if (o := other.get(r["seed"])) is not None:
+            yield scaled(r, scales, key), scaled(o, scales, key)
+
+
 def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
                    key: str = "cpu_to_target") -> tuple[int, int, int, str]:
     """Seed as the unit, paired: the two arms' runs of one seed share bn_relu's score, hence the
@@ -683,13 +691,8 @@ def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
     decided seeds."""
     from scipy.stats import binomtest
 
-    other = {r["seed"]: r for r in ref}
     faster = slower = undecided = 0
-    for r in runs:
-        o = other.get(r["seed"])
-        if o is None:
-            continue
-        (t, cap), (u, ucap) = scaled(r, scales, key), scaled(o, scales, key)
+    for (t, cap), (u, ucap) in _seed_pairs(runs, ref, scales, key):
         if t is not None and (t < u if u is not None else t < ucap):
             faster += 1
         elif u is not None and (u < t if t is not None else u < cap):
@@ -711,13 +714,8 @@ def paired_ratio(runs: list[dict], ref: list[dict], scales: dict[int, float],
     of this size can and cannot show (the sign test uses only the direction)."""
     from scipy.stats import norm, t as student, wilcoxon
 
-    other = {r["seed"]: r for r in ref}
     logs = []
-    for r in runs:
-        o = other.get(r["seed"])
-        if o is None:
-            continue
-        (t, cap), (u, ucap) = scaled(r, scales, key), scaled(o, scales, key)
+    for (t, cap), (u, ucap) in _seed_pairs(runs, ref, scales, key):
         if t is None and u is None:
             continue
         logs.append(math.log((t if t is not None else cap) / (u if u is not None else ucap)))
