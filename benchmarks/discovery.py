@@ -337,6 +337,28 @@ def chance_repeats(log: list[dict], draws: int = 200, seed: int = 0) -> float:
     return total / draws
 
 
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def environment() -> dict:
+    """Where a run's numbers were made, stored with its result: the host's CPU, the torch build
+    and kernel path, and the variables that change either. CPU seconds and the search's course
+    both depend on them, so a comparison across results can say which pairs share a host."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}}
+
+
 def run_metrics(log: list[dict], cpu_cap: float, margin: float = TARGET_MARGIN) -> dict:
     """The figures of one run from its trial log (in the order the trials finished)."""
     baselines = {e["layer"]: e["score"] for e in log if e["kind"] == "baseline"}
@@ -518,6 +540,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             "filter_options": args.filter_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
+            "environment": environment(),
             **metrics, "rerank": rerank,
             "log": [{k: e[k] for k in ("number", "kind", "layer", "verdict", "cpu_total", "values",
                                         "formula")} for e in log]}
@@ -704,6 +727,29 @@ def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
     return faster, slower, undecided, p
 
 
+def numerics_of(run: dict) -> tuple | None:
+    """The accuracies the known layers trained to before a run's search (from its log): the
+    fingerprint of the evaluator's floating point on that host. The same code and seed give
+    different values on another CPU or kernel path (round 14: rounds 6-11 and 12-13 ran on hosts
+    that differ so; on one host and torch build, ``ATEN_CPU_CAPABILITY=avx2``, ``=default`` and
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` each give other values again), and a search's course parts at the
+    first differing float. None without a log."""
+    values = tuple(tuple(e["values"]) for e in run.get("log") or []
+                   if e["kind"] == "baseline" and e.get("values"))
+    return values or None
+
+
+def same_numerics(runs: list[dict], ref: list[dict]) -> tuple[int, int]:
+    """Of the seeds both arms ran (with logs): how many trained their known layers to the same
+    values. Only those pairs share the evaluator bit for bit, so only there is the pairing a
+    common-random-numbers design (a proposal's random stream is a function of the seed and the
+    feedback); a pair across numerics is two independent draws of the same seed's target."""
+    other = {r["seed"]: numerics_of(r) for r in ref}
+    pairs = [(numerics_of(r), other[r["seed"]]) for r in runs if r["seed"] in other]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    return sum(a == b for a, b in pairs), len(pairs)
+
+
 def paired_ratio(runs: list[dict], ref: list[dict], scales: dict[int, float],
                  key: str = "cpu_to_target", planned: float = 1.5) -> tuple[str, str, str, str]:
     """Seed as the unit, by how much: per seed the log of the arm's load-adjusted time over the
@@ -820,11 +866,14 @@ def report(results: list[dict], path: str, command: str) -> str:
               "the arm's time over the reference's (a run that never got there counts as its cap, which "
               "understates the difference), its 95% t interval and the Wilcoxon signed-rank p; 'seeds "
               "for 1.5x': per arm, what a paired test would need to show a 1.5-fold change with 80% "
-              "power at this spread.", "",
+              "power at this spread; 'same numerics': of the paired seeds, those whose known layers trained to "
+              "the same accuracies in both arms (the same evaluator bit for bit: a common-random-numbers "
+              "pair); a pair across hosts or kernel paths is two independent draws of the seed's target "
+              "(rounds 12-13 on another host than rounds 6-11 for the same code).", "",
               "| arm | vs | load (known layers' CPU s) | median CPU s to target, adjusted | ratio of medians, "
               "adjusted | 95% bootstrap | log-rank p, adjusted | paired seeds: faster / slower / undecided "
-              "| sign test p | paired ratio (geometric mean) | 95% t | signed-rank p | seeds for 1.5x |",
-              "|---" * 13 + "|"]
+              "| sign test p | paired ratio (geometric mean) | 95% t | signed-rank p | seeds for 1.5x | same numerics |",
+              "|---" * 14 + "|"]
     for label, runs in arms.items():
         gauges = [g for r in runs if (g := load_gauge(r)) is not None]
         load = f"{min(gauges):.0f}-{max(gauges):.0f}" if gauges else "-"
@@ -835,11 +884,12 @@ def report(results: list[dict], path: str, command: str) -> str:
             _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales))
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
             by_how_much = " | ".join(paired_ratio(runs, ref, scales))
+            same, of = same_numerics(runs, ref)
             lines.append(f"| {label} | {ref_label} | {load} | {med_text} | {ratio} | {ci} | "
                          f"{logrank_p(runs, ref, scales=scales)} | {faster} / {slower} / {undecided} | {sign_p} | "
-                         f"{by_how_much} |")
+                         f"{by_how_much} | {same}/{of} |")
         if not versus:
-            lines.append(f"| {label} | - | {load} | {med_text} |" + " - |" * 9)
+            lines.append(f"| {label} | - | {load} | {med_text} |" + " - |" * 10)
     for label, runs in arms.items():
         r0 = runs[0]
         lines += ["", f"## {label}: {r0['algorithm']} {json.dumps(r0['options'])}"

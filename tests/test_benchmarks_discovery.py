@@ -165,6 +165,7 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     for e in r["log"]:
         assert {"cpu_total", "verdict", "values", "formula", "number", "kind", "layer"} <= set(e)
     assert [e["kind"] for e in r["log"][:3]] == ["baseline"] * 3  # references first
+    assert r["environment"]["cpu_capability"] and r["environment"]["torch"]  # which host made these numbers
     rr = r["rerank"]
     assert "error" not in rr, rr
     assert set(rr["vs"]) == {"bn_relu", "evonorm_b0", "evonorm_s0"} and rr["cpu_s"] > 0
@@ -342,6 +343,42 @@ def test_paired_ratio_is_the_geometric_mean_over_seeds_with_a_censored_run_at_it
     assert 0.2 < float(p) < 1.0  # three nonzero differences cannot be significant
     # one seed in common is no spread: nothing to say
     assert discovery.paired_ratio(arm[:1], ref[:1], {}) == ("-", "-", "-", "-")
+
+
+def test_seeds_pair_as_the_same_evaluator_only_where_the_known_layers_trained_alike(discovery):
+    """Two runs of one seed share the evaluator bit for bit only if their known layers trained to
+    the same accuracies (another host or kernel path gives other floats, and the searches part
+    there): seed 1's reference trained on such a host (the same numbers, another order), seed 2's
+    candidates differ but not its known layers, seed 3 has no log, seed 4 only one arm."""
+    def run(seed, known, candidate=0.5, log=True):
+        entries = [entry(0, "baseline", "evaluated", 10.0, known, layer="bn_relu"),
+                   entry(1, "candidate", "evaluated", 12.0, [candidate, candidate])]
+        return {"seed": seed, "cpu_to_target": 50.0, "cpu_cap": 400.0, "log": entries if log else None}
+
+    arm = [run(0, [0.9, 0.8]), run(1, [0.9, 0.8]), run(2, [0.9, 0.8]), run(3, [0.9, 0.8], log=False),
+           run(4, [0.9, 0.8])]
+    ref = [run(0, [0.9, 0.8]), run(1, [0.8, 0.9]), run(2, [0.9, 0.8], candidate=0.7), run(3, [0.9, 0.8])]
+    assert discovery.same_numerics(arm, ref) == (2, 3)
+    assert discovery.numerics_of(arm[3]) is None
+    text = discovery.report([dict(r, arm="evolution", algorithm="e", options={}, known=False, reference="random",
+                                  command="c", rerank=None, **_metrics_stub()) for r in arm]
+                            + [dict(r, arm="random", algorithm="random", options={}, known=False,
+                                    reference="random", command="c", rerank=None, **_metrics_stub()) for r in ref],
+                            "r.jsonl", "report")
+    row = next(line for line in text.split("## Paired")[1].splitlines() if line.startswith("| evolution |"))
+    assert row.rstrip().endswith("| 2/3 |")
+
+
+def test_each_result_says_which_host_and_kernel_path_made_it(discovery, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    env = discovery.environment()
+    assert env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and "MKL_CBWR" not in env["env"]
+    assert env["cpu"] and env["cores"] >= 1
 
 
 def _metrics_stub() -> dict:
