@@ -226,12 +226,18 @@ class StopRule:
     (the same trials up to there); it spends no CPU on the rest, which only a re-ranking of the
     final best would need."""
 
-    def __init__(self, cpu_cap: float, at_target: bool = False, margin: float = TARGET_MARGIN):
+    def __init__(self, cpu_cap: float, at_target: bool = False, margin: float = TARGET_MARGIN,
+                 references_only: bool = False):
         self.cpu_cap, self.at_target, self.margin = cpu_cap, at_target, margin
+        self.references_only = references_only  # `--check-host`: the known layers and nothing more
         self.level: float | None = None
+        self.references = 0
 
     def stop(self, kind: str, layer: str | None, values: list[float] | None, cpu: float) -> bool:
         if cpu >= self.cpu_cap:
+            return True
+        self.references += kind == "baseline"
+        if self.references_only and self.references >= len(REFERENCES):
             return True
         if not values:
             return False
@@ -241,7 +247,8 @@ class StopRule:
         return self.at_target and kind == "candidate" and self.level is not None and score >= self.level
 
 
-def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False) -> None:
+def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False,
+                   references_only: bool = False) -> None:
     """The run's one worker (a real `opsearch.engine.Worker`, in a child process): baselines
     first, then candidates until the CPU cap (or the target, with `stop_at_target`); every
     finished trial is logged."""
@@ -258,7 +265,7 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_tar
     run = setup.open_run()
     enqueue_baselines(run, setup)
     log = open(log_path, "a", buffering=1)
-    rule = StopRule(cpu_cap, at_target=stop_at_target)
+    rule = StopRule(cpu_cap, at_target=stop_at_target, references_only=references_only)
 
     def on_result(record, outcome) -> None:
         cpu = time.process_time() - cpu0
@@ -280,13 +287,15 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_tar
     log.close()
 
 
-def run_search(config: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False) -> float:
+def run_search(config: dict, log_path: str, cpu_cap: float, stop_at_target: bool = False,
+               references_only: bool = False) -> float:
     """The search of one run in a spawned child process; returns its wall seconds."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     start = time.time()
-    proc = ctx.Process(target=_search_worker, args=(config, log_path, cpu_cap, stop_at_target), name="discovery-worker")
+    proc = ctx.Process(target=_search_worker, args=(config, log_path, cpu_cap, stop_at_target, references_only),
+                       name="discovery-worker")
     proc.start()
     try:
         proc.join()
@@ -573,6 +582,36 @@ def latest_per_run(results: list[dict]) -> list[dict]:
 def settings_of(r: dict) -> tuple:
     return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"],
             json.dumps(r.get("filter_options") or {}, sort_keys=True))
+
+
+def check_host(args) -> int:
+    """`--check-host`: may this host's runs be paired with the recorded ones? Trains the known
+    layers of each seed as a run does (the same worker, config and order; about 35 CPU s a seed)
+    and says, per recorded arm, whose runs of that seed trained them to the same accuracies: only
+    those share this host's evaluator bit for bit (`same_numerics`). Run it before pairing a new
+    arm with arms recorded in an earlier session: the host may have changed under them."""
+    os.makedirs(args.workdir, exist_ok=True)
+    for seed in parse_seeds(args.seeds):
+        name = f"host-check-s{seed}"
+        base = os.path.join(os.path.abspath(args.workdir), name)
+        _remove(base + ".db", base + ".jsonl")
+        config = search_config(Arm("host-check", "random"), seed, f"sqlite:///{base}.db", name, 1_000_000,
+                               args.quick, args.filter_opts)
+        run_search(config, base + ".jsonl", math.inf, references_only=True)
+        mine = numerics_of({"log": read_log(base + ".jsonl")})
+        print(f"seed {seed}: this host's known layers: {list(mine or ())}")
+        arms: dict[tuple[str, str], list[bool]] = {}
+        for path in args.results.split(","):
+            for r in latest_per_run(read_results(path)):
+                if r["seed"] == seed and r["quick"] == args.quick and (theirs := numerics_of(r)) is not None:
+                    arms.setdefault((os.path.basename(path), r["arm"]), []).append(theirs == mine)
+        for (path, arm), same in arms.items():
+            print(f"  {path} {arm}: {sum(same)} of {len(same)} recorded runs of seed {seed} share this host's "
+                  "numerics")
+        if not arms:
+            print(f"  no recorded run of seed {seed} with a log in {args.results}")
+    print(environment())
+    return 0
 
 
 def bench_main(args, command: str) -> int:
@@ -995,12 +1034,17 @@ def main(argv: list[str] | None = None) -> int:
                         "is re-ranked again, its stage grown to this many, and recorded as a new line")
     p.add_argument("--quick", action="store_true", help="smoke test: synthetic data, tiny proxy and space")
     p.add_argument("--report", action="store_true", help="only print the tables of --results")
+    p.add_argument("--check-host", action="store_true",
+                   help="only train the known layers of --seeds here and say which runs in --results "
+                        "trained them to the same accuracies (which recorded arms this host can be paired with)")
     args = p.parse_args(argv)
     if args.report:
         results = latest_per_run([r for path in args.results.split(",") for r in read_results(path)])
         sys.stdout.write(report(results, args.results, command))
         return 0
     args.filter_opts = parse_arm_options(args.filter_options)
+    if args.check_host:
+        return check_host(args)
     if args.cpu_cap is None:
         args.cpu_cap = 10.0 if args.quick else 600.0
     try:

@@ -191,6 +191,18 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert "--cpu-cap 10" in rep.stdout and "| random | 1 |" in rep.stdout  # the last line of the run only
     assert f"{grown['rerank']['best_mean']:.4f} (3)" in rep.stdout
+    # may this host be paired with the recorded runs? the same host trains the known layers alike;
+    # a run whose known layers trained otherwise (another host) is not the same evaluator
+    other = dict(grown, arm="elsewhere", log=[dict(e, values=[v * 0.99 for v in e["values"]])
+                                              if e["kind"] == "baseline" else e for e in grown["log"]])
+    (tmp_path / "elsewhere.jsonl").write_text(json.dumps(other) + "\n")
+    check = subprocess.run([sys.executable, str(SCRIPT), "--check-host", "--quick", "--seeds", "0",
+                            "--workdir", str(tmp_path / "runs"),
+                            "--results", f"{results},{tmp_path / 'elsewhere.jsonl'}"],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "results.jsonl random: 1 of 1 recorded runs of seed 0 share this host's numerics" in check.stdout
+    assert "elsewhere.jsonl elsewhere: 0 of 1 recorded runs of seed 0" in check.stdout
 
 
 def _re_rankings(pgid: int) -> list[int]:
