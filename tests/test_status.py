@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime, timedelta
 
 from optuna.trial import FrozenTrial, TrialState
@@ -44,7 +45,7 @@ def test_status_reports_workers_speed_and_time_left(tmp_path, monkeypatch, capsy
     url, run = make_run(tmp_path, budget=20, grace_s=30.0)
     me = WorkerId.current(device="cpu")
     remote = WorkerId("elsewhere", 4242, "1", job="77_1", device="cuda:0 (CUDA_VISIBLE_DEVICES=2)")
-    gone = WorkerId(me.host, dead_pid(), "1", device="cpu")
+    gone = WorkerId(me.host, dead_pid(), f"gone-{uuid.uuid4().hex}", device="cpu")  # no marker of a reused pid
     # six candidates finished in the last 10 minutes, two long ago (outside the window)
     for minutes in (1, 2, 3, 4, 5, 9):
         finished(run, minutes, remote)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import optuna
 import pytest
@@ -145,9 +146,12 @@ def test_workers_popping_at_once_never_hold_the_same_trial(run, tmp_path):
 
 
 def _dead_worker() -> WorkerId:
+    """A worker of this host whose process is gone. Its start time is a token of its own: pids are
+    reused, and a fixed one ("1") matched markers that other tests' stopped workers left on this
+    host (mark_stopped), so the crash looked like a stop on purpose (a flaky CI failure)."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    return WorkerId(WorkerId.current().host, proc.pid, "1")
+    return WorkerId(WorkerId.current().host, proc.pid, f"gone-{uuid.uuid4().hex}")
 
 
 def test_trial_of_a_dead_local_worker_is_requeued(run):
