@@ -736,12 +736,18 @@ def scaled(run: dict, scales: dict[int, float], key: str = "cpu_to_target") -> t
     return (None if run[key] is None else run[key] * k), run["cpu_cap"] * k
 
 
-def _seed_pairs(runs: list[dict], ref: list[dict], scales: dict[int, float], key: str):
-    """Per seed in both arms: (time, cap) of the arm's run and of the reference's, load-adjusted."""
+def _runs_by_seed(runs: list[dict], ref: list[dict]):
+    """Per seed in both arms: the arm's run and the reference's."""
     other = {r["seed"]: r for r in ref}
     for r in runs:
         if (o := other.get(r["seed"])) is not None:
-            yield scaled(r, scales, key), scaled(o, scales, key)
+            yield r, o
+
+
+def _seed_pairs(runs: list[dict], ref: list[dict], scales: dict[int, float], key: str):
+    """Per seed in both arms: (time, cap) of the arm's run and of the reference's, load-adjusted."""
+    for r, o in _runs_by_seed(runs, ref):
+        yield scaled(r, scales, key), scaled(o, scales, key)
 
 
 def paired_by_seed(runs: list[dict], ref: list[dict], scales: dict[int, float],
@@ -783,8 +789,7 @@ def same_numerics(runs: list[dict], ref: list[dict]) -> tuple[int, int]:
     values. Only those pairs share the evaluator bit for bit, so only there is the pairing a
     common-random-numbers design (a proposal's random stream is a function of the seed and the
     feedback); a pair across numerics is two independent draws of the same seed's target."""
-    other = {r["seed"]: numerics_of(r) for r in ref}
-    pairs = [(numerics_of(r), other[r["seed"]]) for r in runs if r["seed"] in other]
+    pairs = [(numerics_of(r), numerics_of(o)) for r, o in _runs_by_seed(runs, ref)]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     return sum(a == b for a, b in pairs), len(pairs)
 
