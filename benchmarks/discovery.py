@@ -590,6 +590,8 @@ def check_host(args) -> int:
     and says, per recorded arm, whose runs of that seed trained them to the same accuracies: only
     those share this host's evaluator bit for bit (`same_numerics`). Run it before pairing a new
     arm with arms recorded in an earlier session: the host may have changed under them."""
+    recorded = [(os.path.basename(path), r) for path in args.results.split(",")
+                for r in latest_per_run(read_results(path)) if r["quick"] == args.quick]
     os.makedirs(args.workdir, exist_ok=True)
     for seed in parse_seeds(args.seeds):
         name = f"host-check-s{seed}"
@@ -601,10 +603,9 @@ def check_host(args) -> int:
         mine = numerics_of({"log": read_log(base + ".jsonl")})
         print(f"seed {seed}: this host's known layers: {list(mine or ())}")
         arms: dict[tuple[str, str], list[bool]] = {}
-        for path in args.results.split(","):
-            for r in latest_per_run(read_results(path)):
-                if r["seed"] == seed and r["quick"] == args.quick and (theirs := numerics_of(r)) is not None:
-                    arms.setdefault((os.path.basename(path), r["arm"]), []).append(theirs == mine)
+        for path, r in recorded:
+            if r["seed"] == seed and (theirs := numerics_of(r)) is not None:
+                arms.setdefault((path, r["arm"]), []).append(theirs == mine)
         for (path, arm), same in arms.items():
             print(f"  {path} {arm}: {sum(same)} of {len(same)} recorded runs of seed {seed} share this host's "
                   "numerics")
