@@ -7,8 +7,8 @@ graphs (`immigrant`). Which source found a run's first layer at the target, and 
 before, says which piece of the algorithm carries the search and which one costs it time.
 
 Runs since the engine stores a trial's `origin` (the algorithm's word for where the proposal came
-from) carry the source and kind; the parent is not stored, and older runs carry neither, so both
-are rebuilt. A proposal is a pure function of the seed and the feedback so far
+from) carry the source and kind, and runs since round 15 the parent (`parent`); older runs carry
+neither, so both are rebuilt. A proposal is a pure function of the seed and the feedback so far
 (opsearch/algorithm.py), so a fresh algorithm fed the run's finished trials in order, as
 `Engine.recover` feeds them, proposes each recorded genome again; the replay checks that it does
 (`mismatches`, 0 for an exact replay), reads each proposal's `origin` and the parent its mutator

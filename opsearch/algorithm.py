@@ -111,6 +111,9 @@ class Algorithm:
         # where the last proposal came from ("mutant:delete", "immigrant", ...), set by `_propose`
         # where the algorithm knows; the engine stores it as the trial's `origin` attribute
         self.origin: str | None = None
+        # the genome the last proposal was made from (a mutant's parent), where the algorithm has
+        # one: the engine stores its trial as the child's `parent` (opsearch/lineage.py)
+        self.parent: Genome | None = None
 
     # ------------------------------------------------------------------ options
 
@@ -132,6 +135,7 @@ class Algorithm:
         rng = random.Random(f"{self.seed}:{self.num_feedbacks}:{self._pending}")
         self._pending += 1
         self.origin = None
+        self.parent = None
         return self._propose(rng)
 
     def feedback(self, genome: Sequence[int], objectives: Sequence[float] | None,

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
 from opsearch.evaluation import make_eval_config
+from opsearch.lineage import Lineage
 from opsearch.errors import EnvironmentFault, InvalidCandidate
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
                             disk_full_error, mark_stopped, no_retry, resolve,
@@ -187,6 +188,7 @@ class Worker:
         self._recovered = False
         self._encoded: dict[str, tuple[int, ...] | None] = {}
         self._fed: set[int] = set()  # trial ids already fed back (own and other workers')
+        self.lineage = Lineage()  # parents of proposals, and their early accuracies
 
     def _others_running(self) -> bool:
         self.run.sync()
@@ -201,6 +203,8 @@ class Worker:
         self.run.sync()
         finished = [r for r in self.run.trials() if r.state.is_finished()]
         self._fed = {r.trial_id for r in finished}
+        for r in finished:
+            self._note_lineage(r)
         self.context.equivalence = EquivalenceCache.from_trials(
             [r for r in finished if r.kind in _CACHED_KINDS])
         history = [(g, self._objectives(r), _is_duplicate(r), _grade(r)) for r in finished
@@ -208,6 +212,10 @@ class Worker:
         self.algorithm.recover(history)
         self._recovered = True
         return len(history)
+
+    def _note_lineage(self, record: TrialRecord) -> None:
+        if record.kind == "candidate" and record.state.is_finished() and record.verdict != LOST:
+            self.lineage.add(record.number, record.genome, record.user_attrs)
 
     def _history_genome(self, record: TrialRecord) -> tuple[int, ...] | None:
         """The genome a finished trial feeds back: a candidate's own; with seed_with_baselines,
@@ -238,6 +246,7 @@ class Worker:
             if r.trial_id in self._fed:
                 continue
             self._fed.add(r.trial_id)
+            self._note_lineage(r)
             genome = self._history_genome(r)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(r), _is_duplicate(r), _grade(r))
@@ -290,6 +299,7 @@ class Worker:
                 continue  # reaped as lost meanwhile; its requeued copy carries on
             done += 1
             self._fed.add(record.trial_id)
+            self._note_lineage(record)
             genome = self._history_genome(record)
             if genome is not None:
                 self.algorithm.feedback(genome, self._objectives(record), _is_duplicate(record),
@@ -354,6 +364,8 @@ class Worker:
                 attrs = {"kind": "candidate", "genome": json.dumps(list(genome))}
                 if self.algorithm.origin:
                     attrs["origin"] = self.algorithm.origin
+                if (parent := self.lineage.trial_of(self.algorithm.parent)) is not None:
+                    attrs["parent"] = parent
                 attrs.update(describe_graph(self.setup.space.decode(genome)))
                 if attrs.get("hash") not in avoid:
                     break

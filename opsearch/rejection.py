@@ -194,6 +194,10 @@ class Candidate:
         self.equiv_fp_limit: np.ndarray | None = None
         # band fingerprints, one per band of V0_BANDS (empty: v0 not live, or no band probed)
         self.equiv_fp_bands: list[np.ndarray | None] = []
+        # the trained trial it was mutated from and that trial's early accuracies (the quality
+        # filter's, per architecture), when the engine knows them (opsearch/lineage.py)
+        self.parent: int | None = None
+        self.parent_early: dict[str, float] | None = None
 
     @property
     def canonical_hash(self) -> str:

@@ -75,6 +75,10 @@ class CandidateHandler(TrialHandler):
         worker = self.worker
         genome = record.genome
         candidate = Candidate(worker.setup.space.decode(genome), genome=genome)
+        parent = record.user_attrs.get("parent")
+        if isinstance(parent, int) and not isinstance(parent, bool):
+            candidate.parent = parent
+            candidate.parent_early = worker.lineage.early_accuracies(parent)
         outcome = worker.setup.pipeline.run(candidate, worker.context)
         attrs = outcome.user_attrs(candidate)
         status = outcome.status

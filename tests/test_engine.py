@@ -289,3 +289,44 @@ def test_layers_equal_while_v0_stays_positive_are_trained_once(tmp_path):
                 band_merges += "training kept it" in t.user_attrs.get("reason", "")
     assert band_merges >= 2, "no candidate was merged by the band rule"
     check_contract(config)
+
+
+def test_mutants_store_their_parent_and_slow_learners_stop_at_the_quality_step(tmp_path):
+    """Every mutant stores the trial it was mutated from (`parent`: the same trial the origins
+    replay finds, independently); with the quality filter's `parent_margin`, a trained mutant
+    learned at least as fast as its trained parent (minus the margin) by the quality step, and
+    every mutant the rule stopped learned slower."""
+    from benchmark_modules import benchmark_module
+
+    margin = 0.0
+    config = tiny(tmp_path, budget=40, baselines=[], seed_with_baselines=False,
+                  filters=[*CHEAP_FILTERS, "quality"],
+                  filter_options={"quality": {"steps": 2, "min_accuracy": 0.0, "parent_margin": margin}},
+                  algorithm_options={"population_size": 4, "tournament_size": 2, "immigrants": 0.0})
+    run_search(config)
+    done = {t.number: t for t in trials(config)}
+
+    def early(t):
+        accs = [v for k, v in t.user_attrs.items() if k.startswith("metric/quality/acc/")]
+        return sum(accs) / len(accs) if len(accs) == len(config.archs) else None
+
+    with benchmark_module("origins") as origins:
+        rows, mismatches = origins.replay(open_run(config.storage, config.name))
+    assert mismatches == 0
+    replayed = {r["number"]: r["parent"] for r in rows if r["parent"] is not None}
+    stored = {n: t.user_attrs["parent"] for n, t in done.items() if "parent" in t.user_attrs}
+    assert replayed and {n: stored.get(n) for n in replayed} == replayed
+    assert all(not done[n].user_attrs["origin"].startswith(("start-new", "immigrant")) for n in stored)
+    stopped = [t for t in done.values() if "its parent's" in str(t.user_attrs.get("reason", ""))]
+    checked = 0
+    for n, p in stored.items():
+        child, parent = done[n], done[p]
+        if parent.user_attrs.get("verdict") != "evaluated" or early(child) is None:
+            continue
+        checked += 1
+        if child.user_attrs["verdict"] == "evaluated":
+            assert early(child) >= early(parent) - margin - 1e-4  # stored rounded to 4 places
+        else:
+            assert child in stopped and early(child) < early(parent) - margin + 1e-4
+    assert checked and stopped, (checked, len(stopped))
+    assert all(t.user_attrs["verdict"] == "rejected:quality" and "parent" in t.user_attrs for t in stopped)

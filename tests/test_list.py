@@ -31,7 +31,7 @@ def test_list_json_has_formulas_and_options_with_defaults(capsys, tmp_path):
     assert listing["algorithms"]["regularized_evolution"]["options"]["population_size"] == 20
     assert listing["algorithms"]["nsga2"]["options"]["mutation_prob"] is None
     assert listing["rejection_filters"]["quality"]["options"] == {"steps": 100, "min_accuracy": 0.2,
-                                                                  "early_exit": True}
+                                                                  "early_exit": True, "parent_margin": None}
     assert listing["rejection_filters"]["always_passes"] == {"doc": "Lets every candidate through.",
                                                             "options": {"patience": 3}}
     assert listing["search_spaces"]["evonorm"]["options"] == {"num_nodes": 10, "batch_independent": False}

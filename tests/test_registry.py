@@ -69,7 +69,7 @@ def test_names_come_from_the_decorator():
 
 def test_create_checks_options_in_one_place():
     with pytest.raises(UserError, match=r"rejection filter 'quality': unknown option 'min_acc' "
-                                        r"\(did you mean 'min_accuracy'\?\); known: early_exit, min_accuracy, steps"):
+                                        r"\(did you mean 'min_accuracy'\?\); known: early_exit, min_accuracy, parent_margin, steps"):
         registry.rejection_filters.create("quality", min_acc=0.5)
     assert registry.rejection_filters.create("quality", min_accuracy=0.5).min_accuracy == 0.5
     with pytest.raises(UserError, match=r"search space 'evonorm': unknown option 'nodes'"):

@@ -35,7 +35,7 @@ LOSSES_KEY = "worker_losses"
 LOST_REASONS_KEY = "worker_lost_reasons"
 # What a lost trial hands to its requeued copy: the candidate, or the rerank item (stage, seed, of_trial)
 REQUEUED_KEYS = ("genome", "graph", "formula", "hash", "kind", "layer", "stage", "seed", "of_trial",
-                 "rung")
+                 "rung", "origin", "parent")
 STUDY_FORMAT = "opsearch.study/2"  # 2: rerank items and promotions in stage studies
 
 

@@ -162,6 +162,7 @@ class AgingEvolution(Algorithm):
         """A child of `parent`; its origin says the source and the kind of mutation."""
         child = self.mutator.mutate(parent, rng, self._seen)
         self.origin = f"{source}:{self.mutator.last_kind or 'none'}"
+        self.parent = tuple(parent)
         return child
 
     def immigrant_rate(self) -> float:

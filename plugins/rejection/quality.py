@@ -72,16 +72,27 @@ class QualityFilter(Filter):
     cost = 3.0
     default = True
 
-    def __init__(self, steps: int = 100, min_accuracy: float = 0.2, early_exit: bool = True):
+    def __init__(self, steps: int = 100, min_accuracy: float = 0.2, early_exit: bool = True,
+                 parent_margin: float | None = None):
         super().__init__()
         from opsearch.errors import UserError
 
         if int(steps) < 1 or not 0.0 <= float(min_accuracy) <= 1.0:
             raise UserError(f"quality: steps must be >= 1 and min_accuracy in [0, 1], "
                             f"got {steps!r}, {min_accuracy!r}")
+        margin = None
+        if parent_margin is not None and not isinstance(parent_margin, bool):
+            try:
+                margin = float(parent_margin)
+            except (TypeError, ValueError):
+                pass
+        if parent_margin is not None and (margin is None or not 0.0 <= margin <= 1.0):
+            raise UserError(f"quality: parent_margin must be a number in [0, 1] or unset, "
+                            f"got {parent_margin!r}")
         self.steps = int(steps)
         self.min_accuracy = float(min_accuracy)
         self.early_exit = bool(early_exit)
+        self.parent_margin = margin
 
     def check(self, candidate: Candidate, context: FilterContext) -> Verdict:
         with flush_denormals():  # 10x on bad candidates
@@ -107,9 +118,27 @@ class QualityFilter(Filter):
             num_archs = len(evaluators) if evaluators is not None else len(accuracies)
             return self.reject(f"{worst} validation accuracy {low[worst]:.3f} < {self.min_accuracy:g} "
                                f"after {self.steps} steps", num_archs=num_archs, **metrics)
+        slower = self._slower_than_parent(candidate, accuracies)
+        if slower is not None:
+            return self.reject(slower, **metrics)
         verdict = self.accept(**metrics)
         verdict.warm_start = session  # the evaluation resumes it
         return verdict
+
+    def _slower_than_parent(self, candidate: Candidate, accuracies: dict[str, float]) -> str | None:
+        """With ``parent_margin``: why a mutant that learns clearly slower than its trained parent
+        is stopped here (its mean accuracy after `steps` below the parent's at the same step minus
+        the margin), else None. The parent's accuracies were measured by this filter with the
+        same steps and seeds, so the two are the same measurement."""
+        parent = candidate.parent_early
+        if self.parent_margin is None or not parent or set(parent) != set(accuracies):
+            return None
+        mine = sum(accuracies.values()) / len(accuracies)
+        theirs = sum(parent.values()) / len(parent)
+        if mine >= theirs - self.parent_margin:
+            return None
+        return (f"mean validation accuracy {mine:.3f} after {self.steps} steps < its parent's "
+                f"(trial {candidate.parent}) {theirs:.3f} - {self.parent_margin:g}")
 
     def closeness(self, verdict: Verdict) -> float:
         """Architectures passed plus the failing one's accuracy against the bar, over K."""
