@@ -66,6 +66,7 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
     parent = _track_parents(algorithm)
     rows, mismatches, stored_disagree = [], 0, 0
     numbers: dict[tuple, int] = {}  # genome -> the first trial that fed it back (a parent's number)
+    early: dict[int, float] = {}  # a trained trial -> its mean accuracy at the quality filter's step
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_frozen(trial)
         if not record.state.is_finished() or record.kind != "candidate" or record.verdict == LOST \
@@ -79,17 +80,61 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
         source, _, kind = (algorithm.origin or "").partition(":")
         is_mutant = source in ("start-mutant", "mutant") and kind not in ("", "none")
         values = record.values if record.state == optuna.trial.TrialState.COMPLETE and record.values else None
+        parent_number = numbers.get(parent.genome) if is_mutant else None
         rows.append({"number": record.number, "origin": algorithm.origin, "source": source or None,
                      "mutation": kind if is_mutant else None,
-                     "parent": numbers.get(parent.genome) if is_mutant else None,
+                     "parent": parent_number,
                      "parent_score": parent.score if is_mutant else None,
+                     "early": _early(record), "parent_early": early.get(parent_number),
                      "verdict": str(record.verdict or "").split(":")[0], "values": values,
                      "formula": record.user_attrs.get("formula"), "elapsed_s": record.user_attrs.get("elapsed_s")})
         algorithm.feedback(record.genome, values, _is_duplicate(record), _grade(record))  # as Engine.recover
         numbers.setdefault(record.genome, record.number)
+        if record.verdict == "evaluated" and rows[-1]["early"] is not None:
+            early.setdefault(record.number, rows[-1]["early"])
     if stored_disagree:
         print(f"origins: {stored_disagree} candidates' stored origin differs from the replay's", file=sys.stderr)
     return rows, mismatches
+
+
+def _early(record) -> float | None:
+    """The mean accuracy the quality filter measured after its short training (every
+    architecture), None when it did not measure all of them."""
+    accs = [float(v) for k, v in record.user_attrs.items() if k.startswith("metric/quality/acc/")]
+    archs = [k for k in record.user_attrs if k.startswith("acc/")]
+    return sum(accs) / len(accs) if accs and (not archs or len(accs) == len(archs)) else None
+
+
+def parent_margin_table(runs: list[tuple[list[dict], float | None]], margins: list[float]) -> list[dict]:
+    """What the quality filter's ``parent_margin`` would have stopped in recorded runs: among the
+    trained mutants of trained parents up to each run's first candidate at the target (the whole
+    run without one), those whose early accuracy is below the parent's minus the margin; how many
+    of them reached the target or beat their parent's score, and the seconds their training took
+    after the quality step (`elapsed_s`). First order only: a run with the rule takes another
+    course after its first stop."""
+    children = []
+    for rows, target in runs:
+        for r in rows:
+            if r["verdict"] == "evaluated" and r.get("early") is not None and r.get("parent_early") is not None:
+                mean = sum(r["values"]) / len(r["values"])
+                children.append({"target": target is not None and mean >= target,
+                                 "better": r.get("parent_score") is not None and mean > r["parent_score"],
+                                 "gap": r["parent_early"] - r["early"], "seconds": float(r["elapsed_s"] or 0.0)})
+                if target is not None and mean >= target:
+                    break
+            elif target is not None and r["verdict"] == "evaluated" and sum(r["values"]) / len(r["values"]) >= target:
+                break
+    table = []
+    for margin in margins:
+        stopped = [c for c in children if c["gap"] > margin]
+        table.append({"margin": margin, "children": len(children), "stopped": len(stopped),
+                      "targets": sum(c["target"] for c in children),
+                      "targets_stopped": sum(c["target"] for c in stopped),
+                      "better": sum(c["better"] for c in children),
+                      "better_stopped": sum(c["better"] for c in stopped),
+                      "seconds": sum(c["seconds"] for c in children),
+                      "seconds_stopped": sum(c["seconds"] for c in stopped)})
+    return table
 
 
 class _Parent:
@@ -173,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="a run's storage: a SQLite file or a storage URL (one run in it)")
     p.add_argument("--margin", type=float, default=TARGET_MARGIN, help="the target: bn_relu's score minus this")
     p.add_argument("--json", help="write every run's candidates with their sources here")
+    p.add_argument("--parent-margins", default="", help="e.g. 0,0.02,0.05: what the quality filter's "
+                   "parent_margin would have stopped in these runs (first order)")
     args = p.parse_args(argv)
     from opsearch.errors import UserError
     from opsearch.study.storage import open_run
 
     total = collections.defaultdict(collections.Counter)
     kinds = collections.defaultdict(collections.Counter)
-    dump = []
+    dump, targets = [], []
     print(f"{'run':42} {'mis':>3} {'search CPU':>10} {'by':>12}  CPU s before it: " + " / ".join(SOURCES))
     for path in args.runs:
         try:
@@ -205,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: the replay proposed {mismatches} recorded genome(s) differently: the sources "
                   "are not the run's (several workers, or code other than the run's)", file=sys.stderr)
         dump.append({"run": path, "mismatches": mismatches, "summary": s, "candidates": rows})
+        targets.append((rows, None if bn is None else bn - args.margin))
     print("totals before the target, CPU s (trained / proposed): "
           + "; ".join(f"{k} {total['cpu'].get(k, 0):.0f} ({total['trained'].get(k, 0)}/{total['proposed'].get(k, 0)})"
                       for k in SOURCES))
@@ -214,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     for kind in MUTATION_KINDS:
         k = kinds.get(kind, collections.Counter())
         print(f"  {kind:7} {k['proposed']:6d} {k['cpu']:8.0f} {k['trained']:5d} {k['better']:5d} {k['hits']:3d}")
+    if args.parent_margins:
+        margins = [float(m) for m in args.parent_margins.split(",")]
+        print("parent_margin, first order: trained mutants of trained parents before the target; stopped; "
+              "targets stopped; better than the parent stopped; training seconds after the quality step stopped")
+        for t in parent_margin_table(targets, margins):
+            print(f"  {t['margin']:<5g} {t['children']:5d} {t['stopped']:5d} ({t['stopped'] / max(t['children'], 1):.0%})"
+                  f" {t['targets_stopped']:3d} of {t['targets']:<3d} {t['better_stopped']:4d} of {t['better']:<4d}"
+                  f" {t['seconds_stopped']:7.0f} of {t['seconds']:.0f} s"
+                  f" ({t['seconds_stopped'] / max(t['seconds'], 1e-9):.0%})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump, f)

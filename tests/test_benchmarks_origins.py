@@ -149,3 +149,21 @@ def test_a_run_fed_the_known_layers_is_refused_in_one_line(origins, tmp_path):
                                   "config": json.dumps({**CONFIG, "seed_with_baselines": True})}, [])
     with pytest.raises(UserError, match="from scratch"):
         origins.replay(open_run(url))
+
+
+def test_the_parent_margin_table_counts_what_the_rule_would_have_stopped_before_the_target(origins):
+    def row(number, verdict, values, early, parent_early, parent_score=0.8, seconds=10.0):
+        return {"number": number, "verdict": verdict, "values": values, "early": early,
+                "parent_early": parent_early, "parent_score": parent_score, "elapsed_s": seconds}
+
+    run = [row(1, "evaluated", (0.8, 0.8), 0.70, None),          # no trained parent: not counted
+           row(2, "evaluated", (0.7, 0.7), 0.60, 0.70),          # 0.10 slower, worse than its parent
+           row(3, "rejected", None, None, 0.70),                 # not trained
+           row(4, "evaluated", (0.85, 0.85), 0.67, 0.70, seconds=5.0),   # 0.03 slower, but better
+           row(5, "evaluated", (0.95, 0.95), 0.72, 0.70, seconds=7.0),   # the target
+           row(6, "evaluated", (0.5, 0.5), 0.10, 0.70)]          # after the target: not counted
+    without_target = [row(1, "evaluated", (0.6, 0.6), 0.5, 0.7, seconds=3.0)]
+    table = origins.parent_margin_table([(run, 0.9), (without_target, None)], [0.0, 0.05, 0.2])
+    assert [(t["stopped"], t["targets_stopped"], t["better_stopped"], t["seconds_stopped"]) for t in table] \
+        == [(3, 0, 1, 18.0), (2, 0, 0, 13.0), (0, 0, 0, 0.0)]
+    assert {(t["children"], t["targets"], t["better"], t["seconds"]) for t in table} == {(4, 1, 2, 25.0)}
