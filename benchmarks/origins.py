@@ -100,7 +100,9 @@ def replay(study) -> tuple[list[dict[str, Any]], int]:
 def _early(record) -> float | None:
     """The mean accuracy the quality filter measured after its short training (every
     architecture), None when it did not measure all of them."""
-    accs = [float(v) for k, v in record.user_attrs.items() if k.startswith("metric/quality/acc/")]
+    from opsearch.lineage import early_accuracies
+
+    accs = list(early_accuracies(record.user_attrs).values())
     archs = [k for k in record.user_attrs if k.startswith("acc/")]
     return sum(accs) / len(accs) if accs and (not archs or len(accs) == len(archs)) else None
 

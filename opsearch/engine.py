@@ -25,8 +25,8 @@ from optuna.trial import TrialState
 from opsearch import devices, faults, registry
 from opsearch.config import SearchConfig
 from opsearch.evaluation import make_eval_config
-from opsearch.lineage import Lineage
 from opsearch.errors import EnvironmentFault, InvalidCandidate
+from opsearch.lineage import Lineage
 from opsearch.study import (HANG_MARGIN_S, LOST, Heartbeat, Run, TrialRecord, WorkerId, disk_full,
                             disk_full_error, mark_stopped, no_retry, resolve,
                             set_storage_grace)

@@ -15,6 +15,13 @@ from typing import Any, Sequence
 QUALITY_PREFIX = "metric/quality/acc/"
 
 
+def early_accuracies(user_attrs: dict[str, Any]) -> dict[str, float]:
+    """A trial's accuracies per architecture after the quality filter's short training, as the
+    pipeline stores them (``metric/quality/acc/<arch>``); empty when it stored none."""
+    return {k[len(QUALITY_PREFIX):]: float(v) for k, v in user_attrs.items()
+            if k.startswith(QUALITY_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class Lineage:
     """Finished candidates by genome (the first trial of each), and the early accuracies of the
     trained ones."""
@@ -29,8 +36,7 @@ class Lineage:
             return
         self._trial_of.setdefault(tuple(genome), number)
         if user_attrs.get("verdict") == "evaluated":
-            early = {k[len(QUALITY_PREFIX):]: float(v) for k, v in user_attrs.items()
-                     if k.startswith(QUALITY_PREFIX) and isinstance(v, (int, float))}
+            early = early_accuracies(user_attrs)
             if early:
                 self._early.setdefault(number, early)
 
