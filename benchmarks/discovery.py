@@ -164,7 +164,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_arm_options(text: str) -> dict[str, dict]:
-    """'re:a=1,b=2;nsga2:c=3' -> {'re': {'a': '1', 'b': '2'}, 'nsga2': {'c': '3'}} (parse_options
+    """'re:a=1,b=2;nsga2:c=3' -> {'re': {'a': 1, 'b': 2}, 'nsga2': {'c': 3}} (parse_options
     with several assignments per algorithm)."""
     items = []
     for item in filter(None, (s.strip() for s in text.split(";"))):

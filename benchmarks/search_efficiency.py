@@ -185,12 +185,17 @@ def _run_task(task) -> Result:
 
 
 def parse_options(text: str) -> dict:
-    """'nsga2:population_size=20;regularized_evolution:tournament_size=4' -> per-algorithm dict."""
+    """'nsga2:population_size=20;regularized_evolution:tournament_size=4' -> per-algorithm dict.
+    Each value reads as `-O` reads it (opsearch.config.parse_assignment: a TOML value, else the
+    text): kept as text, 'band=false' reached the equivalence filter as the string "false",
+    which `bool()` reads as true."""
+    from opsearch.config import parse_assignment
+
     out: dict[str, dict] = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         algo, _, assignment = item.partition(":")
-        key, _, value = assignment.partition("=")
-        out.setdefault(algo, {})[key] = value
+        path, value = parse_assignment(assignment)
+        out.setdefault(algo, {})[".".join(path)] = value
     return out
 
 

@@ -414,3 +414,11 @@ def test_cpu_by_verdict_charges_each_trial_the_rise_of_the_cumulative_cpu(discov
     assert repeated == pytest.approx(1 / 4)  # the second rms_b(x)
     assert repeated_cpu == pytest.approx(1 / 40)
     assert discovery.cpu_by_verdict([[]]) == ({}, None, None)
+
+
+def test_arm_options_read_as_toml_values_so_false_is_false(discovery):
+    from opsearch import registry
+
+    options = discovery.parse_arm_options("equivalence:band=false,limit_atol=0.001;quality:parent_margin=0.02")
+    assert options == {"equivalence": {"band": False, "limit_atol": 0.001}, "quality": {"parent_margin": 0.02}}
+    assert registry.rejection_filters.create("equivalence", **options["equivalence"]).band is False
