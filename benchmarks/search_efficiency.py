@@ -50,6 +50,7 @@ import torch
 
 from opsearch import graph, layers, registry
 from opsearch.compile import compile_graph
+from opsearch.config import parse_assignment
 from opsearch.errors import InvalidCandidate
 from opsearch.space import SearchSpace
 
@@ -189,8 +190,6 @@ def parse_options(text: str) -> dict:
     Each value reads as `-O` reads it (opsearch.config.parse_assignment: a TOML value, else the
     text): kept as text, 'band=false' reached the equivalence filter as the string "false",
     which `bool()` reads as true."""
-    from opsearch.config import parse_assignment
-
     out: dict[str, dict] = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         algo, _, assignment = item.partition(":")
