@@ -4,7 +4,11 @@ Outside CI a missing resource skips the test with its reason; under CI (``CI=tru
 `.ci/run` sets it) it fails it, so that CI cannot go green by skipping what it must test."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import tempfile
 
 import pytest
 
@@ -22,7 +26,28 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+# Set by tests/conftest.py for the running test: whether it is marked `postgres` (the mark that
+# makes it hold the server's lock, so that it never runs while another test stops the server).
+current_test_marked_postgres = True
+
+
+@contextlib.contextmanager
+def postgres_lock(url: str, exclusive: bool):
+    """Hold the lock of the PostgreSQL server at `url` for every process on this machine:
+    shared by tests that use the server, exclusive for one that stops it (tests/conftest.py)."""
+    name = hashlib.sha1(url.encode()).hexdigest()[:12]
+    with open(os.path.join(tempfile.gettempdir(), f"opsearch-test-postgres-{name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def postgres_url() -> str:
+    if not current_test_marked_postgres:
+        pytest.fail("a test that uses PostgreSQL must be marked postgres (tests/conftest.py)",
+                    pytrace=False)
     url = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
     if not url:
         missing("OPSEARCH_TEST_POSTGRES_URL is not set (.ci/start-postgres starts a server)")

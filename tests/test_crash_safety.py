@@ -100,7 +100,7 @@ def test_sigkill_then_resume_reaches_the_budget(tmp_path, fault):
         assert len(retry) == 1 and retry[0].user_attrs["genome"] == lost[0].user_attrs.get("genome")
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_four_workers_share_one_study(tmp_path, kind):
     if kind == "sqlite":
         storage = f"sqlite:///{tmp_path}/study.db"

@@ -271,7 +271,7 @@ sys.exit(opsearch.cli.main(sys.argv[3:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_four_workers_start_at_the_same_instant_on_a_new_study(tmp_path, kind):
     """A job array starts like this: the storage and the study are created by all at once."""
     url = storages(tmp_path).get(kind)

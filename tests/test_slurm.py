@@ -4,6 +4,7 @@ loses nothing. Skipped, with the reason, where there is no SLURM, except under C
 missing SLURM is a failure (CI is where it must run)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ import pytest
 from test_launch import TINY, assert_accounted, trials_of, wait_done
 
 # above wait_done's own limits, so that a slow run fails with the jobs' logs, not a bare timeout
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# (its workers share a PostgreSQL study: marked postgres)
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
 
 SLOW_FILTER = '''
 import time
@@ -43,12 +45,22 @@ def _missing(reason: str):
     pytest.skip(reason)
 
 
-def _slurm_ready() -> None:
+@functools.lru_cache(maxsize=None)
+def _slurm_problem() -> str | None:
+    """Why SLURM cannot run the tests, or None; asked once per process (a SLURM that is installed
+    but not running takes sinfo ~9 s to say so)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        _missing("SLURM is absent (no sbatch/sinfo on PATH; bash .ci/start-slurm starts one)")
+        return "SLURM is absent (no sbatch/sinfo on PATH; bash .ci/start-slurm starts one)"
     out = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=60)
     if out.returncode != 0 or not out.stdout.strip():
-        _missing(f"SLURM does not answer: sinfo: {out.stderr.strip() or 'no partition'}")
+        return f"SLURM does not answer: sinfo: {out.stderr.strip() or 'no partition'}"
+    return None
+
+
+def _slurm_ready() -> None:
+    problem = _slurm_problem()
+    if problem is not None:
+        _missing(problem)
 
 
 @pytest.fixture

@@ -208,6 +208,7 @@ def _search(config, tmp_path, grace, log):
 
 
 @pytest.mark.slow
+@pytest.mark.postgres(stops_server=True)  # no other PostgreSQL test runs meanwhile
 @pytest.mark.parametrize("outage_s, grace_s", [(60, 300), (30, 10)])
 def test_postgres_stopped_and_started_in_the_middle_of_a_search(tmp_path, outage_s, grace_s):
     url = resources.postgres_url()

@@ -28,7 +28,7 @@ def storage_urls(tmp_path):
     return urls
 
 
-@pytest.fixture(params=["sqlite", "journal", "postgres"])
+@pytest.fixture(params=["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)])
 def run(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/study.db"

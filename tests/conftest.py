@@ -1,0 +1,32 @@
+"""Running the suite in parallel (README: `python -m pytest -q -n 2`, pytest-xdist) beside one
+PostgreSQL server.
+
+tests/test_storage_outage.py stops and starts that server on purpose, which would fail any other
+PostgreSQL test running at the same time in the other process. So every test marked `postgres`
+holds a lock on the server for its duration (resources.postgres_lock, a file lock that every
+process on this machine sees): shared for the tests that only use it, exclusive for those marked
+`postgres(stops_server=True)`. resources.postgres_url() fails a test that asks for the server
+without the mark. (xdist's own `--dist loadgroup` would keep them on one process, but it cannot
+rename test ids under pytest 9.)"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import resources
+
+
+@pytest.fixture(autouse=True)
+def _postgres_is_locked_for_marked_tests(request):
+    mark = request.node.get_closest_marker("postgres")
+    resources.current_test_marked_postgres = mark is not None
+    url = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
+    try:
+        if mark is None or not url:
+            yield
+        else:
+            with resources.postgres_lock(url, exclusive=bool(mark.kwargs.get("stops_server"))):
+                yield
+    finally:
+        resources.current_test_marked_postgres = True
