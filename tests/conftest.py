@@ -30,3 +30,12 @@ def _postgres_is_locked_for_marked_tests(request):
                 yield
     finally:
         resources.current_test_marked_postgres = True
+
+
+@pytest.fixture(autouse=True)
+def _slurm_is_held_alone_by_marked_tests(request):
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+    else:
+        with resources.machine_lock("slurm", exclusive=True):
+            yield

@@ -32,16 +32,23 @@ current_test_marked_postgres = True
 
 
 @contextlib.contextmanager
-def postgres_lock(url: str, exclusive: bool):
-    """Hold the lock of the PostgreSQL server at `url` for every process on this machine:
-    shared by tests that use the server, exclusive for one that stops it (tests/conftest.py)."""
-    name = hashlib.sha1(url.encode()).hexdigest()[:12]
-    with open(os.path.join(tempfile.gettempdir(), f"opsearch-test-postgres-{name}.lock"), "a") as f:
+def machine_lock(key: str, exclusive: bool):
+    """Hold the lock named `key` for every process on this machine (a file lock): shared among
+    the tests that only use a resource, exclusive for one that must have it alone
+    (tests/conftest.py)."""
+    name = hashlib.sha1(key.encode()).hexdigest()[:12]
+    with open(os.path.join(tempfile.gettempdir(), f"opsearch-test-{name}.lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def postgres_lock(url: str, exclusive: bool):
+    """The lock of the PostgreSQL server at `url`: shared by tests that use the server, exclusive
+    for one that stops it."""
+    return machine_lock(f"postgres {url}", exclusive)
 
 
 def postgres_url() -> str:

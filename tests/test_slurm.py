@@ -17,8 +17,8 @@ import pytest
 from test_launch import TINY, assert_accounted, trials_of, wait_done
 
 # above wait_done's own limits, so that a slow run fails with the jobs' logs, not a bare timeout
-# (its workers share a PostgreSQL study: marked postgres)
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
+# (postgres: its workers share a PostgreSQL study; slurm: one such test on the SLURM at a time)
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.slurm, pytest.mark.timeout(600)]
 
 SLOW_FILTER = '''
 import time
