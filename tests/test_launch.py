@@ -15,6 +15,8 @@ from opsearch import devices
 from opsearch.cli import main
 from opsearch.config import SearchConfig
 from opsearch.errors import UserError
+
+import resources
 from studies import TINY_PROXY_TOML, release_together
 
 TINY = """
@@ -252,12 +254,10 @@ def test_local_launch_finishes_the_budget(tmp_path):
     assert len(logs) == 2 and all("budget reached" in p.read_text() for p in logs)
 
 
-def storages(tmp_path):
-    urls = {"sqlite": f"sqlite:///{tmp_path}/new.db", "journal": f"journal:///{tmp_path}/new.journal"}
-    pg = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
-    if pg:
-        urls["postgres"] = pg
-    return urls
+def storage_url(tmp_path, kind: str) -> str:
+    if kind == "postgres":
+        return resources.postgres_url()
+    return {"sqlite": f"sqlite:///{tmp_path}/new.db", "journal": f"journal:///{tmp_path}/new.journal"}[kind]
 
 
 GO = """
@@ -274,11 +274,7 @@ sys.exit(opsearch.cli.main(sys.argv[3:]))
 @pytest.mark.parametrize("kind", ["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_four_workers_start_at_the_same_instant_on_a_new_study(tmp_path, kind):
     """A job array starts like this: the storage and the study are created by all at once."""
-    url = storages(tmp_path).get(kind)
-    if url is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but OPSEARCH_TEST_POSTGRES_URL is not set")
-        pytest.skip("OPSEARCH_TEST_POSTGRES_URL not set (bash .ci/start-postgres prints one)")
+    url = storage_url(tmp_path, kind)
     name = f"same_instant_{os.getpid()}_{int(time.time() * 1000)}"
     config = tiny_config(tmp_path, budget=8, baselines="[]")
     go = tmp_path / "go"

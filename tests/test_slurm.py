@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import resources
 from test_launch import TINY, assert_accounted, trials_of, wait_done
 
 # above wait_done's own limits, so that a slow run fails with the jobs' logs, not a bare timeout
@@ -39,12 +40,6 @@ class SlowFilter(Filter):
 '''
 
 
-def _missing(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and {reason}")
-    pytest.skip(reason)
-
-
 @functools.lru_cache(maxsize=None)
 def _slurm_problem() -> str | None:
     """Why SLURM cannot run the tests, or None; asked once per process (a SLURM that is installed
@@ -60,16 +55,13 @@ def _slurm_problem() -> str | None:
 def _slurm_ready() -> None:
     problem = _slurm_problem()
     if problem is not None:
-        _missing(problem)
+        resources.missing(problem)
 
 
 @pytest.fixture
 def pg_url():
     _slurm_ready()
-    url = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
-    if not url:
-        _missing("OPSEARCH_TEST_POSTGRES_URL is not set (bash .ci/start-postgres prints one)")
-    return url
+    return resources.postgres_url()
 
 
 def launch(tmp_path, url, name, config, workers=2, extra=()):

@@ -20,14 +20,6 @@ from studies import release_together
 ATTRS = {"space": "evonorm", "archs": ["a", "b"], "dataset": "digits"}
 
 
-def storage_urls(tmp_path):
-    urls = [f"sqlite:///{tmp_path}/study.db", f"journal:///{tmp_path}/study.log"]
-    pg = os.environ.get("OPSEARCH_TEST_POSTGRES_URL")
-    if pg:
-        urls.append(pg)
-    return urls
-
-
 @pytest.fixture(params=["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)])
 def run(request, tmp_path):
     if request.param == "sqlite":
