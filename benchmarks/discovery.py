@@ -671,13 +671,17 @@ def censored(runs: list[dict], key: str, scales: dict[int, float] | None = None)
     return [t if t is not None else cap for t, cap in (scaled(r, scales or {}, key) for r in runs)]
 
 
+def median_censored(runs: list[dict], key: str = "cpu_to_target") -> bool:
+    """Whether the median of the censored times is a cap, not a time reached: a censored run
+    counts as the cap, which is above every time reached, so the median is exact only when more
+    than half of the runs got there."""
+    return sum(r[key] is not None for r in runs) < len(runs) // 2 + 1
+
+
 def _median(runs: list[dict], key: str, scales: dict[int, float] | None = None) -> str:
-    """Median of the censored times, marked '>' when it is censored: a censored run counts as
-    the cap, which is above every time reached, so the median is exact only when more than half
-    of the runs got there."""
+    """Median of the censored times, marked '>' when it is censored (`median_censored`)."""
     med = statistics.median(censored(runs, key, scales))
-    reached = sum(r[key] is not None for r in runs)
-    return f"{med:.0f}" if reached >= len(runs) // 2 + 1 else f">{med:.0f}"
+    return f">{med:.0f}" if median_censored(runs, key) else f"{med:.0f}"
 
 
 def _versus(v: dict | None) -> str:
@@ -819,16 +823,28 @@ def paired_ratio(runs: list[dict], ref: list[dict], scales: dict[int, float],
     return f"{math.exp(mean):.2f}", f"{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}", p, str(need)
 
 
-def compare(times: list[float], ref: list[float]) -> tuple[str, str, str]:
-    """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval."""
+def compare(times: list[float], ref: list[float], bound: str = "") -> tuple[str, str, str]:
+    """Mann-Whitney p (two-sided), ratio of medians and its 95% bootstrap interval. `bound`
+    (`ratio_bound`) marks a ratio whose median on one side is a cap, not a time."""
     from scipy.stats import mannwhitneyu
 
     if not times or not ref:
         return "-", "-", "-"
     p = mannwhitneyu(times, ref, alternative="two-sided").pvalue
+    p_text = "-" if math.isnan(p) else f"{p:.3g}"
+    if bound == "-":
+        return p_text, "-", "-"
     ratio = statistics.median(times) / max(statistics.median(ref), 1e-9)
     lo, hi = _bootstrap_ratio(times, ref)
-    return ("-" if math.isnan(p) else f"{p:.3g}"), f"{ratio:.2f}", f"{lo:.2f}-{hi:.2f}"
+    return p_text, f"{bound}{ratio:.2f}", f"{lo:.2f}-{hi:.2f}"
+
+
+def ratio_bound(runs: list[dict], ref: list[dict]) -> str:
+    """How a ratio of censored medians reads: '<=' when the reference's median is its cap (its
+    true median is at least that, so the arm's advantage is at least what the ratio says), '>='
+    when the arm's is, '-' (no ratio) when both are, '' when both medians are times reached."""
+    return {(False, False): "", (False, True): "<=", (True, False): ">=", (True, True): "-"}[
+        (median_censored(runs), median_censored(ref))]
 
 
 def _versus_arms(label: str, runs: list[dict], arms: dict[str, list[dict]]) -> list[str]:
@@ -863,7 +879,10 @@ def report(results: list[dict], path: str, command: str) -> str:
               "(counted as the cap). Mann-Whitney U (two-sided; a censored run is a tie at the cap), the "
               "log-rank test (two-sided; censored runs right-censored at their cap) and the ratio of medians of the "
               "censored times to the target compare each arm with its reference (random; "
-              "known_mutations for the arm with known layers). Repeats: trained candidates whose "
+              "known_mutations for the arm with known layers); a ratio marked '<=' has a reference whose median "
+              "is its cap (more than half of its runs never got there): the reference's true median is at least "
+              "that, so the ratio is an upper bound and its interval describes that bound ('>=': the arm's "
+              "median is its cap). Repeats: trained candidates whose "
               "values equal an earlier trained candidate's exactly; 'by chance': the count expected with "
               "each architecture's scores shuffled on their own within a run (ties of different "
               "layers on a coarse validation set). Re-ranked: the run's best "
@@ -879,8 +898,8 @@ def report(results: list[dict], path: str, command: str) -> str:
     for label, runs in arms.items():
         ref_label = runs[0].get("reference", "random")
         ref = arms.get(ref_label) if ref_label != label else None
-        p, ratio, ci = compare(censored(runs, "cpu_to_target"), censored(ref, "cpu_to_target")) \
-            if ref else ("-", "-", "-")
+        p, ratio, ci = compare(censored(runs, "cpu_to_target"), censored(ref, "cpu_to_target"),
+                               ratio_bound(runs, ref)) if ref else ("-", "-", "-")
         lr = logrank_p(runs, ref) if ref else "-"
         trained = sum(r["trained"] for r in runs)
         repeats = sum(r["repeats"] for r in runs)
@@ -926,7 +945,8 @@ def report(results: list[dict], path: str, command: str) -> str:
         versus = _versus_arms(label, runs, arms)
         for ref_label in versus:
             ref = arms[ref_label]
-            _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales))
+            _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales),
+                                   ratio_bound(runs, ref))
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
             by_how_much = " | ".join(paired_ratio(runs, ref, scales))
             same, of = same_numerics(runs, ref)

@@ -126,10 +126,26 @@ def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
     assert random_row[4].strip() == ">100" and random_row[5].strip() == "0/3"
     evo = rows["regularized_evolution"].split("|")
     assert evo[4].strip() == "20" and evo[5].strip() == "3/3"
-    assert evo[8].strip() == "0.20"  # median 20 against the censored 100
+    assert evo[8].strip() == "<=0.20"  # median 20 against the censored 100: random's true median is >= 100
+    assert random_row[8].strip() == "-"  # the reference itself has no ratio
     assert float(evo[6].split()[0]) < 0.11  # Mann-Whitney: 3 against 3, all apart
     assert float(evo[7]) < 0.05  # log-rank: 3 events against 3 censored runs
     assert "| 0 | >100 | >100 |" in text  # a seed that never got there, marked
+
+
+def test_a_ratio_of_medians_says_which_side_is_only_a_cap(discovery):
+    """Random search's median at the cap means its true median is at least the cap, so the
+    default's ratio against it is an upper bound; both medians at the cap give no ratio."""
+    def runs(times):
+        return [{"cpu_to_target": t} for t in times]
+
+    reached, mostly_not, half = runs([10.0, 20.0, 30.0]), runs([10.0, None, None]), runs([10.0, None])
+    assert discovery.ratio_bound(reached, reached) == ""
+    assert discovery.ratio_bound(reached, mostly_not) == "<="
+    assert discovery.ratio_bound(mostly_not, reached) == ">="
+    assert discovery.ratio_bound(mostly_not, half) == "-"  # half reached: the upper middle is the cap
+    assert discovery.compare([10.0, 20.0], [100.0, 100.0], "-")[1:] == ("-", "-")
+    assert discovery.compare([10.0, 20.0], [100.0, 100.0], "<=")[1] == "<=0.15"
 
 
 def test_a_layer_level_only_by_its_variance_is_not_level_by_the_mean(discovery):
