@@ -839,6 +839,13 @@ def compare(times: list[float], ref: list[float], bound: str = "") -> tuple[str,
     return p_text, f"{bound}{ratio:.2f}", f"{lo:.2f}-{hi:.2f}"
 
 
+def compare_arms(runs: list[dict], ref: list[dict], scales: dict[int, float] | None = None) -> tuple[str, str, str]:
+    """`compare` on two arms' censored times to the target (load-adjusted with `scales`), the
+    ratio marked as the bound it is (`ratio_bound`)."""
+    return compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales),
+                   ratio_bound(runs, ref))
+
+
 def ratio_bound(runs: list[dict], ref: list[dict]) -> str:
     """How a ratio of censored medians reads: '<=' when the reference's median is its cap (its
     true median is at least that, so the arm's advantage is at least what the ratio says), '>='
@@ -898,8 +905,7 @@ def report(results: list[dict], path: str, command: str) -> str:
     for label, runs in arms.items():
         ref_label = runs[0].get("reference", "random")
         ref = arms.get(ref_label) if ref_label != label else None
-        p, ratio, ci = compare(censored(runs, "cpu_to_target"), censored(ref, "cpu_to_target"),
-                               ratio_bound(runs, ref)) if ref else ("-", "-", "-")
+        p, ratio, ci = compare_arms(runs, ref) if ref else ("-", "-", "-")
         lr = logrank_p(runs, ref) if ref else "-"
         trained = sum(r["trained"] for r in runs)
         repeats = sum(r["repeats"] for r in runs)
@@ -945,8 +951,7 @@ def report(results: list[dict], path: str, command: str) -> str:
         versus = _versus_arms(label, runs, arms)
         for ref_label in versus:
             ref = arms[ref_label]
-            _, ratio, ci = compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales),
-                                   ratio_bound(runs, ref))
+            _, ratio, ci = compare_arms(runs, ref, scales)
             faster, slower, undecided, sign_p = paired_by_seed(runs, ref, scales)
             by_how_much = " | ".join(paired_ratio(runs, ref, scales))
             same, of = same_numerics(runs, ref)
