@@ -233,6 +233,12 @@ class StopRule:
         self.level: float | None = None
         self.references = 0
 
+    def replay(self, log: list[dict]) -> None:
+        """The rule's state after the trials a resumed run already logged (the reference level is
+        set by a baseline trained before the resume)."""
+        for e in log:
+            self.stop(e["kind"], e["layer"], e["values"], -math.inf)
+
     def stop(self, kind: str, layer: str | None, values: list[float] | None, cpu: float) -> bool:
         if cpu >= self.cpu_cap:
             return True
@@ -251,7 +257,8 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_tar
                    references_only: bool = False) -> None:
     """The run's one worker (a real `opsearch.engine.Worker`, in a child process): baselines
     first, then candidates until the CPU cap (or the target, with `stop_at_target`); every
-    finished trial is logged."""
+    finished trial is logged. With trials already in the log (a run extended to a larger cap), the
+    worker resumes the study and its CPU seconds count on from the last logged trial's."""
     import signal
 
     import torch
@@ -264,11 +271,14 @@ def _search_worker(config_dict: dict, log_path: str, cpu_cap: float, stop_at_tar
     setup = Setup.from_config(SearchConfig.from_dict(config_dict))
     run = setup.open_run()
     enqueue_baselines(run, setup)
+    logged = read_log(log_path) if os.path.exists(log_path) else []
+    offset = max((e["cpu_total"] for e in logged), default=0.0)
     log = open(log_path, "a", buffering=1)
     rule = StopRule(cpu_cap, at_target=stop_at_target, references_only=references_only)
+    rule.replay(logged)
 
     def on_result(record, outcome) -> None:
-        cpu = time.process_time() - cpu0
+        cpu = offset + time.process_time() - cpu0
         values = list(record.values) if record.values else None
         log.write(json.dumps({"t": time.time(), "cpu_total": round(cpu, 3), "number": record.number,
                               "kind": record.kind, "layer": record.user_attrs.get("layer"),
@@ -520,10 +530,12 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
         with open(done_path) as f:
             done = json.load(f)
     stop = bool(args.stop_at_target)
-    if done is not None and (done.get("config"), done.get("cpu_cap"), bool(done.get("stop_at_target"))) \
-            == (config, args.cpu_cap, stop):
+    same = done is not None and (done.get("config"), bool(done.get("stop_at_target"))) == (config, stop)
+    if same and done["cpu_cap"] == args.cpu_cap:
         wall = done["wall_s"]  # the search ended; the re-ranking (if any) resumes
         print(f"{name}: search done earlier, re-ranking", file=sys.stderr, flush=True)
+    elif same and done["cpu_cap"] < args.cpu_cap:
+        wall = extend_search(done, config, name, log_path, done_path, args.cpu_cap, stop)
     else:  # a search cut short (its CPU is unknown) or with other settings starts again
         _remove(base + ".db", log_path, done_path)
         print(f"{name}: searching ({args.cpu_cap:g} CPU s{', until the target' if stop else ''})",
@@ -531,6 +543,8 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
         wall = run_search(config, log_path, args.cpu_cap, stop)
         with open(done_path, "w") as f:
             json.dump({"wall_s": wall, "cpu_cap": args.cpu_cap, "stop_at_target": stop, "config": config}, f)
+    with open(done_path) as f:
+        extended_from = json.load(f).get("extended_from")
     log = read_log(log_path)
     metrics = run_metrics(log, args.cpu_cap)
     stopped = stop and metrics["cpu_to_target"] is not None
@@ -545,7 +559,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             rerank = rerank_run(url, name, args.rerank_seeds)
     return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
             "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
-            "stopped_at_target": stopped,
+            "stopped_at_target": stopped, "extended_from": extended_from,
             "filter_options": args.filter_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
@@ -553,6 +567,29 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
             **metrics, "rerank": rerank,
             "log": [{k: e[k] for k in ("number", "kind", "layer", "verdict", "cpu_total", "values",
                                         "formula")} for e in log]}
+
+
+def extend_search(done: dict, config: dict, name: str, log_path: str, done_path: str, cpu_cap: float,
+                  stop: bool) -> float:
+    """A search that ended at a smaller CPU cap, grown to `cpu_cap`; returns its wall seconds.
+    One that stopped at the target is already that seed's run under any larger cap (the same
+    trials up to the target). One stopped by its cap resumes its study where it ended: the
+    algorithms rebuild their state from the study and draw from (seed, feedback count), so the
+    resumed run proposes what an uninterrupted run would (tests/test_discovery_benchmark.py
+    checks it against a straight run), and its CPU seconds count on from the last logged trial's
+    (the restart's own setup is not counted, as a run's setup is not)."""
+    old_cap = done["cpu_cap"]
+    if stop and run_metrics(read_log(log_path), old_cap)["cpu_to_target"] is not None:
+        print(f"{name}: stopped at the target within {old_cap:g} CPU s: the same run under {cpu_cap:g}",
+              file=sys.stderr, flush=True)
+        wall = done["wall_s"]
+    else:
+        print(f"{name}: extending its search from {old_cap:g} to {cpu_cap:g} CPU s", file=sys.stderr, flush=True)
+        wall = done["wall_s"] + run_search(config, log_path, cpu_cap, stop)
+    with open(done_path, "w") as f:
+        json.dump({**done, "wall_s": wall, "cpu_cap": cpu_cap,
+                   "extended_from": [*done.get("extended_from", []), old_cap]}, f)
+    return wall
 
 
 def rerank_due(result: dict, args) -> bool:

@@ -221,6 +221,68 @@ def test_one_tiny_arm_end_to_end(tmp_path):
     assert "elsewhere.jsonl elsewhere: 0 of 1 recorded runs of seed 0" in check.stdout
 
 
+def _trials(log: list[dict]) -> list[tuple]:
+    return [(e["number"], e["kind"], e["verdict"], e["values"], e["formula"]) for e in log]
+
+
+@pytest.mark.slow
+def test_a_run_extended_to_a_larger_cap_proposes_what_a_straight_run_does(tmp_path):
+    """Growing a censored run's cap resumes its study: the trials are those of an uninterrupted
+    run with the larger cap, and its CPU counts on from where it ended."""
+    def run(cap, workdir, results):
+        cmd = [sys.executable, str(SCRIPT), "--quick", "--algorithms", "random", "--seeds", "0", "--no-rerank",
+               "--cpu-cap", str(cap), "--workdir", str(tmp_path / workdir), "--results", str(tmp_path / results)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / results).read_text().splitlines()[-1]), proc.stderr
+
+    short, _ = run(5, "grown", "short.jsonl")
+    grown, err = run(10, "grown", "grown.jsonl")
+    straight, _ = run(10, "straight", "straight.jsonl")
+    assert "extending its search from 5 to 10 CPU s" in err
+    assert grown["extended_from"] == [5.0] and straight["extended_from"] is None
+    assert grown["log"][:len(short["log"])] == short["log"]  # the first part is kept as it was
+    assert len(grown["log"]) > len(short["log"]) and grown["cpu_total"] >= 10.0
+    cpus = [e["cpu_total"] for e in grown["log"]]
+    assert cpus == sorted(cpus)  # counted on from the last logged trial, not from 0
+    n = min(len(grown["log"]), len(straight["log"]))
+    assert n > len(short["log"])
+    assert _trials(grown["log"][:n]) == _trials(straight["log"][:n])
+    assert [e["kind"] for e in grown["log"]].count("baseline") == 3  # references not trained again
+
+
+def test_a_run_stopped_at_the_target_is_the_same_run_under_a_larger_cap(discovery, tmp_path, monkeypatch):
+    log = log_of([(5.0, None), (10.0, 0.85), (20.0, 0.895)])
+    log_path, done_path = tmp_path / "r.jsonl", tmp_path / "r.search.json"
+    log_path.write_text("".join(json.dumps(e) + "\n" for e in log))
+    done = {"wall_s": 30.0, "cpu_cap": 25.0, "stop_at_target": True, "config": {}}
+
+    def no_search(*a, **k):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(discovery, "run_search", no_search)
+    assert discovery.extend_search(done, {}, "r", str(log_path), str(done_path), 50.0, True) == 30.0
+    assert json.loads(done_path.read_text())["cpu_cap"] == 50.0
+    assert json.loads(done_path.read_text())["extended_from"] == [25.0]
+    # stopped by its cap (never at the target): it searches on to the new cap
+    censored = log_of([(5.0, None), (10.0, 0.85), (26.0, 0.86)])
+    log_path.write_text("".join(json.dumps(e) + "\n" for e in censored))
+    calls = []
+    monkeypatch.setattr(discovery, "run_search", lambda *a, **k: calls.append(a) or 12.0)
+    assert discovery.extend_search(done, {}, "r", str(log_path), str(done_path), 50.0, True) == 42.0
+    assert len(calls) == 1 and calls[0][2] == 50.0
+
+
+def test_a_resumed_stop_rule_knows_the_level_its_baselines_set_before(discovery):
+    log = log_of([(5.0, None), (10.0, 0.85)])
+    rule = discovery.StopRule(100.0, at_target=True)
+    rule.replay(log)
+    assert not rule.stop("candidate", None, [0.85, 0.85], 12.0)
+    assert rule.stop("candidate", None, [0.895, 0.895], 13.0)  # within 0.01 of bn_relu's 0.90
+    fresh = discovery.StopRule(100.0, at_target=True)
+    assert not fresh.stop("candidate", None, [0.895, 0.895], 13.0)  # no level without the replay
+
+
 def _re_rankings(pgid: int) -> list[int]:
     """Live (not zombie) `opsearch rerank` processes of a process group, from /proc."""
     found = []
