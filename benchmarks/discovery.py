@@ -35,7 +35,12 @@ balanced arms. One JSON line per finished run is appended to `--results`; a run 
 skipped (a run cut short starts again from scratch; one whose search ended but whose re-ranking
 did not resumes at the re-ranking). A recorded run re-ranked with fewer seeds than `--rerank-seeds`
 asks is re-ranked again (its stage keeps the seeds it trained and adds the next ones) and recorded
-as a new line; the report reads the last line of each run.
+as a new line; the report reads the last line of each run. A run recorded under a smaller
+`--cpu-cap` (same settings otherwise, its study still in `--workdir`) grows to the new cap: a
+search stopped by its cap resumes its study and searches on (the same trials an uninterrupted run
+would have; CPU seconds count on from its last trial), one stopped at the target is that seed's
+run under any cap; the result (in a new `--results`: one file holds one cap per arm) says
+`extended_from`.
 
     python benchmarks/discovery.py --algorithms regularized_evolution,pareto_evolution,nsga2,random \
         --seeds 0-4 --known --cpu-cap 1800
@@ -536,6 +541,9 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
         print(f"{name}: search done earlier, re-ranking", file=sys.stderr, flush=True)
     elif same and done["cpu_cap"] < args.cpu_cap:
         wall = extend_search(done, config, name, log_path, done_path, args.cpu_cap, stop)
+    elif same:  # starting again would throw away the longer search
+        raise SystemExit(f"{base}.db holds {name} grown to {done['cpu_cap']:g} CPU s; give --cpu-cap "
+                         f"{args.cpu_cap:g} another --workdir")
     else:  # a search cut short (its CPU is unknown) or with other settings starts again
         _remove(base + ".db", log_path, done_path)
         print(f"{name}: searching ({args.cpu_cap:g} CPU s{', until the target' if stop else ''})",

@@ -273,6 +273,22 @@ def test_a_run_stopped_at_the_target_is_the_same_run_under_a_larger_cap(discover
     assert len(calls) == 1 and calls[0][2] == 50.0
 
 
+def test_a_run_grown_to_a_larger_cap_is_not_thrown_away_by_the_smaller_cap(discovery, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(workdir=str(tmp_path), budget=100, quick=True, filter_opts={}, stop_at_target=True,
+                              cpu_cap=10.0, no_rerank=True)
+    arm = discovery.Arm("random", "random")
+    base = tmp_path / "random-s0"
+    config = discovery.search_config(arm, 0, f"sqlite:///{base}.db", "random-s0", 100, True, {})
+    (tmp_path / "random-s0.search.json").write_text(json.dumps(
+        {"wall_s": 9.0, "cpu_cap": 20.0, "stop_at_target": True, "config": config, "extended_from": [10.0]}))
+    (tmp_path / "random-s0.db").write_text("the grown study")
+    with pytest.raises(SystemExit, match="grown to 20 CPU s"):
+        discovery.one_run(arm, 0, args, "cmd")
+    assert (tmp_path / "random-s0.db").read_text() == "the grown study"
+
+
 def test_a_resumed_stop_rule_knows_the_level_its_baselines_set_before(discovery):
     log = log_of([(5.0, None), (10.0, 0.85)])
     rule = discovery.StopRule(100.0, at_target=True)
