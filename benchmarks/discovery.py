@@ -716,17 +716,28 @@ def censored(runs: list[dict], key: str, scales: dict[int, float] | None = None)
     return [t if t is not None else cap for t, cap in (scaled(r, scales or {}, key) for r in runs)]
 
 
-def median_censored(runs: list[dict], key: str = "cpu_to_target") -> bool:
-    """Whether the median of the censored times is a cap, not a time reached: a censored run
-    counts as the cap, which is above every time reached, so the median is exact only when more
-    than half of the runs got there."""
-    return sum(r[key] is not None for r in runs) < len(runs) // 2 + 1
+def median_censored(runs: list[dict], key: str = "cpu_to_target",
+                    scales: dict[int, float] | None = None) -> bool:
+    """Whether the median of the censored times is only a lower bound, not a time reached. A run
+    that never got there counts as its cap and its true time is at least that, so the median of
+    the counted values never exceeds the true median; it equals it when the middle value(s) are
+    times reached and no run censored below them could have got there earlier (every censored
+    run's cap at or above them: always so with one cap, where this is "more than half got
+    there"; not so where a run was grown to a larger cap and another was not)."""
+    values = sorted((t if t is not None else cap, t is None)
+                    for t, cap in (scaled(r, scales or {}, key) for r in runs))
+    if not values:
+        return False
+    middle = [values[(len(values) - 1) // 2], values[len(values) // 2]]
+    if any(cut for _, cut in middle):
+        return True
+    return any(cut and v < middle[-1][0] for v, cut in values)
 
 
 def _median(runs: list[dict], key: str, scales: dict[int, float] | None = None) -> str:
     """Median of the censored times, marked '>' when it is censored (`median_censored`)."""
     med = statistics.median(censored(runs, key, scales))
-    return f">{med:.0f}" if median_censored(runs, key) else f"{med:.0f}"
+    return f">{med:.0f}" if median_censored(runs, key, scales) else f"{med:.0f}"
 
 
 def _versus(v: dict | None) -> str:
@@ -888,15 +899,15 @@ def compare_arms(runs: list[dict], ref: list[dict], scales: dict[int, float] | N
     """`compare` on two arms' censored times to the target (load-adjusted with `scales`), the
     ratio marked as the bound it is (`ratio_bound`)."""
     return compare(censored(runs, "cpu_to_target", scales), censored(ref, "cpu_to_target", scales),
-                   ratio_bound(runs, ref))
+                   ratio_bound(runs, ref, scales))
 
 
-def ratio_bound(runs: list[dict], ref: list[dict]) -> str:
+def ratio_bound(runs: list[dict], ref: list[dict], scales: dict[int, float] | None = None) -> str:
     """How a ratio of censored medians reads: '<=' when the reference's median is its cap (its
     true median is at least that, so the arm's advantage is at least what the ratio says), '>='
     when the arm's is, '-' (no ratio) when both are, '' when both medians are times reached."""
     return {(False, False): "", (False, True): "<=", (True, False): ">=", (True, True): "-"}[
-        (median_censored(runs), median_censored(ref))]
+        (median_censored(runs, scales=scales), median_censored(ref, scales=scales))]
 
 
 def _versus_arms(label: str, runs: list[dict], arms: dict[str, list[dict]]) -> list[str]:
@@ -932,7 +943,8 @@ def report(results: list[dict], path: str, command: str) -> str:
               "log-rank test (two-sided; censored runs right-censored at their cap) and the ratio of medians of the "
               "censored times to the target compare each arm with its reference (random; "
               "known_mutations for the arm with known layers); a ratio marked '<=' has a reference whose median "
-              "is its cap (more than half of its runs never got there): the reference's true median is at least "
+              "is its cap (more than half of its runs never got there; with runs grown to different caps, also a "
+              "median that a run censored below it could precede): the reference's true median is at least "
               "that, so the ratio is an upper bound and its interval describes that bound ('>=': the arm's "
               "median is its cap). Repeats: trained candidates whose "
               "values equal an earlier trained candidate's exactly; 'by chance': the count expected with "

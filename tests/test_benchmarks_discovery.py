@@ -136,8 +136,8 @@ def test_report_censors_at_the_cap_and_tests_each_arm_against_random(discovery):
 def test_a_ratio_of_medians_says_which_side_is_only_a_cap(discovery):
     """Random search's median at the cap means its true median is at least the cap, so the
     default's ratio against it is an upper bound; both medians at the cap give no ratio."""
-    def runs(times):
-        return [{"cpu_to_target": t} for t in times]
+    def runs(times, cap=100.0):
+        return [{"cpu_to_target": t, "cpu_cap": cap} for t in times]
 
     reached, mostly_not, half = runs([10.0, 20.0, 30.0]), runs([10.0, None, None]), runs([10.0, None])
     assert discovery.ratio_bound(reached, reached) == ""
@@ -146,6 +146,14 @@ def test_a_ratio_of_medians_says_which_side_is_only_a_cap(discovery):
     assert discovery.ratio_bound(mostly_not, half) == "-"  # half reached: the upper middle is the cap
     assert discovery.compare([10.0, 20.0], [100.0, 100.0], "-")[1:] == ("-", "-")
     assert discovery.compare([10.0, 20.0], [100.0, 100.0], "<=")[1] == "<=0.15"
+    # runs grown to a larger cap beside runs that were not: the median is a time only where no
+    # run censored below it could have got there earlier
+    grown = runs([100.0, 200.0, None], cap=400.0) + runs([300.0]) + runs([None], cap=150.0)
+    assert not discovery.median_censored(runs([100.0, 200.0, 300.0], 400.0) + runs([None], 400.0))
+    assert discovery.median_censored(grown)  # 200 is the middle value, but the run censored at 150 may precede it
+    assert discovery._median(grown, "cpu_to_target") == ">200"
+    assert not discovery.median_censored(grown[:-1] + runs([None], cap=350.0))  # every censored cap above 300
+    assert discovery._median(grown[:-1] + runs([None], cap=350.0), "cpu_to_target") == "300"
 
 
 def test_a_layer_level_only_by_its_variance_is_not_level_by_the_mean(discovery):
