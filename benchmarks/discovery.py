@@ -583,7 +583,7 @@ def extend_search(done: dict, config: dict, name: str, log_path: str, done_path:
     One that stopped at the target is already that seed's run under any larger cap (the same
     trials up to the target). One stopped by its cap resumes its study where it ended: the
     algorithms rebuild their state from the study and draw from (seed, feedback count), so the
-    resumed run proposes what an uninterrupted run would (tests/test_discovery_benchmark.py
+    resumed run proposes what an uninterrupted run would (tests/test_benchmarks_discovery.py
     checks it against a straight run), and its CPU seconds count on from the last logged trial's
     (the restart's own setup is not counted, as a run's setup is not)."""
     old_cap = done["cpu_cap"]
