@@ -1047,7 +1047,54 @@ def report(results: list[dict], path: str, command: str) -> str:
         shares, repeated, repeated_cpu = cpu_by_verdict([r.get("log") or [] for r in runs])
         lines.append(f"| {label} | " + " | ".join(_pct(shares.get(k)) for k in CPU_KINDS)
                      + f" | {_pct(repeated)} ({_pct(repeated_cpu)}) |")
+    lines += grown_runs_table(arms)
     return "\n".join(lines) + "\n"
+
+
+def growth_load(run: dict, gauge: str = "rejected:numerics") -> float | None:
+    """How much dearer CPU was in a grown run's first extension than before it: the median CPU
+    seconds of a numerics rejection (the cheapest, most uniform trial; a trial's CPU is the rise of
+    the cumulative `cpu_total` at its line) wholly inside the extension, over the same in the
+    second half of the run before it. The run's own load gauge was taken at its start and says
+    nothing of the extension's load; this one does, from the same log."""
+    caps = run.get("extended_from") or []
+    if not caps:
+        return None
+    first, upto = caps[0], (caps[1] if len(caps) > 1 else run["cpu_cap"])
+    before, after = [], []
+    previous = 0.0
+    for e in run.get("log") or []:
+        cpu, start, previous = e["cpu_total"] - previous, previous, e["cpu_total"]
+        if e["verdict"] == gauge and first / 2 < start and e["cpu_total"] <= first:
+            before.append(cpu)
+        elif e["verdict"] == gauge and first < start and e["cpu_total"] <= upto:  # not the resume's first trial
+            after.append(cpu)
+    if not before or not after:
+        return None
+    return statistics.median(after) / statistics.median(before)
+
+
+def grown_runs_table(runs_by_arm: dict[str, list[dict]]) -> list[str]:
+    """The report's section on runs grown to a larger cap that searched on (not those that had
+    stopped at the target): each one's extension load (`growth_load`) and, where it got there
+    after its first cap, its time read on its first part's load."""
+    grown = [r for runs in runs_by_arm.values() for r in runs if r.get("extended_from")
+             and (r["cpu_to_target"] is None or r["cpu_to_target"] > r["extended_from"][0])]  # searched on
+    if not grown:
+        return []
+    lines = ["", "## Runs grown to a larger cap", "",
+             "A run recorded under a smaller `--cpu-cap` and grown (its study resumed). 'extension load': the "
+             "median CPU s of a numerics rejection in its first extension over the same in the second half "
+             "before it (`growth_load`); 'on its first part's load': a time reached after the first cap with "
+             "the extension's CPU divided by that load.", "",
+             "| arm | seed | grown from (CPU s) | cap | extension load | CPU s to target | on its first part's load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in grown:
+        k, t, first = growth_load(r), r["cpu_to_target"], r["extended_from"][0]
+        on_first = (f"{first + (t - first) / k:.0f}" if k and t is not None and t > first else "-")
+        lines.append(f"| {r['arm']} | {r['seed']} | {', '.join(f'{c:g}' for c in r['extended_from'])} | "
+                     f"{r['cpu_cap']:g} | {_num(k, 2)} | {_fmt(t, r['cpu_cap'])} | {on_first} |")
+    return lines
 
 
 CPU_KINDS = ("baseline", "evaluated", "duplicate", "rejected:validity", "rejected:numerics",

@@ -297,6 +297,27 @@ def test_a_run_grown_to_a_larger_cap_is_not_thrown_away_by_the_smaller_cap(disco
     assert (tmp_path / "random-s0.db").read_text() == "the grown study"
 
 
+def test_a_grown_runs_extension_load_compares_its_cheapest_trials_across_the_resume(discovery):
+    """The extension's numerics rejections against those of the second half before it: the
+    resume's first trial (warm-up) and the first half are left out; the report reads a time
+    reached in the extension on the first part's load."""
+    def rejections(start, stop, each):
+        return [entry(0, "candidate", "rejected:numerics", round(start + i * each, 6))
+                for i in range(1, int(round((stop - start) / each)) + 1)]
+
+    log = (rejections(0.0, 50.0, 0.5) + rejections(50.0, 100.0, 1.0)  # first half dearer: not counted
+           + [entry(0, "candidate", "rejected:numerics", 109.0)]  # the resume's warm-up: not counted
+           + rejections(109.0, 111.0, 2.0) + [entry(0, "candidate", "evaluated", 150.0, [0.9, 0.9])])
+    run = {"arm": "random", "seed": 3, "extended_from": [100.0], "cpu_cap": 200.0, "cpu_to_target": 150.0,
+           "log": log}
+    assert discovery.growth_load(run) == pytest.approx(2.0)
+    assert discovery.growth_load({**run, "extended_from": None}) is None
+    [row] = [line for line in discovery.grown_runs_table({"random": [run]}) if line.startswith("| random |")]
+    assert row.split("|")[5:8] == [" 2.00 ", " 150 ", " 125 "]  # 100 + (150 - 100) / 2
+    stopped_before = {**run, "cpu_to_target": 80.0}  # reached the target before its first cap: not grown
+    assert discovery.grown_runs_table({"random": [stopped_before]}) == []
+
+
 def test_a_resumed_stop_rule_knows_the_level_its_baselines_set_before(discovery):
     log = log_of([(5.0, None), (10.0, 0.85)])
     rule = discovery.StopRule(100.0, at_target=True)
