@@ -1053,8 +1053,8 @@ def report(results: list[dict], path: str, command: str) -> str:
 
 def growth_load(run: dict, gauge: str = "rejected:numerics") -> float | None:
     """How much dearer CPU was in a grown run's first extension than before it: the median CPU
-    seconds of a numerics rejection (the cheapest, most uniform trial; a trial's CPU is the rise of
-    the cumulative `cpu_total` at its line) wholly inside the extension, over the same in the
+    seconds of a numerics rejection (the cheapest, most uniform trial; its CPU as `trial_cpu` reads
+    it) wholly inside the extension, over the same in the
     second half of the run before it. The run's own load gauge was taken at its start and says
     nothing of the extension's load; this one does, from the same log."""
     caps = run.get("extended_from") or []
@@ -1062,9 +1062,7 @@ def growth_load(run: dict, gauge: str = "rejected:numerics") -> float | None:
         return None
     first, upto = caps[0], (caps[1] if len(caps) > 1 else run["cpu_cap"])
     before, after = [], []
-    previous = 0.0
-    for e in run.get("log") or []:
-        cpu, start, previous = e["cpu_total"] - previous, previous, e["cpu_total"]
+    for e, start, cpu in trial_cpu(run.get("log") or []):
         if e["verdict"] == gauge and first / 2 < start and e["cpu_total"] <= first:
             before.append(cpu)
         elif e["verdict"] == gauge and first < start and e["cpu_total"] <= upto:  # not the resume's first trial
@@ -1101,6 +1099,17 @@ CPU_KINDS = ("baseline", "evaluated", "duplicate", "rejected:validity", "rejecte
              "rejected:equivalence", "rejected:stability", "rejected:quality", "failed")
 
 
+def trial_cpu(log: list[dict]) -> list[tuple[dict, float, float]]:
+    """Each trial of a run's log with the run's CPU seconds when it started and what it cost: the
+    rise of the cumulative `cpu_total` at its line (one worker: trials run one after another)."""
+    out, previous = [], 0.0
+    for e in sorted(log, key=lambda e: e.get("cpu_total") or 0.0):
+        now = e.get("cpu_total") or 0.0
+        out.append((e, previous, now - previous))
+        previous = now
+    return out
+
+
 def cpu_by_verdict(logs: list[list[dict]]) -> tuple[dict[str, float], float | None, float | None]:
     """Pooled CPU share per verdict kind (each trial's CPU = the rise of the run's cumulative
     `cpu_total` at its line), the share of proposals whose formula an earlier one of the same run
@@ -1108,10 +1117,8 @@ def cpu_by_verdict(logs: list[list[dict]]) -> tuple[dict[str, float], float | No
     spent: dict[str, float] = {}
     total = repeated = repeated_cpu = proposals = 0.0
     for log in logs:
-        previous, formulas = 0.0, set()
-        for e in sorted(log, key=lambda e: e.get("cpu_total") or 0.0):
-            cpu = max((e.get("cpu_total") or 0.0) - previous, 0.0)
-            previous = max(previous, e.get("cpu_total") or 0.0)
+        formulas = set()
+        for e, _, cpu in trial_cpu(log):
             verdict = str(e.get("verdict") or "")
             kind = ("baseline" if e.get("kind") == "baseline" else
                     ":".join(verdict.split(":")[:2]) if verdict.startswith("rejected") else verdict.split(":")[0])
