@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from torch import nn
@@ -138,19 +139,36 @@ def _load_plain(path: str | os.PathLike) -> PlainGraph:
 
 
 def resolve(name_or_graph: Any) -> PlainGraph:
-    """Plain graph of a known layer name, a graph JSON path, a LayerGraph or a plain graph."""
+    """Plain graph of a known layer name, a graph JSON path, a formula as tables print it
+    (``tanh(x) / std_b(x)``, `opsearch.formula_parser`), a LayerGraph or a plain graph."""
     if isinstance(name_or_graph, os.PathLike):
         return _load_plain(name_or_graph)
     if isinstance(name_or_graph, str):
-        if name_or_graph in registry.layers:
-            entry = registry.layers.get(name_or_graph)
+        text = name_or_graph
+        if text in registry.layers:
+            entry = registry.layers.get(text)
             if callable(entry) and not isinstance(entry, LayerGraph):
                 entry = entry()
             return _graph.as_plain(entry)
-        if name_or_graph.endswith(".json") or os.path.sep in name_or_graph or os.path.isfile(name_or_graph):
-            return _load_plain(name_or_graph)
-        registry.layers.get(name_or_graph)  # raises UserError with the known names
+        if text.endswith(".json") or os.path.isfile(text):
+            return _load_plain(text)
+        return _formula_or_error(text)
     return _graph.as_plain(name_or_graph)
+
+
+def _formula_or_error(text: str) -> PlainGraph:
+    """A string that names no layer and no file: its formula's graph, or the error that says what
+    the user most likely meant (a layer name, a file, a formula)."""
+    from opsearch.formula_parser import FormulaError, parse_formula_plain
+
+    try:
+        return parse_formula_plain(text)
+    except FormulaError as e:
+        if re.fullmatch(r"[A-Za-z_][\w.-]*", text.strip()):
+            registry.layers.get(text)  # a name: UserError with the known names
+        if os.path.sep in text and "(" not in text:
+            return _load_plain(text)  # a path: "graph file not found"
+        raise UserError(f"not a known layer, a graph file or a layer formula: {e}") from None
 
 
 def get_graph(name_or_graph: Any) -> LayerGraph:

@@ -21,6 +21,7 @@ def test_json_output_has_accuracy_per_architecture(capsys):
     assert all(0.0 <= v <= 1.0 for v in out["accuracies"].values())
     assert out["per_arch"]["resnet"]["steps"] == 4 and out["per_arch"]["resnet"]["diverged"] is False
     assert out["layer"] == "bn_relu" and out["config"]["steps"] == 4
+    assert out["formula"] == graph.formula(layers.resolve("bn_relu"))
     assert "resnet" in captured.err  # progress for a person goes to stderr
 
 
@@ -33,8 +34,26 @@ def test_graph_file_as_layer(tmp_path, capsys):
     assert set(json.loads(captured.out)["accuracies"]) == {"resnet"} and captured.err == ""
 
 
+@pytest.mark.slow
+def test_a_formula_as_layer(tmp_path, capsys):
+    """What a table printed can be trained as it reads: the JSON says how it was read, and it
+    trains as its graph file does."""
+    b = graph.GraphBuilder()
+    b.div(b.x, b.rms_b(b.x))
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps(graph.to_dict(b.plain())))
+    outs = []
+    for layer in ("x/rms_b( x )", str(path)):
+        assert main(["evaluate", layer, *TINY, "--archs", "resnet", "--json", "--quiet"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["layer"] == "x/rms_b( x )" and outs[0]["formula"] == outs[1]["formula"] == "x / rms_b(x)"
+    assert outs[0]["per_arch"]["resnet"]["steps"] == 4 and outs[0]["accuracies"] == outs[1]["accuracies"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "bn_rleu"], "known: .*bn_relu"),
+    (["evaluate", "x / (x + "], "not a known layer, a graph file or a layer formula: .*column"),
+    (["evaluate", "v0 * v1"], "output does not depend on x"),
     (["evaluate", "bn_relu", "--archs", "resnet,vgg"], "known: .*mobilenetv2"),
     (["evaluate", "bn_relu", "--dataset", "mnist"], "known: .*digits"),
     (["evaluate", "bn_relu", "--devices", "two"], "--devices"),

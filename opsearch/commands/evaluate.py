@@ -1,4 +1,4 @@
-"""`opsearch evaluate LAYER`: train a known layer or a graph file on the proxy architectures.
+"""`opsearch evaluate LAYER`: train a known layer, a graph file or a formula on the proxy architectures.
 
 A person sees one line per architecture on stderr as it finishes; ``--json`` prints one JSON
 object on stdout (accuracy per architecture, details, the evaluation config) for scripts.
@@ -100,12 +100,12 @@ def run(args) -> int:
     load_plugins(args)
     plugin = registry.evaluators.get(args.evaluator)  # unknown: one line with the known ones
     layer = args.layer
-    if not os.path.exists(layer) and layer not in registry.layers:
-        registry.layers.get(layer)  # unknown name: UserError listing the known layers
-    if os.path.exists(layer):
-        from opsearch import layers
+    from opsearch import graph, layers
 
-        layers.load(layer)  # a malformed graph file: one line now, before any output
+    # An unknown name (the known ones listed), a malformed graph file, a text that is no formula,
+    # or a graph whose output ignores x: one line now, before any output.
+    plain = layers.resolve(layer)
+    graph.validate(plain)
     if args.evaluator != "lightning":
         return run_plugin(args, plugin)
     config = build_eval_config(args)
@@ -136,6 +136,7 @@ def run(args) -> int:
     if args.json and rank0:
         out = result.to_dict()
         out["layer"] = layer
+        out["formula"] = graph.formula(plain)  # how the layer was read (a formula: as tables print it)
         out["config"] = config.to_dict()
         print(json.dumps(out))
     return 0
@@ -162,7 +163,10 @@ def run_plugin(args, plugin) -> int:
                           evaluator_plugin=args.evaluator, evaluator=table)
     config = make_eval_config(search)  # unknown or bad options: one line
     plugin.check(config)
-    layer = graph.as_plain(layers.load(args.layer)) if os.path.exists(args.layer) else args.layer
+    from opsearch import registry
+
+    # a known layer goes by name (as the search hands baselines over); a file or a formula as its graph
+    layer = args.layer if args.layer in registry.layers else layers.resolve(args.layer)
     result = plugin(config).evaluate(layer)
     accuracies = {arch: float(result.accuracies[arch]) for arch in archs}
     mean = sum(accuracies.values()) / len(accuracies)

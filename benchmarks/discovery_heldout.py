@@ -1,0 +1,387 @@
+"""Held-out verdicts on what each discovery run found (issue 17, "Done when", clause 1).
+
+`benchmarks/discovery.py` times the runs to the target on the search's own one-seed score; this
+asks the question the issue's first clause asks: is the layer a run found within its first
+`--horizon` CPU seconds (30 CPU-minutes) level with BN-ReLU on held-out data, and does the default
+algorithm get there in more seeds than random search?
+
+It needs only the recorded result lines (their per-trial logs hold each candidate's formula and
+score), not the runs' studies: each run's layer is read back from its formula
+(`opsearch.formula_parser`), so results recorded on another machine, or whose studies are gone,
+can be judged.
+
+- The layers of a run: as the re-ranking stage takes them, its `--top` (5) best search scores
+  among the candidates trained within the horizon (one per function; the earliest among equals);
+  its answer is the one of them with the best held-out mean (the stage's pick: chosen on the same
+  seeds it is then tested on, as the stage does). `--top 1` judges the search's own pick instead.
+  A run stopped at the target before the horizon is judged on what it had trained by then (it
+  could only have improved: this errs against the faster arm).
+- The held-out task is the re-ranking stage's (`opsearch rerank` on a run of the benchmark's
+  settings: the held-out split of digits, the stage's seeds 1,000,000, 1,000,001, ...). Every
+  run's stage would train the same task with the same seeds, so each distinct layer (canonical
+  hash) and each reference is trained once per seed and shared by the runs that found it.
+- Per run: its answer's paired t-test against bn_relu over the seeds (the seed is the unit, the
+  architectures are blocks: each seed's mean over them), its 95% interval, Holm-corrected within
+  the arm; "level" = not worse after correction; "shown level" = the interval's lower end above
+  -0.01 (non-inferiority at the issue's margin), the claim that does not rest on low power.
+- Per arm: how many runs are level / shown level; the arms against each other with Fisher's exact
+  test on those counts and Mann-Whitney on the runs' differences to bn_relu (the run as the unit).
+
+Work goes seed-major (every layer at the first seed, then the second, ...), one JSON line per
+(layer, seed) appended to `--out`; a rerun skips what is there, so a stopped job loses at most
+one training and `--seeds` can grow later. `--lane K/N` runs every N-th item (parallel processes
+appending to the same file).
+
+    python benchmarks/discovery_heldout.py --results benchmarks/discovery_round19_cap2100_results.jsonl.gz,benchmarks/discovery_round19_grown_results.jsonl.gz --seeds 8
+    python benchmarks/discovery_heldout.py --results ... --report [--top 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable
+
+from opsearch.config import RERANK_DEFAULTS
+
+import discovery  # benchmarks/ is on the path of a script run from it: the runs' settings and files
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+DEFAULT_OUT = os.path.join(HERE, "discovery_heldout_results.jsonl")
+HORIZON = 1800.0  # the issue's 30 CPU-minutes per run
+MARGIN = discovery.TARGET_MARGIN
+TARGET = discovery.TARGET_LAYER
+
+
+# --------------------------------------------------------------------------------------------
+# What to train
+
+
+def run_layers(result: dict, horizon: float, top: int) -> list[dict]:
+    """The layers a run's re-ranking stage would take at `horizon` CPU seconds: its `top` best
+    search scores among the candidates trained by then (the earliest among equals; duplicates
+    stand for the trial they equal, so each function once), best first."""
+    ranked = []
+    for e in result["log"]:
+        if e["kind"] != "candidate" or e.get("verdict") != "evaluated" or not e.get("values") \
+                or e["cpu_total"] > horizon:
+            continue
+        score = sum(e["values"]) / len(e["values"])  # the search score: mean over the architectures
+        ranked.append((-score, e["cpu_total"], e["number"], e))
+    out, keys = [], set()
+    for minus_score, _, _, e in sorted(ranked, key=lambda t: t[:3]):
+        key = layer_key(e["formula"])
+        if key in keys:
+            continue
+        keys.add(key)
+        out.append({"number": e["number"], "score": -minus_score, "formula": e["formula"],
+                    "cpu_total": e["cpu_total"], "key": key, "rank": len(out) + 1})
+        if len(out) == top:
+            break
+    return out
+
+
+def run_layer(result: dict, horizon: float) -> dict | None:
+    """The layer a run answers with at `horizon` by its own one-seed score; None if it trained none."""
+    layers = run_layers(result, horizon, 1)
+    return layers[0] if layers else None
+
+
+def layer_key(formula: str) -> str:
+    """A layer's identity across runs: the canonical hash of the graph its formula reads back as."""
+    from opsearch.formula_parser import parse_formula_plain
+    from opsearch.graph import canonical_hash
+
+    return canonical_hash(parse_formula_plain(formula))
+
+
+def heldout_task() -> tuple[dict, Any, str]:
+    """The re-ranking stage's held-out task of a benchmark run (its evaluator config as stored,
+    the machine's evaluator config, the plugin name)."""
+    from opsearch.config import SearchConfig
+    from opsearch.evaluation import make_eval_config
+    from opsearch.rerank import RerankTask
+
+    arm = discovery.Arm(label="x", algorithm="random", options={}, known=False)
+    values = discovery.search_config(arm, 0, "sqlite:///:memory:", "heldout", 1, quick=False)
+    values["rerank"] = {"enabled": True}
+    config = SearchConfig.from_dict(values)
+    task = RerankTask.from_config(config)
+    return task.task, make_eval_config(config), task.evaluator_plugin
+
+
+def work_items(layers: dict[str, str], seeds: list[int]) -> list[tuple[int, str, str]]:
+    """(seed, key, layer) in seed-major order; references first within a seed."""
+    names = list(discovery.REFERENCES) + sorted(k for k in layers if k not in discovery.REFERENCES)
+    return [(seed, key, layers.get(key, key)) for seed in seeds for key in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def read_lines(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut short: that item is trained again
+                continue
+    return out
+
+
+def append_line(path: str, record: dict) -> None:
+    """One write on an O_APPEND descriptor: lanes appending to one file do not interleave."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def heldout_evaluate() -> Callable[[int, str, str], dict]:
+    """(seed, key, layer) -> the held-out accuracy per architecture, on the re-ranking stage's task
+    with that seed (one evaluator per seed, kept while the seed lasts: building one loads data)."""
+    import torch
+
+    from opsearch.formula_parser import parse_formula
+    from opsearch.rejection import FilterContext
+    from opsearch.rerank import task_eval_config
+
+    torch.set_num_threads(1)
+    task, machine, plugin = heldout_task()
+    evaluators: dict[int, Any] = {}
+
+    def evaluate(seed: int, key: str, layer: str) -> dict:
+        if seed not in evaluators:
+            evaluators.clear()
+            config = task_eval_config(task, seed, machine, plugin)
+            evaluators[seed] = FilterContext(eval_config=config, evaluator_plugin=plugin).get_evaluator()
+        per_arch = evaluators[seed].evaluate(layer if key == layer else parse_formula(layer)).to_dict()["per_arch"]
+        return {"acc": {a: r["accuracy"] for a, r in per_arch.items()},
+                "diverged": [a for a, r in per_arch.items() if r["diverged"]]}
+
+    return evaluate
+
+
+def train(items: list[tuple[int, str, str]], out: str, lane: tuple[int, int],
+          evaluate: Callable[[int, str, str], dict] | None = None, progress=print) -> int:
+    """Train the items of this lane that `out` does not hold yet, in order; returns how many it
+    trained. `evaluate` (default `heldout_evaluate()`) gives one item's accuracies."""
+    k, n = lane
+    todo = [it for i, it in enumerate(items) if i % n == k]
+    evaluate = evaluate or heldout_evaluate()
+    trained = 0
+    for seed, key, layer in todo:
+        if (seed, key) in {(r["seed"], r["key"]) for r in read_lines(out)}:
+            continue  # done before, or by another lane (a rerun with another --lane split)
+        start = time.process_time()
+        record = {"seed": seed, "key": key, "layer": layer, **evaluate(seed, key, layer),
+                  "cpu_s": round(time.process_time() - start, 2)}
+        append_line(out, record)
+        trained += 1
+        progress(f"seed {seed} {layer[:60]}: {sum(record['acc'].values()) / len(record['acc']):.4f} "
+                 f"({record['cpu_s']} CPU s)")
+    return trained
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and the report
+
+
+def scores_by_key(lines: list[dict]) -> dict[str, dict[int, float]]:
+    """Each layer's held-out score per seed: its mean accuracy over the architectures (the first
+    line of a (layer, seed) counts)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in lines:
+        per = out.setdefault(r["key"], {})
+        if r["seed"] not in per:
+            per[r["seed"]] = sum(r["acc"].values()) / len(r["acc"])
+    return out
+
+
+def judge(run_scores: dict[int, float], ref_scores: dict[int, float]) -> dict:
+    """The run's layer against the reference, paired over the seeds both have."""
+    from opsearch.rerank_stats import paired_test
+
+    seeds = sorted(set(run_scores) & set(ref_scores))
+    test = paired_test([run_scores[s] for s in seeds], [ref_scores[s] for s in seeds])
+    test["seeds"] = len(seeds)
+    test["shown_level"] = test["low"] is not None and test["low"] > -MARGIN
+    return test
+
+
+def reranked_best(layers: list[dict], scores: dict[str, dict[int, float]]) -> dict | None:
+    """The stage's pick among a run's layers: the best held-out mean over the seeds (the search's
+    order among equals); only layers trained on every seed the reference has count."""
+    ref_seeds = set(scores.get(TARGET, {}))
+    trained = [lay for lay in layers if lay["key"] in scores and ref_seeds <= set(scores[lay["key"]])]
+    if not trained:
+        return None
+    return max(trained, key=lambda lay: (sum(scores[lay["key"]][s] for s in ref_seeds) / max(len(ref_seeds), 1),
+                                         -lay["rank"]))
+
+
+def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon: float,
+                 top: int = 1) -> list[dict]:
+    """One row per run: the held-out best of its `top` layers and that layer's verdict against
+    bn_relu, Holm-corrected within the arm."""
+    from opsearch.rerank_stats import holm
+
+    rows = []
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        layers = run_layers(r, horizon, top)
+        layer = reranked_best(layers, scores) if top > 1 else (layers[0] if layers else None)
+        row = {"seed": r["seed"], "layer": layer, "of": len(layers), "key": layer["key"] if layer else None}
+        if layer and row["key"] in scores:
+            row["vs"] = judge(scores[row["key"]], scores[TARGET])
+        rows.append(row)
+    tested = [row for row in rows if row.get("vs") and row["vs"]["p"] is not None]
+    for row, p in zip(tested, holm([row["vs"]["p"] for row in tested])):
+        row["vs"]["p_holm"] = p
+    for row in rows:
+        v = row.get("vs")
+        row["level"] = (bool(v) and v["p"] is not None  # one seed gives no test: not level
+                        and not (v["p_holm"] < 0.05 and v["diff"] < 0))
+        row["shown_level"] = bool(v) and v["shown_level"]
+    return rows
+
+
+def compare_counts(a: list[dict], b: list[dict], field: str) -> float:
+    """Fisher's exact test (two-sided) on how many runs of each arm have `field`."""
+    from scipy.stats import fisher_exact
+
+    ka, kb = sum(r[field] for r in a), sum(r[field] for r in b)
+    return float(fisher_exact([[ka, len(a) - ka], [kb, len(b) - kb]]).pvalue)
+
+
+def compare_diffs(a: list[dict], b: list[dict]) -> float | None:
+    """Mann-Whitney (two-sided) on the runs' held-out differences to bn_relu (a run without a
+    trained layer counts as the lowest)."""
+    from scipy.stats import mannwhitneyu
+
+    def diffs(rows):
+        return [r["vs"]["diff"] if r.get("vs") else -1.0 for r in rows]
+
+    if not a or not b:
+        return None
+    return float(mannwhitneyu(diffs(a), diffs(b), alternative="two-sided").pvalue)
+
+
+def difference(v: dict) -> str:
+    """A paired difference with its interval, or why it has none."""
+    if v["low"] is None:
+        return f"{v['diff']:+.4f} (no test: {v['word']})"
+    return f"{v['diff']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+
+
+def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str) -> str:
+    import numpy as np
+
+    scores = scores_by_key(lines)
+    arms: dict[str, list[dict]] = {}
+    for r in discovery.latest_per_run(results):
+        arms.setdefault(r["arm"], []).append(r)
+    ref = scores.get(TARGET, {})
+    pick = ("its search's best (top 1)" if top == 1 else
+            f"the best held out of its top {top} by search score (the re-ranking stage's rule)")
+    out = [f"# Held-out verdicts on each run's layer at {horizon:g} CPU s: {pick}", "",
+           f"`{command}`", "",
+           f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
+           "bn_relu: not trained yet", ""]
+    for name in discovery.REFERENCES[1:]:
+        if name in scores and ref:
+            v = judge(scores[name], ref)
+            out.append(f"{name} against bn_relu: {difference(v)}"
+                       + (f", p {v['p']:.3g}" if v["p"] is not None else "") + f", {v['seeds']} seeds")
+    rows_by_arm = {arm: arm_verdicts(runs, scores, horizon, top) for arm, runs in arms.items()}
+    for arm, rows in rows_by_arm.items():
+        out += ["", f"## {arm}", "",
+                "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | shown level |",
+                "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            layer, v = row["layer"], row.get("vs")
+            what = (f"`{layer['formula'][:70]}` ({layer['score']:.4f}, {layer['cpu_total']:.0f}"
+                    + (f", #{layer['rank']} of {row['of']}" if top > 1 else "") + ")"
+                    if layer else "none trained")
+            if v and v["p"] is not None:
+                verdict = f"{difference(v)} | {v['p']:.3g} ({v['p_holm']:.3g}) | {v['seeds']}"
+            elif v and v["diff"] is not None:
+                verdict = f"{difference(v)} | | {v['seeds']}"
+            else:
+                verdict = "not trained yet | | "
+            out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
+                       f"| {'yes' if row['shown_level'] else 'no'} |")
+        judged = [r for r in rows if r.get("vs")]
+        out += ["", f"{arm}: level {sum(r['level'] for r in rows)}/{len(rows)}, shown level (lower end "
+                    f"> -{MARGIN}) {sum(r['shown_level'] for r in rows)}/{len(rows)}; median difference "
+                    f"{np.median([r['vs']['diff'] for r in judged]):+.4f}" if judged else f"{arm}: nothing judged yet"]
+    names = list(rows_by_arm)
+    if len(names) >= 2:
+        out += ["", "## Arms against each other (the run as the unit)", ""]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ra, rb = rows_by_arm[a], rows_by_arm[b]
+                p_mw = compare_diffs(ra, rb)
+                out.append(f"- {a} against {b}: level {sum(r['level'] for r in ra)}/{len(ra)} vs "
+                           f"{sum(r['level'] for r in rb)}/{len(rb)} (Fisher p {compare_counts(ra, rb, 'level'):.3g}); "
+                           f"shown level {sum(r['shown_level'] for r in ra)}/{len(ra)} vs "
+                           f"{sum(r['shown_level'] for r in rb)}/{len(rb)} (Fisher p "
+                           f"{compare_counts(ra, rb, 'shown_level'):.3g}); differences to bn_relu, "
+                           f"Mann-Whitney p {p_mw:.3g}" if p_mw is not None else "")
+    cpu = [r["cpu_s"] for r in lines]
+    if cpu:
+        out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/discovery_heldout.py " + shlex.join(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", required=True, help="discovery result files, comma-separated "
+                   "(the last line of each run counts, as in discovery.py's report)")
+    p.add_argument("--arms", default="regularized_evolution,random", help="comma-separated arm labels")
+    p.add_argument("--seeds", type=int, default=8, help="held-out seeds per layer")
+    p.add_argument("--top", type=int, default=RERANK_DEFAULTS["top_k"],
+                   help="layers per run, as the re-ranking stage's top_k (default 5): the run's answer is "
+                        "the best of them held out; 1 judges the search's own pick")
+    p.add_argument("--horizon", type=float, default=HORIZON, help="CPU seconds of the run (default 1800)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON lines, one per (layer, seed); appended")
+    p.add_argument("--lane", default="0/1", help="K/N: train every N-th item from the K-th")
+    p.add_argument("--report", action="store_true", help="only print the tables")
+    args = p.parse_args(argv)
+    arms = set(args.arms.split(","))
+    results = [r for path in args.results.split(",") for r in discovery.read_results(path)
+               if r["arm"] in arms]
+    if not results:
+        print(f"error: no run of the arms {sorted(arms)} in {args.results}", file=sys.stderr)
+        return 2
+    if args.report:
+        sys.stdout.write(report(results, read_lines(args.out), args.horizon, args.top, command))
+        return 0
+    layers: dict[str, str] = {}
+    for r in discovery.latest_per_run(results):
+        for layer in run_layers(r, args.horizon, args.top):
+            layers.setdefault(layer["key"], layer["formula"])
+    from opsearch.rerank import stage_seeds
+
+    seeds = stage_seeds(heldout_task()[0], args.seeds)
+    k, n = (int(v) for v in args.lane.split("/"))
+    items = work_items(layers, seeds)
+    print(f"{len(layers)} distinct layers + {len(discovery.REFERENCES)} references x {len(seeds)} seeds; "
+          f"lane {k}/{n}", flush=True)
+    train(items, args.out, (k, n), progress=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

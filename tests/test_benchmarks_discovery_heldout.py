@@ -1,0 +1,163 @@
+"""benchmarks/discovery_heldout.py: which layer a run answers with, the verdicts against bn_relu
+(the seed as the unit, Holm within an arm), resumable training, and one real item end to end."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from benchmark_modules import BENCHMARKS, benchmark_module
+
+SCRIPT = BENCHMARKS / "discovery_heldout.py"
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    with benchmark_module("discovery_heldout") as module:
+        yield module
+
+
+def cand(number, cpu, values, formula):
+    return {"number": number, "kind": "candidate", "layer": None, "cpu_total": cpu,
+            "verdict": "evaluated" if values else "rejected:numerics", "values": values, "formula": formula}
+
+
+def run(arm, seed, log):
+    return {"run": f"{arm}-s{seed}", "arm": arm, "seed": seed, "log": log}
+
+
+def test_a_run_answers_with_its_best_search_score_by_the_horizon(heldout):
+    log = [{"number": 0, "kind": "baseline", "layer": "bn_relu", "cpu_total": 5.0, "verdict": "evaluated",
+            "values": [0.99, 0.99], "formula": "bn"},
+           cand(1, 10.0, None, "sqrt(x)"),
+           cand(2, 20.0, [0.90, 0.92], "tanh(x)"),
+           cand(3, 30.0, [0.95, 0.93], "x / rms_b(x)"),
+           cand(4, 40.0, [0.94, 0.94], "x / rms_i(x)"),  # the same score, later: not chosen
+           cand(5, 99.0, [0.99, 0.99], "x / rms_g(x)")]  # after the horizon
+    layer = heldout.run_layer(run("random", 0, log), horizon=50.0)
+    assert layer["formula"] == "x / rms_b(x)" and layer["number"] == 3 and layer["cpu_total"] == 30.0
+    assert heldout.run_layer(run("random", 0, log), horizon=100.0)["formula"] == "x / rms_g(x)"
+    assert heldout.run_layer(run("random", 0, log), horizon=25.0)["formula"] == "tanh(x)"
+    assert heldout.run_layer(run("random", 0, log[:2]), horizon=100.0) is None  # nothing trained
+
+
+def test_runs_that_found_the_same_function_share_its_trainings(heldout):
+    assert heldout.layer_key("x / rms_b(x)") == heldout.layer_key("x/rms_b(x)")
+    assert heldout.layer_key("(x + v1) * v0") == heldout.layer_key("v0 * (v1 + x)")  # commutative
+    assert heldout.layer_key("x / rms_b(x)") != heldout.layer_key("x / rms_i(x)")
+
+
+def scores(values_by_seed):
+    return {1000 + i: v for i, v in enumerate(values_by_seed)}
+
+
+def test_verdicts_are_paired_over_seeds_and_holm_corrected_within_an_arm(heldout):
+    bn = [0.970, 0.975, 0.980, 0.972, 0.978, 0.974, 0.976, 0.971]
+    table = {"bn_relu": scores(bn),
+             "worse": scores([v - 0.030 + 0.002 * (i % 3) for i, v in enumerate(bn)]),
+             "level": scores([v + (0.004 if i % 2 else -0.004) for i, v in enumerate(bn)]),
+             "noisy": scores([v + (0.05 if i % 2 else -0.06) for i, v in enumerate(bn)]),
+             "slightly": scores([v - 0.006 + 0.001 * (i % 2) for i, v in enumerate(bn)])}
+    formulas = {"worse": "tanh(x)", "level": "x / rms_b(x)", "noisy": "x / rms_i(x)", "slightly": "x / rms_g(x)"}
+    keys = {name: heldout.layer_key(f) for name, f in formulas.items()}
+    table = {keys.get(k, k): v for k, v in table.items()}
+    runs = [run("a", i, [cand(1, 10.0, [0.9], formulas[name])]) for i, name in enumerate(formulas)]
+    runs.append(run("a", 9, []))  # trained nothing
+    rows = {r["seed"]: r for r in heldout.arm_verdicts(runs, table, horizon=1800.0)}
+    worse, level, noisy, slightly, nothing = rows[0], rows[1], rows[2], rows[3], rows[9]
+    assert worse["vs"]["diff"] == pytest.approx(-0.028, abs=1e-3) and worse["vs"]["seeds"] == 8
+    assert not worse["level"] and not worse["shown_level"]
+    assert level["level"] and level["shown_level"]  # its interval lies within the margin
+    assert noisy["level"] and not noisy["shown_level"]  # not distinguishable only for want of power
+    # worse by a hair on every seed: p tiny, so not level; its interval is inside the margin
+    assert not slightly["level"] and slightly["shown_level"]
+    assert all(r["vs"]["p_holm"] >= r["vs"]["p"] for r in (worse, level, noisy, slightly))
+    assert not nothing["level"] and not nothing["shown_level"] and "vs" not in nothing
+
+
+def test_holm_can_turn_a_nominal_loss_into_not_distinguishable(heldout):
+    bn = [0.970, 0.975, 0.980, 0.972]
+    marginal = [v - d for v, d in zip(bn, (0.003, 0.010, 0.005, 0.008))]  # p about 0.025 alone
+    table = {"bn_relu": scores(bn)}
+    runs = []
+    for i in range(4):
+        f = ["x / rms_b(x)", "x / rms_i(x)", "x / rms_g(x)", "x / rms_l(x)"][i]
+        table[heldout.layer_key(f)] = scores(marginal if i == 0 else bn)
+        runs.append(run("a", i, [cand(1, 1.0, [0.9], f)]))
+    rows = heldout.arm_verdicts(runs, table, horizon=10.0)
+    assert rows[0]["vs"]["p"] < 0.05 and rows[0]["vs"]["p_holm"] >= 0.05 and rows[0]["level"]
+
+
+def test_training_is_seed_major_resumable_and_split_into_lanes(heldout, tmp_path):
+    out = str(tmp_path / "h.jsonl")
+    items = heldout.work_items({"k1": "x / rms_b(x)", "k2": "tanh(x)"}, [7, 8])
+    assert [(s, k) for s, k, _ in items][:5] == [(7, "bn_relu"), (7, "evonorm_b0"), (7, "evonorm_s0"),
+                                                 (7, "k1"), (7, "k2")]
+    calls, stop_at = [], [3]
+
+    class Stopped(Exception):
+        pass
+
+    def evaluate(seed, key, layer):
+        calls.append((seed, key))
+        if len(calls) == stop_at[0]:
+            stop_at[0] = None
+            raise Stopped  # stopped mid-way: what finished is kept
+        return {"acc": {"resnet": 0.5 + seed / 100}, "diverged": []}
+
+    with pytest.raises(Stopped):
+        heldout.train(items, out, (0, 2), evaluate=evaluate, progress=lambda s: None)
+    assert len(heldout.read_lines(out)) == 2
+    calls.clear()
+    assert heldout.train(items, out, (0, 2), evaluate=evaluate, progress=lambda s: None) == 3
+    assert calls[0] == items[4][:2]  # resumed where it stopped: lane 0 holds items 0, 2, 4, 6, 8
+    assert len(calls) == 3
+    assert heldout.train(items, out, (1, 2), evaluate=evaluate, progress=lambda s: None) == 5
+    assert heldout.train(items, out, (0, 1), evaluate=evaluate, progress=lambda s: None) == 0
+    lines = heldout.read_lines(out)
+    assert sorted((r["seed"], r["key"]) for r in lines) == sorted((s, k) for s, k, _ in items)
+    with open(out, "a") as f:
+        f.write('{"seed": 7, "key": "cut sh')  # a line cut short by a crash is skipped, not fatal
+    assert len(heldout.read_lines(out)) == len(items)
+
+
+@pytest.mark.slow
+def test_one_run_trained_on_the_held_out_task_and_reported(heldout, tmp_path, capsys):
+    """The real path: a result file's run, its formula read back and trained with the re-ranking
+    stage's task and seeds, beside the references; the report judges it against bn_relu."""
+    log = [cand(1, 10.0, [0.97, 0.96, 0.98], "x / rms_b(x)")]
+    results = tmp_path / "r.jsonl.gz"
+    with gzip.open(results, "wt") as f:
+        f.write(json.dumps(run("random", 3, log)) + "\n")
+    out = tmp_path / "h.jsonl"
+    assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out)]) == 0
+    lines = heldout.read_lines(str(out))
+    assert {r["key"] for r in lines} == {"bn_relu", "evonorm_b0", "evonorm_s0", heldout.layer_key("x / rms_b(x)")}
+    assert {r["seed"] for r in lines} == {1_000_000}  # the stage's first seed, not the search's
+    assert all(set(r["acc"]) == {"resnet", "mobilenetv2", "efficientnet"} for r in lines)
+    assert all(0.5 < sum(r["acc"].values()) / 3 <= 1.0 for r in lines)  # trained, not chance
+    capsys.readouterr()
+    assert heldout.main(["--results", str(results), "--arms", "random", "--out", str(out), "--report"]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("| 3 | `x / rms_b(x)`"))
+    assert "(no test: too few seeds) | | 1 | no | no |" in row  # one seed: a difference, no verdict
+
+
+def test_a_runs_top_layers_are_distinct_functions_and_the_held_out_best_answers(heldout):
+    log = [cand(1, 10.0, [0.95], "x / rms_b(x)"),
+           cand(2, 11.0, [0.97], "tanh(x) / std_b(x)"),
+           cand(3, 12.0, [0.96], "x/rms_b(x)"),  # the same function as trial 1, scored higher
+           cand(4, 13.0, [0.94], "x / rms_i(x)"),
+           {**cand(5, 14.0, [0.99], "x / rms_g(x)"), "verdict": "duplicate:2"},  # stands for trial 2
+           cand(6, 15.0, [0.93], "x / rms_l(x)")]
+    layers = heldout.run_layers(run("random", 0, log), horizon=100.0, top=3)
+    assert [(lay["number"], lay["rank"]) for lay in layers] == [(2, 1), (3, 2), (4, 3)]
+    keys = [lay["key"] for lay in layers]
+    bn = {1000: 0.97, 1001: 0.98}
+    table = {"bn_relu": bn, keys[0]: {1000: 0.95, 1001: 0.95}, keys[1]: {1000: 0.97, 1001: 0.975},
+             keys[2]: {1000: 0.99}}  # the third lacks a seed: not eligible yet
+    assert heldout.reranked_best(layers, table)["number"] == 3  # held out, the search's #2 is best
+    rows = heldout.arm_verdicts([run("random", 0, log)], table, horizon=100.0, top=3)
+    assert rows[0]["layer"]["number"] == 3 and rows[0]["of"] == 3 and rows[0]["vs"]["seeds"] == 2
+    rows = heldout.arm_verdicts([run("random", 0, log)], table, horizon=100.0, top=1)
+    assert rows[0]["layer"]["number"] == 2  # top 1: the search's own pick, whatever held out says
