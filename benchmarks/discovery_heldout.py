@@ -32,12 +32,16 @@ Work goes seed-major (every layer at the first seed, then the second, ...), one 
 one training and `--seeds` can grow later. `--lane K/N` runs every N-th item (parallel processes
 appending to the same file).
 
-    python benchmarks/discovery_heldout.py --results benchmarks/discovery_round19_cap2100_results.jsonl.gz,benchmarks/discovery_round19_grown_results.jsonl.gz --seeds 8
-    python benchmarks/discovery_heldout.py --results ... --report [--top 1]
+    python benchmarks/discovery_heldout.py --results benchmarks/discovery_round19_cap2100_results.jsonl.gz,benchmarks/discovery_round19_grown_results.jsonl.gz --seeds 8 --out heldout.jsonl [--lane 0/2]
+    python benchmarks/discovery_heldout.py --results ... --out heldout.jsonl --report [--top 1]
+
+Round 20 (BENCHMARKS.md) is recorded in benchmarks/discovery_round20_heldout_results.jsonl.gz
+(`--out` of a report may be that file; training appends to a plain .jsonl only).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -91,6 +95,19 @@ def run_layer(result: dict, horizon: float) -> dict | None:
     return layers[0] if layers else None
 
 
+def bn_relu_graph() -> str:
+    """bn_relu's graph as a formula: trained from it, it is a candidate like any other (the affine
+    alone in the networks' no-activation slots, where the known layer keeps BatchNorm), the
+    comparator that differs from a found layer only in the layer."""
+    from opsearch import graph, layers
+
+    return graph.formula(layers.resolve(TARGET))
+
+
+def bn_relu_graph_key() -> str:
+    return layer_key(bn_relu_graph())
+
+
 def layer_key(formula: str) -> str:
     """A layer's identity across runs: the canonical hash of the graph its formula reads back as."""
     from opsearch.formula_parser import parse_formula_plain
@@ -125,10 +142,11 @@ def work_items(layers: dict[str, str], seeds: list[int]) -> list[tuple[int, str,
 
 
 def read_lines(path: str) -> list[dict]:
+    """The (layer, seed) lines of `path` (a recorded .gz file reads as the text it compresses)."""
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             try:
                 out.append(json.loads(line))
@@ -231,9 +249,9 @@ def reranked_best(layers: list[dict], scores: dict[str, dict[int, float]]) -> di
 
 
 def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon: float,
-                 top: int = 1) -> list[dict]:
+                 top: int = 1, ref: str = TARGET) -> list[dict]:
     """One row per run: the held-out best of its `top` layers and that layer's verdict against
-    bn_relu, Holm-corrected within the arm."""
+    `ref` (bn_relu; or `bn_relu_graph_key()`), Holm-corrected within the arm."""
     from opsearch.rerank_stats import holm
 
     rows = []
@@ -241,8 +259,8 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
         layers = run_layers(r, horizon, top)
         layer = reranked_best(layers, scores) if top > 1 else (layers[0] if layers else None)
         row = {"seed": r["seed"], "layer": layer, "of": len(layers), "key": layer["key"] if layer else None}
-        if layer and row["key"] in scores:
-            row["vs"] = judge(scores[row["key"]], scores[TARGET])
+        if layer and row["key"] in scores and ref in scores:
+            row["vs"] = judge(scores[row["key"]], scores[ref])
         rows.append(row)
     tested = [row for row in rows if row.get("vs") and row["vs"]["p"] is not None]
     for row, p in zip(tested, holm([row["vs"]["p"] for row in tested])):
@@ -276,6 +294,24 @@ def compare_diffs(a: list[dict], b: list[dict]) -> float | None:
     return float(mannwhitneyu(diffs(a), diffs(b), alternative="two-sided").pvalue)
 
 
+def search_heldout_agreement(arms: dict[str, list[dict]], scores: dict[str, dict[int, float]],
+                             horizon: float, top: int) -> dict:
+    """Rank agreement of the search score and the held-out mean over every (run, layer) pair
+    whose layer has all the reference's seeds."""
+    from opsearch.rerank_stats import rank_agreement
+
+    ref_seeds = sorted(scores.get(TARGET, {}))
+    search, heldout = [], []
+    for runs in arms.values():
+        for r in runs:
+            for lay in run_layers(r, horizon, top):
+                held = scores.get(lay["key"], {})
+                if ref_seeds and all(s in held for s in ref_seeds):
+                    search.append(lay["score"])
+                    heldout.append(sum(held[s] for s in ref_seeds) / len(ref_seeds))
+    return rank_agreement(search, heldout)
+
+
 def difference(v: dict) -> str:
     """A paired difference with its interval, or why it has none."""
     if v["low"] is None:
@@ -302,7 +338,15 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
             v = judge(scores[name], ref)
             out.append(f"{name} against bn_relu: {difference(v)}"
                        + (f", p {v['p']:.3g}" if v["p"] is not None else "") + f", {v['seeds']} seeds")
+    graph_key = bn_relu_graph_key()
+    if graph_key in scores and ref:
+        v = judge(scores[graph_key], ref)
+        out.append(f"bn_relu's graph trained as a candidate (the affine alone in the no-activation slots) "
+                   f"against bn_relu: {difference(v)}" + (f", p {v['p']:.3g}" if v["p"] is not None else "")
+                   + f", {v['seeds']} seeds")
     rows_by_arm = {arm: arm_verdicts(runs, scores, horizon, top) for arm, runs in arms.items()}
+    graph_rows = ({arm: arm_verdicts(runs, scores, horizon, top, ref=graph_key) for arm, runs in arms.items()}
+                  if graph_key in scores else {})
     for arm, rows in rows_by_arm.items():
         out += ["", f"## {arm}", "",
                 "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | shown level |",
@@ -320,23 +364,36 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                 verdict = "not trained yet | | "
             out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
                        f"| {'yes' if row['shown_level'] else 'no'} |")
-        judged = [r for r in rows if r.get("vs")]
-        out += ["", f"{arm}: level {sum(r['level'] for r in rows)}/{len(rows)}, shown level (lower end "
-                    f"> -{MARGIN}) {sum(r['shown_level'] for r in rows)}/{len(rows)}; median difference "
-                    f"{np.median([r['vs']['diff'] for r in judged]):+.4f}" if judged else f"{arm}: nothing judged yet"]
+        out.append("")
+        for label, these in (("bn_relu", rows), ("bn_relu's graph as a candidate", graph_rows.get(arm))):
+            judged = [r for r in these or () if r.get("vs")]
+            if judged:
+                out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}, "
+                           f"shown level (lower end > -{MARGIN}) {sum(r['shown_level'] for r in these)}/"
+                           f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}")
     names = list(rows_by_arm)
     if len(names) >= 2:
         out += ["", "## Arms against each other (the run as the unit)", ""]
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                ra, rb = rows_by_arm[a], rows_by_arm[b]
-                p_mw = compare_diffs(ra, rb)
-                out.append(f"- {a} against {b}: level {sum(r['level'] for r in ra)}/{len(ra)} vs "
-                           f"{sum(r['level'] for r in rb)}/{len(rb)} (Fisher p {compare_counts(ra, rb, 'level'):.3g}); "
-                           f"shown level {sum(r['shown_level'] for r in ra)}/{len(ra)} vs "
-                           f"{sum(r['shown_level'] for r in rb)}/{len(rb)} (Fisher p "
-                           f"{compare_counts(ra, rb, 'shown_level'):.3g}); differences to bn_relu, "
-                           f"Mann-Whitney p {p_mw:.3g}" if p_mw is not None else "")
+        for label, table in (("bn_relu", rows_by_arm), ("bn_relu's graph as a candidate", graph_rows)):
+            if not table:
+                continue
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    ra, rb = table[a], table[b]
+                    p_mw = compare_diffs(ra, rb)
+                    out.append(f"- against {label}, {a} / {b}: level {sum(r['level'] for r in ra)}/{len(ra)} "
+                               f"vs {sum(r['level'] for r in rb)}/{len(rb)} (Fisher p "
+                               f"{compare_counts(ra, rb, 'level'):.3g}); shown level "
+                               f"{sum(r['shown_level'] for r in ra)}/{len(ra)} vs "
+                               f"{sum(r['shown_level'] for r in rb)}/{len(rb)} (Fisher p "
+                               f"{compare_counts(ra, rb, 'shown_level'):.3g})"
+                               + (f"; the differences, Mann-Whitney p {p_mw:.3g}" if p_mw is not None else ""))
+    agreement = search_heldout_agreement(arms, scores, horizon, top)
+    if agreement["n"] >= 3 and agreement["spearman"] is not None:
+        out += ["", f"How well a run's one-seed search score ranks its layers held out ({agreement['n']} "
+                    f"(run, layer) pairs, each run's top {top}, every seed trained): Spearman "
+                    f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
+                    f"{agreement['kendall_tau']:+.2f}."]
     cpu = [r["cpu_s"] for r in lines]
     if cpu:
         out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
@@ -368,10 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         sys.stdout.write(report(results, read_lines(args.out), args.horizon, args.top, command))
         return 0
-    layers: dict[str, str] = {}
+    layers: dict[str, str] = {bn_relu_graph_key(): bn_relu_graph()}
     for r in discovery.latest_per_run(results):
         for layer in run_layers(r, args.horizon, args.top):
             layers.setdefault(layer["key"], layer["formula"])
+    if args.out.endswith(".gz"):
+        print(f"error: --out {args.out}: trainings append to a plain .jsonl (a recorded .gz is for --report)",
+              file=sys.stderr)
+        return 2
     from opsearch.rerank import stage_seeds
 
     seeds = stage_seeds(heldout_task()[0], args.seeds)

@@ -13,8 +13,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import resources
+
+# One torch thread per test process, as every opsearch worker has (trainers/plugin.py): the
+# proxies' tensors are too small to share, and two xdist processes each spinning two OpenMP
+# threads on a 2-core box made the filters' double backpropagation 8x slower (BENCHMARKS
+# "Test suite"). A test that wants more threads sets them itself.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

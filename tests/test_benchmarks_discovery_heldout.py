@@ -119,6 +119,9 @@ def test_training_is_seed_major_resumable_and_split_into_lanes(heldout, tmp_path
     with open(out, "a") as f:
         f.write('{"seed": 7, "key": "cut sh')  # a line cut short by a crash is skipped, not fatal
     assert len(heldout.read_lines(out)) == len(items)
+    with open(out, "rb") as f, gzip.open(out + ".gz", "wb") as g:
+        g.write(f.read())  # a recorded file is kept gzipped: it reads the same
+    assert heldout.read_lines(out + ".gz") == heldout.read_lines(out)
 
 
 @pytest.mark.slow
@@ -132,7 +135,10 @@ def test_one_run_trained_on_the_held_out_task_and_reported(heldout, tmp_path, ca
     out = tmp_path / "h.jsonl"
     assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out)]) == 0
     lines = heldout.read_lines(str(out))
-    assert {r["key"] for r in lines} == {"bn_relu", "evonorm_b0", "evonorm_s0", heldout.layer_key("x / rms_b(x)")}
+    assert {r["key"] for r in lines} == {"bn_relu", "evonorm_b0", "evonorm_s0", heldout.layer_key("x / rms_b(x)"),
+                                         heldout.bn_relu_graph_key()}
+    as_name, as_graph = ({r["key"]: r for r in lines}[k] for k in ("bn_relu", heldout.bn_relu_graph_key()))
+    assert as_name["acc"] != as_graph["acc"]  # the known layer keeps BatchNorm where a candidate has the affine
     assert {r["seed"] for r in lines} == {1_000_000}  # the stage's first seed, not the search's
     assert all(set(r["acc"]) == {"resnet", "mobilenetv2", "efficientnet"} for r in lines)
     assert all(0.5 < sum(r["acc"].values()) / 3 <= 1.0 for r in lines)  # trained, not chance
