@@ -18,9 +18,9 @@ import torch
 import resources
 
 # One torch thread per test process, as every opsearch worker has (trainers/plugin.py): the
-# proxies' tensors are too small to share, and two xdist processes each spinning two OpenMP
-# threads on a 2-core box made the filters' double backpropagation 8x slower (BENCHMARKS
-# "Test suite"). A test that wants more threads sets them itself.
+# filters' tensors are too small to share, and a second thread made their checks 2.5-2.7x slower
+# once the other core was busy (another xdist process, a benchmark), no faster on a quiet box
+# (BENCHMARKS.md, "Filter threads and the test suite"). A test that wants more sets them itself.
 torch.set_num_threads(1)
 
 
