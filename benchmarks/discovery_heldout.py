@@ -22,9 +22,10 @@ can be judged.
   hash) and each reference is trained once per seed and shared by the runs that found it.
 - Per run: its answer's paired t-test against bn_relu over the seeds (the seed is the unit, the
   architectures are blocks: each seed's mean over them), its 95% interval, Holm-corrected within
-  the arm; "level" = not worse after correction; "shown level" = the interval's lower end above
-  -0.01 (non-inferiority at the issue's margin), the claim that does not rest on low power.
-- Per arm: how many runs are level / shown level; the arms against each other with Fisher's exact
+  the arm; "level" = not worse after correction; "within 0.01" = the interval's lower end above
+  -0.01 (non-inferiority at the issue's margin), the claim that does not rest on low power. The
+  same against bn_relu's graph trained as a candidate (`bn_relu_graph`) and against evonorm_b0.
+- Per arm: how many runs are level / within 0.01; the arms against each other with Fisher's exact
   test on those counts and Mann-Whitney on the runs' differences to bn_relu (the run as the unit).
 
 Work goes seed-major (every layer at the first seed, then the second, ...), one JSON line per
@@ -345,11 +346,13 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                    f"against bn_relu: {difference(v)}" + (f", p {v['p']:.3g}" if v["p"] is not None else "")
                    + f", {v['seeds']} seeds")
     rows_by_arm = {arm: arm_verdicts(runs, scores, horizon, top) for arm, runs in arms.items()}
-    graph_rows = ({arm: arm_verdicts(runs, scores, horizon, top, ref=graph_key) for arm, runs in arms.items()}
-                  if graph_key in scores else {})
+    others = [(label, {arm: arm_verdicts(runs, scores, horizon, top, ref=key) for arm, runs in arms.items()})
+              for label, key in (("bn_relu's graph as a candidate", graph_key), ("evonorm_b0", "evonorm_b0"))
+              if key in scores]
+    comparators = [("bn_relu", rows_by_arm)] + others
     for arm, rows in rows_by_arm.items():
         out += ["", f"## {arm}", "",
-                "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | shown level |",
+                "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | within 0.01 |",
                 "|---|---|---|---|---|---|---|"]
         for row in rows:
             layer, v = row["layer"], row.get("vs")
@@ -365,25 +368,24 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
             out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
                        f"| {'yes' if row['shown_level'] else 'no'} |")
         out.append("")
-        for label, these in (("bn_relu", rows), ("bn_relu's graph as a candidate", graph_rows.get(arm))):
-            judged = [r for r in these or () if r.get("vs")]
+        for label, table in comparators:
+            these = table[arm]
+            judged = [r for r in these if r.get("vs")]
             if judged:
                 out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}, "
-                           f"shown level (lower end > -{MARGIN}) {sum(r['shown_level'] for r in these)}/"
+                           f"within {MARGIN} (95% lower end above -{MARGIN}) {sum(r['shown_level'] for r in these)}/"
                            f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}")
     names = list(rows_by_arm)
     if len(names) >= 2:
         out += ["", "## Arms against each other (the run as the unit)", ""]
-        for label, table in (("bn_relu", rows_by_arm), ("bn_relu's graph as a candidate", graph_rows)):
-            if not table:
-                continue
+        for label, table in comparators:
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
                     ra, rb = table[a], table[b]
                     p_mw = compare_diffs(ra, rb)
                     out.append(f"- against {label}, {a} / {b}: level {sum(r['level'] for r in ra)}/{len(ra)} "
                                f"vs {sum(r['level'] for r in rb)}/{len(rb)} (Fisher p "
-                               f"{compare_counts(ra, rb, 'level'):.3g}); shown level "
+                               f"{compare_counts(ra, rb, 'level'):.3g}); within 0.01 "
                                f"{sum(r['shown_level'] for r in ra)}/{len(ra)} vs "
                                f"{sum(r['shown_level'] for r in rb)}/{len(rb)} (Fisher p "
                                f"{compare_counts(ra, rb, 'shown_level'):.3g})"
