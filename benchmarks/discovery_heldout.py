@@ -403,6 +403,16 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
 
 
 def main(argv: list[str] | None = None) -> int:
+    from opsearch.formula_parser import FormulaError
+
+    try:
+        return _main(argv)
+    except FormulaError as e:  # a result file whose formula does not read back: one line, nothing lost
+        print(f"error: a recorded formula: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/discovery_heldout.py " + shlex.join(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

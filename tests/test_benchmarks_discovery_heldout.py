@@ -167,3 +167,12 @@ def test_a_runs_top_layers_are_distinct_functions_and_the_held_out_best_answers(
     assert rows[0]["layer"]["number"] == 3 and rows[0]["of"] == 3 and rows[0]["vs"]["seeds"] == 2
     rows = heldout.arm_verdicts([run("random", 0, log)], table, horizon=100.0, top=1)
     assert rows[0]["layer"]["number"] == 2  # top 1: the search's own pick, whatever held out says
+
+
+def test_a_result_whose_formula_does_not_read_back_is_one_line(heldout, tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(run("random", 0, [cand(1, 1.0, [0.9], "x / foo(x)")])) + "\n")
+    assert heldout.main(["--results", str(results), "--arms", "random", "--out", str(tmp_path / "h.jsonl"),
+                         "--report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a recorded formula: not a formula: unknown op 'foo'") and "\n" not in err
