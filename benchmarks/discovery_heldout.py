@@ -90,12 +90,6 @@ def run_layers(result: dict, horizon: float, top: int) -> list[dict]:
     return out
 
 
-def run_layer(result: dict, horizon: float) -> dict | None:
-    """The layer a run answers with at `horizon` by its own one-seed score; None if it trained none."""
-    layers = run_layers(result, horizon, 1)
-    return layers[0] if layers else None
-
-
 def bn_relu_graph() -> str:
     """bn_relu's graph as a formula: trained from it, it is a candidate like any other (the affine
     alone in the networks' no-activation slots, where the known layer keeps BatchNorm), the

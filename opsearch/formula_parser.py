@@ -25,6 +25,7 @@ from opsearch.ops import OPS
 MAX_FORMULA_CHARS = 20_000  # a formula longer than any graph we allow (MAX_NODES) could print
 
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>\d+(?:\.\d*)?)|(?P<sym>[-+*/(),|=;]))")
+_NAME = re.compile(r"[A-Za-z_]\w*")
 _INITIAL = {"x": X, "0": ZERO, "v0": V0, "v1": V1}
 
 
@@ -104,16 +105,13 @@ class _Parser:
         out = self.sum()
         if self.pos < len(self.tokens):
             self.fail(f"unexpected {self.peek()!r}", self.column())
-        if out < NUM_INITIAL or self.nodes[-1] != self._key_of(out):
-            out = self.node("add", out, ZERO)  # the graph's output is its last node: v + 0 is v
+        if out != NUM_INITIAL + len(self.nodes) - 1:
+            self.nodes.append(("add", (out, ZERO)))  # the graph's output is its last node: v + 0 is v
         return tuple(self.nodes)
-
-    def _key_of(self, value: int) -> tuple:
-        return self.nodes[value - NUM_INITIAL]
 
     def _at_definition(self) -> bool:
         return (self.pos + 1 < len(self.tokens) and self.tokens[self.pos + 1][0] == "="
-                and re.fullmatch(r"[A-Za-z_]\w*", self.tokens[self.pos][0]) is not None)
+                and _NAME.fullmatch(self.tokens[self.pos][0]) is not None)
 
     def sum(self) -> int:
         value = self.term()
@@ -147,11 +145,11 @@ class _Parser:
             return _INITIAL[token]
         if token in self.names:
             return self.names[token]
-        if token in OPS or (self.peek() == "(" and re.fullmatch(r"[A-Za-z_]\w*", token)):
+        if token in OPS or (self.peek() == "(" and _NAME.fullmatch(token)):
             return self.call(token, column)
         if re.fullmatch(r"\d+(\.\d*)?", token):
             self.fail(f"the only number a layer has is 0, got {token}", column)
-        if re.fullmatch(r"[A-Za-z_]\w*", token):
+        if _NAME.fullmatch(token):
             self.fail(f"unknown name {token!r} (values: x, 0, v0, v1)", column)
         self.fail(f"unexpected {token!r}", column)
 

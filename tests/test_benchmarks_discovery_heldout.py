@@ -34,11 +34,14 @@ def test_a_run_answers_with_its_best_search_score_by_the_horizon(heldout):
            cand(3, 30.0, [0.95, 0.93], "x / rms_b(x)"),
            cand(4, 40.0, [0.94, 0.94], "x / rms_i(x)"),  # the same score, later: not chosen
            cand(5, 99.0, [0.99, 0.99], "x / rms_g(x)")]  # after the horizon
-    layer = heldout.run_layer(run("random", 0, log), horizon=50.0)
+    def pick(entries, horizon):
+        return heldout.run_layers(run("random", 0, entries), horizon, top=1)
+
+    layer = pick(log, 50.0)[0]
     assert layer["formula"] == "x / rms_b(x)" and layer["number"] == 3 and layer["cpu_total"] == 30.0
-    assert heldout.run_layer(run("random", 0, log), horizon=100.0)["formula"] == "x / rms_g(x)"
-    assert heldout.run_layer(run("random", 0, log), horizon=25.0)["formula"] == "tanh(x)"
-    assert heldout.run_layer(run("random", 0, log[:2]), horizon=100.0) is None  # nothing trained
+    assert pick(log, 100.0)[0]["formula"] == "x / rms_g(x)"
+    assert pick(log, 25.0)[0]["formula"] == "tanh(x)"
+    assert pick(log[:2], 100.0) == []  # nothing trained
 
 
 def test_runs_that_found_the_same_function_share_its_trainings(heldout):

@@ -145,7 +145,7 @@ def run(args) -> int:
 def run_plugin(args, plugin) -> int:
     """Score the layer with an evaluator plugin through the interface alone (opsearch/evaluation.py):
     the search's path (configure, check, evaluate) with a config built from the flags."""
-    from opsearch import graph, layers
+    from opsearch import layers
     from opsearch.config import DEFAULT_ARCHS, SearchConfig, parse_assignment, set_option
     from opsearch.evaluation import make_eval_config
 
