@@ -42,6 +42,7 @@ Round 20 (BENCHMARKS.md) is recorded in benchmarks/discovery_round20_heldout_res
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -103,8 +104,10 @@ def bn_relu_graph_key() -> str:
     return layer_key(bn_relu_graph())
 
 
+@functools.lru_cache(maxsize=None)
 def layer_key(formula: str) -> str:
-    """A layer's identity across runs: the canonical hash of the graph its formula reads back as."""
+    """A layer's identity across runs: the canonical hash of the graph its formula reads back as
+    (kept: a report reads each run's log once per comparator)."""
     from opsearch.formula_parser import parse_formula_plain
     from opsearch.graph import canonical_hash
 
@@ -228,7 +231,7 @@ def judge(run_scores: dict[int, float], ref_scores: dict[int, float]) -> dict:
     seeds = sorted(set(run_scores) & set(ref_scores))
     test = paired_test([run_scores[s] for s in seeds], [ref_scores[s] for s in seeds])
     test["seeds"] = len(seeds)
-    test["shown_level"] = test["low"] is not None and test["low"] > -MARGIN
+    test["within_margin"] = test["low"] is not None and test["low"] > -MARGIN
     return test
 
 
@@ -264,7 +267,7 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
         v = row.get("vs")
         row["level"] = (bool(v) and v["p"] is not None  # one seed gives no test: not level
                         and not (v["p_holm"] < 0.05 and v["diff"] < 0))
-        row["shown_level"] = bool(v) and v["shown_level"]
+        row["within_margin"] = bool(v) and v["within_margin"]
     return rows
 
 
@@ -360,14 +363,14 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
             else:
                 verdict = "not trained yet | | "
             out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
-                       f"| {'yes' if row['shown_level'] else 'no'} |")
+                       f"| {'yes' if row['within_margin'] else 'no'} |")
         out.append("")
         for label, table in comparators:
             these = table[arm]
             judged = [r for r in these if r.get("vs")]
             if judged:
                 out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}, "
-                           f"within {MARGIN} (95% lower end above -{MARGIN}) {sum(r['shown_level'] for r in these)}/"
+                           f"within {MARGIN} (95% lower end above -{MARGIN}) {sum(r['within_margin'] for r in these)}/"
                            f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}")
     names = list(rows_by_arm)
     if len(names) >= 2:
@@ -380,9 +383,9 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                     out.append(f"- against {label}, {a} / {b}: level {sum(r['level'] for r in ra)}/{len(ra)} "
                                f"vs {sum(r['level'] for r in rb)}/{len(rb)} (Fisher p "
                                f"{compare_counts(ra, rb, 'level'):.3g}); within 0.01 "
-                               f"{sum(r['shown_level'] for r in ra)}/{len(ra)} vs "
-                               f"{sum(r['shown_level'] for r in rb)}/{len(rb)} (Fisher p "
-                               f"{compare_counts(ra, rb, 'shown_level'):.3g})"
+                               f"{sum(r['within_margin'] for r in ra)}/{len(ra)} vs "
+                               f"{sum(r['within_margin'] for r in rb)}/{len(rb)} (Fisher p "
+                               f"{compare_counts(ra, rb, 'within_margin'):.3g})"
                                + (f"; the differences, Mann-Whitney p {p_mw:.3g}" if p_mw is not None else ""))
     agreement = search_heldout_agreement(arms, scores, horizon, top)
     if agreement["n"] >= 3 and agreement["spearman"] is not None:

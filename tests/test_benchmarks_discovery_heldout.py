@@ -69,13 +69,13 @@ def test_verdicts_are_paired_over_seeds_and_holm_corrected_within_an_arm(heldout
     rows = {r["seed"]: r for r in heldout.arm_verdicts(runs, table, horizon=1800.0)}
     worse, level, noisy, slightly, nothing = rows[0], rows[1], rows[2], rows[3], rows[9]
     assert worse["vs"]["diff"] == pytest.approx(-0.028, abs=1e-3) and worse["vs"]["seeds"] == 8
-    assert not worse["level"] and not worse["shown_level"]
-    assert level["level"] and level["shown_level"]  # its interval lies within the margin
-    assert noisy["level"] and not noisy["shown_level"]  # not distinguishable only for want of power
+    assert not worse["level"] and not worse["within_margin"]
+    assert level["level"] and level["within_margin"]  # its interval lies within the margin
+    assert noisy["level"] and not noisy["within_margin"]  # not distinguishable only for want of power
     # worse by a hair on every seed: p tiny, so not level; its interval is inside the margin
-    assert not slightly["level"] and slightly["shown_level"]
+    assert not slightly["level"] and slightly["within_margin"]
     assert all(r["vs"]["p_holm"] >= r["vs"]["p"] for r in (worse, level, noisy, slightly))
-    assert not nothing["level"] and not nothing["shown_level"] and "vs" not in nothing
+    assert not nothing["level"] and not nothing["within_margin"] and "vs" not in nothing
 
 
 def test_holm_can_turn_a_nominal_loss_into_not_distinguishable(heldout):
