@@ -105,7 +105,7 @@ class _Parser:
         out = self.sum()
         if self.pos < len(self.tokens):
             self.fail(f"unexpected {self.peek()!r}", self.column())
-        if out != NUM_INITIAL + len(self.nodes) - 1:
+        if out < NUM_INITIAL or out != NUM_INITIAL + len(self.nodes) - 1:
             self.nodes.append(("add", (out, ZERO)))  # the graph's output is its last node: v + 0 is v
         return tuple(self.nodes)
 

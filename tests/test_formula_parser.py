@@ -71,6 +71,8 @@ def test_long_formulas_with_named_shared_values_read_back():
     ("|x| / square(x)", (("abs", (0,)), ("square", (0,)), ("div", (4, 5)))),
     ("x / rms_i(x) + x / rms_i(x)", (("rms_i", (0,)), ("div", (0, 4)), ("add", (5, 5)))),  # one node each
     ("x", (("add", (0, 1)),)),  # the output is a node: x + 0
+    ("v1", (("add", (3, 1)),)),  # the last initial value too (a graph that folds to v1 prints so)
+    ("0", (("add", (1, 1)),)),
     ("x - v0 - v1", (("neg", (2,)), ("add", (0, 4)), ("neg", (3,)), ("add", (5, 6)))),  # left-assoc
 ])
 def test_formulas_parse_to_the_graph_they_mean(text, nodes):
