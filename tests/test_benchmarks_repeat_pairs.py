@@ -1,0 +1,79 @@
+"""benchmarks/repeat_pairs.py: each exact repeat of a run's scores is judged by the equivalence
+filter's own tests, so a tie between different layers is told apart from a function trained twice."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from benchmark_modules import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    with benchmark_module("repeat_pairs") as module:
+        yield module
+
+
+@pytest.fixture(scope="module")
+def judge(pairs):
+    return pairs.PairJudge()
+
+
+def cand(number, values, formula, verdict="evaluated"):
+    return {"number": number, "kind": "candidate", "layer": None, "cpu_total": float(number),
+            "verdict": verdict, "values": values, "formula": formula}
+
+
+def test_a_repeat_pairs_with_the_first_trained_candidate_of_its_scores(pairs):
+    log = [{"number": 0, "kind": "baseline", "layer": "bn_relu", "verdict": "evaluated", "cpu_total": 1.0,
+            "values": [0.5, 0.6], "formula": "bn"},  # a reference is not a candidate
+           cand(1, [0.5, 0.6], "tanh(x)"),
+           cand(2, None, "sqrt(x)", "rejected:numerics"),
+           cand(3, [0.5, 0.6], "x * v0", "duplicate:1"),  # reused, not trained: no repeat
+           cand(4, [0.5, 0.6], "sigmoid(x)"),
+           cand(5, [0.6, 0.5], "|x|"),  # the same values in another order: not a repeat
+           cand(6, [0.5, 0.6], "square(x)")]
+    found = [(a["number"], b["number"]) for a, b in pairs.repeat_pairs(log)]
+    assert found == [(1, 4), (1, 6)]
+
+
+@pytest.mark.parametrize("a, b, kind", [
+    ("x * tanh(x)", "tanh(x) * x", "same graph"),
+    ("square(x)", "x * x", "same function"),
+    ("max(x, sqrt(0))", "max(x, 0)", "same function"),  # equal in the eps limit only
+    ("sqrt(v0 * x)", "sqrt(x * |v0|)", "same on a v0 band"),  # equal while v0 > 0
+    ("tanh(x)", "sigmoid(x)", "different functions"),
+    ("x / std_b(x)", "(-x) / rms_b(x + x)", "different functions"),  # a tie seen in round 20
+])
+def test_a_pair_is_judged_by_the_equivalence_filters_tests_in_their_order(judge, a, b, kind):
+    assert judge.kind(a, b) == kind
+    assert judge.kind(b, a) == kind
+
+
+def test_the_report_counts_ties_of_different_layers_apart_from_functions_trained_twice(pairs, judge, tmp_path):
+    log = [cand(1, [0.9, 0.8], "square(x)"), cand(2, [0.9, 0.8], "x * x"),  # the same function
+           cand(3, [0.7, 0.7], "tanh(x)"), cand(4, [0.7, 0.7], "sigmoid(x)"),  # a tie
+           cand(5, [0.1, 0.2], "|x|")]
+    results = [{"arm": "random", "seed": 0, "log": log},
+               {"arm": "random", "seed": 1, "log": log[:3]}]
+    text = pairs.report(results, judge, show_pairs=True)
+    row = next(line for line in text.splitlines() if line.startswith("| random"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["random", "2", "8", "3 (37.5%)", "0", "2", "0", "1", "2 (25.0%)"]
+    assert "trial 4 `sigmoid(x)` = trial 3 `tanh(x)` [0.7, 0.7]: different functions" in text
+
+    path = tmp_path / "results.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(results[0]) + "\n")
+    assert pairs.main(["--results", str(path)]) == 0
+
+
+def test_a_bad_recorded_formula_is_one_line(pairs, tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"arm": "random", "seed": 0,
+                                "log": [cand(1, [0.5], "tanh(x)"), cand(2, [0.5], "foo(x)")]}) + "\n")
+    assert pairs.main(["--results", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: FormulaError") and "unknown op 'foo'" in err and "\n" not in err
+    assert pairs.main(["--results", str(tmp_path / "missing.jsonl")]) == 2
