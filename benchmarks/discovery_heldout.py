@@ -28,6 +28,11 @@ can be judged.
 - Per arm: how many runs are level / within 0.01; the arms against each other with Fisher's exact
   test on those counts and Mann-Whitney on the runs' differences to bn_relu (the run as the unit).
 
+- Confirmation (`--confirm N`): the answer is the best of five on the seeds it is then judged on,
+  which flatters it (the winner's curse); each run's pick and the references are then trained on
+  N further seeds of the stage, and the report judges the same picks on those seeds alone. A run
+  picks once every one of its layers has every selection seed (lanes still training: rerun).
+
 Work goes seed-major (every layer at the first seed, then the second, ...), one JSON line per
 (layer, seed) appended to `--out`; a rerun skips what is there, so a stopped job loses at most
 one training and `--seeds` can grow later. `--lane K/N` runs every N-th item (parallel processes
@@ -35,6 +40,7 @@ appending to the same file).
 
     python benchmarks/discovery_heldout.py --results benchmarks/discovery_round19_cap2100_results.jsonl.gz,benchmarks/discovery_round19_grown_results.jsonl.gz --seeds 8 --out heldout.jsonl [--lane 0/2]
     python benchmarks/discovery_heldout.py --results ... --out heldout.jsonl --report [--top 1]
+    python benchmarks/discovery_heldout.py --results ... --seeds 8 --confirm 8 --out heldout.jsonl [--lane 0/2]   # then --report (with the same --seeds)
 
 Round 20 (BENCHMARKS.md) is recorded in benchmarks/discovery_round20_heldout_results.jsonl.gz
 (`--out` of a report may be that file; training appends to a plain .jsonl only).
@@ -246,19 +252,29 @@ def reranked_best(layers: list[dict], scores: dict[str, dict[int, float]]) -> di
                                          -lay["rank"]))
 
 
+def on_seeds(scores: dict[str, dict[int, float]], seeds) -> dict[str, dict[int, float]]:
+    """`scores` restricted to `seeds` (layers with none of them left out)."""
+    keep = set(seeds)
+    out = {key: {s: v for s, v in per.items() if s in keep} for key, per in scores.items()}
+    return {key: per for key, per in out.items() if per}
+
+
 def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon: float,
-                 top: int = 1, ref: str = TARGET) -> list[dict]:
-    """One row per run: the held-out best of its `top` layers and that layer's verdict against
-    `ref` (bn_relu; or `bn_relu_graph_key()`), Holm-corrected within the arm."""
+                 top: int = 1, ref: str = TARGET,
+                 judge_scores: dict[str, dict[int, float]] | None = None) -> list[dict]:
+    """One row per run: the held-out best of its `top` layers (chosen on `scores`) and that
+    layer's verdict against `ref` (bn_relu; or `bn_relu_graph_key()`) on `judge_scores` (default
+    the same scores; other seeds for a confirmation), Holm-corrected within the arm."""
     from opsearch.rerank_stats import holm
 
+    judge_scores = scores if judge_scores is None else judge_scores
     rows = []
     for r in sorted(runs, key=lambda r: r["seed"]):
         layers = run_layers(r, horizon, top)
         layer = reranked_best(layers, scores) if top > 1 else (layers[0] if layers else None)
         row = {"seed": r["seed"], "layer": layer, "of": len(layers), "key": layer["key"] if layer else None}
-        if layer and row["key"] in scores and ref in scores:
-            row["vs"] = judge(scores[row["key"]], scores[ref])
+        if layer and row["key"] in judge_scores and ref in judge_scores:
+            row["vs"] = judge(judge_scores[row["key"]], judge_scores[ref])
         rows.append(row)
     tested = [row for row in rows if row.get("vs") and row["vs"]["p"] is not None]
     for row, p in zip(tested, holm([row["vs"]["p"] for row in tested])):
@@ -269,6 +285,26 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
                         and not (v["p_holm"] < 0.05 and v["diff"] < 0))
         row["within_margin"] = bool(v) and v["within_margin"]
     return rows
+
+
+def confirmation_layers(results: list[dict], scores: dict[str, dict[int, float]], horizon: float,
+                        top: int) -> tuple[dict[str, str], int]:
+    """({key: formula} of each run's pick, made on `scores` (the selection seeds), to be trained on
+    fresh seeds; how many runs cannot pick yet): a run picks once each of its layers has every
+    selection seed bn_relu has (a lane still training would otherwise change the pick)."""
+    ref_seeds = set(scores.get(TARGET, {}))
+    picks: dict[str, str] = {}
+    waiting = 0
+    for r in discovery.latest_per_run(results):
+        layers = run_layers(r, horizon, top)
+        if not layers:
+            continue
+        if not ref_seeds or any(not ref_seeds <= set(scores.get(lay["key"], {})) for lay in layers):
+            waiting += 1
+            continue
+        layer = reranked_best(layers, scores) if top > 1 else layers[0]
+        picks.setdefault(layer["key"], layer["formula"])
+    return picks, waiting
 
 
 def compare_counts(a: list[dict], b: list[dict], field: str) -> float:
@@ -317,10 +353,15 @@ def difference(v: dict) -> str:
     return f"{v['diff']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
 
 
-def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str) -> str:
+def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str,
+           seeds: list[int] | None = None, confirm_seeds: list[int] = ()) -> str:
+    """The tables: each run's answer judged on the `seeds` it was chosen on (default: every seed
+    in `lines`) and, where `confirm_seeds` were trained, judged again on those alone (the pick
+    no longer judged on the seeds that chose it: no winner's curse)."""
     import numpy as np
 
-    scores = scores_by_key(lines)
+    every = scores_by_key(lines)
+    scores = every if seeds is None else on_seeds(every, seeds)
     arms: dict[str, list[dict]] = {}
     for r in discovery.latest_per_run(results):
         arms.setdefault(r["arm"], []).append(r)
@@ -331,6 +372,29 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
            f"`{command}`", "",
            f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
            "bn_relu: not trained yet", ""]
+    out += _reference_lines(scores)
+    out += _verdict_sections(arms, scores, scores, horizon, top)
+    agreement = search_heldout_agreement(arms, scores, horizon, top)
+    if agreement["n"] >= 3 and agreement["spearman"] is not None:
+        out += ["", f"How well a run's one-seed search score ranks its layers held out ({agreement['n']} "
+                    f"(run, layer) pairs, each run's top {top}, every seed trained): Spearman "
+                    f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
+                    f"{agreement['kendall_tau']:+.2f}."]
+    confirm = on_seeds(every, confirm_seeds)
+    if confirm.get(TARGET):
+        out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
+                    f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]
+        out += _reference_lines(confirm)
+        out += _verdict_sections(arms, scores, confirm, horizon, top)
+    cpu = [r["cpu_s"] for r in lines]
+    if cpu:
+        out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
+    return "\n".join(out) + "\n"
+
+
+def _reference_lines(scores: dict[str, dict[int, float]]) -> list[str]:
+    out = []
+    ref = scores.get(TARGET, {})
     for name in discovery.REFERENCES[1:]:
         if name in scores and ref:
             v = judge(scores[name], ref)
@@ -342,11 +406,25 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
         out.append(f"bn_relu's graph trained as a candidate (the affine alone in the no-activation slots) "
                    f"against bn_relu: {difference(v)}" + (f", p {v['p']:.3g}" if v["p"] is not None else "")
                    + f", {v['seeds']} seeds")
-    rows_by_arm = {arm: arm_verdicts(runs, scores, horizon, top) for arm, runs in arms.items()}
-    others = [(label, {arm: arm_verdicts(runs, scores, horizon, top, ref=key) for arm, runs in arms.items()})
-              for label, key in (("bn_relu's graph as a candidate", graph_key), ("evonorm_b0", "evonorm_b0"))
-              if key in scores]
-    comparators = [("bn_relu", rows_by_arm)] + others
+    return out
+
+
+def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[int, float]],
+                      judge_scores: dict[str, dict[int, float]], horizon: float, top: int) -> list[str]:
+    """Per arm its runs' table and counts against each comparator; then the arms compared."""
+    import numpy as np
+
+    out: list[str] = []
+    graph_key = bn_relu_graph_key()
+
+    def table(ref):
+        return {arm: arm_verdicts(runs, pick_scores, horizon, top, ref=ref, judge_scores=judge_scores)
+                for arm, runs in arms.items()}
+
+    rows_by_arm = table(TARGET)
+    comparators = [("bn_relu", rows_by_arm)] + [
+        (label, table(key)) for label, key in (("bn_relu's graph as a candidate", graph_key),
+                                               ("evonorm_b0", "evonorm_b0")) if key in judge_scores]
     for arm, rows in rows_by_arm.items():
         out += ["", f"## {arm}", "",
                 "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | within 0.01 |",
@@ -365,8 +443,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
             out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
                        f"| {'yes' if row['within_margin'] else 'no'} |")
         out.append("")
-        for label, table in comparators:
-            these = table[arm]
+        for label, verdicts in comparators:
+            these = verdicts[arm]
             judged = [r for r in these if r.get("vs")]
             if judged:
                 out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}, "
@@ -375,10 +453,10 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
     names = list(rows_by_arm)
     if len(names) >= 2:
         out += ["", "## Arms against each other (the run as the unit)", ""]
-        for label, table in comparators:
+        for label, verdicts in comparators:
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
-                    ra, rb = table[a], table[b]
+                    ra, rb = verdicts[a], verdicts[b]
                     p_mw = compare_diffs(ra, rb)
                     out.append(f"- against {label}, {a} / {b}: level {sum(r['level'] for r in ra)}/{len(ra)} "
                                f"vs {sum(r['level'] for r in rb)}/{len(rb)} (Fisher p "
@@ -387,16 +465,7 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                                f"{sum(r['within_margin'] for r in rb)}/{len(rb)} (Fisher p "
                                f"{compare_counts(ra, rb, 'within_margin'):.3g})"
                                + (f"; the differences, Mann-Whitney p {p_mw:.3g}" if p_mw is not None else ""))
-    agreement = search_heldout_agreement(arms, scores, horizon, top)
-    if agreement["n"] >= 3 and agreement["spearman"] is not None:
-        out += ["", f"How well a run's one-seed search score ranks its layers held out ({agreement['n']} "
-                    f"(run, layer) pairs, each run's top {top}, every seed trained): Spearman "
-                    f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
-                    f"{agreement['kendall_tau']:+.2f}."]
-    cpu = [r["cpu_s"] for r in lines]
-    if cpu:
-        out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +485,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", required=True, help="discovery result files, comma-separated "
                    "(the last line of each run counts, as in discovery.py's report)")
     p.add_argument("--arms", default="regularized_evolution,random", help="comma-separated arm labels")
-    p.add_argument("--seeds", type=int, default=8, help="held-out seeds per layer")
+    p.add_argument("--seeds", type=int, default=8, help="held-out seeds per layer (the picks are made on them; a report takes the --seeds its "
+                        "training had: further seeds in --out are the confirmation's)")
+    p.add_argument("--confirm", type=int, default=0,
+                   help="then train each run's pick and the references on this many further seeds, where the "
+                        "report judges the picks again on those seeds alone (default 0)")
     p.add_argument("--top", type=int, default=RERANK_DEFAULTS["top_k"],
                    help="layers per run, as the re-ranking stage's top_k (default 5): the run's answer is "
                         "the best of them held out; 1 judges the search's own pick")
@@ -431,8 +504,14 @@ def _main(argv: list[str] | None = None) -> int:
     if not results:
         print(f"error: no run of the arms {sorted(arms)} in {args.results}", file=sys.stderr)
         return 2
+    from opsearch.rerank import stage_seeds
+
+    task = heldout_task()[0]
+    seeds = stage_seeds(task, args.seeds)
     if args.report:
-        sys.stdout.write(report(results, read_lines(args.out), args.horizon, args.top, command))
+        lines = read_lines(args.out)
+        further = sorted({r["seed"] for r in lines} - set(seeds))  # a confirmation's seeds, if trained
+        sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further))
         return 0
     layers: dict[str, str] = {bn_relu_graph_key(): bn_relu_graph()}
     for r in discovery.latest_per_run(results):
@@ -442,14 +521,20 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out}: trainings append to a plain .jsonl (a recorded .gz is for --report)",
               file=sys.stderr)
         return 2
-    from opsearch.rerank import stage_seeds
-
-    seeds = stage_seeds(heldout_task()[0], args.seeds)
     k, n = (int(v) for v in args.lane.split("/"))
     items = work_items(layers, seeds)
     print(f"{len(layers)} distinct layers + {len(discovery.REFERENCES)} references x {len(seeds)} seeds; "
           f"lane {k}/{n}", flush=True)
     train(items, args.out, (k, n), progress=lambda s: print(s, flush=True))
+    if args.confirm > 0:
+        picks, waiting = confirmation_layers(results, on_seeds(scores_by_key(read_lines(args.out)), seeds),
+                                             args.horizon, args.top)
+        picks.setdefault(bn_relu_graph_key(), bn_relu_graph())
+        fresh = stage_seeds(task, args.seeds + args.confirm)[args.seeds:]
+        print(f"confirmation: {len(picks) - 1} picks + the references x {len(fresh)} fresh seeds"
+              + (f"; {waiting} run(s) cannot pick yet (their layers lack selection seeds): rerun to confirm them"
+                 if waiting else ""), flush=True)
+        train(work_items(picks, fresh), args.out, (k, n), progress=lambda s: print(s, flush=True))
     return 0
 
 

@@ -138,6 +138,11 @@ def test_one_run_trained_on_the_held_out_task_and_reported(heldout, tmp_path, ca
     out = tmp_path / "h.jsonl"
     assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out)]) == 0
     lines = heldout.read_lines(str(out))
+    assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--confirm", "1",
+                         "--out", str(out)]) == 0  # the first seed is not trained again
+    confirmed = [r for r in heldout.read_lines(str(out)) if r["seed"] == 1_000_001]
+    assert heldout.read_lines(str(out))[:len(lines)] == lines
+    assert sorted(r["key"] for r in confirmed) == sorted(r["key"] for r in lines)  # the pick and the references
     assert {r["key"] for r in lines} == {"bn_relu", "evonorm_b0", "evonorm_s0", heldout.layer_key("x / rms_b(x)"),
                                          heldout.bn_relu_graph_key()}
     as_name, as_graph = ({r["key"]: r for r in lines}[k] for k in ("bn_relu", heldout.bn_relu_graph_key()))
@@ -146,10 +151,13 @@ def test_one_run_trained_on_the_held_out_task_and_reported(heldout, tmp_path, ca
     assert all(set(r["acc"]) == {"resnet", "mobilenetv2", "efficientnet"} for r in lines)
     assert all(0.5 < sum(r["acc"].values()) / 3 <= 1.0 for r in lines)  # trained, not chance
     capsys.readouterr()
-    assert heldout.main(["--results", str(results), "--arms", "random", "--out", str(out), "--report"]) == 0
-    text = capsys.readouterr().out
-    row = next(line for line in text.splitlines() if line.startswith("| 3 | `x / rms_b(x)`"))
-    assert "(no test: too few seeds) | | 1 | no | no |" in row  # one seed: a difference, no verdict
+    assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out),
+                         "--report"]) == 0
+    chosen, confirm = capsys.readouterr().out.split("# Confirmation")
+    for text in (chosen, confirm):  # one seed each: a difference, no verdict
+        row = next(line for line in text.splitlines() if line.startswith("| 3 | `x / rms_b(x)`"))
+        assert "(no test: too few seeds) | | 1 | no | no |" in row
+    assert "1 fresh seeds (1000001-1000001) alone" in confirm
 
 
 def test_a_runs_top_layers_are_distinct_functions_and_the_held_out_best_answers(heldout):
@@ -170,6 +178,42 @@ def test_a_runs_top_layers_are_distinct_functions_and_the_held_out_best_answers(
     assert rows[0]["layer"]["number"] == 3 and rows[0]["of"] == 3 and rows[0]["vs"]["seeds"] == 2
     rows = heldout.arm_verdicts([run("random", 0, log)], table, horizon=100.0, top=1)
     assert rows[0]["layer"]["number"] == 2  # top 1: the search's own pick, whatever held out says
+
+
+def test_a_pick_is_confirmed_on_fresh_seeds_it_was_not_chosen_on(heldout):
+    """Best of five on the same seeds it is judged on flatters the pick (the winner's curse);
+    the confirmation judges the same pick on further seeds alone."""
+    formulas = ["x / rms_b(x)", "x / rms_i(x)", "x / rms_g(x)"]
+    log = [cand(i + 1, 10.0 + i, [0.95 - i / 100], f) for i, f in enumerate(formulas)]
+    keys = [heldout.layer_key(f) for f in formulas]
+    lucky, steady, third = keys
+    select, fresh = [1000, 1001, 1002, 1003], [1004, 1005, 1006, 1007]
+    bn = {s: 0.97 + 0.001 * (s % 3) for s in select + fresh}
+    table = {"bn_relu": bn,
+             lucky: {**{s: bn[s] + 0.004 for s in select}, **{s: bn[s] - 0.02 - 0.001 * (s % 2) for s in fresh}},
+             steady: {s: bn[s] - 0.001 * (s % 2) for s in select}}
+    runs = [run("a", 0, log)]
+    # the third layer lacks the selection seeds: the run cannot pick yet (the pick could change)
+    assert heldout.confirmation_layers(runs, table, horizon=100.0, top=3) == ({}, 1)
+    table[third] = {s: bn[s] - 0.05 for s in select}
+    picks, waiting = heldout.confirmation_layers(runs, heldout.on_seeds(table, select), horizon=100.0, top=3)
+    assert picks == {lucky: formulas[0]} and waiting == 0
+    chosen = heldout.arm_verdicts(runs, heldout.on_seeds(table, select), horizon=100.0, top=3)[0]
+    assert chosen["key"] == lucky and chosen["level"]  # on the seeds that chose it, it looks level
+    confirmed = heldout.arm_verdicts(runs, heldout.on_seeds(table, select), horizon=100.0, top=3,
+                                     judge_scores=heldout.on_seeds(table, fresh))[0]
+    assert confirmed["key"] == lucky  # the same pick (fresh seeds do not choose) ...
+    assert confirmed["vs"]["seeds"] == 4 and confirmed["vs"]["diff"] == pytest.approx(-0.0205, abs=1e-3)
+    assert not confirmed["level"] and not confirmed["within_margin"]  # ... judged on the fresh seeds alone
+
+    lines = [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0} for k, per in table.items()
+             for s, v in per.items()]
+    text = heldout.report(runs, lines, 100.0, 3, "cmd", seeds=select, confirm_seeds=fresh)
+    chosen_part, confirm_part = text.split("# Confirmation")
+    assert "bn_relu held out: 4 seeds" in chosen_part  # the fresh seeds stay out of the choice
+    assert "a against bn_relu: level 1/1" in chosen_part
+    assert "4 fresh seeds (1004-1007) alone" in confirm_part
+    assert "a against bn_relu: level 0/1" in confirm_part and "`x / rms_b(x)`" in confirm_part
 
 
 def test_a_result_whose_formula_does_not_read_back_is_one_line(heldout, tmp_path, capsys):
