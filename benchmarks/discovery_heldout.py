@@ -252,6 +252,13 @@ def reranked_best(layers: list[dict], scores: dict[str, dict[int, float]]) -> di
                                          -lay["rank"]))
 
 
+def run_pick(layers: list[dict], scores: dict[str, dict[int, float]], top: int) -> dict | None:
+    """A run's answer: the stage's pick among its layers (`top` > 1) or the search's own (top 1)."""
+    if top > 1:
+        return reranked_best(layers, scores)
+    return layers[0] if layers else None
+
+
 def on_seeds(scores: dict[str, dict[int, float]], seeds) -> dict[str, dict[int, float]]:
     """`scores` restricted to `seeds` (layers with none of them left out)."""
     keep = set(seeds)
@@ -271,7 +278,7 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
     rows = []
     for r in sorted(runs, key=lambda r: r["seed"]):
         layers = run_layers(r, horizon, top)
-        layer = reranked_best(layers, scores) if top > 1 else (layers[0] if layers else None)
+        layer = run_pick(layers, scores, top)
         row = {"seed": r["seed"], "layer": layer, "of": len(layers), "key": layer["key"] if layer else None}
         if layer and row["key"] in judge_scores and ref in judge_scores:
             row["vs"] = judge(judge_scores[row["key"]], judge_scores[ref])
@@ -302,7 +309,7 @@ def confirmation_layers(results: list[dict], scores: dict[str, dict[int, float]]
         if not ref_seeds or any(not ref_seeds <= set(scores.get(lay["key"], {})) for lay in layers):
             waiting += 1
             continue
-        layer = reranked_best(layers, scores) if top > 1 else layers[0]
+        layer = run_pick(layers, scores, top)
         picks.setdefault(layer["key"], layer["formula"])
     return picks, waiting
 
