@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import json
 import os
 import shlex
@@ -146,17 +145,9 @@ def work_items(layers: dict[str, str], seeds: list[int]) -> list[tuple[int, str,
 
 
 def read_lines(path: str) -> list[dict]:
-    """The (layer, seed) lines of `path` (a recorded .gz file reads as the text it compresses)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut short: that item is trained again
-                continue
-    return out
+    """The (layer, seed) lines of `path`, read as discovery.py reads its results (a .gz reads as
+    the text it compresses; a line cut short is skipped, so that item is trained again)."""
+    return discovery.read_results(path)
 
 
 def append_line(path: str, record: dict) -> None:
