@@ -23,7 +23,8 @@ can be judged.
 - Per run: its answer's paired t-test against bn_relu over the seeds (the seed is the unit, the
   architectures are blocks: each seed's mean over them), its 95% interval, Holm-corrected within
   the arm; "level" = not worse after correction; "within 0.01" = the interval's lower end above
-  -0.01 (non-inferiority at the issue's margin), the claim that does not rest on low power. The
+  -0.01 (non-inferiority at the issue's margin), the claim that does not rest on low power; a
+  pick whose training diverged on a judged seed says so (its spread alone can make it "level"). The
   same against bn_relu's graph trained as a candidate (`bn_relu_graph`) and against evonorm_b0.
 - Per arm: how many runs are level / within 0.01; the arms against each other with Fisher's exact
   test on those counts and Mann-Whitney on the runs' differences to bn_relu (the run as the unit).
@@ -221,6 +222,20 @@ def scores_by_key(lines: list[dict]) -> dict[str, dict[int, float]]:
     return out
 
 
+def diverged_by_key(lines: list[dict]) -> dict[str, set[int]]:
+    """The seeds on which each layer's held-out training diverged in some architecture (its
+    accuracy there is chance or zero; the first line of a (layer, seed) counts, as for scores)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, set[int]] = {}
+    for r in lines:
+        if (r["key"], r["seed"]) in seen:
+            continue
+        seen.add((r["key"], r["seed"]))
+        if r.get("diverged"):
+            out.setdefault(r["key"], set()).add(r["seed"])
+    return out
+
+
 def judge(run_scores: dict[int, float], ref_scores: dict[int, float]) -> dict:
     """The run's layer against the reference, paired over the seeds both have."""
     from opsearch.rerank_stats import paired_test
@@ -259,10 +274,13 @@ def on_seeds(scores: dict[str, dict[int, float]], seeds) -> dict[str, dict[int, 
 
 def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon: float,
                  top: int = 1, ref: str = TARGET,
-                 judge_scores: dict[str, dict[int, float]] | None = None) -> list[dict]:
+                 judge_scores: dict[str, dict[int, float]] | None = None,
+                 diverged: dict[str, set[int]] | None = None) -> list[dict]:
     """One row per run: the held-out best of its `top` layers (chosen on `scores`) and that
     layer's verdict against `ref` (bn_relu; or `bn_relu_graph_key()`) on `judge_scores` (default
-    the same scores; other seeds for a confirmation), Holm-corrected within the arm."""
+    the same scores; other seeds for a confirmation), Holm-corrected within the arm. `diverged`
+    (`diverged_by_key`) marks a pick whose training diverged on a judged seed: its wide interval
+    can make it "level" by instability alone, so "level_stable" counts only picks that never did."""
     from opsearch.rerank_stats import holm
 
     judge_scores = scores if judge_scores is None else judge_scores
@@ -273,6 +291,8 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
         row = {"seed": r["seed"], "layer": layer, "of": len(layers), "key": layer["key"] if layer else None}
         if layer and row["key"] in judge_scores and ref in judge_scores:
             row["vs"] = judge(judge_scores[row["key"]], judge_scores[ref])
+            judged = set(judge_scores[row["key"]]) & set(judge_scores[ref])
+            row["diverged"] = len((diverged or {}).get(row["key"], set()) & judged)
         rows.append(row)
     tested = [row for row in rows if row.get("vs") and row["vs"]["p"] is not None]
     for row, p in zip(tested, holm([row["vs"]["p"] for row in tested])):
@@ -282,6 +302,7 @@ def arm_verdicts(runs: list[dict], scores: dict[str, dict[int, float]], horizon:
         row["level"] = (bool(v) and v["p"] is not None  # one seed gives no test: not level
                         and not (v["p_holm"] < 0.05 and v["diff"] < 0))
         row["within_margin"] = bool(v) and v["within_margin"]
+        row["level_stable"] = row["level"] and not row.get("diverged")
     return rows
 
 
@@ -371,7 +392,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
            f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
            "bn_relu: not trained yet", ""]
     out += _reference_lines(scores)
-    out += _verdict_sections(arms, scores, scores, horizon, top)
+    diverged = diverged_by_key(lines)
+    out += _verdict_sections(arms, scores, scores, horizon, top, diverged)
     agreement = search_heldout_agreement(arms, scores, horizon, top)
     if agreement["n"] >= 3 and agreement["spearman"] is not None:
         out += ["", f"How well a run's one-seed search score ranks its layers held out ({agreement['n']} "
@@ -383,7 +405,7 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
         out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
                     f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]
         out += _reference_lines(confirm)
-        out += _verdict_sections(arms, scores, confirm, horizon, top)
+        out += _verdict_sections(arms, scores, confirm, horizon, top, diverged)
     cpu = [r["cpu_s"] for r in lines]
     if cpu:
         out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
@@ -408,7 +430,8 @@ def _reference_lines(scores: dict[str, dict[int, float]]) -> list[str]:
 
 
 def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[int, float]],
-                      judge_scores: dict[str, dict[int, float]], horizon: float, top: int) -> list[str]:
+                      judge_scores: dict[str, dict[int, float]], horizon: float, top: int,
+                      diverged: dict[str, set[int]] | None = None) -> list[str]:
     """Per arm its runs' table and counts against each comparator; then the arms compared."""
     import numpy as np
 
@@ -416,7 +439,8 @@ def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[i
     graph_key = bn_relu_graph_key()
 
     def table(ref):
-        return {arm: arm_verdicts(runs, pick_scores, horizon, top, ref=ref, judge_scores=judge_scores)
+        return {arm: arm_verdicts(runs, pick_scores, horizon, top, ref=ref, judge_scores=judge_scores,
+                                  diverged=diverged)
                 for arm, runs in arms.items()}
 
     rows_by_arm = table(TARGET)
@@ -425,17 +449,18 @@ def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[i
                                                ("evonorm_b0", "evonorm_b0")) if key in judge_scores]
     for arm, rows in rows_by_arm.items():
         out += ["", f"## {arm}", "",
-                "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds | level | within 0.01 |",
+                "| seed | layer (search score, CPU s" + (", search rank" if top > 1 else "") + ") | held-out - bn_relu [95%] | p (Holm) | seeds (diverged) | level | within 0.01 |",
                 "|---|---|---|---|---|---|---|"]
         for row in rows:
             layer, v = row["layer"], row.get("vs")
             what = (f"`{layer['formula'][:70]}` ({layer['score']:.4f}, {layer['cpu_total']:.0f}"
                     + (f", #{layer['rank']} of {row['of']}" if top > 1 else "") + ")"
                     if layer else "none trained")
+            seeds = f"{v['seeds']} ({row['diverged']} diverged)" if v and row.get("diverged") else (f"{v['seeds']}" if v else "")
             if v and v["p"] is not None:
-                verdict = f"{difference(v)} | {v['p']:.3g} ({v['p_holm']:.3g}) | {v['seeds']}"
+                verdict = f"{difference(v)} | {v['p']:.3g} ({v['p_holm']:.3g}) | {seeds}"
             elif v and v["diff"] is not None:
-                verdict = f"{difference(v)} | | {v['seeds']}"
+                verdict = f"{difference(v)} | | {seeds}"
             else:
                 verdict = "not trained yet | | "
             out.append(f"| {row['seed']} | {what} | {verdict} | {'yes' if row['level'] else 'no'} "
@@ -445,7 +470,9 @@ def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[i
             these = verdicts[arm]
             judged = [r for r in these if r.get("vs")]
             if judged:
-                out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}, "
+                unstable = sum(r["level"] and not r["level_stable"] for r in these)
+                out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}"
+                           + (f" ({unstable} of them with a training that diverged)" if unstable else "") + ", "
                            f"within {MARGIN} (95% lower end above -{MARGIN}) {sum(r['within_margin'] for r in these)}/"
                            f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}")
     names = list(rows_by_arm)

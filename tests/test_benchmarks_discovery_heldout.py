@@ -223,3 +223,36 @@ def test_a_result_whose_formula_does_not_read_back_is_one_line(heldout, tmp_path
                          "--report"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: a recorded formula: not a formula: unknown op 'foo'") and "\n" not in err
+
+
+def test_a_pick_level_only_by_a_diverged_seed_is_marked(heldout):
+    """A layer a bit worse than bn_relu on every seed but one, where its training diverged, has a
+    wide interval and passes as "level"; the report counts it apart from picks that never diverged."""
+    seeds = list(range(1000, 1008))
+    bn = {s: 0.975 + 0.002 * (s % 3) for s in seeds}
+    shaky, steady = heldout.layer_key("x / rms_b(x)"), heldout.layer_key("x / rms_i(x)")
+    archs = ("resnet", "mobilenetv2", "efficientnet")
+    lines = [{"seed": s, "key": "bn_relu", "acc": {a: bn[s] for a in archs}, "diverged": [], "cpu_s": 1.0}
+             for s in seeds]
+    for s in seeds:  # shaky: 0.01 below on every seed, one architecture at 0 on the last one
+        acc = {a: bn[s] - 0.01 - 0.002 * (s % 2) for a in archs}
+        if s == seeds[-1]:
+            acc["efficientnet"] = 0.0
+        lines.append({"seed": s, "key": shaky, "acc": acc, "cpu_s": 1.0,
+                      "diverged": ["efficientnet"] if s == seeds[-1] else []})
+        lines.append({"seed": s, "key": steady, "acc": {a: bn[s] + 0.001 * (s % 2) for a in archs},
+                      "diverged": [], "cpu_s": 1.0})
+    runs = [run("a", 0, [cand(1, 10.0, [0.95], "x / rms_b(x)")]),
+            run("a", 1, [cand(1, 10.0, [0.95], "x / rms_i(x)")])]
+    assert heldout.diverged_by_key(lines) == {shaky: {seeds[-1]}}
+    rows = heldout.arm_verdicts(runs, heldout.scores_by_key(lines), horizon=100.0,
+                                diverged=heldout.diverged_by_key(lines))
+    assert rows[0]["level"] and rows[0]["diverged"] == 1 and not rows[0]["level_stable"]
+    assert rows[1]["level"] and rows[1]["diverged"] == 0 and rows[1]["level_stable"]
+    # judged on seeds without the diverged one, the same pick is worse and has nothing to mark
+    clean = heldout.on_seeds(heldout.scores_by_key(lines), seeds[:-1])
+    row = heldout.arm_verdicts(runs, clean, horizon=100.0, diverged=heldout.diverged_by_key(lines))[0]
+    assert not row["level"] and row["diverged"] == 0
+    text = heldout.report(runs, lines, 100.0, 1, "cmd")
+    assert "a against bn_relu: level 2/2 (1 of them with a training that diverged)" in text
+    assert "| 8 (1 diverged) | yes |" in text
