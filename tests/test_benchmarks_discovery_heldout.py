@@ -214,6 +214,12 @@ def test_a_pick_is_confirmed_on_fresh_seeds_it_was_not_chosen_on(heldout):
     assert "a against bn_relu: level 1/1" in chosen_part
     assert "4 fresh seeds (1004-1007) alone" in confirm_part
     assert "a against bn_relu: level 0/1" in confirm_part and "`x / rms_b(x)`" in confirm_part
+    # the best reached: only layers with every seed (the confirmed pick), judged on all of them
+    best = text.split("# The best reached")[1]
+    assert "the 1 layers trained on all 8 seeds" in best
+    assert "| `x / rms_b(x)` | a s0 |" in best and "rms_i" not in best
+    pooled = heldout.judge(table[lucky], bn)
+    assert heldout.difference(pooled) in best and pooled["diff"] == pytest.approx(-0.0083, abs=1e-3)
 
 
 def test_a_result_whose_formula_does_not_read_back_is_one_line(heldout, tmp_path, capsys):
