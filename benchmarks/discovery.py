@@ -619,6 +619,24 @@ def rerank_again(result: dict, args, command: str) -> dict:
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def at_horizon(result: dict, horizon: float) -> dict:
+    """The run as one capped at `horizon` CPU s would have recorded it. One worker makes a run's
+    course a function of its seed (round 21: a capped run's log is the exact prefix of the longer
+    run's), so cutting a longer run's log at the horizon gives that run, but for the candidate in
+    flight at the cap, which a capped run finishes and counts. A run stopped at the target before
+    the horizon stays stopped; its re-ranking (of a best after the horizon) is dropped."""
+    if horizon >= result["cpu_cap"]:
+        return result
+    log = [{**e, "score": sum(e["values"]) / len(e["values"]) if e.get("values") else None}
+           for e in result["log"] if e["cpu_total"] <= horizon]
+    metrics = run_metrics(log, horizon)
+    grown = [c for c in result.get("extended_from") or [] if c < horizon]
+    return {**result, **metrics, "cpu_cap": horizon, "cut_from": result["cpu_cap"], "rerank": None,
+            "extended_from": grown or None,
+            "stopped_at_target": bool(result.get("stopped_at_target")) and metrics["cpu_to_target"] is not None,
+            "log": [{k: v for k, v in e.items() if k != "score"} for e in log]}
+
+
 def latest_per_run(results: list[dict]) -> list[dict]:
     """One result per (arm, seed): the last one recorded (a re-ranking grown later replaces it)."""
     return list({(r["arm"], r["seed"]): r for r in results}.values())
@@ -936,7 +954,11 @@ def report(results: list[dict], path: str, command: str) -> str:
     for runs in arms.values():
         runs.sort(key=lambda r: r["seed"])
     caps = sorted({r["cpu_cap"] for r in results})
-    lines += ["", f"CPU cap per run: {', '.join(f'{c:g}' for c in caps)} s (one worker, one torch thread). "
+    cut = sorted({r["cut_from"] for r in results if r.get("cut_from")})
+    lines += ["", f"CPU cap per run: {', '.join(f'{c:g}' for c in caps)} s (one worker, one torch thread)"
+              + (f"; {sum(bool(r.get('cut_from')) for r in results)} of {len(results)} runs cut there from caps of "
+                 f"{', '.join(f'{c:g}' for c in cut)} s (`--horizon`: the same seed's run, its log cut; no re-ranking)"
+                 if cut else "") + ". "
               f"Target: a candidate's search score (mean accuracy over the architectures) within "
               f"{TARGET_MARGIN} of bn_relu's in the same run. '>' = never reached within the cap "
               "(counted as the cap). Mann-Whitney U (two-sided; a censored run is a tie at the cap), the "
@@ -1176,12 +1198,18 @@ def main(argv: list[str] | None = None) -> int:
                         "is re-ranked again, its stage grown to this many, and recorded as a new line")
     p.add_argument("--quick", action="store_true", help="smoke test: synthetic data, tiny proxy and space")
     p.add_argument("--report", action="store_true", help="only print the tables of --results")
+    p.add_argument("--horizon", type=float, default=None,
+                   help="with --report: every run as if capped at this many CPU s (a longer run's log cut "
+                        "there: one worker's search is a function of its seed), to compare arms run to "
+                        "different caps at the smallest")
     p.add_argument("--check-host", action="store_true",
                    help="only train the known layers of --seeds here and say which runs in --results "
                         "trained them to the same accuracies (which recorded arms this host can be paired with)")
     args = p.parse_args(argv)
     if args.report:
         results = latest_per_run([r for path in args.results.split(",") for r in read_results(path)])
+        if args.horizon is not None:
+            results = [at_horizon(r, args.horizon) for r in results]
         sys.stdout.write(report(results, args.results, command))
         return 0
     args.filter_opts = parse_arm_options(args.filter_options)

@@ -545,3 +545,27 @@ def test_arm_options_read_as_toml_values_so_false_is_false(discovery):
     options = discovery.parse_arm_options("equivalence:band=false,limit_atol=0.001;quality:parent_margin=0.02")
     assert options == {"equivalence": {"band": False, "limit_atol": 0.001}, "quality": {"parent_margin": 0.02}}
     assert registry.rejection_filters.create("equivalence", **options["equivalence"]).band is False
+
+
+def test_a_longer_run_cut_at_a_horizon_reads_as_the_run_capped_there(discovery):
+    """--horizon: arms run to different caps compare at the smallest; a run's log cut at the
+    horizon gives what a run capped there recorded (times censored at the horizon, the best and
+    the counts of what finished by then)."""
+    full = log_of([(5.0, None), (10.0, 0.85), (20.0, 0.86), (30.0, 0.86), (40.0, 0.895), (50.0, 0.97)])
+    stored = [{k: e[k] for k in ("number", "kind", "layer", "verdict", "cpu_total", "values", "formula")}
+              for e in full]  # result lines keep no score: it is recomputed from the values
+    result = {"run": "a-s0", "arm": "a", "algorithm": "a", "options": {}, "known": False, "reference": "random",
+              "command": "python benchmarks/discovery.py X", "seed": 0, "cpu_cap": 100.0, "stopped_at_target": False,
+              "extended_from": [60.0], "rerank": {"vs": {}}, "log": stored, **discovery.run_metrics(full, 100.0)}
+    cut = discovery.at_horizon(result, 35.0)
+    capped = discovery.run_metrics([e for e in full if e["cpu_total"] <= 35.0], 35.0)
+    assert {k: cut[k] for k in capped} == capped
+    assert cut["cpu_to_target"] is None and result["cpu_to_target"] == 40.0  # reached after the horizon: censored
+    assert (cut["trained"], cut["repeats"], cut["best"]["score"]) == (3, 1, pytest.approx(0.86))
+    assert cut["cpu_cap"] == 35.0 and cut["cut_from"] == 100.0 and cut["rerank"] is None
+    assert cut["extended_from"] is None  # grown at 60, past the horizon: not a grown run there
+    assert len(cut["log"]) == 6 and "score" not in cut["log"][0]  # 2 baselines, 4 candidates
+    assert discovery.at_horizon(result, 45.0)["cpu_to_target"] == 40.0
+    assert discovery.at_horizon(result, 100.0) is result  # at or past its cap: the run itself
+    text = discovery.report([cut], "r.jsonl", "cmd")
+    assert "CPU cap per run: 35 s" in text and "1 of 1 runs cut there from caps of 100 s" in text
