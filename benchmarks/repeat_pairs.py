@@ -19,7 +19,11 @@ the equivalence filter's own tests (`plugins/rejection/equivalence.py`):
 - "different functions": none of these: a tie between two layers that train differently.
 
 Only the last kind is outside the clause's intent; the first three are trainings the equivalence
-rule could have saved.
+rule could have saved. Of the different functions, the last column counts those that are one
+function at the start (outputs equal with every trainable vector at its initial value, as
+`std_l(2x + v0)` and `std_l(2x + v1)`: v0 = 1 and v1 = 0 are each one value over the channels)
+and part only as training moves a vector: the filter keeps them apart by the issue's own rule
+(never merge layers training can tell apart), and they tie more often than chance.
 
     python benchmarks/repeat_pairs.py --results benchmarks/discovery_round20_full_results.jsonl.gz [--pairs]
 """
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+
+import numpy as np
 
 import discovery  # benchmarks/ is on the path of a script run from it: the runs' files
 
@@ -76,6 +82,21 @@ class PairJudge:
             self._cache[formula] = (candidate.canonical_hash, fp, limit, bands)
         return self._cache[formula]
 
+    def same_at_start(self, formula_a: str, formula_b: str) -> bool:
+        """Whether the two compute one function with every trainable vector at its initial value:
+        the first of the three outputs per probe shape in the plain fingerprint (at init, at the
+        reached values, in eval mode: `equivalence._outputs`), within the cache's tolerance."""
+        from opsearch.plugins.rejection.equivalence import NUM_PROJECTIONS
+        from opsearch.rejection import EquivalenceCache
+
+        block, per_shape = 2 + NUM_PROJECTIONS, 3
+        starts = []
+        for formula in (formula_a, formula_b):
+            fp = self._facts(formula)[1]
+            assert fp.size == len(self.shapes) * per_shape * block, "the fingerprint's layout changed"
+            starts.append(fp.reshape(len(self.shapes), per_shape, block)[:, 0, :])
+        return bool(np.abs(starts[0] - starts[1]).max() <= EquivalenceCache().atol)
+
     def kind(self, formula_a: str, formula_b: str) -> str:
         """One of KINDS, by the filter's tests in its order."""
         from opsearch.rejection import CacheEntry, EquivalenceCache
@@ -96,8 +117,9 @@ class PairJudge:
 
 
 def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
-    lines = ["| arm | runs | trained | exact repeats | " + " | ".join(KINDS) + " | repeats of one function |",
-             "|---" * (len(KINDS) + 5) + "|"]
+    lines = ["| arm | runs | trained | exact repeats | " + " | ".join(KINDS)
+             + " | repeats of one function | different functions, one at the start |",
+             "|---" * (len(KINDS) + 6) + "|"]
     detail = []
     by_arm: dict[str, list[dict]] = {}
     for r in discovery.latest_per_run(results):
@@ -110,7 +132,10 @@ def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
             trained += sum(1 for e in log if e["kind"] == "candidate" and e.get("verdict") == "evaluated")
             for earlier, later in repeat_pairs(log):
                 kind = judge.kind(earlier["formula"], later["formula"])
-                counts[kind] += 1
+                if kind == "different functions" and judge.same_at_start(earlier["formula"], later["formula"]):
+                    counts["one at the start"] += 1
+                    kind += " (one function at the start)"
+                counts[kind.split(" (")[0]] += 1
                 repeats += 1
                 detail.append(f"- {arm} seed {r['seed']}: trial {later['number']} `{later['formula']}` "
                               f"= trial {earlier['number']} `{earlier['formula']}` "
@@ -118,7 +143,7 @@ def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
         same = repeats - counts["different functions"]
         lines.append(f"| {arm} | {len(runs)} | {trained} | {repeats} ({_pct(repeats, trained)}) | "
                      + " | ".join(str(counts[k]) for k in KINDS)
-                     + f" | {same} ({_pct(same, trained)}) |")
+                     + f" | {same} ({_pct(same, trained)}) | {counts['one at the start']} |")
     out = ["Exact repeats of trained candidates' scores, by what the equivalence filter's tests say of "
            "each pair (benchmarks/repeat_pairs.py; the last line of each run counts):", ""] + lines
     if show_pairs and detail:

@@ -60,7 +60,7 @@ def test_the_report_counts_ties_of_different_layers_apart_from_functions_trained
     text = pairs.report(results, judge, show_pairs=True)
     row = next(line for line in text.splitlines() if line.startswith("| random"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["random", "2", "8", "3 (37.5%)", "0", "2", "0", "1", "2 (25.0%)"]
+    assert cells == ["random", "2", "8", "3 (37.5%)", "0", "2", "0", "1", "2 (25.0%)", "0"]
     assert "trial 4 `sigmoid(x)` = trial 3 `tanh(x)` [0.7, 0.7]: different functions" in text
 
     path = tmp_path / "results.jsonl.gz"
@@ -77,3 +77,21 @@ def test_a_bad_recorded_formula_is_one_line(pairs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: FormulaError") and "unknown op 'foo'" in err and "\n" not in err
     assert pairs.main(["--results", str(tmp_path / "missing.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("a, b, at_start", [
+    ("std_l(x + (v0 + x))", "std_l(x + (v1 + x))", True),  # v0 = 1, v1 = 0: one shift over the channels
+    ("x + v1 * x", "x", True),  # v1 starts at 0; its gradient does not
+    ("tanh(x)", "sigmoid(x)", False),
+    ("x / std_b(x)", "(-x) / rms_b(x + x)", False),
+])
+def test_different_functions_that_are_one_at_the_start_are_told_apart(pairs, judge, a, b, at_start):
+    """Pairs training can tell apart (the filter keeps them) split by whether they start as one
+    function; the report counts those in its last column."""
+    assert judge.kind(a, b) == "different functions"
+    assert judge.same_at_start(a, b) is at_start and judge.same_at_start(b, a) is at_start
+    log = [cand(1, [0.9, 0.8], a), cand(2, [0.9, 0.8], b)]
+    text = pairs.report([{"arm": "a", "seed": 0, "log": log}], judge, show_pairs=True)
+    row = next(line for line in text.splitlines() if line.startswith("| a "))
+    assert row.strip("|").split("|")[-1].strip() == ("1" if at_start else "0")
+    assert ("one function at the start" in text) is at_start
