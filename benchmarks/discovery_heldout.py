@@ -403,7 +403,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                     f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
                     f"{agreement['kendall_tau']:+.2f}."]
     confirm = on_seeds(every, confirm_seeds)
-    if confirm.get(TARGET):
+    picks = {row["key"] for runs in arms.values() for row in arm_verdicts(runs, scores, horizon, top) if row["key"]}
+    if confirm.get(TARGET) and picks & set(confirm):  # the references' fresh seeds alone confirm nothing
         out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
                     f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]
         out += _reference_lines(confirm)
@@ -502,10 +503,14 @@ def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[i
             judged = [r for r in these if r.get("vs")]
             if judged:
                 unstable = sum(r["level"] and not r["level_stable"] for r in these)
+                untrained = len(these) - len(judged)
                 out.append(f"{arm} against {label}: level {sum(r['level'] for r in these)}/{len(these)}"
                            + (f" ({unstable} of them with a training that diverged)" if unstable else "") + ", "
                            f"within {MARGIN} (95% lower end above -{MARGIN}) {sum(r['within_margin'] for r in these)}/"
-                           f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}")
+                           f"{len(these)}; median difference {np.median([r['vs']['diff'] for r in judged]):+.4f}"
+                           + (f" ({untrained} of {len(these)} picks not trained on these seeds)" if untrained else ""))
+            elif these:
+                out.append(f"{arm} against {label}: no pick trained on these seeds (0 of {len(these)})")
     names = list(rows_by_arm)
     if len(names) >= 2:
         out += ["", "## Arms against each other (the run as the unit)", ""]
@@ -513,6 +518,9 @@ def _verdict_sections(arms: dict[str, list[dict]], pick_scores: dict[str, dict[i
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
                     ra, rb = verdicts[a], verdicts[b]
+                    if any(r["layer"] and not r.get("vs") for r in ra + rb):  # a pick lacks these seeds
+                        out.append(f"- against {label}, {a} / {b}: not compared (not every pick trained on these seeds)")
+                        continue
                     p_mw = compare_diffs(ra, rb)
                     out.append(f"- against {label}, {a} / {b}: level {sum(r['level'] for r in ra)}/{len(ra)} "
                                f"vs {sum(r['level'] for r in rb)}/{len(rb)} (Fisher p "

@@ -262,3 +262,28 @@ def test_a_pick_level_only_by_a_diverged_seed_is_marked(heldout):
     text = heldout.report(runs, lines, 100.0, 1, "cmd")
     assert "a against bn_relu: level 2/2 (1 of them with a training that diverged)" in text
     assert "| 8 (1 diverged) | yes |" in text
+
+
+def test_picks_without_the_fresh_seeds_are_said_so_and_the_arms_not_compared(heldout):
+    """Fresh seeds trained for the references and for some picks only (a held-out file shared
+    across rounds): the confirmation counts say how many picks lack them and compares no arms on
+    them (a missing pick is not the lowest score), while the selection part compares as before."""
+    select, fresh = [1000, 1001, 1002, 1003], [1004, 1005, 1006, 1007]
+    bn = {s: 0.97 + 0.001 * (s % 3) for s in select + fresh}
+    confirmed, unconfirmed = heldout.layer_key("x / rms_b(x)"), heldout.layer_key("x / rms_i(x)")
+    table = {"bn_relu": bn, confirmed: {s: bn[s] - 0.01 - 0.001 * (s % 2) for s in select + fresh},
+             unconfirmed: {s: bn[s] - 0.02 - 0.001 * (s % 2) for s in select}}
+    runs = [run("a", 0, [cand(1, 10.0, [0.95], "x / rms_b(x)")]),
+            run("b", 0, [cand(1, 10.0, [0.95], "x / rms_i(x)")])]
+    lines = [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0} for k, per in table.items()
+             for s, v in per.items()]
+    text = heldout.report(runs, lines, 100.0, 1, "cmd", seeds=select, confirm_seeds=fresh)
+    chosen_part, confirm_part = text.split("# Confirmation")
+    assert "Mann-Whitney" in chosen_part and "not compared" not in chosen_part
+    assert "a against bn_relu: level 0/1, within 0.01" in confirm_part  # -0.0105: its pick has them
+    assert "b against bn_relu: no pick trained on these seeds (0 of 1)" in confirm_part
+    assert "a / b: not compared (not every pick trained on these seeds)" in confirm_part
+    assert "Mann-Whitney" not in confirm_part
+    # no pick has the fresh seeds (only the references do): no confirmation section at all
+    lines = [r for r in lines if r["key"] == "bn_relu" or r["seed"] in select]
+    assert "# Confirmation" not in heldout.report(runs, lines, 100.0, 1, "cmd", seeds=select, confirm_seeds=fresh)
