@@ -436,6 +436,9 @@ def _best_reached(arms: dict[str, list[dict]], every: dict[str, dict[int, float]
                f"the top {min(rows, len(judged))} by difference to bn_relu (the best of {len(found)}: flattered by the choice)", ""]
     if "evonorm_b0" in every:
         out.append(f"evonorm_b0 against bn_relu on these seeds: {difference(judge(every['evonorm_b0'], ref))}")
+    if bn_relu_graph_key() in every:
+        out.append(f"bn_relu's graph as a candidate against bn_relu on these seeds: "
+                   f"{difference(judge(every[bn_relu_graph_key()], ref))}")
     out += ["", "| layer | found by | - bn_relu [95%] | - evonorm_b0 [95%] |", "|---|---|---|---|"]
     for v, key in judged[:rows]:
         formula, by = found[key]
