@@ -213,26 +213,25 @@ def train(items: list[tuple[int, str, str]], out: str, lane: tuple[int, int],
 # Statistics and the report
 
 
+def first_lines(lines: list[dict]) -> list[dict]:
+    """The first line of each (layer, seed): the one that counts (parallel lanes can train an
+    item twice)."""
+    return list({(r["key"], r["seed"]): r for r in reversed(lines)}.values())
+
+
 def scores_by_key(lines: list[dict]) -> dict[str, dict[int, float]]:
-    """Each layer's held-out score per seed: its mean accuracy over the architectures (the first
-    line of a (layer, seed) counts)."""
+    """Each layer's held-out score per seed: its mean accuracy over the architectures."""
     out: dict[str, dict[int, float]] = {}
-    for r in lines:
-        per = out.setdefault(r["key"], {})
-        if r["seed"] not in per:
-            per[r["seed"]] = sum(r["acc"].values()) / len(r["acc"])
+    for r in first_lines(lines):
+        out.setdefault(r["key"], {})[r["seed"]] = sum(r["acc"].values()) / len(r["acc"])
     return out
 
 
 def diverged_by_key(lines: list[dict]) -> dict[str, set[int]]:
     """The seeds on which each layer's held-out training diverged in some architecture (its
-    accuracy there is chance or zero; the first line of a (layer, seed) counts, as for scores)."""
-    seen: set[tuple[str, int]] = set()
+    accuracy there is chance or zero)."""
     out: dict[str, set[int]] = {}
-    for r in lines:
-        if (r["key"], r["seed"]) in seen:
-            continue
-        seen.add((r["key"], r["seed"]))
+    for r in first_lines(lines):
         if r.get("diverged"):
             out.setdefault(r["key"], set()).add(r["seed"])
     return out
@@ -403,7 +402,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                     f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
                     f"{agreement['kendall_tau']:+.2f}."]
     confirm = on_seeds(every, confirm_seeds)
-    picks = {row["key"] for runs in arms.values() for row in arm_verdicts(runs, scores, horizon, top) if row["key"]}
+    picks = {pick["key"] for runs in arms.values() for r in runs
+             if (pick := run_pick(run_layers(r, horizon, top), scores, top))}
     if confirm.get(TARGET) and picks & set(confirm):  # the references' fresh seeds alone confirm nothing
         out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
                     f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]

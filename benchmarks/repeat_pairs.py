@@ -132,14 +132,14 @@ def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
             trained += sum(1 for e in log if e["kind"] == "candidate" and e.get("verdict") == "evaluated")
             for earlier, later in repeat_pairs(log):
                 kind = judge.kind(earlier["formula"], later["formula"])
-                if kind == "different functions" and judge.same_at_start(earlier["formula"], later["formula"]):
-                    counts["one at the start"] += 1
-                    kind += " (one function at the start)"
-                counts[kind.split(" (")[0]] += 1
+                at_start = kind == "different functions" and judge.same_at_start(earlier["formula"], later["formula"])
+                counts[kind] += 1
+                counts["one at the start"] += at_start
                 repeats += 1
                 detail.append(f"- {arm} seed {r['seed']}: trial {later['number']} `{later['formula']}` "
                               f"= trial {earlier['number']} `{earlier['formula']}` "
-                              f"{[round(v, 4) for v in later['values']]}: {kind}")
+                              f"{[round(v, 4) for v in later['values']]}: {kind}"
+                              + (" (one function at the start)" if at_start else ""))
         same = repeats - counts["different functions"]
         lines.append(f"| {arm} | {len(runs)} | {trained} | {repeats} ({_pct(repeats, trained)}) | "
                      + " | ".join(str(counts[k]) for k in KINDS)
