@@ -402,9 +402,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
                     f"{agreement['spearman']:+.2f} (p {agreement['spearman_p']:.3g}), Kendall "
                     f"{agreement['kendall_tau']:+.2f}."]
     confirm = on_seeds(every, confirm_seeds)
-    picks = {pick["key"] for runs in arms.values() for r in runs
-             if (pick := run_pick(run_layers(r, horizon, top), scores, top))}
-    if confirm.get(TARGET) and picks & set(confirm):  # the references' fresh seeds alone confirm nothing
+    picks = confirmation_layers(results, scores, horizon, top)[0]
+    if confirm.get(TARGET) and set(picks) & set(confirm):  # the references' fresh seeds alone confirm nothing
         out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
                     f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]
         out += _reference_lines(confirm)
