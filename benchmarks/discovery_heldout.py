@@ -36,6 +36,11 @@ can be judged.
   The report then ends with "the best reached" (the issue's "where a target is missed, the best
   reached"): the layers with every seed, selection and fresh, against bn_relu and evonorm_b0.
 
+- `--no-act bn`: the same layers held out with BatchNorm in the networks' no-activation slots (the
+  last norm of a residual block, the projections), where the searches gave a candidate the affine
+  alone and bn_relu, a known layer, keeps its BatchNorm: the verdict on what a layer computes in
+  the slots it fills, apart from where it sits. Its lines go to their own `--out`.
+
 Work goes seed-major (every layer at the first seed, then the second, ...), one JSON line per
 (layer, seed) appended to `--out`; a rerun skips what is there, so a stopped job loses at most
 one training and `--seeds` can grow later. `--lane K/N` runs every N-th item (parallel processes
@@ -69,6 +74,7 @@ DEFAULT_OUT = os.path.join(HERE, "discovery_heldout_results.jsonl")
 HORIZON = 1800.0  # the issue's 30 CPU-minutes per run
 MARGIN = discovery.TARGET_MARGIN
 TARGET = discovery.TARGET_LAYER
+SEARCH_NO_ACT = "affine"  # what a candidate gets in the no-activation slots in the searches (the default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,9 +128,10 @@ def layer_key(formula: str) -> str:
     return canonical_hash(parse_formula_plain(formula))
 
 
-def heldout_task() -> tuple[dict, Any, str]:
+def heldout_task(no_act: str = SEARCH_NO_ACT) -> tuple[dict, Any, str]:
     """The re-ranking stage's held-out task of a benchmark run (its evaluator config as stored,
-    the machine's evaluator config, the plugin name)."""
+    the machine's evaluator config, the plugin name); `no_act` what a candidate gets in the
+    networks' no-activation slots (`layer_options.no_act`; known layers keep their companion)."""
     from opsearch.config import SearchConfig
     from opsearch.evaluation import make_eval_config
     from opsearch.rerank import RerankTask
@@ -134,6 +141,8 @@ def heldout_task() -> tuple[dict, Any, str]:
     values["rerank"] = {"enabled": True}
     config = SearchConfig.from_dict(values)
     task = RerankTask.from_config(config)
+    if no_act != SEARCH_NO_ACT:
+        task.task["layer_options"] = {**task.task.get("layer_options", {}), "no_act": no_act}
     return task.task, make_eval_config(config), task.evaluator_plugin
 
 
@@ -163,9 +172,10 @@ def append_line(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def heldout_evaluate() -> Callable[[int, str, str], dict]:
+def heldout_evaluate(no_act: str = SEARCH_NO_ACT) -> Callable[[int, str, str], dict]:
     """(seed, key, layer) -> the held-out accuracy per architecture, on the re-ranking stage's task
-    with that seed (one evaluator per seed, kept while the seed lasts: building one loads data)."""
+    with that seed (one evaluator per seed, kept while the seed lasts: building one loads data);
+    a line trained with another `no_act` than the search's says so."""
     import torch
 
     from opsearch.formula_parser import parse_formula
@@ -173,7 +183,7 @@ def heldout_evaluate() -> Callable[[int, str, str], dict]:
     from opsearch.rerank import task_eval_config
 
     torch.set_num_threads(1)
-    task, machine, plugin = heldout_task()
+    task, machine, plugin = heldout_task(no_act)
     evaluators: dict[int, Any] = {}
 
     def evaluate(seed: int, key: str, layer: str) -> dict:
@@ -183,7 +193,8 @@ def heldout_evaluate() -> Callable[[int, str, str], dict]:
             evaluators[seed] = FilterContext(eval_config=config, evaluator_plugin=plugin).get_evaluator()
         per_arch = evaluators[seed].evaluate(layer if key == layer else parse_formula(layer)).to_dict()["per_arch"]
         return {"acc": {a: r["accuracy"] for a, r in per_arch.items()},
-                "diverged": [a for a, r in per_arch.items() if r["diverged"]]}
+                "diverged": [a for a, r in per_arch.items() if r["diverged"]],
+                **({} if no_act == SEARCH_NO_ACT else {"no_act": no_act})}
 
     return evaluate
 
@@ -374,7 +385,7 @@ def difference(v: dict) -> str:
 
 
 def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str,
-           seeds: list[int] | None = None, confirm_seeds: list[int] = ()) -> str:
+           seeds: list[int] | None = None, confirm_seeds: list[int] = (), no_act: str = SEARCH_NO_ACT) -> str:
     """The tables: each run's answer judged on the `seeds` it was chosen on (default: every seed
     in `lines`) and, where `confirm_seeds` were trained, judged again on those alone (the pick
     no longer judged on the seeds that chose it: no winner's curse)."""
@@ -389,7 +400,12 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
     pick = ("its search's best (top 1)" if top == 1 else
             f"the best held out of its top {top} by search score (the re-ranking stage's rule)")
     out = [f"# Held-out verdicts on each run's layer at {horizon:g} CPU s: {pick}", "",
-           f"`{command}`", "",
+           f"`{command}`", ""]
+    if no_act != SEARCH_NO_ACT:
+        out += [f"Held out with `layer_options.no_act = {no_act!r}`: every candidate (the runs' layers and bn_relu's graph) "
+                f"gets that in the networks' no-activation slots, where the searches gave it {SEARCH_NO_ACT!r}; "
+                "the known layers keep their own companion (bn_relu: BatchNorm).", ""]
+    out += [
            f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
            "bn_relu: not trained yet", ""]
     out += _reference_lines(scores)
@@ -547,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/discovery_heldout.py " + shlex.join(argv)
+    from opsearch.layers import NO_ACT_MODES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", required=True, help="discovery result files, comma-separated "
                    "(the last line of each run counts, as in discovery.py's report)")
@@ -562,6 +580,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=float, default=HORIZON, help="CPU seconds of the run (default 1800)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON lines, one per (layer, seed); appended")
     p.add_argument("--lane", default="0/1", help="K/N: train every N-th item from the K-th")
+    p.add_argument("--no-act", default=SEARCH_NO_ACT, choices=NO_ACT_MODES,
+                   help="what the candidates get in the networks' no-activation slots held out (default: "
+                        f"{SEARCH_NO_ACT!r}, as in the searches; 'bn': BatchNorm, as bn_relu has there); "
+                        "--out must hold lines of that mode only")
     p.add_argument("--report", action="store_true", help="only print the tables")
     args = p.parse_args(argv)
     arms = set(args.arms.split(","))
@@ -572,12 +594,17 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     from opsearch.rerank import stage_seeds
 
-    task = heldout_task()[0]
+    task = heldout_task(args.no_act)[0]
     seeds = stage_seeds(task, args.seeds)
+    lines = read_lines(args.out)
+    other = sorted({r.get("no_act", SEARCH_NO_ACT) for r in lines} - {args.no_act})
+    if other:
+        print(f"error: --out {args.out} holds lines trained with no_act {other[0]!r}, not {args.no_act!r}: "
+              "give each mode its own file", file=sys.stderr)
+        return 2
     if args.report:
-        lines = read_lines(args.out)
         further = sorted({r["seed"] for r in lines} - set(seeds))  # a confirmation's seeds, if trained
-        sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further))
+        sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further, args.no_act))
         return 0
     layers: dict[str, str] = {bn_relu_graph_key(): bn_relu_graph()}
     for r in discovery.latest_per_run(results):
@@ -591,7 +618,8 @@ def _main(argv: list[str] | None = None) -> int:
     items = work_items(layers, seeds)
     print(f"{len(layers)} distinct layers + {len(discovery.REFERENCES)} references x {len(seeds)} seeds; "
           f"lane {k}/{n}", flush=True)
-    train(items, args.out, (k, n), progress=lambda s: print(s, flush=True))
+    evaluate = heldout_evaluate(args.no_act)
+    train(items, args.out, (k, n), evaluate, progress=lambda s: print(s, flush=True))
     if args.confirm > 0:
         picks, waiting = confirmation_layers(results, on_seeds(scores_by_key(read_lines(args.out)), seeds),
                                              args.horizon, args.top)
@@ -600,7 +628,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"confirmation: {len(picks) - 1} picks + the references x {len(fresh)} fresh seeds"
               + (f"; {waiting} run(s) cannot pick yet (their layers lack selection seeds): rerun to confirm them"
                  if waiting else ""), flush=True)
-        train(work_items(picks, fresh), args.out, (k, n), progress=lambda s: print(s, flush=True))
+        train(work_items(picks, fresh), args.out, (k, n), evaluate, progress=lambda s: print(s, flush=True))
     return 0
 
 

@@ -287,3 +287,41 @@ def test_picks_without_the_fresh_seeds_are_said_so_and_the_arms_not_compared(hel
     # no pick has the fresh seeds (only the references do): no confirmation section at all
     lines = [r for r in lines if r["key"] == "bn_relu" or r["seed"] in select]
     assert "# Confirmation" not in heldout.report(runs, lines, 100.0, 1, "cmd", seeds=select, confirm_seeds=fresh)
+
+
+def test_no_act_bn_sets_the_held_out_task_and_a_file_keeps_one_mode(heldout, tmp_path, capsys):
+    """`--no-act bn` trains the candidates with BatchNorm in the no-activation slots; its lines say
+    so, and a file of one mode is never judged or grown as the other (they would pair unlike trainings)."""
+    assert "no_act" not in heldout.heldout_task()[0]["layer_options"]  # the searches' task: the default
+    assert heldout.heldout_task("bn")[0]["layer_options"]["no_act"] == "bn"
+    log = [cand(1, 10.0, [0.97, 0.96, 0.98], "x / rms_b(x)")]
+    results = tmp_path / "r.jsonl.gz"
+    with gzip.open(results, "wt") as f:
+        f.write(json.dumps(run("random", 3, log)) + "\n")
+    line = {"seed": 1_000_000, "key": "bn_relu", "layer": "bn_relu", "acc": {"resnet": 0.9}, "diverged": [], "cpu_s": 1.0}
+    for mode, other in (("affine", "bn"), ("bn", "affine")):
+        out = tmp_path / f"{mode}.jsonl"
+        out.write_text(json.dumps({**line, **({"no_act": "bn"} if mode == "bn" else {})}) + "\n")
+        capsys.readouterr()
+        for extra in (["--report"], []):  # neither judged nor grown as the other mode
+            assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out),
+                                 "--no-act", other, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"trained with no_act '{mode}', not '{other}'" in err
+        assert out.read_text().count("\n") == 1  # nothing trained into it
+        assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(out),
+                             "--no-act", mode, "--report"]) == 0
+        said = "gets that in the networks' no-activation slots" in capsys.readouterr().out
+        assert said == (mode == "bn")  # the report says when the candidates were placed otherwise
+
+
+@pytest.mark.slow
+def test_with_no_act_bn_bn_relus_graph_trains_as_bn_relu(heldout):
+    """The real evaluator with `no_act = "bn"`: bn_relu's graph as a candidate gets BatchNorm where
+    the known layer has it, so it trains to bn_relu's own accuracies (under the searches' affine it
+    does not: test_one_run_trained_on_the_held_out_task_and_reported)."""
+    evaluate = heldout.heldout_evaluate("bn")
+    graph = evaluate(1_000_000, heldout.bn_relu_graph_key(), heldout.bn_relu_graph())
+    known = evaluate(1_000_000, "bn_relu", "bn_relu")
+    assert graph["no_act"] == known["no_act"] == "bn"
+    assert graph["acc"] == known["acc"] and 0.5 < min(known["acc"].values())
