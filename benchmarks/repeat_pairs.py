@@ -84,18 +84,12 @@ class PairJudge:
 
     def same_at_start(self, formula_a: str, formula_b: str) -> bool:
         """Whether the two compute one function with every trainable vector at its initial value:
-        the first of the three outputs per probe shape in the plain fingerprint (at init, at the
-        reached values, in eval mode: `equivalence._outputs`), within the cache's tolerance."""
-        from opsearch.plugins.rejection.equivalence import NUM_PROJECTIONS
+        the plain fingerprint's "init" part (`equivalence.output_part`), within the cache's tolerance."""
+        from opsearch.plugins.rejection.equivalence import output_part
         from opsearch.rejection import EquivalenceCache
 
-        block, per_shape = 2 + NUM_PROJECTIONS, 3
-        starts = []
-        for formula in (formula_a, formula_b):
-            fp = self._facts(formula)[1]
-            assert fp.size == len(self.shapes) * per_shape * block, "the fingerprint's layout changed"
-            starts.append(fp.reshape(len(self.shapes), per_shape, block)[:, 0, :])
-        return bool(np.abs(starts[0] - starts[1]).max() <= EquivalenceCache().atol)
+        a, b = (output_part(self._facts(f)[1], len(self.shapes), "init") for f in (formula_a, formula_b))
+        return bool(np.abs(a - b).max() <= EquivalenceCache().atol)
 
     def kind(self, formula_a: str, formula_b: str) -> str:
         """One of KINDS, by the filter's tests in its order."""

@@ -151,6 +151,23 @@ def test_constant_scales_and_shifts_vanish_into_the_final_affine(second):
     assert verdict(NORMALIZED, second).passed  # off by default
 
 
+def test_a_fingerprint_has_a_part_at_the_start_and_one_where_training_goes():
+    """`x + v1*x` and `x` are one function at init (v1 = 0) and two where training takes v1: the
+    plain fingerprint's "init" parts agree, its "reached" parts do not (what a reader of the
+    fingerprint, benchmarks/repeat_pairs.py, asks without knowing its layout)."""
+    from opsearch.plugins.rejection.equivalence import DEFAULT_SHAPES, fingerprint, output_part
+
+    shapes = list(DEFAULT_SHAPES)
+    fp_a, fp_b = (fingerprint(Candidate(plain), shapes, seed=0) for plain in
+                  (g(lambda b: b.add(b.x, b.mul(b.v1, b.x))), g(lambda b: b.add(b.x, b.zero))))
+    part = {k: [output_part(fp, len(shapes), k) for fp in (fp_a, fp_b)] for k in ("init", "reached")}
+    assert part["init"][0].shape[0] == len(shapes)
+    assert abs(part["init"][0] - part["init"][1]).max() < 1e-9
+    assert abs(part["reached"][0] - part["reached"][1]).max() > 1e-3
+    with pytest.raises(ValueError, match="not a plain one"):
+        output_part(fp_a, len(shapes) + 1, "init")
+
+
 def test_an_exact_copy_is_one_layer_either_way():
     for absorb in (True, False):
         v = verdict(NORMALIZED, g(lambda b: b.mul(b.div(b.x, b.rms_i(b.x)), b.exp(b.zero))),

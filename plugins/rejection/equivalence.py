@@ -72,6 +72,8 @@ from opsearch.rejection import CacheEntry, Candidate, Filter, FilterContext, Ver
 
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
 NUM_PROJECTIONS = 6
+BLOCK_SIZE = 2 + NUM_PROJECTIONS  # values per output: log rms, mean, the projections (_block)
+OUTPUTS = ("init", "reached", "eval")  # a plain fingerprint's outputs per probe shape, in order (_outputs)
 LIMIT_EPS = 1e-12
 LIMIT_ATOL = 0.02
 
@@ -185,6 +187,16 @@ def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int
                 band_blocks += [_block(y, projections) for y in outputs_of(layer, probes, state)[1:]]
         per_band.append(np.concatenate(band_blocks))
     return np.concatenate(blocks), per_band
+
+
+def output_part(fp: np.ndarray, num_shapes: int, output: str) -> np.ndarray:
+    """One output's values in a plain fingerprint of `num_shapes` probe shapes, a row per shape:
+    "init" is the layer with every trainable vector at its initial value, "reached" where
+    training can take them, "eval" in eval mode. Lets a reader ask "one function at the start?"
+    without knowing the layout."""
+    if fp.size != num_shapes * len(OUTPUTS) * BLOCK_SIZE:
+        raise ValueError(f"a fingerprint of {fp.size} values is not a plain one of {num_shapes} shapes")
+    return fp.reshape(num_shapes, len(OUTPUTS), BLOCK_SIZE)[:, OUTPUTS.index(output), :]
 
 
 def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
