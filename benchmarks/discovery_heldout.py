@@ -404,7 +404,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
     if no_act != SEARCH_NO_ACT:
         out += [f"Held out with `layer_options.no_act = {no_act!r}`: every candidate (the runs' layers and bn_relu's graph) "
                 f"gets that in the networks' no-activation slots, where the searches gave it {SEARCH_NO_ACT!r}; "
-                "the known layers keep their own companion (bn_relu: BatchNorm).", ""]
+                "the known layers keep their own companion (bn_relu: BatchNorm; the EvoNorms: the affine, as in their "
+                "reference, so against them the candidates now hold the lead that bn_relu holds over a candidate).", ""]
     out += [
            f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
            "bn_relu: not trained yet", ""]
