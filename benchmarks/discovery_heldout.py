@@ -409,7 +409,7 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
     out += [
            f"bn_relu held out: {len(ref)} seeds, mean {np.mean(list(ref.values())):.4f}" if ref else
            "bn_relu: not trained yet", ""]
-    out += _reference_lines(scores)
+    out += _reference_lines(scores, no_act)
     diverged = diverged_by_key(lines)
     out += _verdict_sections(arms, scores, scores, horizon, top, diverged)
     agreement = search_heldout_agreement(arms, scores, horizon, top)
@@ -423,7 +423,7 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
     if confirm.get(TARGET) and set(picks) & set(confirm):  # the references' fresh seeds alone confirm nothing
         out += ["", f"# Confirmation: each run's pick (chosen above) judged on {len(confirm[TARGET])} fresh seeds "
                     f"({min(confirm[TARGET])}-{max(confirm[TARGET])}) alone", ""]
-        out += _reference_lines(confirm)
+        out += _reference_lines(confirm, no_act)
         out += _verdict_sections(arms, scores, confirm, horizon, top, diverged)
         out += _best_reached(arms, every, horizon, top)
     cpu = [r["cpu_s"] for r in lines]
@@ -463,7 +463,7 @@ def _best_reached(arms: dict[str, list[dict]], every: dict[str, dict[int, float]
     return out
 
 
-def _reference_lines(scores: dict[str, dict[int, float]]) -> list[str]:
+def _reference_lines(scores: dict[str, dict[int, float]], no_act: str = SEARCH_NO_ACT) -> list[str]:
     out = []
     ref = scores.get(TARGET, {})
     for name in discovery.REFERENCES[1:]:
@@ -474,7 +474,8 @@ def _reference_lines(scores: dict[str, dict[int, float]]) -> list[str]:
     graph_key = bn_relu_graph_key()
     if graph_key in scores and ref:
         v = judge(scores[graph_key], ref)
-        out.append(f"bn_relu's graph trained as a candidate (the affine alone in the no-activation slots) "
+        slots = "the affine alone" if no_act == SEARCH_NO_ACT else f"no_act {no_act!r}"
+        out.append(f"bn_relu's graph trained as a candidate ({slots} in the no-activation slots) "
                    f"against bn_relu: {difference(v)}" + (f", p {v['p']:.3g}" if v["p"] is not None else "")
                    + f", {v['seeds']} seeds")
     return out
