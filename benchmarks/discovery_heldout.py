@@ -385,10 +385,12 @@ def difference(v: dict) -> str:
 
 
 def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str,
-           seeds: list[int] | None = None, confirm_seeds: list[int] = (), no_act: str = SEARCH_NO_ACT) -> str:
+           seeds: list[int] | None = None, confirm_seeds: list[int] = (), no_act: str = SEARCH_NO_ACT,
+           searches_lines: list[dict] | None = None) -> str:
     """The tables: each run's answer judged on the `seeds` it was chosen on (default: every seed
     in `lines`) and, where `confirm_seeds` were trained, judged again on those alone (the pick
-    no longer judged on the seeds that chose it: no winner's curse)."""
+    no longer judged on the seeds that chose it: no winner's curse). With `searches_lines` (the
+    same layers trained in the searches' mode) each pick's difference between the two modes."""
     import numpy as np
 
     every = scores_by_key(lines)
@@ -426,6 +428,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
         out += _reference_lines(confirm, no_act)
         out += _verdict_sections(arms, scores, confirm, horizon, top, diverged)
         out += _best_reached(arms, every, horizon, top)
+    if searches_lines is not None and no_act != SEARCH_NO_ACT:
+        out += _slot_lines(arms, scores, every, scores_by_key(searches_lines), horizon, top, no_act)
     cpu = [r["cpu_s"] for r in lines]
     if cpu:
         out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
@@ -460,6 +464,29 @@ def _best_reached(arms: dict[str, list[dict]], every: dict[str, dict[int, float]
         formula, by = found[key]
         b0 = difference(judge(every[key], every["evonorm_b0"])) if "evonorm_b0" in every else ""
         out.append(f"| `{formula[:70]}` | {', '.join(sorted(by))} | {difference(v)} | {b0} |")
+    return out
+
+
+def _slot_lines(arms: dict[str, list[dict]], scores: dict[str, dict[int, float]], every: dict[str, dict[int, float]],
+                searches: dict[str, dict[int, float]], horizon: float, top: int, no_act: str) -> list[str]:
+    """How much of each pick's difference to bn_relu is where it sits: the pick trained with
+    `no_act` in the no-activation slots minus the same layer with the searches' affine there,
+    paired over every seed both modes have (the same task and seeds otherwise)."""
+    rows = [("reference", "-", "bn_relu's graph", bn_relu_graph_key())]
+    for arm, runs in arms.items():
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            pick = run_pick(run_layers(r, horizon, top), scores, top)
+            if pick is not None:
+                rows.append((arm, str(r["seed"]), f"`{pick['formula'][:70]}`", pick["key"]))
+    out = ["", f"# Where it sits: each pick with no_act {no_act!r} in the no-activation slots minus the same layer "
+               f"with {SEARCH_NO_ACT!r} there (the searches' mode), paired over the seeds both modes have", "",
+           "| arm | seed | layer | difference [95%] | seeds |", "|---|---|---|---|---|"]
+    for arm, seed, label, key in rows:
+        if key in every and key in searches:
+            v = judge(every[key], searches[key])
+            out.append(f"| {arm} | {seed} | {label} | {difference(v)} | {v['seeds']} |")
+        else:
+            out.append(f"| {arm} | {seed} | {label} | not trained in both modes | |")
     return out
 
 
@@ -586,6 +613,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="what the candidates get in the networks' no-activation slots held out (default: "
                         f"{SEARCH_NO_ACT!r}, as in the searches; 'bn': BatchNorm, as bn_relu has there); "
                         "--out must hold lines of that mode only")
+    p.add_argument("--searches-out", default=None,
+                   help="with --no-act other than the searches' and --report: a held-out file of the searches' mode "
+                        "(the same task and seeds); the report adds each pick's difference between the modes")
     p.add_argument("--report", action="store_true", help="only print the tables")
     args = p.parse_args(argv)
     arms = set(args.arms.split(","))
@@ -606,7 +636,15 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     if args.report:
         further = sorted({r["seed"] for r in lines} - set(seeds))  # a confirmation's seeds, if trained
-        sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further, args.no_act))
+        searches_lines = None
+        if args.searches_out:
+            searches_lines = read_lines(args.searches_out)
+            if any(r.get("no_act", SEARCH_NO_ACT) != SEARCH_NO_ACT for r in searches_lines):
+                print(f"error: --searches-out {args.searches_out} holds lines of another mode than the searches' "
+                      f"{SEARCH_NO_ACT!r}", file=sys.stderr)
+                return 2
+        sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further, args.no_act,
+                                searches_lines))
         return 0
     layers: dict[str, str] = {bn_relu_graph_key(): bn_relu_graph()}
     for r in discovery.latest_per_run(results):

@@ -325,3 +325,31 @@ def test_with_no_act_bn_bn_relus_graph_trains_as_bn_relu(heldout):
     known = evaluate(1_000_000, "bn_relu", "bn_relu")
     assert graph["no_act"] == known["no_act"] == "bn"
     assert graph["acc"] == known["acc"] and 0.5 < min(known["acc"].values())
+
+
+def test_where_it_sits_pairs_each_pick_across_the_two_modes(heldout):
+    """With the searches' lines beside the `--no-act bn` ones, the report gives each run's pick (the
+    bn mode's) and bn_relu's graph the difference between the modes, paired by seed."""
+    formulas = ["x / rms_b(x)", "tanh(x) / std_b(x)"]
+    keys = [heldout.layer_key(f) for f in formulas]
+    graph = heldout.bn_relu_graph_key()
+    seeds = [1000, 1001, 1002, 1003]
+    runs = [run("a", 0, [cand(i + 1, 10.0, [0.95 - i / 100], f) for i, f in enumerate(formulas)])]
+    affine = {"bn_relu": {s: 0.98 for s in seeds}, graph: {s: 0.974 + 0.001 * (s % 2) for s in seeds},
+              keys[0]: {s: 0.96 for s in seeds}, keys[1]: {s: 0.965 for s in seeds}}
+    with_bn = {"bn_relu": affine["bn_relu"], graph: affine["bn_relu"],
+               keys[0]: {s: 0.972 + 0.002 * (s % 2) for s in seeds}, keys[1]: {s: 0.97 for s in seeds}}
+
+    def lines(table, **extra):
+        return [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0, **extra}
+                for k, per in table.items() for s, v in per.items()]
+
+    text = heldout.report(runs, lines(with_bn, no_act="bn"), 100.0, 2, "cmd", seeds=seeds, no_act="bn",
+                          searches_lines=lines(affine))
+    part = text.split("# Where it sits")[1]
+    assert "| reference | - | bn_relu's graph | +0.0055 [" in part  # 0.98 - (0.974, 0.975)
+    # the bn mode's pick (x / rms_b(x): 0.973 against 0.97), its difference 0.013 between the modes
+    assert "| a | 0 | `x / rms_b(x)` | +0.0130 [" in part and "tanh" not in part
+    assert "| 4 |" in part
+    assert "# Where it sits" not in heldout.report(runs, lines(affine), 100.0, 2, "cmd", seeds=seeds,
+                                                   searches_lines=lines(affine))  # one mode: nothing to pair
