@@ -175,7 +175,7 @@ def append_line(path: str, record: dict) -> None:
 def heldout_evaluate(no_act: str = SEARCH_NO_ACT) -> Callable[[int, str, str], dict]:
     """(seed, key, layer) -> the held-out accuracy per architecture, on the re-ranking stage's task
     with that seed (one evaluator per seed, kept while the seed lasts: building one loads data);
-    a line trained with another `no_act` than the search's says so."""
+    a line trained with another `no_act` than the searches' says so (`modes_of`)."""
     import torch
 
     from opsearch.formula_parser import parse_formula
@@ -222,6 +222,11 @@ def train(items: list[tuple[int, str, str]], out: str, lane: tuple[int, int],
 
 # --------------------------------------------------------------------------------------------
 # Statistics and the report
+
+
+def modes_of(lines: list[dict]) -> set[str]:
+    """The `no_act` modes the lines were trained in (a line without one: the searches')."""
+    return {r.get("no_act", SEARCH_NO_ACT) for r in lines}
 
 
 def first_lines(lines: list[dict]) -> list[dict]:
@@ -629,7 +634,7 @@ def _main(argv: list[str] | None = None) -> int:
     task = heldout_task(args.no_act)[0]
     seeds = stage_seeds(task, args.seeds)
     lines = read_lines(args.out)
-    other = sorted({r.get("no_act", SEARCH_NO_ACT) for r in lines} - {args.no_act})
+    other = sorted(modes_of(lines) - {args.no_act})
     if other:
         print(f"error: --out {args.out} holds lines trained with no_act {other[0]!r}, not {args.no_act!r}: "
               "give each mode its own file", file=sys.stderr)
@@ -639,7 +644,7 @@ def _main(argv: list[str] | None = None) -> int:
         searches_lines = None
         if args.searches_out:
             searches_lines = read_lines(args.searches_out)
-            if any(r.get("no_act", SEARCH_NO_ACT) != SEARCH_NO_ACT for r in searches_lines):
+            if modes_of(searches_lines) - {SEARCH_NO_ACT}:
                 print(f"error: --searches-out {args.searches_out} holds lines of another mode than the searches' "
                       f"{SEARCH_NO_ACT!r}", file=sys.stderr)
                 return 2

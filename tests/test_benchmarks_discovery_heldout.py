@@ -313,6 +313,10 @@ def test_no_act_bn_sets_the_held_out_task_and_a_file_keeps_one_mode(heldout, tmp
                              "--no-act", mode, "--report"]) == 0
         said = "gets that in the networks' no-activation slots" in capsys.readouterr().out
         assert said == (mode == "bn")  # the report says when the candidates were placed otherwise
+    # the searches' side of "where it sits" must be of the searches' mode
+    assert heldout.main(["--results", str(results), "--arms", "random", "--seeds", "1", "--out", str(tmp_path / "bn.jsonl"),
+                         "--no-act", "bn", "--searches-out", str(tmp_path / "bn.jsonl"), "--report"]) == 2
+    assert "holds lines of another mode than the searches' 'affine'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
