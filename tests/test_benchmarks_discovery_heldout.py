@@ -26,6 +26,12 @@ def run(arm, seed, log):
     return {"run": f"{arm}-s{seed}", "arm": arm, "seed": seed, "log": log}
 
 
+def held_lines(table, **extra):
+    """Held-out lines from {key: {seed: accuracy}} (one architecture)."""
+    return [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0, **extra}
+            for k, per in table.items() for s, v in per.items()]
+
+
 def test_a_run_answers_with_its_best_search_score_by_the_horizon(heldout):
     log = [{"number": 0, "kind": "baseline", "layer": "bn_relu", "cpu_total": 5.0, "verdict": "evaluated",
             "values": [0.99, 0.99], "formula": "bn"},
@@ -206,9 +212,7 @@ def test_a_pick_is_confirmed_on_fresh_seeds_it_was_not_chosen_on(heldout):
     assert confirmed["vs"]["seeds"] == 4 and confirmed["vs"]["diff"] == pytest.approx(-0.0205, abs=1e-3)
     assert not confirmed["level"] and not confirmed["within_margin"]  # ... judged on the fresh seeds alone
 
-    lines = [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0} for k, per in table.items()
-             for s, v in per.items()]
-    text = heldout.report(runs, lines, 100.0, 3, "cmd", seeds=select, confirm_seeds=fresh)
+    text = heldout.report(runs, held_lines(table), 100.0, 3, "cmd", seeds=select, confirm_seeds=fresh)
     chosen_part, confirm_part = text.split("# Confirmation")
     assert "bn_relu held out: 4 seeds" in chosen_part  # the fresh seeds stay out of the choice
     assert "a against bn_relu: level 1/1" in chosen_part
@@ -275,8 +279,7 @@ def test_picks_without_the_fresh_seeds_are_said_so_and_the_arms_not_compared(hel
              unconfirmed: {s: bn[s] - 0.02 - 0.001 * (s % 2) for s in select}}
     runs = [run("a", 0, [cand(1, 10.0, [0.95], "x / rms_b(x)")]),
             run("b", 0, [cand(1, 10.0, [0.95], "x / rms_i(x)")])]
-    lines = [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0} for k, per in table.items()
-             for s, v in per.items()]
+    lines = held_lines(table)
     text = heldout.report(runs, lines, 100.0, 1, "cmd", seeds=select, confirm_seeds=fresh)
     chosen_part, confirm_part = text.split("# Confirmation")
     assert "Mann-Whitney" in chosen_part and "not compared" not in chosen_part
@@ -343,17 +346,12 @@ def test_where_it_sits_pairs_each_pick_across_the_two_modes(heldout):
               keys[0]: {s: 0.96 for s in seeds}, keys[1]: {s: 0.965 for s in seeds}}
     with_bn = {"bn_relu": affine["bn_relu"], graph: affine["bn_relu"],
                keys[0]: {s: 0.972 + 0.002 * (s % 2) for s in seeds}, keys[1]: {s: 0.97 for s in seeds}}
-
-    def lines(table, **extra):
-        return [{"seed": s, "key": k, "acc": {"resnet": v}, "cpu_s": 1.0, **extra}
-                for k, per in table.items() for s, v in per.items()]
-
-    text = heldout.report(runs, lines(with_bn, no_act="bn"), 100.0, 2, "cmd", seeds=seeds, no_act="bn",
-                          searches_lines=lines(affine))
+    text = heldout.report(runs, held_lines(with_bn, no_act="bn"), 100.0, 2, "cmd", seeds=seeds, no_act="bn",
+                          searches_lines=held_lines(affine))
     part = text.split("# Where it sits")[1]
     assert "| reference | - | bn_relu's graph | +0.0055 [" in part  # 0.98 - (0.974, 0.975)
     # the bn mode's pick (x / rms_b(x): 0.973 against 0.97), its difference 0.013 between the modes
     assert "| a | 0 | `x / rms_b(x)` | +0.0130 [" in part and "tanh" not in part
     assert "| 4 |" in part
-    assert "# Where it sits" not in heldout.report(runs, lines(affine), 100.0, 2, "cmd", seeds=seeds,
-                                                   searches_lines=lines(affine))  # one mode: nothing to pair
+    assert "# Where it sits" not in heldout.report(runs, held_lines(affine), 100.0, 2, "cmd", seeds=seeds,
+                                                   searches_lines=held_lines(affine))  # one mode: nothing to pair
