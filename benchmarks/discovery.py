@@ -178,6 +178,22 @@ def parse_arm_options(text: str) -> dict[str, dict]:
     return parse_options(";".join(items))
 
 
+def parse_layer_options(text: str) -> dict[str, Any]:
+    """'no_act=bn,eps=1e-3' -> {'no_act': 'bn', 'eps': 0.001}: the candidates' layer options
+    (`evaluator.layer_options`), each value read as `-O` reads it; a key the layers do not take
+    is refused now, before any run."""
+    from opsearch.layers import NO_ACT_MODES, OPTIONS
+
+    out = parse_arm_options(f"layer:{text}").get("layer", {}) if text.strip() else {}
+    for key, value in out.items():
+        if key not in (*OPTIONS, "no_act"):
+            raise SystemExit(f"--layer-options: unknown layer option {key!r} (one of "
+                             f"{', '.join(sorted((*OPTIONS, 'no_act')))})")
+        if key == "no_act" and value not in NO_ACT_MODES:
+            raise SystemExit(f"--layer-options: no_act must be one of {', '.join(NO_ACT_MODES)}, got {value!r}")
+    return out
+
+
 def make_arms(args) -> list[Arm]:
     from opsearch.config import SearchConfig
 
@@ -201,9 +217,9 @@ def make_arms(args) -> list[Arm]:
 
 
 def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: bool,
-                  filter_options: dict | None = None) -> dict:
+                  filter_options: dict | None = None, layer_options: dict | None = None) -> dict:
     """The run's SearchConfig as a dict: defaults except what makes the comparison fair (and
-    `--filter-options`, the same for every arm)."""
+    `--filter-options`, `--layer-options`, the same for every arm)."""
     from opsearch.config import SearchConfig
 
     values: dict[str, Any] = dict(name=name, storage=url, space="evonorm", algorithm=arm.algorithm,
@@ -216,6 +232,9 @@ def search_config(arm: Arm, seed: int, url: str, name: str, budget: int, quick: 
         values.update(json.loads(json.dumps(QUICK)))
     for name_, opts in (filter_options or {}).items():
         values.setdefault("filter_options", {}).setdefault(name_, {}).update(opts)
+    if layer_options:
+        evaluator = values.get("evaluator", {})
+        values["evaluator"] = {**evaluator, "layer_options": {**evaluator.get("layer_options", {}), **layer_options}}
     # checks every name and option now; as JSON keeps it (a resumed run compares it)
     return json.loads(json.dumps(SearchConfig.from_dict(values).to_dict()))
 
@@ -529,7 +548,8 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
     base = os.path.join(os.path.abspath(args.workdir), name)
     url = f"sqlite:///{base}.db"
     log_path, done_path = base + ".jsonl", base + ".search.json"
-    config = search_config(arm, seed, url, name, args.budget, args.quick, args.filter_opts)
+    config = search_config(arm, seed, url, name, args.budget, args.quick, args.filter_opts,
+                           args.layer_opts)
     done = None
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -568,7 +588,7 @@ def one_run(arm: Arm, seed: int, args, command: str) -> dict:
     return {"run": name, "arm": arm.label, "algorithm": arm.algorithm, "options": arm.options,
             "known": arm.known, "reference": arm.reference, "seed": seed, "cpu_cap": args.cpu_cap,
             "stopped_at_target": stopped, "extended_from": extended_from,
-            "filter_options": args.filter_opts,
+            "filter_options": args.filter_opts, "layer_options": args.layer_opts,
             "budget": args.budget, "quick": args.quick, "command": command, "study": url,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "search_wall_s": round(wall, 1),
             "environment": environment(),
@@ -644,7 +664,8 @@ def latest_per_run(results: list[dict]) -> list[dict]:
 
 def settings_of(r: dict) -> tuple:
     return (r["algorithm"], json.dumps(r["options"], sort_keys=True), r["known"], r["cpu_cap"], r["quick"],
-            json.dumps(r.get("filter_options") or {}, sort_keys=True))
+            json.dumps(r.get("filter_options") or {}, sort_keys=True),
+            json.dumps(r.get("layer_options") or {}, sort_keys=True))
 
 
 def check_host(args) -> int:
@@ -661,7 +682,7 @@ def check_host(args) -> int:
         base = os.path.join(os.path.abspath(args.workdir), name)
         _remove(base + ".db", base + ".jsonl")
         config = search_config(Arm("host-check", "random"), seed, f"sqlite:///{base}.db", name, 1_000_000,
-                               args.quick, args.filter_opts)
+                               args.quick, args.filter_opts, args.layer_opts)
         run_search(config, base + ".jsonl", math.inf, references_only=True)
         mine = numerics_of({"log": read_log(base + ".jsonl")})
         print(f"seed {seed}: this host's known layers: {list(mine or ())}")
@@ -688,7 +709,8 @@ def bench_main(args, command: str) -> int:
             old = done.get((arm.label, seed))
             if old is not None:
                 mine = (arm.algorithm, json.dumps(arm.options, sort_keys=True), arm.known, args.cpu_cap, args.quick,
-                        json.dumps(args.filter_opts or {}, sort_keys=True))
+                        json.dumps(args.filter_opts or {}, sort_keys=True),
+                        json.dumps(args.layer_opts or {}, sort_keys=True))
                 if settings_of(old) != mine:
                     raise SystemExit(f"{args.results} holds {run_key(arm.label, seed)} with other settings "
                                      f"{settings_of(old)}; give this arm another --label or another --results")
@@ -953,6 +975,13 @@ def report(results: list[dict], path: str, command: str) -> str:
         arms.setdefault(r["arm"], []).append(r)
     for runs in arms.values():
         runs.sort(key=lambda r: r["seed"])
+    placements = sorted({json.dumps(r.get("layer_options") or {}, sort_keys=True) for r in results})
+    if len(placements) > 1:
+        raise SystemExit(f"the results mix the candidates' layer options ({'; '.join(placements)}): their arms "
+                         "were not judged alike; report each setting on its own")
+    if placements and placements[0] != "{}":
+        lines += ["", f"Candidates' layer options (`--layer-options`, every arm): {placements[0]}; "
+                      "the known layers keep their own companions (bn_relu BatchNorm, the EvoNorms the affine)."]
     caps = sorted({r["cpu_cap"] for r in results})
     cut = sorted({r["cut_from"] for r in results if r.get("cut_from")})
     lines += ["", f"CPU cap per run: {', '.join(f'{c:g}' for c in caps)} s (one worker, one torch thread)"
@@ -1179,6 +1208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--options", default="", help="'algo:key=value,key=value;algo2:key=value'")
     p.add_argument("--filter-options", default="", help="'filter:key=value,key=value;filter2:...' for "
                    "every arm (e.g. 'equivalence:absorb_affine=true', as round 2 ran)")
+    p.add_argument("--layer-options", default="",
+                   help="'key=value,...': the candidates' layer options for every arm (evaluator.layer_options; "
+                        "e.g. 'no_act=bn': BatchNorm in the networks' no-activation slots, as bn_relu has there)")
     p.add_argument("--label", default=None, help="the arm's name (one algorithm only): the same "
                    "algorithm with other options is another arm")
     p.add_argument("--known", action="store_true", help="also the arms with known layers: "
@@ -1213,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(report(results, args.results, command))
         return 0
     args.filter_opts = parse_arm_options(args.filter_options)
+    args.layer_opts = parse_layer_options(args.layer_options)
     if args.check_host:
         return check_host(args)
     if args.cpu_cap is None:
