@@ -49,7 +49,11 @@ run under any cap; the result (in a new `--results`: one file holds one cap per 
         --options 'regularized_evolution:population_size=50,tournament_size=10' --seeds 0-4
     python benchmarks/discovery.py --quick --algorithms random --seeds 0 --cpu-cap 10   # smoke
 
-`--options` is 'algo:key=value,key=value;algo2:key=value'.
+`--options` is 'algo:key=value,key=value;algo2:key=value'. `--layer-options 'no_act=bn'` gives
+every arm's candidates those layer options (`evaluator.layer_options`; here BatchNorm in the
+networks' no-activation slots, where bn_relu has it, instead of the affine alone, as the EvoNorm
+reference places its layers); each run records them, a run is never resumed or reported beside
+runs under other layer options, and the known layers keep their own companions.
 """
 from __future__ import annotations
 

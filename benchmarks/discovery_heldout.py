@@ -39,7 +39,9 @@ can be judged.
 - `--no-act bn`: the same layers held out with BatchNorm in the networks' no-activation slots (the
   last norm of a residual block, the projections), where the searches gave a candidate the affine
   alone and bn_relu, a known layer, keeps its BatchNorm: the verdict on what a layer computes in
-  the slots it fills, apart from where it sits. Its lines go to their own `--out`.
+  the slots it fills, apart from where it sits. Its lines go to their own `--out`. The default is
+  the runs' own placement (`discovery.py --layer-options no_act=...`, recorded per run; the
+  affine where a run records none), so runs searched with BatchNorm there are held out with it.
 
 Work goes seed-major (every layer at the first seed, then the second, ...), one JSON line per
 (layer, seed) appended to `--out`; a rerun skips what is there, so a stopped job loses at most
@@ -65,6 +67,7 @@ import time
 from typing import Any, Callable
 
 from opsearch.config import RERANK_DEFAULTS
+from opsearch.errors import UserError
 
 import discovery  # benchmarks/ is on the path of a script run from it: the runs' settings and files
 
@@ -74,7 +77,7 @@ DEFAULT_OUT = os.path.join(HERE, "discovery_heldout_results.jsonl")
 HORIZON = 1800.0  # the issue's 30 CPU-minutes per run
 MARGIN = discovery.TARGET_MARGIN
 TARGET = discovery.TARGET_LAYER
-SEARCH_NO_ACT = "affine"  # what a candidate gets in the no-activation slots in the searches (the default)
+DEFAULT_NO_ACT = "affine"  # a candidate's no-activation slots by default (a line or run that records none)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def layer_key(formula: str) -> str:
     return canonical_hash(parse_formula_plain(formula))
 
 
-def heldout_task(no_act: str = SEARCH_NO_ACT) -> tuple[dict, Any, str]:
+def heldout_task(no_act: str = DEFAULT_NO_ACT) -> tuple[dict, Any, str]:
     """The re-ranking stage's held-out task of a benchmark run (its evaluator config as stored,
     the machine's evaluator config, the plugin name); `no_act` what a candidate gets in the
     networks' no-activation slots (`layer_options.no_act`; known layers keep their companion)."""
@@ -141,7 +144,7 @@ def heldout_task(no_act: str = SEARCH_NO_ACT) -> tuple[dict, Any, str]:
     values["rerank"] = {"enabled": True}
     config = SearchConfig.from_dict(values)
     task = RerankTask.from_config(config)
-    if no_act != SEARCH_NO_ACT:
+    if no_act != DEFAULT_NO_ACT:
         task.task["layer_options"] = {**task.task.get("layer_options", {}), "no_act": no_act}
     return task.task, make_eval_config(config), task.evaluator_plugin
 
@@ -172,7 +175,7 @@ def append_line(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def heldout_evaluate(no_act: str = SEARCH_NO_ACT) -> Callable[[int, str, str], dict]:
+def heldout_evaluate(no_act: str = DEFAULT_NO_ACT) -> Callable[[int, str, str], dict]:
     """(seed, key, layer) -> the held-out accuracy per architecture, on the re-ranking stage's task
     with that seed (one evaluator per seed, kept while the seed lasts: building one loads data);
     a line trained with another `no_act` than the searches' says so (`modes_of`)."""
@@ -194,7 +197,7 @@ def heldout_evaluate(no_act: str = SEARCH_NO_ACT) -> Callable[[int, str, str], d
         per_arch = evaluators[seed].evaluate(layer if key == layer else parse_formula(layer)).to_dict()["per_arch"]
         return {"acc": {a: r["accuracy"] for a, r in per_arch.items()},
                 "diverged": [a for a, r in per_arch.items() if r["diverged"]],
-                **({} if no_act == SEARCH_NO_ACT else {"no_act": no_act})}
+                **({} if no_act == DEFAULT_NO_ACT else {"no_act": no_act})}
 
     return evaluate
 
@@ -225,8 +228,22 @@ def train(items: list[tuple[int, str, str]], out: str, lane: tuple[int, int],
 
 
 def modes_of(lines: list[dict]) -> set[str]:
-    """The `no_act` modes the lines were trained in (a line without one: the searches')."""
-    return {r.get("no_act", SEARCH_NO_ACT) for r in lines}
+    """The `no_act` modes the lines were trained in (a line without one: the default's)."""
+    return {r.get("no_act", DEFAULT_NO_ACT) for r in lines}
+
+
+def searched_no_act(results: list[dict]) -> str:
+    """What the runs' candidates had in the no-activation slots in their searches (each run records
+    its `--layer-options`); one placement per report, or the arms' picks were not chosen alike."""
+    other = sorted({k for r in results for k in (r.get("layer_options") or {}) if k != "no_act"})
+    if other:
+        raise UserError(f"the runs were searched with layer options {', '.join(other)}: the held-out task "
+                        "sets no_act only, so their layers would not be held out as they were searched")
+    modes = {(r.get("layer_options") or {}).get("no_act", DEFAULT_NO_ACT) for r in results}
+    if len(modes) > 1:
+        raise UserError(f"the runs were searched with different no_act placements ({', '.join(sorted(modes))}): "
+                        "hold out each placement's runs on their own")
+    return modes.pop() if modes else DEFAULT_NO_ACT
 
 
 def first_lines(lines: list[dict]) -> list[dict]:
@@ -390,14 +407,17 @@ def difference(v: dict) -> str:
 
 
 def report(results: list[dict], lines: list[dict], horizon: float, top: int, command: str,
-           seeds: list[int] | None = None, confirm_seeds: list[int] = (), no_act: str = SEARCH_NO_ACT,
+           seeds: list[int] | None = None, confirm_seeds: list[int] = (), no_act: str | None = None,
            searches_lines: list[dict] | None = None) -> str:
     """The tables: each run's answer judged on the `seeds` it was chosen on (default: every seed
     in `lines`) and, where `confirm_seeds` were trained, judged again on those alone (the pick
-    no longer judged on the seeds that chose it: no winner's curse). With `searches_lines` (the
-    same layers trained in the searches' mode) each pick's difference between the two modes."""
+    no longer judged on the seeds that chose it: no winner's curse). `no_act` is the lines' mode
+    (default: the searches' own, `searched_no_act`). With `searches_lines` (the same layers trained
+    in the searches' mode) each pick's difference between the two modes."""
     import numpy as np
 
+    searched = searched_no_act(results)
+    no_act = searched if no_act is None else no_act
     every = scores_by_key(lines)
     scores = every if seeds is None else on_seeds(every, seeds)
     arms: dict[str, list[dict]] = {}
@@ -408,9 +428,11 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
             f"the best held out of its top {top} by search score (the re-ranking stage's rule)")
     out = [f"# Held-out verdicts on each run's layer at {horizon:g} CPU s: {pick}", "",
            f"`{command}`", ""]
-    if no_act != SEARCH_NO_ACT:
+    if no_act != DEFAULT_NO_ACT or searched != DEFAULT_NO_ACT:
+        where = (f"where the searches gave it {searched!r}" if searched != no_act else
+                 "as the searches did (`discovery.py --layer-options no_act=...`)")
         out += [f"Held out with `layer_options.no_act = {no_act!r}`: every candidate (the runs' layers and bn_relu's graph) "
-                f"gets that in the networks' no-activation slots, where the searches gave it {SEARCH_NO_ACT!r}; "
+                f"gets that in the networks' no-activation slots, {where}; "
                 "the known layers keep their own companion (bn_relu: BatchNorm; the EvoNorms: the affine, as in their "
                 "reference, so against them the candidates now hold the lead that bn_relu holds over a candidate).", ""]
     out += [
@@ -433,8 +455,8 @@ def report(results: list[dict], lines: list[dict], horizon: float, top: int, com
         out += _reference_lines(confirm, no_act)
         out += _verdict_sections(arms, scores, confirm, horizon, top, diverged)
         out += _best_reached(arms, every, horizon, top)
-    if searches_lines is not None and no_act != SEARCH_NO_ACT:
-        out += _slot_lines(arms, scores, every, scores_by_key(searches_lines), horizon, top, no_act)
+    if searches_lines is not None and no_act != searched:
+        out += _slot_lines(arms, scores, every, scores_by_key(searches_lines), horizon, top, no_act, searched)
     cpu = [r["cpu_s"] for r in lines]
     if cpu:
         out += ["", f"{len(lines)} trainings, median {np.median(cpu):.1f} CPU s each, {sum(cpu):.0f} CPU s in all."]
@@ -473,9 +495,10 @@ def _best_reached(arms: dict[str, list[dict]], every: dict[str, dict[int, float]
 
 
 def _slot_lines(arms: dict[str, list[dict]], scores: dict[str, dict[int, float]], every: dict[str, dict[int, float]],
-                searches: dict[str, dict[int, float]], horizon: float, top: int, no_act: str) -> list[str]:
+                searches: dict[str, dict[int, float]], horizon: float, top: int, no_act: str,
+                searched: str = DEFAULT_NO_ACT) -> list[str]:
     """How much of each pick's difference to bn_relu is where it sits: the pick trained with
-    `no_act` in the no-activation slots minus the same layer with the searches' affine there,
+    `no_act` in the no-activation slots minus the same layer with the searches' `searched` there,
     paired over every seed both modes have (the same task and seeds otherwise)."""
     rows = [("reference", "-", "bn_relu's graph", bn_relu_graph_key())]
     for arm, runs in arms.items():
@@ -484,7 +507,7 @@ def _slot_lines(arms: dict[str, list[dict]], scores: dict[str, dict[int, float]]
             if pick is not None:
                 rows.append((arm, str(r["seed"]), f"`{pick['formula'][:70]}`", pick["key"]))
     out = ["", f"# Where it sits: each pick with no_act {no_act!r} in the no-activation slots minus the same layer "
-               f"with {SEARCH_NO_ACT!r} there (the searches' mode), paired over the seeds both modes have", "",
+               f"with {searched!r} there (the searches' mode), paired over the seeds both modes have", "",
            "| arm | seed | layer | difference [95%] | seeds |", "|---|---|---|---|---|"]
     for arm, seed, label, key in rows:
         if key in every and key in searches:
@@ -495,7 +518,7 @@ def _slot_lines(arms: dict[str, list[dict]], scores: dict[str, dict[int, float]]
     return out
 
 
-def _reference_lines(scores: dict[str, dict[int, float]], no_act: str = SEARCH_NO_ACT) -> list[str]:
+def _reference_lines(scores: dict[str, dict[int, float]], no_act: str = DEFAULT_NO_ACT) -> list[str]:
     out = []
     ref = scores.get(TARGET, {})
     for name in discovery.REFERENCES[1:]:
@@ -506,7 +529,7 @@ def _reference_lines(scores: dict[str, dict[int, float]], no_act: str = SEARCH_N
     graph_key = bn_relu_graph_key()
     if graph_key in scores and ref:
         v = judge(scores[graph_key], ref)
-        slots = "the affine alone" if no_act == SEARCH_NO_ACT else f"no_act {no_act!r}"
+        slots = "the affine alone" if no_act == DEFAULT_NO_ACT else f"no_act {no_act!r}"
         out.append(f"bn_relu's graph trained as a candidate ({slots} in the no-activation slots) "
                    f"against bn_relu: {difference(v)}" + (f", p {v['p']:.3g}" if v["p"] is not None else "")
                    + f", {v['seeds']} seeds")
@@ -614,9 +637,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=float, default=HORIZON, help="CPU seconds of the run (default 1800)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON lines, one per (layer, seed); appended")
     p.add_argument("--lane", default="0/1", help="K/N: train every N-th item from the K-th")
-    p.add_argument("--no-act", default=SEARCH_NO_ACT, choices=NO_ACT_MODES,
-                   help="what the candidates get in the networks' no-activation slots held out (default: "
-                        f"{SEARCH_NO_ACT!r}, as in the searches; 'bn': BatchNorm, as bn_relu has there); "
+    p.add_argument("--no-act", default=None, choices=NO_ACT_MODES,
+                   help="what the candidates get in the networks' no-activation slots held out (default: as in "
+                        f"the searches, {DEFAULT_NO_ACT!r} unless the runs record another; 'bn': BatchNorm, as "
+                        "bn_relu has there); "
                         "--out must hold lines of that mode only")
     p.add_argument("--searches-out", default=None,
                    help="with --no-act other than the searches' and --report: a held-out file of the searches' mode "
@@ -631,6 +655,12 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     from opsearch.rerank import stage_seeds
 
+    try:
+        searched = searched_no_act(results)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.no_act = args.no_act or searched
     task = heldout_task(args.no_act)[0]
     seeds = stage_seeds(task, args.seeds)
     lines = read_lines(args.out)
@@ -644,9 +674,9 @@ def _main(argv: list[str] | None = None) -> int:
         searches_lines = None
         if args.searches_out:
             searches_lines = read_lines(args.searches_out)
-            if modes_of(searches_lines) - {SEARCH_NO_ACT}:
+            if modes_of(searches_lines) - {searched}:
                 print(f"error: --searches-out {args.searches_out} holds lines of another mode than the searches' "
-                      f"{SEARCH_NO_ACT!r}", file=sys.stderr)
+                      f"{searched!r}", file=sys.stderr)
                 return 2
         sys.stdout.write(report(results, lines, args.horizon, args.top, command, seeds, further, args.no_act,
                                 searches_lines))

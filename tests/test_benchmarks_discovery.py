@@ -284,8 +284,8 @@ def test_a_run_stopped_at_the_target_is_the_same_run_under_a_larger_cap(discover
 def test_a_run_grown_to_a_larger_cap_is_not_thrown_away_by_the_smaller_cap(discovery, tmp_path):
     import argparse
 
-    args = argparse.Namespace(workdir=str(tmp_path), budget=100, quick=True, filter_opts={}, stop_at_target=True,
-                              cpu_cap=10.0, no_rerank=True)
+    args = argparse.Namespace(workdir=str(tmp_path), budget=100, quick=True, filter_opts={}, layer_opts={},
+                              stop_at_target=True, cpu_cap=10.0, no_rerank=True)
     arm = discovery.Arm("random", "random")
     base = tmp_path / "random-s0"
     config = discovery.search_config(arm, 0, f"sqlite:///{base}.db", "random-s0", 100, True, {})
@@ -569,3 +569,76 @@ def test_a_longer_run_cut_at_a_horizon_reads_as_the_run_capped_there(discovery):
     assert discovery.at_horizon(result, 100.0) is result  # at or past its cap: the run itself
     text = discovery.report([cut], "r.jsonl", "cmd")
     assert "CPU cap per run: 35 s" in text and "1 of 1 runs cut there from caps of 100 s" in text
+
+
+def test_layer_options_are_every_arms_and_part_of_a_runs_settings(discovery, tmp_path):
+    """`--layer-options no_act=bn`: every arm's candidates get it (evaluator.layer_options, beside
+    the proxy's own evaluator keys); a run recorded under other layer options is neither resumed
+    nor paired with this one, and a bad option is refused before any run, in one line."""
+    import argparse
+
+    assert discovery.parse_layer_options("no_act=bn") == {"no_act": "bn"}
+    assert discovery.parse_layer_options("") == {}
+    for bad, said in (("noact=bn", "unknown layer option 'noact'"), ("no_act=bm", "no_act must be one of")):
+        with pytest.raises(SystemExit, match=said) as e:
+            discovery.parse_layer_options(bad)
+        assert "\n" not in str(e.value)
+    arm = discovery.Arm("random", "random")
+    plain = discovery.search_config(arm, 0, "sqlite:///:memory:", "x", 10, True)
+    placed = discovery.search_config(arm, 0, "sqlite:///:memory:", "x", 10, True, None, {"no_act": "bn"})
+    assert "layer_options" not in plain["evaluator"]
+    assert placed["evaluator"] == {**plain["evaluator"], "layer_options": {"no_act": "bn"}}
+    assert {k: v for k, v in placed.items() if k != "evaluator"} == {k: v for k, v in plain.items() if k != "evaluator"}
+    # a results file holding the run under the default placement: not resumed under another
+    results = tmp_path / "r.jsonl"
+    old = {"arm": "random", "seed": 0, "algorithm": "random", "options": {}, "known": False, "cpu_cap": 10.0,
+           "quick": True, "filter_options": {}, "layer_options": {}}
+    results.write_text(json.dumps(old) + "\n")
+    args = argparse.Namespace(algorithms="random", options="", label=None, known=False, seeds="0",
+                              workdir=str(tmp_path / "w"), results=str(results), cpu_cap=10.0, quick=True,
+                              filter_opts={}, layer_opts={"no_act": "bn"}, budget=100, no_rerank=True,
+                              stop_at_target=False, rerank_seeds=3)
+    with pytest.raises(SystemExit, match="with other settings"):
+        discovery.bench_main(args, "cmd")
+    results.write_text(json.dumps({**old, "layer_options": {"no_act": "bn"}}) + "\n")  # and the other way round
+    args.layer_opts = {}
+    with pytest.raises(SystemExit, match="with other settings"):
+        discovery.bench_main(args, "cmd")
+    args.layer_opts = {"no_act": "bn"}
+    assert discovery.bench_main(args, "cmd") == 0  # the same settings: done, nothing run
+    assert results.read_text().count("\n") == 1
+
+
+def test_a_report_names_the_candidates_layer_options_and_never_mixes_two(discovery):
+    def result(arm, seed, layer_options):
+        m = discovery.run_metrics(log_of([(10.0, 0.95)]), 100.0)
+        return {"run": f"{arm}-s{seed}", "arm": arm, "algorithm": arm, "options": {}, "known": False,
+                "reference": "random", "seed": seed, "cpu_cap": 100.0, "command": "cmd", "rerank": None,
+                "layer_options": layer_options, **m}
+
+    bn = [result(a, s, {"no_act": "bn"}) for a in ("random", "regularized_evolution") for s in range(2)]
+    text = discovery.report(bn, "r.jsonl", "cmd")
+    assert 'Candidates\' layer options (`--layer-options`, every arm): {"no_act": "bn"}' in text
+    assert "layer options" not in discovery.report([dict(r, layer_options={}) for r in bn], "r.jsonl", "cmd")
+    with pytest.raises(SystemExit, match="mix the candidates' layer options"):
+        discovery.report(bn[:2] + [dict(r, layer_options={}) for r in bn[2:]], "r.jsonl", "cmd")
+
+
+@pytest.mark.slow
+def test_a_run_under_layer_options_searches_with_them(tmp_path):
+    """The option reaches the run's stored config, which the engine's evaluator and filters read
+    (`evaluator.layer_options`), and the run's result line."""
+    import optuna
+
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--algorithms", "random", "--seeds", "0", "--cpu-cap", "4",
+           "--no-rerank", "--layer-options", "no_act=bn", "--workdir", str(tmp_path / "runs"),
+           "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(results.read_text())
+    assert r["layer_options"] == {"no_act": "bn"} and r["trained"] >= 1
+    study = optuna.load_study(study_name="random-s0", storage=f"sqlite:///{tmp_path / 'runs' / 'random-s0.db'}")
+    config = study.user_attrs["config"]
+    config = json.loads(config) if isinstance(config, str) else config
+    assert config["evaluator"]["layer_options"] == {"no_act": "bn"}

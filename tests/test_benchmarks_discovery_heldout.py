@@ -355,3 +355,41 @@ def test_where_it_sits_pairs_each_pick_across_the_two_modes(heldout):
     assert "| 4 |" in part
     assert "# Where it sits" not in heldout.report(runs, held_lines(affine), 100.0, 2, "cmd", seeds=seeds,
                                                    searches_lines=held_lines(affine))  # one mode: nothing to pair
+
+
+def test_runs_searched_with_batchnorm_in_the_slots_are_held_out_with_it(heldout, tmp_path, capsys, monkeypatch):
+    """Runs record their `--layer-options`; without `--no-act` the held-out task places the
+    candidates as the runs' searches did, and runs searched under two placements (or layer options
+    the task does not set) are refused in one line, not judged as one set."""
+    log = [cand(1, 10.0, [0.97, 0.96, 0.98], "x / rms_b(x)")]
+
+    def results_file(name, *layer_options):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({**run("random", s, log), "layer_options": o}) + "\n"
+                                for s, o in enumerate(layer_options)))
+        return str(path)
+
+    searched_bn = results_file("bn.jsonl", {"no_act": "bn"}, {"no_act": "bn"})
+    assert heldout.searched_no_act(heldout.discovery.read_results(searched_bn)) == "bn"
+    assert heldout.searched_no_act([run("random", 0, log)]) == "affine"  # runs from before the option
+    trained: list[str] = []
+
+    def fake_evaluate(no_act):
+        def evaluate(seed, key, layer):
+            trained.append(no_act)
+            return {"acc": {"resnet": 0.9}, "diverged": [], **({"no_act": no_act} if no_act != "affine" else {})}
+        return evaluate
+
+    monkeypatch.setattr(heldout, "heldout_evaluate", fake_evaluate)
+    out = tmp_path / "held.jsonl"
+    assert heldout.main(["--results", searched_bn, "--arms", "random", "--seeds", "1", "--out", str(out)]) == 0
+    assert trained and set(trained) == {"bn"} and heldout.modes_of(heldout.read_lines(str(out))) == {"bn"}
+    capsys.readouterr()
+    assert heldout.main(["--results", searched_bn, "--arms", "random", "--seeds", "1", "--out", str(out), "--report"]) == 0
+    assert "gets that in the networks' no-activation slots, as the searches did" in capsys.readouterr().out
+    for placements, said in ((({"no_act": "bn"}, {}), "searched with different no_act placements (affine, bn)"),
+                             (({"eps": 0.001},), "searched with layer options eps")):
+        mixed = results_file("mixed.jsonl", *placements)
+        assert heldout.main(["--results", mixed, "--arms", "random", "--seeds", "1", "--out", str(out), "--report"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err
