@@ -184,17 +184,15 @@ def parse_arm_options(text: str) -> dict[str, dict]:
 
 def parse_layer_options(text: str) -> dict[str, Any]:
     """'no_act=bn,eps=1e-3' -> {'no_act': 'bn', 'eps': 0.001}: the candidates' layer options
-    (`evaluator.layer_options`), each value read as `-O` reads it; a key the layers do not take
-    is refused now, before any run."""
-    from opsearch.layers import NO_ACT_MODES, OPTIONS
+    (`evaluator.layer_options`), each value read as `-O` reads it; what the layers do not take is
+    refused now, before any run, by the check the layers themselves make (`layers.norm_act`)."""
+    from opsearch.layers import norm_act
 
     out = parse_arm_options(f"layer:{text}").get("layer", {}) if text.strip() else {}
-    for key, value in out.items():
-        if key not in (*OPTIONS, "no_act"):
-            raise SystemExit(f"--layer-options: unknown layer option {key!r} (one of "
-                             f"{', '.join(sorted((*OPTIONS, 'no_act')))})")
-        if key == "no_act" and value not in NO_ACT_MODES:
-            raise SystemExit(f"--layer-options: no_act must be one of {', '.join(NO_ACT_MODES)}, got {value!r}")
+    try:
+        norm_act("identity", **out)
+    except UserError as e:
+        raise SystemExit(f"--layer-options: {e}") from None
     return out
 
 
@@ -712,9 +710,9 @@ def bench_main(args, command: str) -> int:
         for arm in arms:
             old = done.get((arm.label, seed))
             if old is not None:
-                mine = (arm.algorithm, json.dumps(arm.options, sort_keys=True), arm.known, args.cpu_cap, args.quick,
-                        json.dumps(args.filter_opts or {}, sort_keys=True),
-                        json.dumps(args.layer_opts or {}, sort_keys=True))
+                mine = settings_of({"algorithm": arm.algorithm, "options": arm.options, "known": arm.known,
+                                    "cpu_cap": args.cpu_cap, "quick": args.quick, "filter_options": args.filter_opts,
+                                    "layer_options": args.layer_opts})
                 if settings_of(old) != mine:
                     raise SystemExit(f"{args.results} holds {run_key(arm.label, seed)} with other settings "
                                      f"{settings_of(old)}; give this arm another --label or another --results")

@@ -579,7 +579,8 @@ def test_layer_options_are_every_arms_and_part_of_a_runs_settings(discovery, tmp
 
     assert discovery.parse_layer_options("no_act=bn") == {"no_act": "bn"}
     assert discovery.parse_layer_options("") == {}
-    for bad, said in (("noact=bn", "unknown layer option 'noact'"), ("no_act=bm", "no_act must be one of")):
+    for bad, said in (("noact=bn", r"unknown layer option\(s\) 'noact'"), ("no_act=bm", "no_act must be one of"),
+                       ("surround=bn", "unknown surround 'bn'")):
         with pytest.raises(SystemExit, match=said) as e:
             discovery.parse_layer_options(bad)
         assert "\n" not in str(e.value)
