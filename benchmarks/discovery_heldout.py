@@ -178,7 +178,7 @@ def append_line(path: str, record: dict) -> None:
 def heldout_evaluate(no_act: str = DEFAULT_NO_ACT) -> Callable[[int, str, str], dict]:
     """(seed, key, layer) -> the held-out accuracy per architecture, on the re-ranking stage's task
     with that seed (one evaluator per seed, kept while the seed lasts: building one loads data);
-    a line trained with another `no_act` than the searches' says so (`modes_of`)."""
+    a line trained with another `no_act` than the default (the affine) says so (`modes_of`)."""
     import torch
 
     from opsearch.formula_parser import parse_formula

@@ -295,7 +295,7 @@ def test_picks_without_the_fresh_seeds_are_said_so_and_the_arms_not_compared(hel
 def test_no_act_bn_sets_the_held_out_task_and_a_file_keeps_one_mode(heldout, tmp_path, capsys):
     """`--no-act bn` trains the candidates with BatchNorm in the no-activation slots; its lines say
     so, and a file of one mode is never judged or grown as the other (they would pair unlike trainings)."""
-    assert "no_act" not in heldout.heldout_task()[0]["layer_options"]  # the searches' task: the default
+    assert "no_act" not in heldout.heldout_task()[0]["layer_options"]  # the default placement (the affine)
     assert heldout.heldout_task("bn")[0]["layer_options"]["no_act"] == "bn"
     log = [cand(1, 10.0, [0.97, 0.96, 0.98], "x / rms_b(x)")]
     results = tmp_path / "r.jsonl.gz"
