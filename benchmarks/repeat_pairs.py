@@ -8,7 +8,8 @@ all three architectures by chance, and the longer a run, the more such ties (rou
 
 This tool splits the count. For every trained candidate whose scores equal an earlier trained
 one's, both layers are read back from their formulas (`opsearch.formula_parser`) and compared by
-the equivalence filter's own tests (`plugins/rejection/equivalence.py`):
+the equivalence filter's own tests (`plugins/rejection/equivalence.py`), with the probes the
+run's filter drew (its seed is the run's; `--seed` to judge with another's):
 - "same graph": the canonical hashes are equal (the filter's first test; it cannot miss these
   unless it was off);
 - "same function": the output fingerprints are within the filter's tolerance, at the run's eps or
@@ -110,7 +111,12 @@ class PairJudge:
         return "same on a v0 band" if how.startswith("band") else "different functions"
 
 
-def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
+def report(results: list[dict], show_pairs: bool, probe_seed: int | None = None) -> str:
+    """The table (and with ``show_pairs`` every pair). Each run's pairs are judged with the probes
+    its own equivalence filter drew (the filter's seed is the run's), so "same function" is a
+    pair that filter would have merged: a miss. ``probe_seed`` judges every run with one seed's
+    probes instead (a pair whose kind depends on the seed sits at the edge of a tolerance)."""
+    judges: dict[int, PairJudge] = {}
     lines = ["| arm | runs | trained | exact repeats | " + " | ".join(KINDS)
              + " | repeats of one function | different functions, one at the start |",
              "|---" * (len(KINDS) + 6) + "|"]
@@ -122,6 +128,10 @@ def report(results: list[dict], judge: PairJudge, show_pairs: bool) -> str:
         counts: Counter = Counter()
         trained = repeats = 0
         for r in sorted(runs, key=lambda r: r["seed"]):
+            seed = r["seed"] if probe_seed is None else probe_seed
+            if seed not in judges:
+                judges[seed] = PairJudge(seed)
+            judge = judges[seed]
             log = r.get("log") or []
             trained += sum(1 for e in log if e["kind"] == "candidate" and e.get("verdict") == "evaluated")
             for earlier, later in repeat_pairs(log):
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, help="discovery.py result files, comma-separated (.gz reads)")
     parser.add_argument("--pairs", action="store_true", help="also list every pair")
-    parser.add_argument("--seed", type=int, default=0, help="the probes' seed")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the probes' seed for every run (default: each run's own, as its filter drew them)")
     args = parser.parse_args(argv)
     results = []
     for path in args.results.split(","):
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results += found
     try:
-        print(report(results, PairJudge(args.seed), args.pairs))
+        print(report(results, args.pairs, args.seed))
     except Exception as e:  # a bad recorded formula: one line, nothing lost (nothing is written)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

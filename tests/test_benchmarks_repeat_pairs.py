@@ -51,13 +51,13 @@ def test_a_pair_is_judged_by_the_equivalence_filters_tests_in_their_order(judge,
     assert judge.kind(b, a) == kind
 
 
-def test_the_report_counts_ties_of_different_layers_apart_from_functions_trained_twice(pairs, judge, tmp_path):
+def test_the_report_counts_ties_of_different_layers_apart_from_functions_trained_twice(pairs, tmp_path):
     log = [cand(1, [0.9, 0.8], "square(x)"), cand(2, [0.9, 0.8], "x * x"),  # the same function
            cand(3, [0.7, 0.7], "tanh(x)"), cand(4, [0.7, 0.7], "sigmoid(x)"),  # a tie
            cand(5, [0.1, 0.2], "|x|")]
     results = [{"arm": "random", "seed": 0, "log": log},
                {"arm": "random", "seed": 1, "log": log[:3]}]
-    text = pairs.report(results, judge, show_pairs=True)
+    text = pairs.report(results, show_pairs=True)
     row = next(line for line in text.splitlines() if line.startswith("| random"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["random", "2", "8", "3 (37.5%)", "0", "2", "0", "1", "2 (25.0%)", "0"]
@@ -91,7 +91,28 @@ def test_different_functions_that_are_one_at_the_start_are_told_apart(pairs, jud
     assert judge.kind(a, b) == "different functions"
     assert judge.same_at_start(a, b) is at_start and judge.same_at_start(b, a) is at_start
     log = [cand(1, [0.9, 0.8], a), cand(2, [0.9, 0.8], b)]
-    text = pairs.report([{"arm": "a", "seed": 0, "log": log}], judge, show_pairs=True)
+    text = pairs.report([{"arm": "a", "seed": 0, "log": log}], show_pairs=True)
     row = next(line for line in text.splitlines() if line.startswith("| a "))
     assert row.strip("|").split("|")[-1].strip() == ("1" if at_start else "0")
     assert ("one function at the start" in text) is at_start
+
+
+def test_each_run_is_judged_with_the_probes_its_own_filter_drew(pairs):
+    """The filter's probes are drawn from the run's seed, so a pair at the edge of a tolerance
+    can be one function to seed 0's probes and two to the run's: `x / rms_b(v0)` repeated `x / v0`
+    in a seed-3 run (round 25), and that run's filter rightly kept them apart. Judged with seed 0's
+    probes the tool called it a miss; it judges a run with the run's seed unless told otherwise."""
+    a, b = "x / v0", "x / rms_b(v0)"
+    assert pairs.PairJudge(0).kind(a, b) == "same function"
+    assert pairs.PairJudge(3).kind(a, b) == "different functions"
+    log = [cand(51, [0.9895, 0.9512, 0.9512], a), cand(387, [0.9895, 0.9512, 0.9512], b)]
+
+    def same_function_cell(text):
+        row = next(line for line in text.splitlines() if line.startswith("| regularized_evolution"))
+        return [c.strip() for c in row.strip("|").split("|")][5]
+
+    run = [{"arm": "regularized_evolution", "seed": 3, "log": log}]
+    assert same_function_cell(pairs.report(run, show_pairs=False)) == "0"
+    assert same_function_cell(pairs.report(run, show_pairs=False, probe_seed=0)) == "1"
+    seed0 = [{"arm": "regularized_evolution", "seed": 0, "log": log}]
+    assert same_function_cell(pairs.report(seed0, show_pairs=False)) == "1"
