@@ -97,22 +97,32 @@ def test_different_functions_that_are_one_at_the_start_are_told_apart(pairs, jud
     assert ("one function at the start" in text) is at_start
 
 
-def test_each_run_is_judged_with_the_probes_its_own_filter_drew(pairs):
+def test_each_run_is_judged_with_the_probes_its_own_filter_drew(pairs, monkeypatch):
     """The filter's probes are drawn from the run's seed, so a pair at the edge of a tolerance
-    can be one function to seed 0's probes and two to the run's: `x / rms_b(v0)` repeated `x / v0`
-    in a seed-3 run (round 25), and that run's filter rightly kept them apart. Judged with seed 0's
-    probes the tool called it a miss; it judges a run with the run's seed unless told otherwise."""
-    a, b = "x / v0", "x / rms_b(v0)"
-    assert pairs.PairJudge(0).kind(a, b) == "same function"
-    assert pairs.PairJudge(3).kind(a, b) == "different functions"
-    log = [cand(51, [0.9895, 0.9512, 0.9512], a), cand(387, [0.9895, 0.9512, 0.9512], b)]
+    can be one function to seed 0's probes and two to the run's (`x / rms_b(v0)` and `x / v0` in
+    round 25's seed-3 runs, which that run's filter rightly kept apart). The tool judged every
+    run with seed 0's probes and called such pairs misses; it now uses the run's seed, one judge
+    per seed, unless told otherwise."""
+    built = []
+
+    class Judge(pairs.PairJudge):
+        def __init__(self, seed=0):
+            built.append(seed)
+            super().__init__(seed)
+
+        def kind(self, a, b):
+            return "same function" if self.seed == 0 else "different functions"
+
+    monkeypatch.setattr(pairs, "PairJudge", Judge)
+    log = [cand(51, [0.9895, 0.9512, 0.9512], "x / v0"), cand(387, [0.9895, 0.9512, 0.9512], "x / rms_b(v0)")]
+    runs = [{"arm": "regularized_evolution", "seed": s, "log": log} for s in (3, 0, 4)]
 
     def same_function_cell(text):
         row = next(line for line in text.splitlines() if line.startswith("| regularized_evolution"))
         return [c.strip() for c in row.strip("|").split("|")][5]
 
-    run = [{"arm": "regularized_evolution", "seed": 3, "log": log}]
-    assert same_function_cell(pairs.report(run, show_pairs=False)) == "0"
-    assert same_function_cell(pairs.report(run, show_pairs=False, probe_seed=0)) == "1"
-    seed0 = [{"arm": "regularized_evolution", "seed": 0, "log": log}]
-    assert same_function_cell(pairs.report(seed0, show_pairs=False)) == "1"
+    assert same_function_cell(pairs.report(runs, show_pairs=False)) == "1"  # the seed-0 run only
+    assert sorted(built) == [0, 3, 4]
+    built.clear()
+    assert same_function_cell(pairs.report(runs, show_pairs=False, probe_seed=0)) == "3"
+    assert built == [0]
