@@ -11,7 +11,14 @@ trial order with the run's seed and the default layer options, and matched again
 ones, as the filter does during a run. Fidelity: the share of layers whose stored fingerprint
 (`equiv_fp`, from the rule the run used) the replay reproduces; a rule change shows as the rest.
 `--max-entry-step S` replays a variant of the rule: no entry of a trainable vector moves further
-than S from its initial value when the fingerprint probes where training can take it.
+than S from its initial value when the fingerprint probes where training can take it (since the
+fingerprint's crossed output takes live v0 entries across 0 at every seed, the bound alone no
+longer merges clips of v0 at 0).
+
+The other side of a change that merges less: each candidate the run called a duplicate of a
+trained layer (verdict `duplicate:<trial>`) is checked again in its place in the run; one the rule
+as it is no longer merges with any earlier trained layer is a training the change adds
+("of them not merged now").
 
 The band rule (rule 4 of plugins/rejection/equivalence.py) needs each earlier layer's
 ``v0_range``, which studies recorded before it lack: `--retrain` trains such a layer again (the
@@ -58,6 +65,21 @@ def trained_layers(url: str) -> tuple[str, SearchConfig, list]:
     return names[0], config, rows
 
 
+def recorded_duplicates(url: str) -> list[tuple[int, tuple, str, int]]:
+    """The study's candidates the run's rule called duplicates of a trained layer (verdict
+    ``duplicate:<trial>``): [(number, plain graph, formula, same_as)]."""
+    name, _, _ = trained_layers(url)
+    study = optuna.load_study(study_name=name, storage=url)
+    rows = []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        verdict = t.user_attrs.get("verdict", "")
+        if verdict.startswith("duplicate:") and "graph" in t.user_attrs:
+            plain = graph.plain_from_dict(json.loads(t.user_attrs["graph"]))
+            rows.append((t.number, plain, t.user_attrs.get("formula") or graph.formula(plain),
+                         int(verdict.split(":", 1)[1])))
+    return rows
+
+
 def replay(url: str, retrain: bool = False) -> dict:
     name, config, rows = trained_layers(url)
     seed = config.seed
@@ -70,7 +92,15 @@ def replay(url: str, retrain: bool = False) -> dict:
     ranges: dict[int, list | None] = {}  # trial -> v0_range (recorded, or from a retraining)
     band_rows: list[tuple[int, list]] = []  # earlier trained layers' band fingerprints, one per band
     retrained: list[dict] = []
-    for number, plain, values, stored, formula, v0_range in rows:
+    duplicates = {row[0]: row for row in recorded_duplicates(url)}
+    kept_apart = []  # recorded duplicates the rule as it is would train
+    trained_rows = {row[0]: row for row in rows}
+    for number in sorted({*trained_rows, *duplicates}):
+        if number in duplicates:
+            _, plain, formula, same_as = duplicates[number]
+            values = stored = v0_range = None
+        else:
+            _, plain, values, stored, formula, v0_range = trained_rows[number]
         candidate = Candidate(plain, layer_options=options)
         verdict = flt.check(candidate, context)
         if verdict.passed and candidate.equiv_fp_bands:
@@ -86,6 +116,11 @@ def replay(url: str, retrain: bool = False) -> dict:
                 if any(context.equivalence.kept_in_band(ranges.get(earlier), i) for i in equal_on):
                     verdict = Verdict(False, flt.name, "band", duplicate_of=earlier)
                     break
+        if number in duplicates:  # not trained in the run: it enters nothing either way
+            if verdict.duplicate_of is None:
+                kept_apart.append({"trial": number, "formula": formula, "same_as": same_as,
+                                   "same_as_formula": by_number.get(same_as, (None, "?"))[1]})
+            continue
         if candidate.equiv_fp is not None and stored is not None and stored.shape == candidate.equiv_fp.shape:
             compared += 1
             reproduced += bool(np.abs(stored - candidate.equiv_fp).max() <= 1e-5)
@@ -103,7 +138,8 @@ def replay(url: str, retrain: bool = False) -> dict:
         context.equivalence.record(candidate, number, "evaluated", values)
     repeats = _repeats([row[2] for row in rows])
     return {"study": name, "url": url, "seed": seed, "trained": len(rows), "recorded_repeats": repeats,
-            "merged": merged, "fidelity": (reproduced, compared), "retrained": retrained}
+            "merged": merged, "fidelity": (reproduced, compared), "retrained": retrained,
+            "duplicates": len(duplicates), "kept_apart": kept_apart}
 
 
 def _retrain(context: FilterContext, rows: list, number: int) -> tuple[list | None, dict]:
@@ -136,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _reach.MAX_ENTRY_STEP = args.max_entry_step
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    totals = {"trained": 0, "repeats": 0, "saved": 0, "separated": 0}
+    totals = {"trained": 0, "repeats": 0, "saved": 0, "separated": 0, "duplicates": 0, "kept_apart": 0}
     print("| study | seed | trained | recorded repeats | merged now: scores equal (repeats saved) "
-          "| merged now: scores differ (must be 0) | stored fingerprints reproduced |")
-    print("|---|---|---|---|---|---|---|")
-    details, retrained_all = [], []
+          "| merged now: scores differ (must be 0) | recorded duplicates | of them not merged now "
+          "(trainings added) | stored fingerprints reproduced |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    details, retrained_all, apart_all = [], [], []
     for path in args.studies:
         url = path if "://" in path else "sqlite:///" + os.path.abspath(path)
         r = replay(url, retrain=args.retrain)
@@ -150,17 +187,24 @@ def main(argv: list[str] | None = None) -> int:
         totals["repeats"] += r["recorded_repeats"]
         totals["saved"] += saved
         totals["separated"] += separated
+        totals["duplicates"] += r["duplicates"]
+        totals["kept_apart"] += len(r["kept_apart"])
         print(f"| {r['study']} | {r['seed']} | {r['trained']} | {r['recorded_repeats']} | {saved} | {separated} | "
-              f"{r['fidelity'][0]}/{r['fidelity'][1]} |")
+              f"{r['duplicates']} | {len(r['kept_apart'])} | {r['fidelity'][0]}/{r['fidelity'][1]} |")
         details += [(r["study"], m) for m in r["merged"]]
+        apart_all += [(r["study"], k) for k in r["kept_apart"]]
         retrained_all += [(r["study"], c) for c in r["retrained"]]
-    print(f"| all | | {totals['trained']} | {totals['repeats']} | {totals['saved']} | {totals['separated']} | |")
+    print(f"| all | | {totals['trained']} | {totals['repeats']} | {totals['saved']} | {totals['separated']} | "
+          f"{totals['duplicates']} | {totals['kept_apart']} | |")
     for study, c in retrained_all:
         print(f"- retrained {study} trial {c['trial']} `{c['formula']}`: v0_range {c['v0_range']}, "
               f"recorded scores {'reproduced' if c['scores_reproduced'] else 'NOT reproduced'}")
     for study, m in details:
         print(f"- {study} trial {m['trial']} `{m['formula']}` = trial {m['same_as']} `{m['same_as_formula']}`: "
               f"scores {'equal' if m['scores_equal'] else 'DIFFER'} (merged {m['how']})")
+    for study, k in apart_all:
+        print(f"- {study} trial {k['trial']} `{k['formula']}`: recorded as trial {k['same_as']}'s duplicate "
+              f"(`{k['same_as_formula']}`), not merged now")
     return 1 if totals["separated"] else 0
 
 

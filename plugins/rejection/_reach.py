@@ -93,7 +93,9 @@ def _step(grads: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     and training separated them (EfficientNet 0.300 against 0.495, ResNet and MobileNetV2 equal):
     training does take v0 from 1 across 0. So the default stays unbounded; such pairs are merged
     instead by the equivalence's band rule, which asks the earlier layer's training where its v0
-    went (plugins/rejection/equivalence.py, rule 4)."""
+    went (plugins/rejection/equivalence.py, rule 4). Whether this move takes an entry below 0 is
+    chance per seed, so the fingerprint also probes the reached values with the live v0 entries
+    negated (`equivalence._crossed`); with that output a bound no longer merges clips of v0 at 0."""
     move = torch.zeros_like(grads[0])
     for g in grads:
         norm = float(g.norm())

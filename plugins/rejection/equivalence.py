@@ -14,8 +14,10 @@ Three tests, cheapest first, against `FilterContext.equivalence` (an `Equivalenc
    ``rms_i(std_l(v0))`` is the constant ``rms_i(rms_i(0))`` it is during training), live ones
    move along their own gradients. Outputs are taken at the initial values, at the reached
    values in training mode, and in eval mode with another batch's running statistics
-   (momentum 1: the state after a long run, not the first steps' transient); several
-   shapes (odd channels; 64 channels, so that group statistics differ from instance ones). Each
+   (momentum 1: the state after a long run, not the first steps' transient), and once more in
+   training mode with every live v0 entry taken across 0 (the reached values negated, `_crossed`:
+   whether the random move crosses 0 would otherwise be chance per seed); several shapes (odd
+   channels; 64 channels, so that group statistics differ from instance ones). Each
    output y gives [log rms(y), mean(y/rms), 6 random projections of y/rms / sqrt(n)]: relative
    to the output's scale, so one absolute tolerance (1e-4) matches functions equal up to float
    noise. Computed in float64. With ``absorb_affine`` (off by default) the outputs are the graph's,
@@ -73,7 +75,7 @@ from opsearch.rejection import CacheEntry, Candidate, Filter, FilterContext, Ver
 DEFAULT_SHAPES = ((6, 8, 4, 4), (3, 7, 5, 3), (2, 64, 3, 3))
 NUM_PROJECTIONS = 6
 BLOCK_SIZE = 2 + NUM_PROJECTIONS  # values per output: log rms, mean, the projections (_block)
-OUTPUTS = ("init", "reached", "eval")  # a plain fingerprint's outputs per probe shape, in order (_outputs)
+OUTPUTS = ("init", "reached", "eval", "crossed")  # a plain fingerprint's outputs per probe shape, in order (_outputs)
 LIMIT_EPS = 1e-12
 LIMIT_ATOL = 0.02
 
@@ -171,7 +173,7 @@ def fingerprints(candidate: Candidate, shapes: Sequence[tuple[int, int, int, int
                            for k in range(_reach.GRADIENT_PROBES)]
         reached = _reach.reach(candidate.build(c, **overrides).double(), gradient_probes, seed, index)
         layer = candidate.build(c, **overrides).double()
-        blocks += [_block(y, projections) for y in outputs_of(layer, probes, reached)]
+        blocks += [_block(y, projections) for y in outputs_of(layer, probes, reached, _crossed(reached))]
         probed.append((index, c, probes, projections, gradient_probes, reached))
     # the band fingerprint over every shape, or none (v0 can be live at some shapes only: a
     # fingerprint of some shapes would have another length and never match)
@@ -197,6 +199,20 @@ def output_part(fp: np.ndarray, num_shapes: int, output: str) -> np.ndarray:
     if fp.size != num_shapes * len(OUTPUTS) * BLOCK_SIZE:
         raise ValueError(f"a fingerprint of {fp.size} values is not a plain one of {num_shapes} shapes")
     return fp.reshape(num_shapes, len(OUTPUTS), BLOCK_SIZE)[:, OUTPUTS.index(output), :]
+
+
+def _crossed(reached: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reached values with every live v0 entry (one that moved from its start, 1) negated.
+
+    Training can take v0 from 1 across 0 (round 6: ``max(v0, 0) * sqrt(x)`` and ``v0 * sqrt(x)``
+    trained apart), but whether the reach's random move takes an entry there is chance: at one
+    seed ``x / v0`` and ``x / rms_b(v0)`` never saw a negative v0 and were merged as eps-sized
+    apart, at others they were told apart. Probing every layer once with its live v0 entries
+    across 0 makes the verdict every seed's; layers equal only while v0 > 0 are then merged by the
+    band rule alone, which asks the earlier training where its v0 went. Frozen entries stay 1,
+    and a vector that moves channel-constant stays so."""
+    return {name: torch.where(value != 1.0, -value, value) if is_v0(name) else value
+            for name, value in reached.items()}
 
 
 def _moves_v0(reached: dict[str, torch.Tensor]) -> bool:
@@ -225,21 +241,27 @@ def _band_states(reached: dict[str, torch.Tensor], band: tuple[float, float],
 
 
 @torch.no_grad()
-def _outputs(layer: torch.nn.Module, probes: list[torch.Tensor],
-             reached: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The layer's outputs as they are: at init, at the reached values, in eval mode."""
+def _outputs(layer: torch.nn.Module, probes: list[torch.Tensor], reached: dict[str, torch.Tensor],
+             crossed: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The layer's outputs as they are: at init, at the reached values, in eval mode, and (with
+    ``crossed``) at those values in training mode."""
     layer.train()
     y_init = layer(probes[0])
     _load(layer, reached)
     y_train = layer(probes[0])
     layer(probes[1])
     layer.eval()
-    return [y_init, y_train, layer(probes[0])]
+    out = [y_init, y_train, layer(probes[0])]
+    if crossed is not None:
+        layer.train()
+        _load(layer, crossed)
+        out.append(layer(probes[0]))
+    return out
 
 
 @torch.no_grad()
-def _affine_free_outputs(layer: torch.nn.Module, probes: list[torch.Tensor],
-                         reached: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _affine_free_outputs(layer: torch.nn.Module, probes: list[torch.Tensor], reached: dict[str, torch.Tensor],
+                         crossed: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The graph's outputs before the final affine, in units fixed at init: per channel, minus
     the mean and over the std of the initial output on the first probe. Two graphs whose outputs
     differ by a positive per-channel scale and a shift that training cannot change (``2 * g``,
@@ -255,13 +277,19 @@ def _affine_free_outputs(layer: torch.nn.Module, probes: list[torch.Tensor],
     y_train = [layer(probe) for probe in probes]  # eval mode then reads probes[1]'s statistics
     layer.eval()
     y_eval = layer(probes[0])
+    y_crossed = []
+    if crossed is not None:
+        layer.train()
+        _load(layer, {**crossed, **{name: _identity_affine(name, crossed[name]) for name in crossed
+                                    if name in FINAL_AFFINE}})
+        y_crossed = [layer(probe) for probe in probes]
     reference = y_init[0]
     shift = reference.mean(dim=(0, 2, 3), keepdim=True)
     spread = reference.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
     floor = 1e-9 * float(reference.abs().max().nan_to_num(0.0, 0.0, 0.0)) + 1e-30
     spread = torch.nan_to_num(spread, nan=floor).clamp_min(floor)
     shift = torch.nan_to_num(shift, nan=0.0)
-    return [(y - shift) / spread for y in (*y_init, *y_train, y_eval)]
+    return [(y - shift) / spread for y in (*y_init, *y_train, y_eval, *y_crossed)]
 
 
 # the compiled layer's final per-channel affine (also inside a surround: ``layer.weight``)
