@@ -65,11 +65,10 @@ def trained_layers(url: str) -> tuple[str, SearchConfig, list]:
     return names[0], config, rows
 
 
-def recorded_duplicates(url: str) -> list[tuple[int, tuple, str, int]]:
+def recorded_duplicates(url: str, study_name: str) -> list[tuple[int, tuple, str, int]]:
     """The study's candidates the run's rule called duplicates of a trained layer (verdict
     ``duplicate:<trial>``): [(number, plain graph, formula, same_as)]."""
-    name, _, _ = trained_layers(url)
-    study = optuna.load_study(study_name=name, storage=url)
+    study = optuna.load_study(study_name=study_name, storage=url)
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         verdict = t.user_attrs.get("verdict", "")
@@ -92,7 +91,7 @@ def replay(url: str, retrain: bool = False) -> dict:
     ranges: dict[int, list | None] = {}  # trial -> v0_range (recorded, or from a retraining)
     band_rows: list[tuple[int, list]] = []  # earlier trained layers' band fingerprints, one per band
     retrained: list[dict] = []
-    duplicates = {row[0]: row for row in recorded_duplicates(url)}
+    duplicates = {row[0]: row for row in recorded_duplicates(url, name)}
     kept_apart = []  # recorded duplicates the rule as it is would train
     trained_rows = {row[0]: row for row in rows}
     for number in sorted({*trained_rows, *duplicates}):
