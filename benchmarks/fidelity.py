@@ -490,6 +490,20 @@ def bootstrap_rho(reference: list[float], proxies: list[list[float]], baseline: 
             vals = [stats.spearmanr(p[idx], ref[idx]).statistic for p in lists]
         return float(np.mean(vals))
 
+    def stats_of(lists, rows):
+        """`stat` of every resample (a row of `rows`) at once: Spearman is Pearson's r of the
+        average ranks; a resample with a constant ranking has none (nan), as in scipy."""
+        refs = stats.rankdata(ref[rows], axis=1)
+        refs -= refs.mean(axis=1, keepdims=True)
+        vals = []
+        for p in lists:
+            ranks = stats.rankdata(p[rows], axis=1)
+            ranks -= ranks.mean(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                vals.append((ranks * refs).sum(axis=1)
+                            / np.sqrt((ranks ** 2).sum(axis=1) * (refs ** 2).sum(axis=1)))
+        return np.mean(vals, axis=0)
+
     out = {"n": len(ref), "rho": math.nan, "ci": [math.nan, math.nan], "diff": math.nan,
            "diff_ci": [math.nan, math.nan]}
     if len(ref) < 3 or not xs:
@@ -501,18 +515,12 @@ def bootstrap_rho(reference: list[float], proxies: list[list[float]], baseline: 
     if len(ref) < 5:
         return out
     rng = np.random.default_rng(seed)
-    draws, diffs = [], []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(ref), len(ref))
-        r = stat(xs, idx)
-        draws.append(r)
-        if bs:
-            diffs.append(r - stat(bs, idx))
-    draws = np.asarray(draws)
+    rows = np.stack([rng.integers(0, len(ref), len(ref)) for _ in range(n_resamples)])  # drawn one by one, as ever
+    draws = stats_of(xs, rows)
     ok = ~np.isnan(draws)  # a resample with a constant ranking has no rho
     out["ci"] = [float(np.percentile(draws[ok], 2.5)), float(np.percentile(draws[ok], 97.5))]
     if bs:
-        diffs = np.asarray(diffs)
+        diffs = draws - stats_of(bs, rows)
         ok = ~np.isnan(diffs)
         out["diff_ci"] = [float(np.percentile(diffs[ok], 2.5)), float(np.percentile(diffs[ok], 97.5))]
     return out

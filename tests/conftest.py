@@ -7,7 +7,9 @@ holds a lock on the server for its duration (resources.postgres_lock, a file loc
 process on this machine sees): shared for the tests that only use it, exclusive for those marked
 `postgres(stops_server=True)`. resources.postgres_url() fails a test that asks for the server
 without the mark. (xdist's own `--dist loadgroup` would keep them on one process, but it cannot
-rename test ids under pytest 9.)"""
+rename test ids under pytest 9, so its groups are ignored; `pytest_xdist_make_scheduler` below
+keeps the tests that hold a machine-wide resource alone on one process instead, where the other
+process never waits for them.)"""
 from __future__ import annotations
 
 import os
@@ -22,6 +24,25 @@ import resources
 # once the other core was busy (another xdist process, a benchmark), no faster on a quiet box
 # (BENCHMARKS.md, "Filter threads and the test suite"). A test that wants more sets them itself.
 torch.set_num_threads(1)
+
+
+# Tests that hold a resource alone (the SLURM cluster; the PostgreSQL server they stop): run one
+# after the other on one process. Spread over both, one process sat idle on the lock for minutes.
+ALONE = ("tests/test_slurm.py::", "tests/test_storage_outage.py::test_postgres_stopped")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `load` distribution, except that the ALONE tests are one unit of work, which
+    goes out first (xdist sends larger units first), to one process."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class AloneTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "alone" if nodeid.startswith(ALONE) else nodeid
+
+    return AloneTogether(config, log)
 
 
 @pytest.fixture(autouse=True)

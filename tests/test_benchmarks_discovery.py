@@ -244,13 +244,13 @@ def test_a_run_extended_to_a_larger_cap_proposes_what_a_straight_run_does(tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((tmp_path / results).read_text().splitlines()[-1]), proc.stderr
 
-    short, _ = run(5, "grown", "short.jsonl")
-    grown, err = run(10, "grown", "grown.jsonl")
-    straight, _ = run(10, "straight", "straight.jsonl")
-    assert "extending its search from 5 to 10 CPU s" in err
-    assert grown["extended_from"] == [5.0] and straight["extended_from"] is None
+    short, _ = run(4, "grown", "short.jsonl")
+    grown, err = run(8, "grown", "grown.jsonl")
+    straight, _ = run(8, "straight", "straight.jsonl")
+    assert "extending its search from 4 to 8 CPU s" in err
+    assert grown["extended_from"] == [4.0] and straight["extended_from"] is None
     assert grown["log"][:len(short["log"])] == short["log"]  # the first part is kept as it was
-    assert len(grown["log"]) > len(short["log"]) and grown["cpu_total"] >= 10.0
+    assert len(grown["log"]) > len(short["log"]) and grown["cpu_total"] >= 8.0
     cpus = [e["cpu_total"] for e in grown["log"]]
     assert cpus == sorted(cpus)  # counted on from the last logged trial, not from 0
     n = min(len(grown["log"]), len(straight["log"]))

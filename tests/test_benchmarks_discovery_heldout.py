@@ -17,6 +17,19 @@ def heldout():
         yield module
 
 
+@pytest.fixture
+def short_task(heldout, monkeypatch):
+    """The re-ranking stage's held-out task with a third of its training steps: the same path
+    (its data, seeds, networks, evaluator), 3x less CPU for the tests that train on it."""
+    real = heldout.heldout_task
+
+    def short(no_act=heldout.DEFAULT_NO_ACT):
+        task, machine, plugin = real(no_act)
+        return {**task, "steps": task["steps"] // 3}, machine, plugin
+
+    monkeypatch.setattr(heldout, "heldout_task", short)
+
+
 def cand(number, cpu, values, formula):
     return {"number": number, "kind": "candidate", "layer": None, "cpu_total": cpu,
             "verdict": "evaluated" if values else "rejected:numerics", "values": values, "formula": formula}
@@ -134,7 +147,7 @@ def test_training_is_seed_major_resumable_and_split_into_lanes(heldout, tmp_path
 
 
 @pytest.mark.slow
-def test_one_run_trained_on_the_held_out_task_and_reported(heldout, tmp_path, capsys):
+def test_one_run_trained_on_the_held_out_task_and_reported(heldout, short_task, tmp_path, capsys):
     """The real path: a result file's run, its formula read back and trained with the re-ranking
     stage's task and seeds, beside the references; the report judges it against bn_relu."""
     log = [cand(1, 10.0, [0.97, 0.96, 0.98], "x / rms_b(x)")]
@@ -323,7 +336,7 @@ def test_no_act_bn_sets_the_held_out_task_and_a_file_keeps_one_mode(heldout, tmp
 
 
 @pytest.mark.slow
-def test_with_no_act_bn_bn_relus_graph_trains_as_bn_relu(heldout):
+def test_with_no_act_bn_bn_relus_graph_trains_as_bn_relu(heldout, short_task):
     """The real evaluator with `no_act = "bn"`: bn_relu's graph as a candidate gets BatchNorm where
     the known layer has it, so it trains to bn_relu's own accuracies (under the searches' affine it
     does not: test_one_run_trained_on_the_held_out_task_and_reported)."""

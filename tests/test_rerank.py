@@ -38,12 +38,13 @@ register_layer("bn_relu_copy")(get_graph("bn_relu"))
 declare_no_act("bn_relu_copy", "bn")
 """
 
-# Real training on digits, small enough for a test: bn_relu, its copy and identity, 3 seeds x 3
-# architectures = 9 pairs per comparison, 50 steps on the held-out split.
+# Real training on digits, small enough for a test: bn_relu, its copy and identity, 3 seeds x 2
+# architectures, 50 steps on the held-out split.
 DIGITS = """
 name = "rr"
 budget = 2
 dataset = "digits"
+archs = ["resnet", "mobilenetv2"]
 filters = ["validity", "numerics"]
 baselines = ["bn_relu", "bn_relu_copy", "identity"]
 storage = "{storage}"

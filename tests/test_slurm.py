@@ -165,11 +165,11 @@ def signal_a_busy_job(tmp_path, url, name, seconds, scancel_args):
 
 
 def test_cancelled_job_loses_nothing(tmp_path, pg_url):
-    """scancel one job while it holds a candidate (held 12 s, longer than SLURM's KillWait): that
+    """scancel one job while it holds a candidate (held 10 s, longer than SLURM's KillWait, 5 s): that
     candidate is failed as lost, handed out again and finished by the other worker; nothing is
     left RUNNING."""
     name = f"slurm_cancel_{os.getpid()}_{int(time.time())}"
-    _, job, retry = signal_a_busy_job(tmp_path, pg_url, name, 12, [])
+    _, job, retry = signal_a_busy_job(tmp_path, pg_url, name, 10, [])
     assert owners([retry])[0].get("job") != job  # the surviving worker finished it
 
 
