@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 ALONE = ("tests/test_slurm.py::", "tests/test_storage_outage.py::test_postgres_stopped")
 
 
+@pytest.hookimpl(optionalhook=True)  # (a hook of pytest-xdist: no error where it is not installed)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's `load` distribution, except that the ALONE tests are one unit of work, which
     goes out first (xdist sends larger units first), to one process."""
