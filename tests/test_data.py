@@ -282,3 +282,20 @@ def test_cifar_reader_refuses_code_in_a_pickle(tmp_path):
     with pytest.raises(UserError, match="refusing to load global"):
         data.read_cifar_batch(path)
     assert not marker.exists()
+
+
+def test_cifar10_without_a_directory_says_how_to_give_it_in_one_line(monkeypatch):
+    """The hint names what the command line accepts: --data-dir, or the download option, which
+    is a real option of the evaluator (not Python's download=True)."""
+    from opsearch.config import build_config
+    from opsearch.evaluation import make_eval_config
+
+    monkeypatch.delenv("OPSEARCH_DATA_DIR", raising=False)
+    with pytest.raises(UserError) as info:
+        data.load("cifar10")
+    message = str(info.value)
+    assert "\n" not in message and "no data directory given" in message and "--data-dir DIR" in message
+    option = data.DOWNLOAD_HINT.split()[1]  # "-O evaluator.download=true (...)": the option itself
+    assert option == "evaluator.download=true" and option in message
+    config = build_config(None, {"dataset": "cifar10"}, [option])
+    assert make_eval_config(config).download is True

@@ -386,6 +386,10 @@ def _find_files(stems: dict[str, str], directories: Sequence[Path],
     return None
 
 
+# How a user asks for a download, in the words of the command line and the config file alike.
+DOWNLOAD_HINT = "-O evaluator.download=true (config: download = true under [evaluator])"
+
+
 def _candidate_dirs(data_dir: str | None, subdirs: Sequence[str], defaults: Sequence[str]) -> list[Path]:
     if data_dir is not None:
         base = Path(data_dir).expanduser()
@@ -416,8 +420,8 @@ def fashion_mnist(*, data_dir: str | None = None, image_size: int | None = None,
     if files is None:
         names = ", ".join(s + "[.gz]" for s in FASHION_MNIST_FILES.values())
         where = ", ".join(str(d) for d in dirs)
-        raise UserError(f"fashion_mnist: did not find {names} in {where} "
-                        "(install Debian's dataset-fashion-mnist, pass --data-dir, or download=True)")
+        raise UserError(f"fashion_mnist: did not find {names} in {where}; install Debian's "
+                        f"dataset-fashion-mnist, pass --data-dir DIR, or download it with {DOWNLOAD_HINT}")
     arrays = {k: read_idx(p) for k, p in files.items()}
     for split in ("train", "test"):
         xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -563,9 +567,11 @@ def cifar10(*, data_dir: str | None = None, image_size: int | None = None,
         download_cifar10(target)
         files = _find_files(stems, [target / CIFAR10_DIR], ("",))
     if files is None:
-        where = ", ".join(str(d) for d in dirs) or "(no directory given: pass --data-dir)"
-        raise UserError(f"cifar10: did not find {', '.join(stems)} in {where} "
-                        "(pass --data-dir, or download=True)")
+        if not dirs:
+            raise UserError(f"cifar10: no data directory given; pass --data-dir DIR (holding {CIFAR10_DIR}/ "
+                            f"or its files) or set $OPSEARCH_DATA_DIR, or download it with {DOWNLOAD_HINT}")
+        raise UserError(f"cifar10: did not find {', '.join(stems)} in {', '.join(str(d) for d in dirs)}"
+                        f"; pass --data-dir DIR, or download it with {DOWNLOAD_HINT}")
     parts = [read_cifar_batch(files[name]) for name in CIFAR10_TRAIN_FILES]
     x_train = np.concatenate([p[0] for p in parts])
     y_train = np.concatenate([p[1] for p in parts])
