@@ -475,8 +475,6 @@ def bootstrap_rho(reference: list[float], proxies: list[list[float]], baseline: 
     over the lists; with a 95% percentile bootstrap interval over layers (the same resampled
     layers for every list). With `baseline` (lists in the same layer order), also the difference
     (this statistic minus the baseline's), bootstrapped on the same resamples."""
-    import warnings
-
     import numpy as np
     from scipy import stats
 
@@ -484,15 +482,10 @@ def bootstrap_rho(reference: list[float], proxies: list[list[float]], baseline: 
     xs = [np.asarray(p, dtype=float) for p in proxies]
     bs = [np.asarray(p, dtype=float) for p in baseline] if baseline else None
 
-    def stat(lists, idx):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vals = [stats.spearmanr(p[idx], ref[idx]).statistic for p in lists]
-        return float(np.mean(vals))
-
     def stats_of(lists, rows):
-        """`stat` of every resample (a row of `rows`) at once: Spearman is Pearson's r of the
-        average ranks; a resample with a constant ranking has none (nan), as in scipy."""
+        """The lists' mean Spearman against the reference on each row of layer indices `rows`:
+        Pearson's r of the average ranks (as scipy.stats.spearmanr); a row with a constant
+        ranking has none (nan)."""
         refs = stats.rankdata(ref[rows], axis=1)
         refs -= refs.mean(axis=1, keepdims=True)
         vals = []
@@ -508,10 +501,10 @@ def bootstrap_rho(reference: list[float], proxies: list[list[float]], baseline: 
            "diff_ci": [math.nan, math.nan]}
     if len(ref) < 3 or not xs:
         return out
-    everything = np.arange(len(ref))
-    out["rho"] = stat(xs, everything)
+    everything = np.arange(len(ref))[None]  # one row: every layer once
+    out["rho"] = float(stats_of(xs, everything)[0])
     if bs:
-        out["diff"] = out["rho"] - stat(bs, everything)
+        out["diff"] = out["rho"] - float(stats_of(bs, everything)[0])
     if len(ref) < 5:
         return out
     rng = np.random.default_rng(seed)
