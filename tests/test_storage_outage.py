@@ -210,7 +210,7 @@ def _search(config, tmp_path, grace, log):
 @pytest.mark.slow
 @pytest.mark.postgres(stops_server=True)  # no other PostgreSQL test runs meanwhile
 # waited out: longer than a heartbeat (10 s), so heartbeats fail meanwhile; past the grace:
-# twice the grace, so the workers give up while the server is still down
+# more than twice the grace, so the workers give up while the server is still down
 @pytest.mark.parametrize("outage_s, grace_s", [(15, 120), (8, 3)])
 def test_postgres_stopped_and_started_in_the_middle_of_a_search(tmp_path, outage_s, grace_s):
     url = resources.postgres_url()
