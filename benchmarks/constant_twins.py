@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 import discovery  # benchmarks/ is on the path of a script run from it
-from repeat_pairs import PairJudge
+from repeat_pairs import PairJudge, percent
 
 CONSTANT = "c"
 
@@ -87,7 +87,7 @@ def report(results: list[dict], show: bool = False) -> str:
         twins = found["twins"]
         diffs = [t["diff"] for t in twins]
         spread = (f"{np.median(diffs):+.4f} [{min(diffs):+.4f}, {max(diffs):+.4f}]" if diffs else "-")
-        lines.append(f"| {r['run']} | {found['trained']} | {len(twins)} ({_pct(len(twins), found['trained'])}) | "
+        lines.append(f"| {r['run']} | {found['trained']} | {len(twins)} ({percent(len(twins), found['trained'])}) | "
                      f"{sum(t['tie'] for t in twins)} | {spread} | {sum(t['new_best'] for t in twins)} |")
         total = totals.setdefault(r["arm"], [0, 0, 0])
         total[0] += found["trained"]
@@ -96,15 +96,11 @@ def report(results: list[dict], show: bool = False) -> str:
         detail += [f"- {r['run']}: trial {t['later']['number']} `{t['later']['formula']}` twins trial "
                    f"{t['earlier']['number']} `{t['earlier']['formula']}` ({t['diff']:+.4f})" for t in twins]
     out = ["Constant twins of the runs' trained candidates (benchmarks/constant_twins.py):", ""] + lines + [""]
-    out += [f"- {arm}: {n} of {trained} trainings ({_pct(n, trained)}) were constant twins; {new} set a new best"
+    out += [f"- {arm}: {n} of {trained} trainings ({percent(n, trained)}) were constant twins; {new} set a new best"
             for arm, (trained, n, new) in totals.items()]
     if show and detail:
         out += [""] + detail
     return "\n".join(out)
-
-
-def _pct(k: int, n: int) -> str:
-    return f"{100 * k / n:.1f}%" if n else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="discovery.py result files, comma-separated (.gz reads)")
     parser.add_argument("--twins", action="store_true", help="also list every twin")
     args = parser.parse_args(argv)
-    results = []
-    for path in args.results.split(","):
-        found = discovery.read_results(path)
-        if not found:
-            print(f"error: no result lines in {path}", file=sys.stderr)
-            return 2
-        results += found
+    try:
+        results = discovery.read_result_files(args.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         print(report(results, args.twins))
     except Exception as e:  # a bad recorded formula: one line, nothing lost (nothing is written)

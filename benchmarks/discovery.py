@@ -523,6 +523,18 @@ def run_key(arm_label: str, seed: int) -> str:
     return f"{arm_label}-s{seed}"
 
 
+def read_result_files(paths: str) -> list[dict]:
+    """The result lines of comma-separated `paths`, in order; a ValueError names a file that holds
+    none (missing, empty, or every line cut short), for the tools that read recorded runs."""
+    results = []
+    for path in paths.split(","):
+        found = read_results(path)
+        if not found:
+            raise ValueError(f"no result lines in {path}")
+        results += found
+    return results
+
+
 def read_results(path: str) -> list[dict]:
     """The result lines of `path` (a .gz file reads as the text it compresses: the recorded
     results are kept gzipped, their per-trial logs are most of their size)."""

@@ -144,13 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --steps must be increasing positive integers, got {args.steps!r}", file=sys.stderr)
         return 2
-    results = []
-    for path in args.results.split(","):
-        found = discovery.read_results(path)
-        if not found:
-            print(f"error: no result lines in {path}", file=sys.stderr)
-            return 2
-        results += found
+    try:
+        results = discovery.read_result_files(args.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     candidates = sample_candidates(results, args.per_verdict, args.seed)
     replay(candidates, args.out, steps, filter_curves(steps))
     print(report(discovery.read_results(args.out)))

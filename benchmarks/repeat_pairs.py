@@ -145,9 +145,9 @@ def report(results: list[dict], show_pairs: bool, probe_seed: int | None = None)
                               f"{[round(v, 4) for v in later['values']]}: {kind}"
                               + (" (one function at the start)" if at_start else ""))
         same = repeats - counts["different functions"]
-        lines.append(f"| {arm} | {len(runs)} | {trained} | {repeats} ({_pct(repeats, trained)}) | "
+        lines.append(f"| {arm} | {len(runs)} | {trained} | {repeats} ({percent(repeats, trained)}) | "
                      + " | ".join(str(counts[k]) for k in KINDS)
-                     + f" | {same} ({_pct(same, trained)}) | {counts['one at the start']} |")
+                     + f" | {same} ({percent(same, trained)}) | {counts['one at the start']} |")
     out = ["Exact repeats of trained candidates' scores, by what the equivalence filter's tests say of "
            "each pair (benchmarks/repeat_pairs.py; the last line of each run counts):", ""] + lines
     if show_pairs and detail:
@@ -155,7 +155,7 @@ def report(results: list[dict], show_pairs: bool, probe_seed: int | None = None)
     return "\n".join(out)
 
 
-def _pct(k: int, n: int) -> str:
+def percent(k: int, n: int) -> str:
     return f"{100 * k / n:.1f}%" if n else "-"
 
 
@@ -166,13 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="the probes' seed for every run (default: each run's own, as its filter drew them)")
     args = parser.parse_args(argv)
-    results = []
-    for path in args.results.split(","):
-        found = discovery.read_results(path)
-        if not found:
-            print(f"error: no result lines in {path}", file=sys.stderr)
-            return 2
-        results += found
+    try:
+        results = discovery.read_result_files(args.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         print(report(results, args.pairs, args.seed))
     except Exception as e:  # a bad recorded formula: one line, nothing lost (nothing is written)
