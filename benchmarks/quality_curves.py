@@ -55,12 +55,12 @@ def filter_curves(steps: tuple[int, ...], min_accuracy: float = 0.2) -> Callable
     from opsearch.denormals import flush_denormals
     from opsearch.evaluation import make_eval_config
     from opsearch.formula_parser import parse_formula_plain
+    from opsearch.plugins.rejection.quality import _per_arch_evaluators
     from opsearch.rejection import FilterContext
 
     torch.set_num_threads(1)
-    evaluator = FilterContext(eval_config=make_eval_config(SearchConfig.from_dict({})),
-                              evaluator_plugin="lightning").get_evaluator()
-    per_arch = {arch: evaluator.only(arch) for arch in evaluator.archs}
+    per_arch = _per_arch_evaluators(FilterContext(eval_config=make_eval_config(SearchConfig.from_dict({})),
+                                                  evaluator_plugin="lightning"))  # the filter's own
 
     def curves(formula: str) -> dict[str, list[float]]:
         plain = parse_formula_plain(formula)
